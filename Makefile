@@ -1,0 +1,32 @@
+# `make run` and `make test` work on a fresh machine: each creates .venv when it is missing.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+PRESET ?= default
+WORKSPACE ?= workspace
+
+.PHONY: run test test-slow install clean
+
+$(BIN)/consort: pyproject.toml requirements/overrides.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first, with pip: pip finds the CPU build on this machine's disk (uv would fetch CUDA).
+	$(BIN)/pip install --quiet --upgrade pip uv
+	$(BIN)/pip install --quiet torch==2.13.0
+	# uv for the rest: prefect 3.9.1 pins a certifi release the index does not serve yet, and
+	# only uv can override a dependency's pin (requirements/overrides.txt).
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --override requirements/overrides.txt -e '.[test]'
+	touch $(BIN)/consort
+
+install: $(BIN)/consort
+
+run: install
+	$(BIN)/consort run --preset $(PRESET) --workspace $(WORKSPACE)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf $(WORKSPACE)

@@ -1,0 +1,176 @@
+"""MLflow lineage, recorded from outside the stages (a callback after each stage, never inside it).
+
+One parent run per pipeline run and one child run per stage. A child run carries the stage's
+params (from the stage's params sections), its metrics and per-step curves (from the files the
+stage declares as metrics and plots), the DVC hashes of its inputs as metadata-only datasets
+(a digest and a logical name: never text, never a filesystem path), and tags linking it to the
+git commit, the DVC stage and the Prefect flow run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import yaml
+from mlflow.data.code_dataset_source import CodeDatasetSource
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+from flows.workspace import PROJECT_ROOT, Workspace
+
+EXPERIMENT = "consort"
+REGISTERED_MODEL = "consort-merged"
+# Stage outputs that are datasets; their DVC hash is what lineage records.
+DATASET_PREFIXES = ("public/corpus", "owners/")
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def _flatten(prefix: str, value, out: dict) -> dict:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    elif isinstance(value, list):
+        out[prefix] = json.dumps(value, sort_keys=True)
+    else:
+        out[prefix] = value
+    return out
+
+
+def _lookup(params: dict, dotted: str):
+    node = params
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _dataset_name(path: str) -> str:
+    # owners/code/corpus -> code/corpus: a logical name, not where the owner keeps it.
+    return path.removeprefix("owners/")
+
+
+class Lineage:
+    """Writes the MLflow runs of one pipeline run. Safe to call from concurrent Prefect tasks."""
+
+    def __init__(self, ws: Workspace, preset: str, flow_run_id: str | None) -> None:
+        self.ws = ws
+        mlflow.set_tracking_uri(ws.tracking_uri)
+        self.client = MlflowClient(ws.tracking_uri)
+        exp = self.client.get_experiment_by_name(EXPERIMENT)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
+            EXPERIMENT, artifact_location=ws.artifacts.as_uri())
+        self.commit = git_commit()
+        self.flow_run_id = flow_run_id or ""
+        self.lock = threading.Lock()
+        self.stage_runs: dict[str, str] = {}
+        self.parent = self.client.create_run(self.experiment_id, run_name=f"pipeline-{preset}", tags={
+            "consort.kind": "pipeline", "consort.preset": preset, "consort.git_commit": self.commit,
+            "prefect.flow_run_id": self.flow_run_id,
+        }).info.run_id
+        self.client.log_param(self.parent, "preset", preset)
+
+    # -- per stage --------------------------------------------------------------------------
+    def record_stage(self, stage_name: str, ran: bool, seconds: float, params: dict) -> str:
+        from dvc.repo import Repo
+
+        with Repo(str(self.ws.root)) as repo:
+            stage = next(s for s in repo.index.stages if s.addressing == stage_name)
+            param_keys = [k for d in stage.deps if hasattr(d, "params") for k in (d.params or [])]
+            metric_files = [str(o.def_path) for o in stage.outs if o.metric]
+            plot_files = [str(o.def_path) for o in stage.outs if o.plot]
+        lock_entry = self._lock_entry(stage_name)
+        tags = {
+            MLFLOW_PARENT_RUN_ID: self.parent, MLFLOW_RUN_NAME: stage_name,
+            "consort.kind": "stage", "consort.stage": stage_name, "consort.cached": str(not ran).lower(),
+            "consort.git_commit": self.commit, "prefect.flow_run_id": self.flow_run_id,
+            "dvc.stage_hash": hashlib.md5(json.dumps(lock_entry, sort_keys=True).encode()).hexdigest(),
+        }
+        if "@" in stage_name:
+            tags["consort.owner"] = stage_name.split("@", 1)[1]
+        if stage_name == "merge_experts":
+            for other, run_id in self.stage_runs.items():
+                if other.startswith("train_expert@"):
+                    tags[f"consort.expert_run.{other.split('@', 1)[1]}"] = run_id
+        flat: dict = {}
+        for key in param_keys:
+            _flatten(key, _lookup(params, key), flat)
+        metrics = [Metric("stage_seconds", seconds, int(time.time() * 1000), 0)]
+        for f in metric_files:
+            path = self.ws.root / f
+            if path.exists():
+                for k, v in _flatten("", json.loads(path.read_text()), {}).items():
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                        metrics.append(Metric(k, float(v), int(time.time() * 1000), 0))
+        for f in plot_files:
+            path = self.ws.root / f
+            if path.exists():
+                for line in path.read_text().splitlines():
+                    row = json.loads(line)
+                    for k, v in row.items():
+                        if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                            metrics.append(Metric(f"curve/{k}", float(v), 0, int(row["step"])))
+        datasets = [
+            DatasetInput(MetaDataset(CodeDatasetSource({"dvc_path": _dataset_name(d["path"])}),
+                                     name=_dataset_name(d["path"]), digest=d.get("md5", ""))._to_mlflow_entity(),
+                         [InputTag("mlflow.data.context", "training" if "train" in stage_name else "evaluation")])
+            for d in lock_entry.get("deps", []) if d["path"].startswith(DATASET_PREFIXES)
+        ]
+        with self.lock:
+            run_id = self.client.create_run(self.experiment_id, run_name=stage_name, tags=tags).info.run_id
+            for i in range(0, len(metrics), 900):
+                self.client.log_batch(run_id, metrics=metrics[i:i + 900])
+            items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
+            for i in range(0, len(items), 90):
+                self.client.log_batch(run_id, params=items[i:i + 90])
+            if datasets:
+                self.client.log_inputs(run_id, datasets=datasets)
+            self.stage_runs[stage_name] = run_id
+        if stage_name == "merge_experts" and ran:
+            self._register_merged(run_id)
+        self.client.set_terminated(run_id, "FINISHED")
+        return run_id
+
+    def _lock_entry(self, stage_name: str) -> dict:
+        lock = self.ws.root / "dvc.lock"
+        if not lock.exists():
+            return {}
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        return stages.get(stage_name, {})
+
+    def _register_merged(self, run_id: str) -> None:
+        self.client.log_artifacts(run_id, str(self.ws.merged_model), "merged_model")
+        try:
+            self.client.get_registered_model(REGISTERED_MODEL)
+        except mlflow.exceptions.RestException:
+            self.client.create_registered_model(
+                REGISTERED_MODEL, description="FlexOlmo mixture of the public anchor and the owners' experts")
+        # A plain transformers checkpoint, not an MLflow "logged model": register its artifact folder.
+        source = f"{self.client.get_run(run_id).info.artifact_uri}/merged_model"
+        version = self.client.create_model_version(REGISTERED_MODEL, source, run_id=run_id)
+        self.client.set_tag(run_id, "consort.registered_version", version.version)
+
+    # -- end of the pipeline ----------------------------------------------------------------
+    def finish(self, ok: bool, summary: dict | None = None, report_dir: Path | None = None) -> None:
+        if summary:
+            metrics = [Metric(f"{domain}.{model}.{k}", float(v), int(time.time() * 1000), 0)
+                       for domain, models in summary.items() for model, vals in models.items() for k, v in vals.items()]
+            self.client.log_batch(self.parent, metrics=metrics)
+        if report_dir and report_dir.exists():
+            for name in ("eval_table.md", "loss_by_domain.png"):
+                if (report_dir / name).exists():
+                    self.client.log_artifact(self.parent, str(report_dir / name), "report")
+        self.client.set_terminated(self.parent, "FINISHED" if ok else "FAILED")

@@ -1,0 +1,83 @@
+"""The workspace a pipeline runs in: a DVC repo holding dvc.yaml, the resolved params and all data.
+
+The project's dvc.yaml is copied in and params.yaml is written with the chosen preset applied, so
+DVC sees exactly the values a run uses and re-runs only the stages whose inputs changed.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from stages import params as P
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @property
+    def params_path(self) -> Path:
+        return self.root / "params.yaml"
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"sqlite:///{self.root / 'mlflow.db'}"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "mlartifacts"
+
+    @property
+    def merged_model(self) -> Path:
+        return self.root / "models" / "merged"
+
+    def params(self) -> P.Params:
+        return P.load(self.params_path)
+
+
+def read_project_params(path: Path | None = None) -> dict:
+    path = path or PROJECT_ROOT / "params.yaml"
+    if not path.exists():
+        raise P.ParamsError(f"{path}: no such params file")
+    raw = yaml.safe_load(path.read_text())
+    return raw
+
+
+def prepare_workspace(root: Path, preset: str, params_file: Path | None = None) -> Workspace:
+    """Create or update the workspace: dvc.yaml, resolved params.yaml and a DVC repo (no Git needed)."""
+    root = root.resolve()
+    source = params_file or PROJECT_ROOT / "params.yaml"
+    resolved = P.resolve(read_project_params(source), preset, origin=str(source))
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(PROJECT_ROOT / "dvc.yaml", root / "dvc.yaml")
+    text = (f"# Written by `consort run --preset {preset}` from {source.name}; edit that file, not this one.\n"
+            + yaml.safe_dump(resolved, sort_keys=False))
+    params_path = root / "params.yaml"
+    if not params_path.exists() or params_path.read_text() != text:
+        params_path.write_text(text)
+    shared_cache = os.environ.get("CONSORT_CACHE")
+    if shared_cache and not (root / "cache").exists():
+        # Several workspaces (tests, presets) can share one folder of fetched packages.
+        Path(shared_cache).mkdir(parents=True, exist_ok=True)
+        (root / "cache").symlink_to(Path(shared_cache).resolve(), target_is_directory=True)
+    if not (root / ".dvc").exists():
+        from dvc.repo import Repo
+
+        Repo.init(str(root), no_scm=True)
+        # Analytics would try to reach the internet on every command.
+        (root / ".dvc" / "config").write_text("[core]\n    no_scm = True\n    analytics = false\n")
+    return Workspace(root)
+
+
+def use_project_python() -> None:
+    """DVC runs stage commands through the shell: make their `python` this interpreter (the venv's)."""
+    bindir = str(Path(sys.executable).parent)
+    if os.environ.get("PATH", "").split(os.pathsep)[0] != bindir:
+        os.environ["PATH"] = f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"

@@ -1,0 +1,131 @@
+"""Stage (coordinator): merge the anchor and the published experts into one FlexOlmo model.
+
+Stacks [public FFN, FFN_1 ... FFN_n] and [r_pub; r_1 ... r_n] per layer. Before merging, every
+expert's shared tensors and public half must be bit-identical to the anchor: an expert trained
+against another anchor is refused, naming the expert and the first tensor that differs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, FlexOlmoForCausalLM, Olmo2ForCausalLM
+
+from stages import params as P
+from stages.domain_embedding import load_embedding
+from stages.io import atomic_dir, read_json, write_json
+from stages.moe import flexolmo_config, shared_state
+from stages.train_anchor import ANCHOR_INFO
+from stages.train_expert import MANIFEST, MANIFEST_VERSION
+
+MERGED_INFO = "consort_merged.json"
+
+
+class MergeRefused(ValueError):
+    """An expert cannot be merged with this anchor."""
+
+
+def _expert_state(expert_dir: Path) -> dict[str, torch.Tensor]:
+    # from_pretrained, not raw safetensors: transformers saves the packed experts per expert on
+    # disk and packs them again on load, so the loaded state is the layout we compare against.
+    try:
+        model = FlexOlmoForCausalLM.from_pretrained(expert_dir)
+    except (OSError, ValueError) as err:
+        raise MergeRefused(f"expert package {expert_dir}: cannot be loaded as a FlexOlmo checkpoint ({err})") from None
+    return model.state_dict()
+
+
+def check_expert(name: str, state: dict[str, torch.Tensor], manifest: dict, anchor_state: dict[str, torch.Tensor],
+                 anchor_hash: str, r_pub: torch.Tensor, num_layers: int) -> None:
+    """Raise MergeRefused unless the expert's shared tensors and public half equal the anchor's."""
+    if manifest.get("schema_version") != MANIFEST_VERSION:
+        raise MergeRefused(f"expert {name}: manifest schema {manifest.get('schema_version')!r}, expected {MANIFEST_VERSION}")
+    if manifest.get("anchor_hash") != anchor_hash:
+        raise MergeRefused(f"expert {name}: trained against anchor {str(manifest.get('anchor_hash'))[:12]}, "
+                           f"but this pipeline's anchor is {anchor_hash[:12]}; retrain the expert against this anchor")
+    expected = dict(shared_state(anchor_state))
+    for i in range(num_layers):
+        mlp = f"model.layers.{i}.mlp."
+        expected[f"{mlp}experts.gate_up_proj[public]"] = torch.cat(
+            [anchor_state[f"{mlp}gate_proj.weight"], anchor_state[f"{mlp}up_proj.weight"]])
+        expected[f"{mlp}experts.down_proj[public]"] = anchor_state[f"{mlp}down_proj.weight"]
+        expected[f"{mlp}gate.weight[public]"] = r_pub.view(-1)
+    for key, want in expected.items():
+        base, _, part = key.partition("[")
+        if base not in state:
+            raise MergeRefused(f"expert {name}: tensor {base} is missing from its package")
+        got = state[base][0] if part else state[base]
+        if got.shape != want.shape or not torch.equal(got, want):
+            raise MergeRefused(f"expert {name}: tensor {key} differs from the anchor's; the expert was not trained "
+                               "against this anchor (or was modified): retrain it against this anchor")
+
+
+def merge_experts(anchor_dir: Path, public_embedding: Path, experts: dict[str, Path], m: P.MergeParams,
+                  out_dir: Path) -> dict:
+    if not experts:
+        raise MergeRefused("no active expert to merge: enable at least one owner in params.yaml")
+    anchor = Olmo2ForCausalLM.from_pretrained(anchor_dir)
+    anchor_state = anchor.state_dict()
+    anchor_hash = read_json(anchor_dir / ANCHOR_INFO)["anchor_hash"]
+    r_pub = load_embedding(public_embedding)
+    n_layers = anchor.config.num_hidden_layers
+    states, manifests = {}, {}
+    for owner, expert_dir in experts.items():
+        manifest_path = expert_dir / MANIFEST
+        if not manifest_path.exists():
+            raise MergeRefused(f"expert {owner}: {manifest_path} is missing; is {expert_dir} an expert package?")
+        manifests[owner] = json.loads(manifest_path.read_text())
+        states[owner] = _expert_state(expert_dir)
+        check_expert(owner, states[owner], manifests[owner], anchor_state, anchor_hash, r_pub, n_layers)
+
+    num_experts = 1 + len(experts)
+    top_k = min(m.top_k or num_experts, num_experts)
+    config = flexolmo_config(anchor, num_experts=num_experts, top_k=top_k)
+    merged_state = shared_state(anchor_state)
+    for i in range(n_layers):
+        mlp = f"model.layers.{i}.mlp."
+        first = next(iter(states.values()))
+        merged_state[f"{mlp}experts.gate_up_proj"] = torch.cat(
+            [first[f"{mlp}experts.gate_up_proj"][:1]] + [s[f"{mlp}experts.gate_up_proj"][1:2] for s in states.values()])
+        merged_state[f"{mlp}experts.down_proj"] = torch.cat(
+            [first[f"{mlp}experts.down_proj"][:1]] + [s[f"{mlp}experts.down_proj"][1:2] for s in states.values()])
+        merged_state[f"{mlp}gate.weight"] = torch.cat(
+            [first[f"{mlp}gate.weight"][:1]] + [s[f"{mlp}gate.weight"][1:2] for s in states.values()])
+    model = FlexOlmoForCausalLM(config)
+    model.load_state_dict(merged_state, strict=True)
+    info = {
+        "anchor_hash": anchor_hash,
+        "top_k": top_k,
+        "experts": [{"index": 0, "owner": "public", "state": "active"}] + [
+            {"index": i, "owner": owner, "state": "active", "data_digest": manifests[owner]["data_digest"],
+             "anchor_hash": manifests[owner]["anchor_hash"]}
+            for i, owner in enumerate(experts, start=1)],
+    }
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(anchor_dir).save_pretrained(tmp)
+        write_json(tmp / MERGED_INFO, info)
+    return info
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--anchor", type=Path, required=True)
+    ap.add_argument("--public-embedding", type=Path, required=True)
+    ap.add_argument("--published", type=Path, required=True, help="folder holding <owner>/expert packages")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+    args = ap.parse_args(argv)
+    params = P.load(args.params)
+    experts = {o: args.published / o / "expert" for o, op in params.owners.items() if op.active}
+    try:
+        info = merge_experts(args.anchor, args.public_embedding, experts, params.merge, args.out)
+    except MergeRefused as err:
+        raise SystemExit(f"merge refused: {err}") from None
+    print(f"merged {len(info['experts'])} experts (top-{info['top_k']}) -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

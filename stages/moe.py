@@ -1,0 +1,139 @@
+"""The FlexOlmo expert block used for training, and its export to the packed HF layout.
+
+The stock `FlexOlmoForCausalLM` flattens [B, T, H] and keeps experts in packed 3-D tensors, which
+is slow on CPU and turns Opacus's per-sample gradients into per-token ones. For training we swap
+each dense FFN of the anchor for `TwoExpertMLP`: two SwiGLU experts as plain `nn.Linear` layers,
+each router row its own `Linear(H, 1)`, both experts computed densely (top-2 of 2 routes every
+token through both anyway). `export_flexolmo` copies the result into the packed HF tensors.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import FlexOlmoConfig, FlexOlmoForCausalLM, Olmo2ForCausalLM
+
+PUBLIC, OWNER = 0, 1
+
+
+class ExpertFFN(nn.Module):
+    """One SwiGLU feed-forward expert: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    @classmethod
+    def from_dense(cls, mlp: nn.Module) -> "ExpertFFN":
+        ffn = cls(mlp.gate_proj.in_features, mlp.gate_proj.out_features)
+        ffn.load_state_dict({k: v.detach().clone() for k, v in mlp.state_dict().items()})
+        return ffn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TwoExpertMLP(nn.Module):
+    """[public expert, owner expert] with router rows [r_pub; r_owner] and the owner's bias min(b, 0)."""
+
+    def __init__(self, public: ExpertFFN, owner: ExpertFFN, r_pub: torch.Tensor, r_owner: torch.Tensor) -> None:
+        super().__init__()
+        hidden = r_pub.numel()
+        self.experts = nn.ModuleList([public, owner])
+        self.routers = nn.ModuleList([nn.Linear(hidden, 1, bias=False), nn.Linear(hidden, 1, bias=False)])
+        with torch.no_grad():
+            self.routers[PUBLIC].weight.copy_(r_pub.view(1, -1))
+            self.routers[OWNER].weight.copy_(r_owner.view(1, -1))
+        # b starts at 0 (the released FlexOlmo code left it uninitialised, a bug).
+        self.owner_bias = nn.Parameter(torch.zeros(()))
+        self.apply_bias = True
+        self.last_router_logits: torch.Tensor | None = None
+
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        owner = self.routers[OWNER](x)
+        if self.apply_bias:
+            owner = owner + torch.clamp(self.owner_bias, max=0.0)
+        return torch.cat([self.routers[PUBLIC](x), owner], dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.router_logits(x)
+        self.last_router_logits = logits
+        probs = torch.softmax(logits.float(), dim=-1).to(x.dtype)
+        return probs[..., PUBLIC:PUBLIC + 1] * self.experts[PUBLIC](x) + probs[..., OWNER:OWNER + 1] * self.experts[OWNER](x)
+
+
+def upcycle(anchor: Olmo2ForCausalLM, r_pub: torch.Tensor, r_owner: torch.Tensor) -> Olmo2ForCausalLM:
+    """A copy of the anchor whose every FFN becomes [anchor FFN, copy of anchor FFN] with a router.
+
+    Everything but the owner's expert, its router row and its bias is frozen (requires_grad off:
+    those tensors get no gradient at all, so they stay bit-identical to the anchor and cost no
+    weight-gradient compute).
+    """
+    model = copy.deepcopy(anchor)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in model.model.layers:
+        dense = layer.mlp
+        block = TwoExpertMLP(ExpertFFN.from_dense(dense), ExpertFFN.from_dense(dense), r_pub, r_owner)
+        for p in block.experts[PUBLIC].parameters():
+            p.requires_grad_(False)
+        block.routers[PUBLIC].weight.requires_grad_(False)
+        layer.mlp = block
+    return model
+
+
+def blocks(model: nn.Module) -> list[TwoExpertMLP]:
+    return [layer.mlp for layer in model.model.layers]
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def flexolmo_config(dense: Olmo2ForCausalLM, num_experts: int, top_k: int) -> FlexOlmoConfig:
+    c = dense.config
+    return FlexOlmoConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, hidden_act=c.hidden_act,
+        max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
+        rope_parameters=dict(c.rope_parameters), attention_bias=c.attention_bias,
+        tie_word_embeddings=c.tie_word_embeddings, pad_token_id=c.pad_token_id,
+        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
+        num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=False,
+    )
+
+
+def shared_state(dense_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The anchor tensors every expert model shares verbatim: all but the dense FFNs."""
+    return {k: v for k, v in dense_state.items() if ".mlp." not in k}
+
+
+def packed_experts(ffns: list[ExpertFFN]) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF's packed layout: gate_up_proj (E, 2I, H) with gate rows first, down_proj (E, H, I)."""
+    gate_up = torch.stack([torch.cat([f.gate_proj.weight, f.up_proj.weight], dim=0) for f in ffns])
+    down = torch.stack([f.down_proj.weight for f in ffns])
+    return gate_up.detach().clone(), down.detach().clone()
+
+
+def export_flexolmo(trained: Olmo2ForCausalLM, top_k: int = 2) -> FlexOlmoForCausalLM:
+    """The stock 2-expert `FlexOlmoForCausalLM` holding the trained block's weights.
+
+    The stock class has no router bias, so the export drops b (as the released FlexOlmo
+    checkpoints do); it matches the training model evaluated with `apply_bias = False`.
+    """
+    config = flexolmo_config(trained, num_experts=2, top_k=top_k)
+    dense_like = {k: v for k, v in trained.state_dict().items() if ".mlp." not in k}
+    state = dict(dense_like)
+    for i, block in enumerate(blocks(trained)):
+        gate_up, down = packed_experts(list(block.experts))
+        state[f"model.layers.{i}.mlp.experts.gate_up_proj"] = gate_up
+        state[f"model.layers.{i}.mlp.experts.down_proj"] = down
+        state[f"model.layers.{i}.mlp.gate.weight"] = torch.cat([r.weight for r in block.routers]).detach().clone()
+    model = FlexOlmoForCausalLM(config)
+    model.load_state_dict(state, strict=True)
+    return model.eval()

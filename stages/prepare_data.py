@@ -1,0 +1,134 @@
+"""Stage: assemble one corpus (the public one or an owner's) into train/val JSON-lines files.
+
+Documents are normalised, packed or cut to about `data.doc_chars`, deduplicated, given a stable
+content-derived id and split train/val by document with a fixed seed.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import re
+import unicodedata
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from stages import params as P
+from stages.io import atomic_dir, text_digest, write_json, write_jsonl
+from stages.sources import describe, read_records
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200f\ufeff]")
+
+
+def normalise(text: str) -> str:
+    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
+    text = _CONTROL.sub("", text)
+    text = re.sub(r"[ \t]+\n", "\n", text)
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def _cut(text: str, size: int) -> Iterator[str]:
+    """Cut a long text at paragraph (else line) boundaries into pieces of at most about `size`."""
+    start = 0
+    while len(text) - start > size:
+        end = start + size
+        cut = text.rfind("\n\n", start + size // 2, end)
+        if cut < 0:
+            cut = text.rfind("\n", start + size // 2, end)
+        if cut < 0:
+            cut = end
+        yield text[start:cut].strip()
+        start = cut
+    if text[start:].strip():
+        yield text[start:].strip()
+
+
+def to_documents(records: Iterable[str], doc_chars: int) -> Iterator[str]:
+    """Pack short records together and cut long ones, so documents have comparable sizes."""
+    pending: list[str] = []
+    size = 0
+    for record in records:
+        record = normalise(record)
+        if not record:
+            continue
+        if len(record) >= doc_chars:
+            yield from _cut(record, doc_chars)
+            continue
+        if size + len(record) > doc_chars and pending:
+            yield "\n\n".join(pending)
+            pending, size = [], 0
+        pending.append(record)
+        size += len(record) + 2
+    if pending:
+        yield "\n\n".join(pending)
+
+
+def prepare_corpus(corpus: P.CorpusParams, data: P.DataParams, name: str, out_dir: Path, cache_dir: Path) -> dict:
+    """Write `out_dir/{train,val}.jsonl` ({"id", "text"} per line) and `out_dir/stats.json`."""
+    seen: set[str] = set()
+    docs: list[dict] = []
+    per_source: dict[str, int] = {}
+    for source in corpus.sources:
+        count = 0
+        for text in to_documents(read_records(source, cache_dir), data.doc_chars):
+            if len(text) < data.min_doc_chars:
+                continue
+            digest = text_digest(text)
+            if digest in seen:
+                continue
+            seen.add(digest)
+            docs.append({"id": f"{name}-{digest[:16]}", "text": text})
+            count += 1
+        per_source[describe(source)] = count
+        if count == 0:
+            raise ValueError(f"corpus {name}: source {describe(source)} yielded no document of at least "
+                             f"{data.min_doc_chars} characters; check its `files` and `format`")
+
+    rng = random.Random(f"{data.seed}-{name}")
+    docs.sort(key=lambda d: d["id"])  # a seeded shuffle of a sorted list is stable across runs
+    rng.shuffle(docs)
+    kept, chars = [], 0
+    for doc in docs:
+        if chars >= corpus.max_chars:
+            break
+        kept.append(doc)
+        chars += len(doc["text"])
+    n_val = max(1, round(len(kept) * data.val_fraction))
+    if len(kept) < 2:
+        raise ValueError(f"corpus {name}: only {len(kept)} document(s); need at least 2 to split train/val")
+    val, train = kept[:n_val], kept[n_val:]
+    stats = {
+        "corpus": name,
+        "documents": {"train": len(train), "val": len(val)},
+        "chars": {"train": sum(len(d["text"]) for d in train), "val": sum(len(d["text"]) for d in val)},
+        "documents_per_source": per_source,
+        "documents_available": len(docs),
+    }
+    with atomic_dir(out_dir) as tmp:
+        write_jsonl(tmp / "train.jsonl", train)
+        write_jsonl(tmp / "val.jsonl", val)
+        write_json(tmp / "stats.json", stats)
+    return stats
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("corpus", help="'public' or an owner's name")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--cache", type=Path, default=Path("cache"), help="where fetched packages are kept")
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+    args = ap.parse_args(argv)
+    params = P.load(args.params)
+    if args.corpus == "public":
+        corpus = params.public
+    elif args.corpus in params.owners:
+        corpus = params.owners[args.corpus].data
+    else:
+        raise SystemExit(f"unknown corpus {args.corpus!r}: use 'public' or one of {sorted(params.owners)}")
+    stats = prepare_corpus(corpus, params.data, args.corpus, args.out, args.cache)
+    print(f"prepare {args.corpus}: {stats['documents']['train']} train / {stats['documents']['val']} val documents, "
+          f"{stats['chars']['train'] / 1e6:.2f}M train characters")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Stage: pretrain the public anchor, a dense `Olmo2ForCausalLM`, on the public corpus.
+
+The anchor never changes afterwards: every expert is trained against it and the merge refuses
+experts whose shared tensors differ from it, so its content hash is recorded next to it.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, Olmo2Config, Olmo2ForCausalLM
+
+from stages import params as P
+from stages.io import atomic_dir, tensors_digest, write_json
+from stages.training import Checkpointer, lm_losses, tokenize_corpus, train
+
+ANCHOR_INFO = "consort_anchor.json"
+
+
+def anchor_config(m: P.ModelParams, tokenizer) -> Olmo2Config:
+    return Olmo2Config(
+        vocab_size=len(tokenizer), hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, num_key_value_heads=m.num_heads,
+        max_position_embeddings=m.max_position_embeddings, tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def anchor_hash(model: torch.nn.Module) -> str:
+    return tensors_digest(model.state_dict())
+
+
+def train_anchor(corpus_train: Path, tokenizer_dir: Path, a: P.AnchorParams, out_dir: Path,
+                 log_path: Path, checkpoint: Path) -> dict:
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(a.train.seed)
+    model = Olmo2ForCausalLM(anchor_config(a.model, tokenizer))
+    tokens = tokenize_corpus(tokenizer, corpus_train)
+
+    def step_loss(batch):
+        logits = model(input_ids=batch[:, :-1]).logits
+        ce, z = lm_losses(logits, batch[:, 1:])
+        return ce + 1e-5 * z, {"loss": ce.item()}
+
+    fingerprint = f"anchor|{a.model_dump_json()}|{len(tokens)}|{int(tokens[:4096].sum())}"
+    ckpt = Checkpointer(checkpoint, fingerprint)
+    summary = train(model, step_loss, tokens, a.train, ckpt, log_path, desc="anchor")
+    summary["corpus_tokens"] = int(len(tokens))
+    summary["parameters"] = sum(p.numel() for p in model.parameters())
+    summary["anchor_hash"] = anchor_hash(model)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / ANCHOR_INFO, {"anchor_hash": summary["anchor_hash"]})
+    ckpt.clear()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--corpus", type=Path, required=True)
+    ap.add_argument("--tokenizer", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--metrics", type=Path, required=True)
+    ap.add_argument("--log", type=Path, required=True)
+    ap.add_argument("--checkpoint", type=Path, default=Path("checkpoints/anchor.pt"))
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+    args = ap.parse_args(argv)
+    summary = train_anchor(args.corpus, args.tokenizer, P.load(args.params).anchor, args.out, args.log, args.checkpoint)
+    write_json(args.metrics, summary)
+    print(f"anchor: loss {summary['final_loss']:.3f}, {summary['tokens_per_s']:,.0f} tokens/s, "
+          f"{summary['parameters'] / 1e6:.1f}M parameters, hash {summary['anchor_hash'][:12]}")
+
+
+if __name__ == "__main__":
+    main()

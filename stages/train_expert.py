@@ -1,0 +1,104 @@
+"""Stage (owner side): train one owner's expert against the frozen anchor, FlexOlmo style.
+
+Runs on the owner's machine over the owner's private corpus and writes the expert package the
+owner publishes: a 2-expert `FlexOlmoForCausalLM` ([public FFN, owner FFN], router rows
+[r_pub; r_owner]) and a manifest. No text and no private path goes into the package.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, Olmo2ForCausalLM
+
+from stages import params as P
+from stages.domain_embedding import load_embedding, mean_hidden_state
+from stages.io import atomic_dir, read_json, read_jsonl, write_json
+from stages.moe import blocks, export_flexolmo, upcycle
+from stages.train_anchor import ANCHOR_INFO
+from stages.training import Checkpointer, lm_losses, tokenize_corpus, train
+
+MANIFEST = "consort_expert.json"
+MANIFEST_VERSION = 1
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def train_expert(owner: str, corpus_train: Path, anchor_dir: Path, public_embedding: Path, expert: P.ExpertParams,
+                 train_params: P.TrainParams, out_dir: Path, log_path: Path, checkpoint: Path) -> dict:
+    tokenizer = AutoTokenizer.from_pretrained(anchor_dir)
+    anchor = Olmo2ForCausalLM.from_pretrained(anchor_dir)
+    anchor_hash = read_json(anchor_dir / ANCHOR_INFO)["anchor_hash"]
+    r_pub = load_embedding(public_embedding)
+    init_texts = [row["text"] for _, row in zip(range(expert.router_init_docs), read_jsonl(corpus_train))]
+    r_owner = mean_hidden_state(anchor, tokenizer, init_texts, train_params.seq_len)
+    model = upcycle(anchor, r_pub, r_owner)
+    del anchor
+    tokens = tokenize_corpus(tokenizer, corpus_train)
+    moe_blocks = blocks(model)
+
+    def step_loss(batch):
+        logits = model(input_ids=batch[:, :-1]).logits
+        ce, lm_z = lm_losses(logits, batch[:, 1:])
+        router_z = torch.stack([torch.logsumexp(b.last_router_logits.float(), -1).pow(2).mean()
+                                for b in moe_blocks]).mean()
+        loss = ce + expert.lm_z_loss * lm_z + expert.router_z_loss * router_z
+        return loss, {"loss": ce.item(), "router_z": router_z.item()}
+
+    data_digest = file_digest(corpus_train)
+    fingerprint = f"expert|{owner}|{anchor_hash}|{data_digest}|{train_params.model_dump_json()}|{expert.model_dump_json()}"
+    ckpt = Checkpointer(checkpoint, fingerprint)
+    summary = train(model, step_loss, tokens, train_params, ckpt, log_path, desc=f"expert {owner}")
+    summary["corpus_tokens"] = int(len(tokens))
+    summary["router_bias"] = [float(torch.clamp(b.owner_bias, max=0.0)) for b in moe_blocks]
+
+    hf = export_flexolmo(model)
+    manifest = {
+        "schema_version": MANIFEST_VERSION,
+        "owner": owner,
+        "anchor_hash": anchor_hash,
+        "data_digest": data_digest,
+        "expert_index": 1,
+        "router_init": expert.router_init,
+        "router_bias_dropped": summary["router_bias"],
+        "training": train_params.model_dump(),
+        "metrics": {k: summary[k] for k in ("final_loss", "tokens_per_s", "tokens_seen", "steps")},
+    }
+    with atomic_dir(out_dir) as tmp:
+        hf.save_pretrained(tmp)
+        write_json(tmp / MANIFEST, manifest)
+    ckpt.clear()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("owner")
+    ap.add_argument("--corpus", type=Path, required=True, help="the owner's train.jsonl")
+    ap.add_argument("--anchor", type=Path, required=True)
+    ap.add_argument("--public-embedding", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--metrics", type=Path, required=True)
+    ap.add_argument("--log", type=Path, required=True)
+    ap.add_argument("--checkpoint", type=Path, required=True)
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+    args = ap.parse_args(argv)
+    params = P.load(args.params)
+    if args.owner not in params.owners:
+        raise SystemExit(f"unknown owner {args.owner!r}: params.yaml lists {sorted(params.owners)}")
+    summary = train_expert(args.owner, args.corpus, args.anchor, args.public_embedding, params.expert,
+                           params.expert_train(args.owner), args.out, args.log, args.checkpoint)
+    write_json(args.metrics, summary)
+    print(f"expert {args.owner}: loss {summary['final_loss']:.3f}, {summary['tokens_per_s']:,.0f} tokens/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""The training loop shared by the anchor and expert stages.
+
+Tracking is not done here: the loop appends one JSON line per logged step to a file the
+stage declares as a metric, and the flow forwards those to MLflow after the stage ends.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from stages.io import read_jsonl
+from stages.params import TrainParams
+
+
+def tokenize_corpus(tokenizer, jsonl: Path, max_docs: int | None = None) -> np.ndarray:
+    """All documents of a JSON-lines corpus as one token array, each document followed by EOS."""
+    texts = [row["text"] for _, row in zip(range(max_docs or 10**12), read_jsonl(jsonl))]
+    if not texts:
+        raise ValueError(f"{jsonl}: holds no document")
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    return np.fromiter((t for doc in ids for t in (*doc, eos)), dtype=np.int32)
+
+
+def sample_batch(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, step: int) -> torch.Tensor:
+    """Random windows of seq_len + 1 tokens; a function of (seed, step) so a resumed run sees the same data."""
+    if len(tokens) <= seq_len + 1:
+        raise ValueError(f"corpus has {len(tokens)} tokens, fewer than one sequence of {seq_len + 1}")
+    gen = np.random.default_rng([seed, step])
+    starts = gen.integers(0, len(tokens) - seq_len - 1, size=batch_size)
+    return torch.from_numpy(np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64))
+
+
+def cosine_lr(step: int, p: TrainParams) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio * lr."""
+    if step < p.warmup_steps:
+        return p.lr * (step + 1) / p.warmup_steps
+    progress = (step - p.warmup_steps) / max(1, p.steps - p.warmup_steps)
+    return p.lr * (p.min_lr_ratio + (1 - p.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def lm_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy and the mean squared log-partition (for the z-loss)."""
+    flat = logits.reshape(-1, logits.size(-1)).float()
+    ce = torch.nn.functional.cross_entropy(flat, targets.reshape(-1))
+    z = torch.logsumexp(flat, dim=-1).pow(2).mean()
+    return ce, z
+
+
+@dataclass
+class Checkpointer:
+    """Saves the trainable state, optimizer and step; resumes only a run with the same fingerprint."""
+    path: Path
+    fingerprint: str
+
+    def load(self) -> dict | None:
+        if not self.path.exists():
+            return None
+        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        if state.get("fingerprint") != self.fingerprint:
+            return None  # params, data or anchor changed since: start over
+        return state
+
+    def save(self, state: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        torch.save({**state, "fingerprint": self.fingerprint}, tmp)
+        os.replace(tmp, self.path)
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def train(
+    model: torch.nn.Module,
+    step_loss: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, float]]],
+    tokens: np.ndarray,
+    p: TrainParams,
+    checkpointer: Checkpointer,
+    log_path: Path,
+    desc: str,
+) -> dict:
+    """Run AdamW with a cosine schedule over the model's trainable parameters.
+
+    `step_loss(batch)` returns the loss to minimise and the numbers to log. Returns a summary.
+    """
+    named = [(n, q) for n, q in model.named_parameters() if q.requires_grad]
+    decay = [q for n, q in named if q.ndim >= 2]
+    no_decay = [q for n, q in named if q.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": p.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=p.lr, betas=(0.9, 0.95))
+    start, log = 0, []
+    resumed = checkpointer.load()
+    if resumed:
+        current = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in resumed["trainable"].items():
+                current[name].copy_(value)
+        opt.load_state_dict(resumed["optimizer"])
+        start, log = resumed["step"], resumed["log"]
+    torch.manual_seed(p.seed)
+    model.train()
+    tokens_per_step = p.batch_size * p.seq_len
+    # In a log file (no terminal) a redraw every second would bury everything else.
+    bar = tqdm(range(start, p.steps), initial=start, total=p.steps, desc=desc, unit="step", dynamic_ncols=True,
+               mininterval=1.0 if sys.stderr.isatty() else 20.0)
+    t0, timed_steps = time.perf_counter(), 0
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, p)
+        batch = sample_batch(tokens, p.batch_size, p.seq_len, p.seed, step)
+        loss, numbers = step_loss(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_([q for _, q in named], p.grad_clip)
+        opt.step()
+        timed_steps += 1
+        tok_s = timed_steps * tokens_per_step / (time.perf_counter() - t0)
+        bar.set_postfix(loss=f"{numbers['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
+        if step % p.log_every == 0 or step == p.steps - 1:
+            log.append({"step": step, "lr": opt.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+                        "tokens_per_s": tok_s, **numbers})
+        if (step + 1) % p.checkpoint_every == 0 and step + 1 < p.steps:
+            checkpointer.save({"step": step + 1, "log": log, "optimizer": opt.state_dict(),
+                               "trainable": {n: q.detach().clone() for n, q in named}})
+    bar.close()
+    model.eval()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_text("".join(json.dumps(row) + "\n" for row in log))
+    elapsed = time.perf_counter() - t0
+    return {
+        "steps": p.steps,
+        "resumed_from_step": start,
+        "final_loss": log[-1]["loss"] if log else float("nan"),
+        "tokens_per_s": (p.steps - start) * tokens_per_step / elapsed if elapsed > 0 else 0.0,
+        "train_seconds": elapsed,
+        "tokens_seen": p.steps * tokens_per_step,
+    }
