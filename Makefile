@@ -22,8 +22,10 @@ install: $(BIN)/consort
 run: install
 	$(BIN)/consort run --preset $(PRESET) --workspace $(WORKSPACE)
 
+# pytest exits 5 when it collected no test: that is a failure, never a pass.
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$status
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow

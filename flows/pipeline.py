@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -19,6 +20,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.tracking import Lineage
 from flows.workspace import Workspace
+
+# DVC prints its own progress; Prefect's root console handler would print every line again.
+logging.getLogger("dvc").propagate = False
 
 HEAVY_PREFIXES = ("train_", "embed_", "evaluate_", "merge_")
 _heavy = threading.Semaphore(1)
@@ -52,23 +56,22 @@ def topological_order(graph: dict[str, list[str]]) -> list[str]:
     return order
 
 
-def reproduce_stage(workspace: Path, stage: str) -> bool:
-    """Run one stage if DVC finds it changed; True when it ran."""
+def reproduce_stage(workspace: Path, stage: str) -> tuple[bool, float]:
+    """Run one stage if DVC finds it changed: (whether it ran, seconds it took once its turn came)."""
     from dvc.repo import Repo
 
     heavy = stage.startswith(HEAVY_PREFIXES)
     with _heavy if heavy else contextlib.nullcontext():
+        t0 = time.perf_counter()
         with Repo(str(workspace)) as repo:
             ran = repo.reproduce(stage, single_item=True)
-    return bool(ran)
+    return bool(ran), time.perf_counter() - t0
 
 
 @task(task_run_name="{stage}", retries=0, cache_policy=NO_CACHE)
 def run_stage(workspace: str, stage: str) -> dict:
     logger = get_run_logger()
-    t0 = time.perf_counter()
-    ran = reproduce_stage(Path(workspace), stage)
-    seconds = time.perf_counter() - t0
+    ran, seconds = reproduce_stage(Path(workspace), stage)
     if _lineage is not None:
         _lineage.record_stage(stage, ran, seconds, _params)
     logger.info(f"{'ran   ' if ran else 'cached'} {stage} ({seconds:.1f} s)")

@@ -126,7 +126,7 @@ def train(
         opt.step()
         timed_steps += 1
         tok_s = timed_steps * tokens_per_step / (time.perf_counter() - t0)
-        bar.set_postfix(loss=f"{numbers['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
+        bar.set_postfix(loss=f"{numbers['loss']:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
         if step % p.log_every == 0 or step == p.steps - 1:
             log.append({"step": step, "lr": opt.param_groups[0]["lr"], "grad_norm": float(grad_norm),
                         "tokens_per_s": tok_s, **numbers})

@@ -1,0 +1,106 @@
+"""Merging experts: the anchor-identity check and the stacked result."""
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import tiny_anchor
+from stages import params as P
+from stages.domain_embedding import save_embedding
+from stages.io import write_json
+from stages.merge_experts import MERGED_INFO, MergeRefused, merge_experts
+from stages.moe import OWNER, blocks, export_flexolmo, upcycle
+from stages.train_anchor import ANCHOR_INFO, anchor_hash
+from stages.train_expert import MANIFEST, MANIFEST_VERSION
+from stages.train_tokenizer import train_tokenizer
+
+H = 32
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("merge")
+    corpus = root / "public.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"public text number {i}."}) + "\n" for i in range(50)))
+    train_tokenizer(corpus, P.TokenizerParams(vocab_size=300, max_chars=10**6), root / "tok")
+    anchor = tiny_anchor(seed=0, vocab=300)
+    anchor.save_pretrained(root / "anchor")
+    (root / "tok").rename(root / "tok_saved")
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(root / "tok_saved").save_pretrained(root / "anchor")
+    write_json(root / "anchor" / ANCHOR_INFO, {"anchor_hash": anchor_hash(anchor)})
+    r_pub = torch.nn.functional.normalize(torch.randn(H, generator=torch.Generator().manual_seed(5)), dim=0)
+    save_embedding(r_pub, root / "emb")
+    return root, anchor, r_pub
+
+
+def publish(root, name, base, r_pub, seed, claimed_hash=None):
+    """An expert package as train_expert writes it, with the owner half perturbed (as if trained)."""
+    model = upcycle(base, r_pub, torch.randn(H, generator=torch.Generator().manual_seed(seed)))
+    with torch.no_grad():
+        for b in blocks(model):
+            for p in b.experts[OWNER].parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    out = root / "published" / name
+    export_flexolmo(model).save_pretrained(out)
+    write_json(out / MANIFEST, {"schema_version": MANIFEST_VERSION, "owner": name, "data_digest": f"d-{name}",
+                                "anchor_hash": claimed_hash or anchor_hash(base)})
+    return model, out
+
+
+def test_merge_stacks_experts_and_reloads(setup):
+    root, anchor, r_pub = setup
+    models, dirs = {}, {}
+    for i, name in enumerate(["alpha", "beta"]):
+        models[name], dirs[name] = publish(root, name, anchor, r_pub, seed=10 + i)
+    info = merge_experts(root / "anchor", root / "emb", dirs, P.MergeParams(top_k=None), root / "merged")
+    assert [e["owner"] for e in info["experts"]] == ["public", "alpha", "beta"]
+    merged = AutoModelForCausalLM.from_pretrained(root / "merged")
+    assert merged.config.num_experts == 3 and merged.config.num_experts_per_tok == 3
+    assert json.loads((root / "merged" / MERGED_INFO).read_text())["anchor_hash"] == anchor_hash(anchor)
+    for i, name in enumerate(["alpha", "beta"], start=1):
+        layer0 = merged.model.layers[0].mlp
+        owner_ffn = blocks(models[name])[0].experts[OWNER]
+        assert torch.equal(layer0.experts.down_proj[i], owner_ffn.down_proj.weight)
+        assert torch.equal(layer0.gate.weight[i], blocks(models[name])[0].routers[OWNER].weight[0])
+    assert torch.equal(merged.model.layers[1].mlp.gate.weight[0], r_pub)
+
+
+def test_single_expert_merge_equals_the_expert_model(setup):
+    root, anchor, r_pub = setup
+    model, out = publish(root, "solo", anchor, r_pub, seed=3)
+    merge_experts(root / "anchor", root / "emb", {"solo": out}, P.MergeParams(top_k=None), root / "merged_solo")
+    merged = AutoModelForCausalLM.from_pretrained(root / "merged_solo")
+    for b in blocks(model):
+        b.apply_bias = False
+    ids = torch.randint(2, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
+
+
+def test_expert_from_another_anchor_is_refused_naming_tensor(setup):
+    root, anchor, r_pub = setup
+    other = tiny_anchor(seed=1, vocab=300)
+    _, good = publish(root, "good", anchor, r_pub, seed=1)
+    # claims our anchor's hash, but its shared tensors come from another anchor
+    _, forged = publish(root, "forged", other, r_pub, seed=2, claimed_hash=anchor_hash(anchor))
+    with pytest.raises(MergeRefused, match=r"expert forged: tensor model\.embed_tokens\.weight differs"):
+        merge_experts(root / "anchor", root / "emb", {"good": good, "forged": forged}, P.MergeParams(), root / "m2")
+    assert not (root / "m2").exists()
+    # honest about its anchor: refused on the hash, before any tensor is compared
+    _, honest = publish(root, "honest", other, r_pub, seed=2)
+    with pytest.raises(MergeRefused, match=r"expert honest: trained against anchor .* retrain"):
+        merge_experts(root / "anchor", root / "emb", {"honest": honest}, P.MergeParams(), root / "m3")
+
+
+def test_modified_public_half_is_refused(setup):
+    root, anchor, r_pub = setup
+    model, out = publish(root, "tamper", anchor, r_pub, seed=4)
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        hf.model.layers[1].mlp.experts.down_proj[0, 0, 0] += 1e-3
+    hf.save_pretrained(out)
+    with pytest.raises(MergeRefused, match=r"expert tamper: tensor model\.layers\.1\.mlp\.experts\.down_proj\[public\] differs"):
+        merge_experts(root / "anchor", root / "emb", {"tamper": out}, P.MergeParams(), root / "m4")

@@ -1,0 +1,127 @@
+"""The DVC graph as Prefect runs it, and real smoke runs of the whole flow."""
+import json
+import sqlite3
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import PROJECT, run_consort
+from flows.pipeline import stage_graph, topological_order
+from flows.workspace import prepare_workspace
+
+OWNERS = ["code", "literature", "manuals", "math", "news"]
+
+
+def test_dvc_graph_becomes_task_order(tmp_path):
+    ws = prepare_workspace(tmp_path / "ws", "smoke")
+    graph = stage_graph(ws.root)
+    assert set(graph) >= {"prepare_public", "train_tokenizer", "train_anchor", "embed_public", "merge_experts",
+                          "evaluate_public", "report"} | {f"train_expert@{o}" for o in OWNERS}
+    assert graph["train_tokenizer"] == ["prepare_public"]
+    assert set(graph["train_expert@news"]) == {"prepare_owner@news", "train_anchor", "embed_public"}
+    assert set(graph["merge_experts"]) >= {f"train_expert@{o}" for o in OWNERS}
+    assert set(graph["report"]) == {f"evaluate_owner@{o}" for o in OWNERS} | {"evaluate_public"}
+    order = topological_order(graph)
+    position = {s: i for i, s in enumerate(order)}
+    assert all(position[d] < position[s] for s, deps in graph.items() for d in deps)
+    with pytest.raises(ValueError, match="cycle"):
+        topological_order({"a": ["b"], "b": ["a"]})
+
+
+def test_coordinator_stages_never_read_owner_folders(tmp_path):
+    """Only owner stages (foreach owners) may depend on owners/<name>/."""
+    dvc = yaml.safe_load((PROJECT / "dvc.yaml").read_text())
+    for name, stage in dvc["stages"].items():
+        if "foreach" in stage:
+            continue
+        assert not any(str(d).startswith("owners") for d in stage.get("deps", [])), name
+
+
+def test_smoke_run_trains_merges_and_records_lineage(smoke_workspace):
+    ws, proc = smoke_workspace
+    out = proc.stdout
+    assert "merged model:" in out and "| domain | anchor loss | merged loss" in out and "consort ui" in out
+    for o in OWNERS:
+        assert f"| {o} |" in out
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(ws / "models" / "merged")
+    tok = AutoTokenizer.from_pretrained(ws / "models" / "merged")
+    assert type(model).__name__ == "FlexOlmoForCausalLM"
+    assert model.config.num_experts == 1 + len(OWNERS)
+    ids = tok("def main():", return_tensors="pt")["input_ids"]
+    gen = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert gen.shape[1] == ids.shape[1] + 8 and isinstance(tok.decode(gen[0]), str)
+
+    client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("consort")
+    runs = client.search_runs([exp.experiment_id], max_results=500)
+    parents = [r for r in runs if r.data.tags.get("consort.kind") == "pipeline"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    by_stage = {r.data.tags["consort.stage"]: r for r in children}
+    assert set(by_stage) == set(stage_graph(ws))
+    for r in children:
+        assert r.data.tags["dvc.stage_hash"] and "consort.git_commit" in r.data.tags and r.data.tags["prefect.flow_run_id"]
+
+    lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
+    for o in OWNERS:
+        run = by_stage[f"train_expert@{o}"]
+        md5 = next(d["md5"] for d in lock[f"train_expert@{o}"]["deps"] if d["path"] == f"owners/{o}/corpus")
+        digests = {(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs}
+        assert (f"{o}/corpus", md5) in digests
+        assert "final_loss" in run.data.metrics and run.data.params["expert.train.steps"]
+        history = client.get_metric_history(run.info.run_id, "curve/loss")
+        assert len(history) >= 3 and history[0].step < history[-1].step
+        assert by_stage["merge_experts"].data.tags[f"consort.expert_run.{o}"] == run.info.run_id
+    versions = client.search_model_versions("name='consort-merged'")
+    assert len(versions) == 1 and versions[0].run_id == by_stage["merge_experts"].info.run_id
+
+
+def _owner_snippets(ws: Path, per_owner: int = 20) -> list[str]:
+    snippets = []
+    for o in OWNERS:
+        for i, line in enumerate((ws / "owners" / o / "corpus" / "train.jsonl").read_text().splitlines()):
+            text = json.loads(line)["text"]
+            mid = len(text) // 2
+            snippets.append(text[mid:mid + 48])
+            if i >= per_owner:
+                break
+    return [s for s in snippets if len(s.strip()) > 30]
+
+
+def test_mlflow_store_holds_no_owner_text_or_private_path(smoke_workspace):
+    ws, _ = smoke_workspace
+    blobs = [(ws / "mlflow.db").read_bytes()]
+    blobs += [p.read_bytes() for p in (ws / "mlartifacts").rglob("*") if p.is_file() and p.suffix != ".safetensors"]
+    db = sqlite3.connect(ws / "mlflow.db")
+    blobs += ["\n".join(map(str, row)).encode() for t in ("params", "tags", "datasets", "inputs")
+              for row in db.execute(f"select * from {t}")]
+    haystack = b"\n".join(blobs)
+    snippets = _owner_snippets(ws)
+    assert len(snippets) > 50
+    leaked = [s for s in snippets if s.encode() in haystack]
+    assert not leaked, leaked[:3]
+    assert str(ws / "owners").encode() not in haystack
+
+
+def test_rerun_is_a_no_op_and_a_param_change_reruns_only_its_branch(smoke_workspace, tmp_path):
+    ws, _ = smoke_workspace
+    again = run_consort("run", "--preset", "smoke", "--workspace", str(ws), cwd=ws.parent)
+    assert "(0 of " in again.stdout, again.stdout[-2000:]
+
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    params["owners"]["news"]["train"] = {"steps": 5}
+    changed = tmp_path / "params.yaml"
+    changed.write_text(yaml.safe_dump(params))
+    proc = run_consort("run", "--preset", "smoke", "--workspace", str(ws), "--params", str(changed), cwd=ws.parent)
+    ran = {line.split()[1] for line in proc.stdout.splitlines() if line.strip().startswith("ran ")}
+    expected = {"train_expert@news", "merge_experts", "evaluate_public", "report"} | {f"evaluate_owner@{o}" for o in OWNERS}
+    assert ran == expected, proc.stdout[-3000:]
+    manifest = json.loads((ws / "published" / "news" / "expert" / "consort_expert.json").read_text())
+    assert manifest["training"]["steps"] == 5

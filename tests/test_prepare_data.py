@@ -1,0 +1,80 @@
+import json
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from stages import params as P
+from stages.io import read_jsonl
+from stages.prepare_data import prepare_corpus
+from stages.sources import SourceError
+
+# doc_chars just above one paragraph: every record becomes its own document
+DATA = P.DataParams(seed=0, val_fraction=0.2, doc_chars=200, min_doc_chars=20)
+
+
+def paragraph(i: int) -> str:
+    return f"Document number {i} talks about topic {i % 7}. " * 4
+
+
+def make_folder(root):
+    root.mkdir()
+    for i in range(6):
+        (root / f"doc{i}.txt").write_text(paragraph(i) + "\r\n\r\n\r\n\r\nend  \n")
+    (root / "dup.md").write_text(paragraph(0) + "\r\n\r\n\r\n\r\nend  \n")  # same text as doc0.txt
+    (root / "more.jsonl").write_text("\n".join(json.dumps({"body": paragraph(i)}) for i in range(6, 10)) + "\n")
+    pq.write_table(pa.table({"body": [paragraph(i) for i in range(10, 14)]}), root / "rows.parquet")
+    return root
+
+
+def test_folder_source_is_normalised_deduplicated_and_split(tmp_path):
+    folder = make_folder(tmp_path / "mine")
+    corpus = P.CorpusParams(max_chars=10**6, sources=[P.FolderSource(kind="folder", path=str(folder), text_field="body")])
+    stats = prepare_corpus(corpus, DATA, "clinic", tmp_path / "out", tmp_path / "cache")
+    train = list(read_jsonl(tmp_path / "out" / "train.jsonl"))
+    val = list(read_jsonl(tmp_path / "out" / "val.jsonl"))
+    docs = train + val
+    texts = [d["text"] for d in docs]
+    assert len(texts) == len(set(texts)) == 14, "dup.md repeats doc0.txt and must be dropped"
+    assert stats["documents"] == {"train": len(train), "val": len(val)} and len(val) >= 1
+    assert all("\r" not in t and "\n\n\n" not in t and not t.endswith(" ") for t in texts)
+    assert all(d["id"].startswith("clinic-") for d in docs)
+    # all 14 distinct paragraphs made it in, whatever file type they came from
+    assert all(any(f"Document number {i} " in t for t in texts) for i in range(14))
+
+    again = prepare_corpus(corpus, DATA, "clinic", tmp_path / "out2", tmp_path / "cache")
+    assert again == stats
+    assert (tmp_path / "out" / "val.jsonl").read_text() == (tmp_path / "out2" / "val.jsonl").read_text()
+
+
+def test_hf_dataset_source(tmp_path):
+    ds = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"content": [paragraph(i) for i in range(8)]})})
+    ds.save_to_disk(str(tmp_path / "ds"))
+    source = P.HFDatasetSource(kind="hf_dataset", path=str(tmp_path / "ds"), text_field="content", split="train")
+    stats = prepare_corpus(P.CorpusParams(max_chars=10**6, sources=[source]), DATA, "lab", tmp_path / "out", tmp_path / "c")
+    assert stats["documents"]["train"] + stats["documents"]["val"] >= 2
+
+
+def test_bad_source_names_itself_and_leaves_no_output(tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "x.jsonl").write_text('{"text": "fine"}\nnot json\n')
+    corpus = P.CorpusParams(max_chars=10**6, sources=[P.FolderSource(kind="folder", path=str(folder))])
+    with pytest.raises(SourceError, match=r"x.jsonl:2: not valid JSON"):
+        prepare_corpus(corpus, DATA, "clinic", tmp_path / "out", tmp_path / "cache")
+    assert not (tmp_path / "out").exists()
+    assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+    missing = P.CorpusParams(max_chars=10**6, sources=[P.FolderSource(kind="folder", path=str(tmp_path / "nope"))])
+    with pytest.raises(SourceError, match="not a folder"):
+        prepare_corpus(missing, DATA, "clinic", tmp_path / "out", tmp_path / "cache")
+
+
+def test_missing_wheel_member_is_reported(tmp_path):
+    # a real wheel from the index, a member that does not exist in it
+    from conftest import SHARED_CACHE
+
+    source = P.WheelSource(kind="wheel", package="gensim", version="4.4.0", files=["gensim/no/such/file.txt"])
+    with pytest.raises(SourceError, match=r"wheel gensim==4.4.0: no member .* matches"):
+        prepare_corpus(P.CorpusParams(max_chars=100, sources=[source]), DATA, "x", tmp_path / "o", SHARED_CACHE)
