@@ -123,12 +123,19 @@ class Lineage:
                     for k, v in row.items():
                         if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                             metrics.append(Metric(f"curve/{k}", float(v), 0, int(row["step"])))
-        datasets = [
-            DatasetInput(MetaDataset(CodeDatasetSource({"dvc_path": _dataset_name(d["path"])}),
-                                     name=_dataset_name(d["path"]), digest=d.get("md5", ""))._to_mlflow_entity(),
-                         [InputTag("mlflow.data.context", "training" if "train" in stage_name else "evaluation")])
-            for d in lock_entry.get("deps", []) if d["path"].startswith(DATASET_PREFIXES)
-        ]
+        deps = list(lock_entry.get("deps", []))
+        if stage_name == "merge_experts":
+            # The merge reads no corpus, but lineage should show which data made each expert.
+            deps += [d for other in self.stage_runs if other.startswith("train_expert@")
+                     for d in self._lock_entry(other).get("deps", [])]
+        context = "training" if stage_name.startswith(("train", "merge")) else "evaluation"
+        datasets = {
+            d["path"]: DatasetInput(MetaDataset(CodeDatasetSource({"dvc_path": _dataset_name(d["path"])}),
+                                                name=_dataset_name(d["path"]), digest=d.get("md5", ""))._to_mlflow_entity(),
+                                    [InputTag("mlflow.data.context", context)])
+            for d in deps if d["path"].startswith(DATASET_PREFIXES)
+        }
+        datasets = list(datasets.values())
         with self.lock:
             run_id = self.client.create_run(self.experiment_id, run_name=stage_name, tags=tags).info.run_id
             for i in range(0, len(metrics), 900):
@@ -139,8 +146,9 @@ class Lineage:
             if datasets:
                 self.client.log_inputs(run_id, datasets=datasets)
             self.stage_runs[stage_name] = run_id
-        if stage_name == "merge_experts" and ran:
-            self._register_merged(run_id)
+        if stage_name == "merge_experts":
+            merged_md5 = next((o.get("md5", "") for o in lock_entry.get("outs", []) if o["path"] == "models/merged"), "")
+            self._register_merged(run_id, merged_md5)
         self.client.set_terminated(run_id, "FINISHED")
         return run_id
 
@@ -151,16 +159,22 @@ class Lineage:
         stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
         return stages.get(stage_name, {})
 
-    def _register_merged(self, run_id: str) -> None:
+    def _register_merged(self, run_id: str, merged_md5: str) -> None:
+        """Register the merged model once per distinct model (DVC hash), also if an earlier run died."""
+        known = self.client.search_model_versions(f"name='{REGISTERED_MODEL}' and tag.dvc_md5='{merged_md5}'")
+        if known:
+            self.client.set_tag(run_id, "consort.registered_version", known[0].version)
+            return
         self.client.log_artifacts(run_id, str(self.ws.merged_model), "merged_model")
         try:
             self.client.get_registered_model(REGISTERED_MODEL)
-        except mlflow.exceptions.RestException:
+        except mlflow.exceptions.MlflowException:
             self.client.create_registered_model(
                 REGISTERED_MODEL, description="FlexOlmo mixture of the public anchor and the owners' experts")
         # A plain transformers checkpoint, not an MLflow "logged model": register its artifact folder.
         source = f"{self.client.get_run(run_id).info.artifact_uri}/merged_model"
-        version = self.client.create_model_version(REGISTERED_MODEL, source, run_id=run_id)
+        version = self.client.create_model_version(REGISTERED_MODEL, source, run_id=run_id,
+                                                   tags={"dvc_md5": merged_md5})
         self.client.set_tag(run_id, "consort.registered_version", version.version)
 
     # -- end of the pipeline ----------------------------------------------------------------

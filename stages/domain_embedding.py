@@ -1,8 +1,7 @@
 """Stage: the public domain embedding that initialises the public router row.
 
-A domain embedding is the mean hidden state of the anchor over up to `router_init_docs`
-documents of a domain, scaled to unit length (DESIGN.md section 3, the anchor fallback; the
-sentence-embedder variant comes later). Each owner computes its own inside `train_expert`.
+A domain embedding is the anchor's mean FFN input over up to `router_init_docs` documents of a
+domain (DESIGN.md section 3, the anchor fallback; the sentence-embedder variant comes later). Each owner computes its own inside `train_expert`.
 """
 from __future__ import annotations
 
@@ -21,22 +20,35 @@ EMBEDDING_FILE = "embedding.safetensors"
 
 @torch.no_grad()
 def mean_hidden_state(model, tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
+    """Mean of what the routers read, the FFN inputs of every layer, over the documents' tokens.
+
+    Returned as e / |e|^2, so that a router row set to it gives logit 1 on the domain's mean
+    input: the residual stream's norm is in the tens, and a unit-norm row would start the router
+    saturated (softmax of logits around 40) with a z-loss that swamps the language-model loss.
+    """
     if not texts:
         raise ValueError("no documents to embed")
     total = torch.zeros(model.config.hidden_size, dtype=torch.float64)
     count = 0
+    captured: list[torch.Tensor] = []
+    hooks = [layer.mlp.register_forward_pre_hook(lambda _m, args: captured.append(args[0][0]))
+             for layer in model.model.layers]
     model.eval()
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:seq_len]
-        if not ids:
-            continue
-        hidden = model.model(input_ids=torch.tensor([ids])).last_hidden_state[0]
-        total += hidden.double().sum(0)
-        count += len(ids)
+    try:
+        for text in texts:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"][:seq_len]
+            if not ids:
+                continue
+            captured.clear()
+            model.model(input_ids=torch.tensor([ids]))
+            for hidden in captured:
+                total += hidden.double().sum(0)
+                count += hidden.shape[0]
+    finally:
+        for h in hooks:
+            h.remove()
     mean = (total / max(count, 1)).float()
-    return mean / mean.norm().clamp_min(1e-8)
-
-
+    return mean / mean.pow(2).sum().clamp_min(1e-12)
 def domain_embedding(corpus_train: Path, anchor_dir: Path, n_docs: int, seq_len: int) -> torch.Tensor:
     tokenizer = AutoTokenizer.from_pretrained(anchor_dir)
     model = Olmo2ForCausalLM.from_pretrained(anchor_dir)

@@ -136,6 +136,8 @@ class ExpertParams(Strict):
     router_z_loss: float = Field(ge=0)
     router_init: Literal["anchor_mean_hidden"] = "anchor_mean_hidden"
     router_init_docs: int = Field(ge=1)
+    public_mix: float = Field(ge=0, lt=1, description="share of each batch drawn from the public corpus")
+    router_contrast: float = Field(ge=0, description="weight of the owner-vs-public routing loss")
 
 
 class MergeParams(Strict):

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, Olmo2Config, Olmo2ForCausalLM
 
 from stages import params as P
 from stages.io import atomic_dir, tensors_digest, write_json
-from stages.training import Checkpointer, lm_losses, tokenize_corpus, train
+from stages.training import Checkpointer, lm_losses, sample_batch, tokenize_corpus, train
 
 ANCHOR_INFO = "consort_anchor.json"
 
@@ -46,7 +46,9 @@ def train_anchor(corpus_train: Path, tokenizer_dir: Path, a: P.AnchorParams, out
 
     fingerprint = f"anchor|{a.model_dump_json()}|{len(tokens)}|{int(tokens[:4096].sum())}"
     ckpt = Checkpointer(checkpoint, fingerprint)
-    summary = train(model, step_loss, tokens, a.train, ckpt, log_path, desc="anchor")
+    t = a.train
+    summary = train(model, step_loss, lambda step: sample_batch(tokens, t.batch_size, t.seq_len, t.seed, step),
+                    t, ckpt, log_path, desc="anchor")
     summary["corpus_tokens"] = int(len(tokens))
     summary["parameters"] = sum(p.numel() for p in model.parameters())
     summary["anchor_hash"] = anchor_hash(model)

@@ -18,7 +18,7 @@ from stages.domain_embedding import load_embedding, mean_hidden_state
 from stages.io import atomic_dir, read_json, read_jsonl, write_json
 from stages.moe import blocks, export_flexolmo, upcycle
 from stages.train_anchor import ANCHOR_INFO
-from stages.training import Checkpointer, lm_losses, tokenize_corpus, train
+from stages.training import Checkpointer, lm_losses, sample_batch, tokenize_corpus, train
 
 MANIFEST = "consort_expert.json"
 MANIFEST_VERSION = 1
@@ -32,8 +32,9 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def train_expert(owner: str, corpus_train: Path, anchor_dir: Path, public_embedding: Path, expert: P.ExpertParams,
-                 train_params: P.TrainParams, out_dir: Path, log_path: Path, checkpoint: Path) -> dict:
+def train_expert(owner: str, corpus_train: Path, public_train: Path, anchor_dir: Path, public_embedding: Path,
+                 expert: P.ExpertParams, train_params: P.TrainParams, out_dir: Path, log_path: Path,
+                 checkpoint: Path) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(anchor_dir)
     anchor = Olmo2ForCausalLM.from_pretrained(anchor_dir)
     anchor_hash = read_json(anchor_dir / ANCHOR_INFO)["anchor_hash"]
@@ -43,22 +44,47 @@ def train_expert(owner: str, corpus_train: Path, anchor_dir: Path, public_embedd
     model = upcycle(anchor, r_pub, r_owner)
     del anchor
     tokens = tokenize_corpus(tokenizer, corpus_train)
+    # Public rows in each batch give the router a contrast (see step_loss); the LM loss is taken on
+    # the owner's rows only, so the expert spends its capacity on the owner's domain.
+    public_tokens = tokenize_corpus(tokenizer, public_train) if expert.public_mix > 0 else None
+    t = train_params
+    n_public = round(t.batch_size * expert.public_mix)
+
+    def make_batch(step: int) -> torch.Tensor:
+        own = sample_batch(tokens, t.batch_size - n_public, t.seq_len, t.seed, step)
+        if not n_public:
+            return own
+        return torch.cat([own, sample_batch(public_tokens, n_public, t.seq_len, t.seed + 1, step)])
+
     moe_blocks = blocks(model)
+
+    # Rows [0, n_owner) of a batch are the owner's text, the rest public text.
+    is_owner = torch.arange(t.batch_size) < t.batch_size - n_public
 
     def step_loss(batch):
         logits = model(input_ids=batch[:, :-1]).logits
-        ce, lm_z = lm_losses(logits, batch[:, 1:])
-        router_z = torch.stack([torch.logsumexp(b.last_router_logits.float(), -1).pow(2).mean()
-                                for b in moe_blocks]).mean()
+        ce, lm_z = lm_losses(logits[is_owner], batch[is_owner, 1:])
+        router_logits = [b.last_router_logits.float() for b in moe_blocks]
+        router_z = torch.stack([torch.logsumexp(r, -1).pow(2).mean() for r in router_logits]).mean()
         loss = ce + expert.lm_z_loss * lm_z + expert.router_z_loss * router_z
-        return loss, {"loss": ce.item(), "router_z": router_z.item()}
+        numbers = {"loss": ce.item(), "router_z": router_z.item()}
+        if n_public:
+            # The router row as a domain classifier: owner text to the owner's expert, public text
+            # to the public one. Merged with other owners' rows trained the same way, each expert
+            # then fires on its own domain and all stay quiet on public text.
+            target = is_owner.long().view(-1, 1).expand(-1, batch.size(1) - 1).reshape(-1)
+            contrast = torch.stack([torch.nn.functional.cross_entropy(r.reshape(-1, 2), target)
+                                    for r in router_logits]).mean()
+            loss = loss + expert.router_contrast * contrast
+            numbers["router_contrast"] = contrast.item()
+        return loss, numbers
 
     data_digest = file_digest(corpus_train)
     fingerprint = f"expert|{owner}|{anchor_hash}|{data_digest}|{train_params.model_dump_json()}|{expert.model_dump_json()}"
     ckpt = Checkpointer(checkpoint, fingerprint)
-    summary = train(model, step_loss, tokens, train_params, ckpt, log_path, desc=f"expert {owner}")
+    summary = train(model, step_loss, make_batch, train_params, ckpt, log_path, desc=f"expert {owner}")
     summary["corpus_tokens"] = int(len(tokens))
-    summary["router_bias"] = [float(torch.clamp(b.owner_bias, max=0.0)) for b in moe_blocks]
+    summary["router_bias"] = [b.owner_bias.detach().clamp(max=0.0).item() for b in moe_blocks]
 
     hf = export_flexolmo(model)
     manifest = {
@@ -68,6 +94,8 @@ def train_expert(owner: str, corpus_train: Path, anchor_dir: Path, public_embedd
         "data_digest": data_digest,
         "expert_index": 1,
         "router_init": expert.router_init,
+        "public_mix": expert.public_mix,
+        "router_contrast": expert.router_contrast,
         "router_bias_dropped": summary["router_bias"],
         "training": train_params.model_dump(),
         "metrics": {k: summary[k] for k in ("final_loss", "tokens_per_s", "tokens_seen", "steps")},
@@ -83,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("owner")
     ap.add_argument("--corpus", type=Path, required=True, help="the owner's train.jsonl")
+    ap.add_argument("--public-corpus", type=Path, required=True, help="the public train.jsonl")
     ap.add_argument("--anchor", type=Path, required=True)
     ap.add_argument("--public-embedding", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
@@ -94,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     params = P.load(args.params)
     if args.owner not in params.owners:
         raise SystemExit(f"unknown owner {args.owner!r}: params.yaml lists {sorted(params.owners)}")
-    summary = train_expert(args.owner, args.corpus, args.anchor, args.public_embedding, params.expert,
+    summary = train_expert(args.owner, args.corpus, args.public_corpus, args.anchor, args.public_embedding, params.expert,
                            params.expert_train(args.owner), args.out, args.log, args.checkpoint)
     write_json(args.metrics, summary)
     print(f"expert {args.owner}: loss {summary['final_loss']:.3f}, {summary['tokens_per_s']:,.0f} tokens/s")

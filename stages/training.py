@@ -84,7 +84,7 @@ class Checkpointer:
 def train(
     model: torch.nn.Module,
     step_loss: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, float]]],
-    tokens: np.ndarray,
+    make_batch: Callable[[int], torch.Tensor],
     p: TrainParams,
     checkpointer: Checkpointer,
     log_path: Path,
@@ -92,7 +92,8 @@ def train(
 ) -> dict:
     """Run AdamW with a cosine schedule over the model's trainable parameters.
 
-    `step_loss(batch)` returns the loss to minimise and the numbers to log. Returns a summary.
+    `make_batch(step)` returns the batch of a step (a function of the step, so a resumed run sees
+    the same data); `step_loss(batch)` returns the loss to minimise and the numbers to log.
     """
     named = [(n, q) for n, q in model.named_parameters() if q.requires_grad]
     decay = [q for n, q in named if q.ndim >= 2]
@@ -118,7 +119,7 @@ def train(
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, p)
-        batch = sample_batch(tokens, p.batch_size, p.seq_len, p.seed, step)
+        batch = make_batch(step)
         loss, numbers = step_loss(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()

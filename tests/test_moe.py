@@ -6,7 +6,7 @@ import torch
 from conftest import tiny_anchor
 from stages import params as P
 from stages.moe import OWNER, PUBLIC, blocks, export_flexolmo, upcycle
-from stages.training import Checkpointer, lm_losses, train
+from stages.training import Checkpointer, lm_losses, sample_batch, train
 
 TRAIN = P.TrainParams(steps=6, batch_size=2, seq_len=16, lr=0.05, min_lr_ratio=0.1, warmup_steps=1,
                       weight_decay=0.1, grad_clip=1.0, seed=0, log_every=1, checkpoint_every=3)
@@ -31,7 +31,8 @@ def train_expert_model(anchor, tmp_path, steps=TRAIN.steps, crash_at=None):
         return ce + 1e-5 * z + 1e-3 * rz, {"loss": ce.item()}
 
     p = TRAIN.model_copy(update={"steps": steps})
-    summary = train(model, step_loss, tokens, p, Checkpointer(tmp_path / "ckpt.pt", "fp"), tmp_path / "log.jsonl", "t")
+    summary = train(model, step_loss, lambda step: sample_batch(tokens, p.batch_size, p.seq_len, p.seed, step), p,
+                    Checkpointer(tmp_path / "ckpt.pt", "fp"), tmp_path / "log.jsonl", "t")
     return model, summary
 
 

@@ -22,7 +22,7 @@ def test_dvc_graph_becomes_task_order(tmp_path):
     assert set(graph) >= {"prepare_public", "train_tokenizer", "train_anchor", "embed_public", "merge_experts",
                           "evaluate_public", "report"} | {f"train_expert@{o}" for o in OWNERS}
     assert graph["train_tokenizer"] == ["prepare_public"]
-    assert set(graph["train_expert@news"]) == {"prepare_owner@news", "train_anchor", "embed_public"}
+    assert set(graph["train_expert@news"]) == {"prepare_owner@news", "prepare_public", "train_anchor", "embed_public"}
     assert set(graph["merge_experts"]) >= {f"train_expert@{o}" for o in OWNERS}
     assert set(graph["report"]) == {f"evaluate_owner@{o}" for o in OWNERS} | {"evaluate_public"}
     order = topological_order(graph)
@@ -75,6 +75,8 @@ def test_smoke_run_trains_merges_and_records_lineage(smoke_workspace):
         md5 = next(d["md5"] for d in lock[f"train_expert@{o}"]["deps"] if d["path"] == f"owners/{o}/corpus")
         digests = {(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs}
         assert (f"{o}/corpus", md5) in digests
+        merge_inputs = by_stage["merge_experts"].inputs.dataset_inputs
+        assert (f"{o}/corpus", md5) in {(d.dataset.name, d.dataset.digest) for d in merge_inputs}
         assert "final_loss" in run.data.metrics and run.data.params["expert.train.steps"]
         history = client.get_metric_history(run.info.run_id, "curve/loss")
         assert len(history) >= 3 and history[0].step < history[-1].step
