@@ -35,14 +35,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"consort: {err}", file=sys.stderr)
         return 2
     use_project_python()
-    os.chdir(ws.root)  # DVC names stages relative to the working directory
+    os.chdir(ws.root)  # DVC resolves stage paths against the working directory
     from flows.pipeline import pipeline
 
     t0 = time.perf_counter()
     print(f"consort: running the {args.preset!r} pipeline in {ws.root}")
     try:
-        results = pipeline(str(ws.root), args.preset)
-    except RuntimeError as err:
+        results = pipeline(str(ws.root), args.preset, force=args.force)
+    except (RuntimeError, ValueError) as err:
         print(f"\nconsort: {err}", file=sys.stderr)
         return 1
     print("\nstages:")
@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--preset", default="default", help="a preset of params.yaml: default, smoke, ...")
     run.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE, help="where data, models and runs go")
     run.add_argument("--params", type=Path, default=None, help="params file (default: the project's params.yaml)")
+    run.add_argument("--force", action="append", default=[], metavar="STAGE",
+                     help="run STAGE even if DVC finds it up to date (after a code change); repeatable")
     run.set_defaults(func=cmd_run)
     ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for a workspace")
     ui.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE)

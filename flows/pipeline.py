@@ -38,7 +38,7 @@ def stage_graph(workspace: Path) -> dict[str, list[str]]:
 
     with Repo(str(workspace)) as repo:
         graph = repo.index.graph  # edges point from a stage to the stages it depends on
-        return {s.addressing: sorted(d.addressing for d in graph.successors(s)) for s in graph.nodes}
+        return {s.name: sorted(d.name for d in graph.successors(s)) for s in graph.nodes}
 
 
 def topological_order(graph: dict[str, list[str]]) -> list[str]:
@@ -56,22 +56,24 @@ def topological_order(graph: dict[str, list[str]]) -> list[str]:
     return order
 
 
-def reproduce_stage(workspace: Path, stage: str) -> tuple[bool, float]:
+def reproduce_stage(workspace: Path, stage: str, force: bool = False) -> tuple[bool, float]:
     """Run one stage if DVC finds it changed: (whether it ran, seconds it took once its turn came)."""
     from dvc.repo import Repo
 
     heavy = stage.startswith(HEAVY_PREFIXES)
     with _heavy if heavy else contextlib.nullcontext():
         t0 = time.perf_counter()
-        with Repo(str(workspace)) as repo:
-            ran = repo.reproduce(stage, single_item=True)
+        # DVC holds its repo lock only for bookkeeping (not while the command runs); concurrent
+        # stages wait for it instead of failing after DVC's default 3 s.
+        with Repo(str(workspace), _wait_for_lock=True) as repo:
+            ran = repo.reproduce(f"{Path(workspace).resolve() / 'dvc.yaml'}:{stage}", single_item=True, force=force)
     return bool(ran), time.perf_counter() - t0
 
 
 @task(task_run_name="{stage}", retries=0, cache_policy=NO_CACHE)
-def run_stage(workspace: str, stage: str) -> dict:
+def run_stage(workspace: str, stage: str, force: bool = False) -> dict:
     logger = get_run_logger()
-    ran, seconds = reproduce_stage(Path(workspace), stage)
+    ran, seconds = reproduce_stage(Path(workspace), stage, force)
     if _lineage is not None:
         _lineage.record_stage(stage, ran, seconds, _params)
     logger.info(f"{'ran   ' if ran else 'cached'} {stage} ({seconds:.1f} s)")
@@ -79,16 +81,24 @@ def run_stage(workspace: str, stage: str) -> dict:
 
 
 @flow(name="consort-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=4), log_prints=True)
-def pipeline(workspace: str, preset: str = "default", track: bool = True) -> list[dict]:
-    """Run every stage of the workspace's dvc.yaml in dependency order, recording lineage in MLflow."""
+def pipeline(workspace: str, preset: str = "default", track: bool = True, force: list[str] | None = None) -> list[dict]:
+    """Run every stage of the workspace's dvc.yaml in dependency order, recording lineage in MLflow.
+
+    `force` names stages to run even though DVC finds them up to date (DVC does not track the
+    stage code, so this is how a code change reaches the outputs); their dependants follow.
+    """
     global _lineage, _params
     ws = Workspace(Path(workspace))
     _params = ws.params().model_dump(mode="json")
     graph = stage_graph(ws.root)
+    unknown = sorted(set(force or []) - set(graph))
+    if unknown:
+        raise ValueError(f"--force names unknown stage(s) {unknown}; stages are: {sorted(graph)}")
     lineage = _lineage = Lineage(ws, preset, str(flow_run.id) if flow_run.id else None) if track else None
     futures = {}
     for stage in topological_order(graph):
-        futures[stage] = run_stage.submit(workspace, stage, wait_for=[futures[d] for d in graph[stage]])
+        futures[stage] = run_stage.submit(workspace, stage, stage in (force or []),
+                                          wait_for=[futures[d] for d in graph[stage]])
     results, failed = [], []
     for stage, fut in futures.items():
         state = fut.wait() or fut.state

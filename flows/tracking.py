@@ -87,8 +87,8 @@ class Lineage:
     def record_stage(self, stage_name: str, ran: bool, seconds: float, params: dict) -> str:
         from dvc.repo import Repo
 
-        with Repo(str(self.ws.root)) as repo:
-            stage = next(s for s in repo.index.stages if s.addressing == stage_name)
+        with Repo(str(self.ws.root), _wait_for_lock=True) as repo:
+            stage = next(s for s in repo.index.stages if s.name == stage_name)
             param_keys = [k for d in stage.deps if hasattr(d, "params") for k in (d.params or [])]
             metric_files = [str(o.def_path) for o in stage.outs if o.metric]
             plot_files = [str(o.def_path) for o in stage.outs if o.plot]

@@ -31,19 +31,24 @@ def mean_hidden_state(model, tokenizer, texts: list[str], seq_len: int) -> torch
     total = torch.zeros(model.config.hidden_size, dtype=torch.float64)
     count = 0
     captured: list[torch.Tensor] = []
-    hooks = [layer.mlp.register_forward_pre_hook(lambda _m, args: captured.append(args[0][0]))
+    hooks = [layer.mlp.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
              for layer in model.model.layers]
     model.eval()
+    docs = [ids[:seq_len] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"] if ids]
     try:
-        for text in texts:
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"][:seq_len]
-            if not ids:
-                continue
+        for start in range(0, len(docs), 16):  # batched, padding masked out of the mean
+            chunk = docs[start:start + 16]
+            width = max(map(len, chunk))
+            ids = torch.zeros(len(chunk), width, dtype=torch.long)
+            mask = torch.zeros(len(chunk), width, dtype=torch.bool)
+            for i, doc in enumerate(chunk):
+                ids[i, :len(doc)] = torch.tensor(doc)
+                mask[i, :len(doc)] = True
             captured.clear()
-            model.model(input_ids=torch.tensor([ids]))
+            model.model(input_ids=ids, attention_mask=mask.long())
             for hidden in captured:
-                total += hidden.double().sum(0)
-                count += hidden.shape[0]
+                total += hidden[mask].double().sum(0)
+                count += int(mask.sum())
     finally:
         for h in hooks:
             h.remove()

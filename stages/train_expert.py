@@ -46,9 +46,11 @@ def train_expert(owner: str, corpus_train: Path, public_train: Path, anchor_dir:
     tokens = tokenize_corpus(tokenizer, corpus_train)
     # Public rows in each batch give the router a contrast (see step_loss); the LM loss is taken on
     # the owner's rows only, so the expert spends its capacity on the owner's domain.
-    public_tokens = tokenize_corpus(tokenizer, public_train) if expert.public_mix > 0 else None
     t = train_params
     n_public = round(t.batch_size * expert.public_mix)
+    # Only a slice of the public corpus is ever sampled: tokenize about four times what is needed.
+    public_docs = max(50, 4 * n_public * t.steps * t.seq_len // 1000)
+    public_tokens = tokenize_corpus(tokenizer, public_train, max_docs=public_docs) if n_public else None
 
     def make_batch(step: int) -> torch.Tensor:
         own = sample_batch(tokens, t.batch_size - n_public, t.seq_len, t.seed, step)
