@@ -90,10 +90,6 @@ def blocks(model: nn.Module) -> list[TwoExpertMLP]:
     return [layer.mlp for layer in model.model.layers]
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def flexolmo_config(dense: Olmo2ForCausalLM, num_experts: int, top_k: int) -> FlexOlmoConfig:
     c = dense.config
     return FlexOlmoConfig(

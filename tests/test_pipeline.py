@@ -1,11 +1,9 @@
 """The DVC graph as Prefect runs it, and real smoke runs of the whole flow."""
 import json
 import sqlite3
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
