@@ -116,7 +116,7 @@ def test_rerun_is_a_no_op_and_a_param_change_reruns_only_its_branch(smoke_worksp
     assert "(0 of " in again.stdout, again.stdout[-2000:]
 
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
-    params["owners"]["news"]["train"] = {"steps": 5}
+    params["presets"]["smoke"]["owners"]["news"]["train"] = {"steps": 5}  # the preset has the last word
     changed = tmp_path / "params.yaml"
     changed.write_text(yaml.safe_dump(params))
     proc = run_consort("run", "--preset", "smoke", "--workspace", str(ws), "--params", str(changed), cwd=ws.parent)
