@@ -129,13 +129,13 @@ class Lineage:
             deps += [d for other in self.stage_runs if other.startswith("train_expert@")
                      for d in self._lock_entry(other).get("deps", [])]
         context = "training" if stage_name.startswith(("train", "merge")) else "evaluation"
-        datasets = {
+        by_path = {  # a corpus behind several experts is recorded once
             d["path"]: DatasetInput(MetaDataset(CodeDatasetSource({"dvc_path": _dataset_name(d["path"])}),
                                                 name=_dataset_name(d["path"]), digest=d.get("md5", ""))._to_mlflow_entity(),
                                     [InputTag("mlflow.data.context", context)])
             for d in deps if d["path"].startswith(DATASET_PREFIXES)
         }
-        datasets = list(datasets.values())
+        datasets = list(by_path.values())
         with self.lock:
             run_id = self.client.create_run(self.experiment_id, run_name=stage_name, tags=tags).info.run_id
             for i in range(0, len(metrics), 900):

@@ -1,7 +1,8 @@
 """Stage: the public domain embedding that initialises the public router row.
 
 A domain embedding is the anchor's mean FFN input over up to `router_init_docs` documents of a
-domain (DESIGN.md section 3, the anchor fallback; the sentence-embedder variant comes later). Each owner computes its own inside `train_expert`.
+domain (DESIGN.md section 3, the anchor fallback; the sentence-embedder variant comes later).
+Each owner computes its own inside `train_expert`.
 """
 from __future__ import annotations
 
@@ -54,6 +55,8 @@ def mean_hidden_state(model, tokenizer, texts: list[str], seq_len: int) -> torch
             h.remove()
     mean = (total / max(count, 1)).float()
     return mean / mean.pow(2).sum().clamp_min(1e-12)
+
+
 def domain_embedding(corpus_train: Path, anchor_dir: Path, n_docs: int, seq_len: int) -> torch.Tensor:
     tokenizer = AutoTokenizer.from_pretrained(anchor_dir)
     model = Olmo2ForCausalLM.from_pretrained(anchor_dir)

@@ -48,7 +48,8 @@ def train_expert(owner: str, corpus_train: Path, public_train: Path, anchor_dir:
     # the owner's rows only, so the expert spends its capacity on the owner's domain.
     t = train_params
     n_public = round(t.batch_size * expert.public_mix)
-    # Only a slice of the public corpus is ever sampled: tokenize about four times what is needed.
+    # Only a slice of the public corpus is ever sampled: tokenize about four times the tokens the
+    # public rows use (documents are ~doc_chars = 4,000 characters, roughly 1,000 tokens each).
     public_docs = max(50, 4 * n_public * t.steps * t.seq_len // 1000)
     public_tokens = tokenize_corpus(tokenizer, public_train, max_docs=public_docs) if n_public else None
 
