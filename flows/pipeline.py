@@ -1,14 +1,17 @@
 """The Prefect flow that runs the DVC pipeline: each dvc.yaml stage becomes a task.
 
 The stage graph comes from DVC itself (no second copy of the DAG); independent stages run in
-parallel, except that stages that saturate the cores (training, evaluation) take turns, since
-two of them on 2 cores only slow each other down. DVC decides whether a stage is up to date.
+parallel, and the CPU-heavy ones (training, evaluation) share the cores: an owner's stage gets
+one core, so owners' stages run side by side, one per core, while a coordinator stage (anchor,
+merge) gets them all. Measured on 2 cores, two 1-thread trainings do 1.19x the tokens/s of one
+2-thread training. DVC decides whether a stage is up to date.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -20,16 +23,74 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.tracking import Lineage
 from flows.workspace import Workspace
+from stages.runtime import threads_variable
 
 # DVC prints its own progress; Prefect's root console handler would print every line again.
 logging.getLogger("dvc").propagate = False
 
 HEAVY_PREFIXES = ("train_", "embed_", "evaluate_", "merge_")
-_heavy = threading.Semaphore(1)
+
+
+class CpuScheduler:
+    """Hands the cores to CPU-heavy stages: one core to an owner's stage, all to a coordinator's.
+
+    When cores free up, the costliest stage that is ready goes first (a stage is ready when the
+    stages it depends on are done, even if its task has not asked yet), so the longest training
+    does not end up running alone on one core at the end.
+    """
+
+    def __init__(self, cores: int, graph: dict[str, list[str]], cost: dict[str, float]) -> None:
+        self.cores, self.free = cores, cores
+        self.graph, self.cost = graph, cost
+        self.started: set[str] = set()
+        self.done: set[str] = set()
+        self.cond = threading.Condition()
+
+    def _first_in_line(self, stage: str) -> bool:
+        ready = [s for s in self.cost if s not in self.started and all(d in self.done for d in self.graph[s])]
+        return all(self.cost[s] <= self.cost[stage] for s in ready)
+
+    @contextlib.contextmanager
+    def hold(self, stage: str):
+        """Wait for the stage's cores; yields how many threads it may use (0: not CPU-heavy)."""
+        if stage not in self.cost:
+            yield 0
+            return
+        n = 1 if "@" in stage else self.cores  # "@": a foreach-owners stage
+        with self.cond:
+            self.cond.wait_for(lambda: self.free >= n and self._first_in_line(stage))
+            self.free -= n
+            self.started.add(stage)
+        try:
+            yield n
+        finally:
+            with self.cond:
+                self.free += n
+                self.cond.notify_all()
+
+    def finished(self, stage: str) -> None:
+        with self.cond:
+            self.done.add(stage)
+            self.started.add(stage)
+            self.cond.notify_all()
+
+
+def stage_costs(graph: dict[str, list[str]], params) -> dict[str, float]:
+    """Relative CPU cost of each heavy stage: training tokens for an expert, 1 for the rest."""
+    costs = {}
+    for stage in graph:
+        if stage.startswith(HEAVY_PREFIXES):
+            name, _, owner = stage.partition("@")
+            t = params.expert_train(owner) if name == "train_expert" and owner in params.owners else None
+            costs[stage] = float(t.steps * t.batch_size * t.seq_len) if t else 1.0
+    return costs
+
+
 # Set by the flow for its tasks: live objects (an MLflow client, a lock) are no task parameters,
 # since Prefect hashes and records parameters.
 _lineage: Lineage | None = None
 _params: dict = {}
+_cpu: CpuScheduler | None = None
 
 
 def stage_graph(workspace: Path) -> dict[str, list[str]]:
@@ -60,8 +121,10 @@ def reproduce_stage(workspace: Path, stage: str, force: bool = False) -> tuple[b
     """Run one stage if DVC finds it changed: (whether it ran, seconds it took once its turn came)."""
     from dvc.repo import Repo
 
-    heavy = stage.startswith(HEAVY_PREFIXES)
-    with _heavy if heavy else contextlib.nullcontext():
+    with _cpu.hold(stage) if _cpu else contextlib.nullcontext(0) as threads:
+        if threads:
+            # DVC passes the environment on to the stage's command; each stage has its own variable.
+            os.environ[threads_variable(stage)] = str(threads)
         t0 = time.perf_counter()
         # DVC holds its repo lock only for bookkeeping (not while the command runs); concurrent
         # stages wait for it instead of failing after DVC's default 3 s.
@@ -74,23 +137,28 @@ def reproduce_stage(workspace: Path, stage: str, force: bool = False) -> tuple[b
 def run_stage(workspace: str, stage: str, force: bool = False) -> dict:
     logger = get_run_logger()
     ran, seconds = reproduce_stage(Path(workspace), stage, force)
+    if _cpu:
+        _cpu.finished(stage)
     if _lineage is not None:
         _lineage.record_stage(stage, ran, seconds, _params)
     logger.info(f"{'ran   ' if ran else 'cached'} {stage} ({seconds:.1f} s)")
     return {"stage": stage, "ran": ran, "seconds": seconds}
 
 
-@flow(name="consort-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=4), log_prints=True)
+# A thread per stage: a task waiting for its cores must never keep a ready stage from starting.
+@flow(name="consort-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=64), log_prints=True)
 def pipeline(workspace: str, preset: str = "default", track: bool = True, force: list[str] | None = None) -> list[dict]:
     """Run every stage of the workspace's dvc.yaml in dependency order, recording lineage in MLflow.
 
     `force` names stages to run even though DVC finds them up to date (DVC does not track the
     stage code, so this is how a code change reaches the outputs); their dependants follow.
     """
-    global _lineage, _params
+    global _lineage, _params, _cpu
     ws = Workspace(Path(workspace))
-    _params = ws.params().model_dump(mode="json")
+    params = ws.params()
+    _params = params.model_dump(mode="json")
     graph = stage_graph(ws.root)
+    _cpu = CpuScheduler(len(os.sched_getaffinity(0)), graph, stage_costs(graph, params))
     unknown = sorted(set(force or []) - set(graph))
     if unknown:
         raise ValueError(f"--force names unknown stage(s) {unknown}; stages are: {sorted(graph)}")
@@ -107,7 +175,7 @@ def pipeline(workspace: str, preset: str = "default", track: bool = True, force:
         elif state.is_failed():  # stages skipped because of it are not failures of their own
             failed.append((stage, fut.result(raise_on_failure=False)))
     if lineage is not None:
-        summary_path = ws.root / "reports" / "eval.json"
+        summary_path = ws.root / "metrics" / "eval.json"
         summary = json.loads(summary_path.read_text()) if summary_path.exists() and not failed else None
         lineage.finish(not failed, summary, ws.root / "reports")
     if failed:

@@ -146,6 +146,8 @@ class Lineage:
             if datasets:
                 self.client.log_inputs(run_id, datasets=datasets)
             self.stage_runs[stage_name] = run_id
+        if stage_name == "report" and (self.ws.root / "reports").exists():
+            self.client.log_artifacts(run_id, str(self.ws.root / "reports"), "report")
         if stage_name == "merge_experts":
             merged_md5 = next((o.get("md5", "") for o in lock_entry.get("outs", []) if o["path"] == "models/merged"), "")
             self._register_merged(run_id, merged_md5)
@@ -184,7 +186,5 @@ class Lineage:
                        for domain, models in summary.items() for model, vals in models.items() for k, v in vals.items()]
             self.client.log_batch(self.parent, metrics=metrics)
         if report_dir and report_dir.exists():
-            for name in ("eval_table.md", "loss_by_domain.png"):
-                if (report_dir / name).exists():
-                    self.client.log_artifact(self.parent, str(report_dir / name), "report")
+            self.client.log_artifacts(self.parent, str(report_dir), "report")
         self.client.set_terminated(self.parent, "FINISHED" if ok else "FAILED")

@@ -5,6 +5,7 @@ DVC sees exactly the values a run uses and re-runs only the stages whose inputs 
 """
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import sys
@@ -48,6 +49,39 @@ def read_project_params(path: Path | None = None) -> dict:
         raise P.ParamsError(f"{path}: no such params file")
     raw = yaml.safe_load(path.read_text())
     return raw
+
+
+def set_expert_enabled(owner: str, enabled: bool, params_file: Path | None = None) -> bool:
+    """Opt an owner's expert in or out in the params file (comments kept); True if the file changed.
+
+    The result is validated before it is written, so a typo in the owner's name changes nothing.
+    """
+    from ruamel.yaml import YAML
+
+    from stages.io import write_text
+
+    path = params_file or PROJECT_ROOT / "params.yaml"
+    rt = YAML()
+    rt.preserve_quotes = True
+    doc = rt.load(path.read_text())
+    owners = list((doc.get("owners") or {}).keys())
+    if owner not in owners:
+        raise P.ParamsError(f"{path}: no owner {owner!r}; owners are {', '.join(owners)}")
+    inference = doc.setdefault("inference", {})
+    disabled = inference.get("disabled") or []
+    wanted = [o for o in owners if (o in disabled and o != owner) or (o == owner and not enabled)]
+    if list(disabled) == wanted:
+        return False
+    inference["disabled"] = wanted
+    P.resolve(yaml.safe_load(_dump(rt, doc)), origin=str(path))
+    write_text(path, _dump(rt, doc))
+    return True
+
+
+def _dump(rt, doc) -> str:
+    buf = io.StringIO()
+    rt.dump(doc, buf)
+    return buf.getvalue()
 
 
 def prepare_workspace(root: Path, preset: str, params_file: Path | None = None) -> Workspace:

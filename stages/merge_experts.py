@@ -15,12 +15,12 @@ from transformers import AutoTokenizer, FlexOlmoForCausalLM, Olmo2ForCausalLM
 
 from stages import params as P
 from stages.domain_embedding import load_embedding
+from stages.experts import MERGED_INFO
 from stages.io import atomic_dir, read_json, write_json
 from stages.moe import flexolmo_config, shared_state
+from stages.runtime import use_granted_threads
 from stages.train_anchor import ANCHOR_INFO
 from stages.train_expert import MANIFEST, MANIFEST_VERSION
-
-MERGED_INFO = "consort_merged.json"
 
 
 class MergeRefused(ValueError):
@@ -65,7 +65,7 @@ def check_expert(name: str, state: dict[str, torch.Tensor], manifest: dict, anch
 def merge_experts(anchor_dir: Path, public_embedding: Path, experts: dict[str, Path], m: P.MergeParams,
                   out_dir: Path) -> dict:
     if not experts:
-        raise MergeRefused("no active expert to merge: enable at least one owner in params.yaml")
+        raise MergeRefused("no expert to merge: params.yaml lists no owner")
     anchor = Olmo2ForCausalLM.from_pretrained(anchor_dir)
     anchor_state = anchor.state_dict()
     anchor_hash = read_json(anchor_dir / ANCHOR_INFO)["anchor_hash"]
@@ -98,8 +98,8 @@ def merge_experts(anchor_dir: Path, public_embedding: Path, experts: dict[str, P
     info = {
         "anchor_hash": anchor_hash,
         "top_k": top_k,
-        "experts": [{"index": 0, "owner": "public", "state": "active"}] + [
-            {"index": i, "owner": owner, "state": "active", "data_digest": manifests[owner]["data_digest"],
+        "experts": [{"index": 0, "owner": "public"}] + [
+            {"index": i, "owner": owner, "data_digest": manifests[owner]["data_digest"],
              "anchor_hash": manifests[owner]["anchor_hash"]}
             for i, owner in enumerate(experts, start=1)],
     }
@@ -111,6 +111,7 @@ def merge_experts(anchor_dir: Path, public_embedding: Path, experts: dict[str, P
 
 
 def main(argv: list[str] | None = None) -> None:
+    use_granted_threads()
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--anchor", type=Path, required=True)
     ap.add_argument("--public-embedding", type=Path, required=True)
@@ -119,7 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = ap.parse_args(argv)
     params = P.load(args.params)
-    experts = {o: args.published / o / "expert" for o, op in params.owners.items() if op.active}
+    # Every owner's expert is merged; opting out (inference.disabled) slices it out where the model
+    # runs, so enabling or disabling an owner never re-runs the merge.
+    experts = {o: args.published / o / "expert" for o in params.owners}
     try:
         info = merge_experts(args.anchor, args.public_embedding, experts, params.merge, args.out)
     except MergeRefused as err:

@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 OWNER_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
@@ -134,10 +141,11 @@ class ExpertParams(Strict):
     train: TrainParams
     lm_z_loss: float = Field(ge=0)
     router_z_loss: float = Field(ge=0)
-    router_init: Literal["anchor_mean_hidden"] = "anchor_mean_hidden"
+    router_init: Literal["anchor_mean_hidden", "sentence_embedder"] = "anchor_mean_hidden"
     router_init_docs: int = Field(ge=1)
     public_mix: float = Field(ge=0, lt=1, description="share of each batch drawn from the public corpus")
     router_contrast: float = Field(ge=0, description="weight of the owner-vs-public routing loss")
+    router_lr_scale: float = Field(default=1.0, gt=0, description="router row and bias learning rate / lr")
 
 
 class MergeParams(Strict):
@@ -148,12 +156,18 @@ class EvaluateParams(Strict):
     max_tokens: int = Field(ge=64, description="held-out tokens scored per domain")
     batch_size: int = Field(ge=1)
     seq_len: int = Field(ge=8)
+    baselines: bool = Field(default=True, description="also score each owner's model alone, soup, BTM, opt-outs")
+    btm_temperature: float = Field(default=1.0, gt=0)
+    btm_top_k: int | None = Field(default=None, ge=1, description="BTM mixes only the k best models so far")
+
+
+class InferenceParams(Strict):
+    disabled: list[str] = Field(default_factory=list, description="owners opted out wherever the model runs")
 
 
 class OwnerParams(Strict):
     data: CorpusParams
     train: TrainOverrides = TrainOverrides()
-    active: bool = True
 
 
 class Params(Strict):
@@ -165,6 +179,7 @@ class Params(Strict):
     expert: ExpertParams
     merge: MergeParams
     evaluate: EvaluateParams
+    inference: InferenceParams = InferenceParams()
 
     @field_validator("owners")
     @classmethod
@@ -175,6 +190,13 @@ class Params(Strict):
             if name == "public":
                 raise ValueError("owner name 'public' is reserved for the coordinator's corpus")
         return owners
+
+    @model_validator(mode="after")
+    def _disabled_are_owners(self) -> "Params":
+        unknown = [o for o in self.inference.disabled if o not in self.owners]
+        if unknown:
+            raise ValueError(f"inference.disabled names {', '.join(unknown)}, not in owners ({', '.join(self.owners)})")
+        return self
 
     def expert_train(self, owner: str) -> TrainParams:
         """expert.train with the owner's overrides applied."""

@@ -1,13 +1,22 @@
-"""Stage (coordinator): the per-domain loss table (anchor vs merged) from the published evaluations."""
+"""Stage (coordinator): the report of the published evaluations, as one HTML page plus PNGs.
+
+It shows the per-domain held-out loss of every model (anchor, each owner's model alone, soup,
+BTM, merged), the opt-out matrix as a heat map, and the training loss curves. Only numbers the
+owners published are read: evaluations/*.json and the training logs next to each package.
+"""
 from __future__ import annotations
 
 import argparse
+import html
+import json
 import os
 from pathlib import Path
 
+import markdown_it
+
 from stages.io import read_json, temp_path, write_json, write_text
 
-MODELS = ("anchor", "merged")
+COMPARED = ("anchor", "own expert", "soup", "btm", "merged")  # columns of the main table, in this order
 
 
 def collect(evaluations: Path) -> list[dict]:
@@ -18,61 +27,171 @@ def collect(evaluations: Path) -> list[dict]:
     return sorted(rows, key=lambda r: (r["domain"] != "public", r["domain"]))
 
 
+def compared_losses(row: dict) -> dict[str, float]:
+    """The main table's models for one domain; 'own expert' is the domain owner's model alone."""
+    m = row["models"]
+    picked = {"own expert": m.get(f"alone/{row['domain']}")}
+    picked.update({k: m.get(k) for k in ("anchor", "soup", "btm", "merged")})
+    return {k: picked[k]["loss"] for k in COMPARED if picked.get(k)}
+
+
+def _pct(new: float, old: float) -> str:
+    return f"{(new - old) / old * 100:+.1f}%"
+
+
 def table_markdown(rows: list[dict]) -> str:
-    lines = ["| domain | anchor loss | merged loss | change | anchor bpb | merged bpb |",
-             "|---|---:|---:|---:|---:|---:|"]
+    cols = [c for c in COMPARED if any(c in compared_losses(r) for r in rows)]
+    lines = [f"Merged model with the experts of: public, {', '.join(rows[0]['experts']) or '(no owner)'}.", "",
+             "| domain | " + " | ".join(f"{c} loss" for c in cols) + " | merged vs anchor | anchor bpb | merged bpb |",
+             "|---|" + "---:|" * (len(cols) + 3)]
     for r in rows:
-        a, m = r["anchor"], r["merged"]
-        change = (m["loss"] - a["loss"]) / a["loss"] * 100
-        lines.append(f"| {r['domain']} | {a['loss']:.3f} | {m['loss']:.3f} | {change:+.1f}% | "
+        losses = compared_losses(r)
+        cells = [f"{losses[c]:.3f}" if c in losses else "" for c in cols]
+        a, m = r["models"]["anchor"], r["models"]["merged"]
+        lines.append(f"| {r['domain']} | " + " | ".join(cells) + f" | {_pct(m['loss'], a['loss'])} | "
                      f"{a['bits_per_byte']:.3f} | {m['bits_per_byte']:.3f} |")
-    owners = [r for r in rows if r["domain"] != "public"]
+    owners = [compared_losses(r) for r in rows if r["domain"] != "public"]
     if owners:
-        mean = {k: sum(r[k]["loss"] for r in owners) / len(owners) for k in MODELS}
-        lines.append(f"| owners' average | {mean['anchor']:.3f} | {mean['merged']:.3f} | "
-                     f"{(mean['merged'] - mean['anchor']) / mean['anchor'] * 100:+.1f}% | | |")
+        mean = {c: sum(o[c] for o in owners) / len(owners) for c in cols if all(c in o for o in owners)}
+        lines.append("| owners' average | " + " | ".join(f"{mean[c]:.3f}" if c in mean else "" for c in cols)
+                     + f" | {_pct(mean['merged'], mean['anchor'])} | | |")
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+def optout_matrix(rows: list[dict]) -> tuple[list[str], list[str], list[list[float]]]:
+    """(experts removed, domains, % change in loss vs the full merged model)."""
+    removed = [k.split("/", 1)[1] for k in rows[0]["models"] if k.startswith("without/")]
+    domains = [r["domain"] for r in rows]
+    cells = [[(r["models"][f"without/{o}"]["loss"] - r["models"]["merged"]["loss"]) / r["models"]["merged"]["loss"] * 100
+              for r in rows] for o in removed]
+    return removed, domains, cells
 
-    matplotlib.use("Agg")
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    tmp = temp_path(path).with_suffix(".png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_losses(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     domains = [r["domain"] for r in rows]
-    x = range(len(domains))
-    fig, ax = plt.subplots(figsize=(1.3 * len(domains) + 2, 3.6))
-    for offset, name, color in ((-0.2, "anchor", "#9aa5b1"), (0.2, "merged", "#2f6fdf")):
-        ax.bar([i + offset for i in x], [r[name]["loss"] for r in rows], width=0.4, label=name, color=color)
-    ax.set_xticks(list(x), domains)
+    cols = [c for c in COMPARED if any(c in compared_losses(r) for r in rows)]
+    colors = {"anchor": "#9aa5b1", "own expert": "#f2a541", "soup": "#7fb77e", "btm": "#b07cc6", "merged": "#2f6fdf"}
+    width = 0.8 / len(cols)
+    fig, ax = plt.subplots(figsize=(1.6 * len(domains) + 2, 3.8))
+    for j, c in enumerate(cols):
+        xs = [i - 0.4 + width * (j + 0.5) for i, r in enumerate(rows) if c in compared_losses(r)]
+        ys = [compared_losses(r)[c] for r in rows if c in compared_losses(r)]
+        ax.bar(xs, ys, width=width, label=c, color=colors[c])
+    ax.set_xticks(range(len(domains)), domains)
+    ax.set_ylim(min(min(compared_losses(r).values()) for r in rows) * 0.95, None)
     ax.set_ylabel("held-out loss (nats/token)")
-    ax.set_title("Held-out loss per domain: anchor vs merged FlexOlmo model")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    ax.set_title("Held-out loss per domain")
+    ax.legend(ncol=len(cols), fontsize=8)
+    _save(fig, path)
 
 
-def report(evaluations: Path, out_dir: Path) -> dict:
+def plot_optout(rows: list[dict], path: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    removed, domains, cells = optout_matrix(rows)
+    if not removed:
+        return False
+    fig, ax = plt.subplots(figsize=(1.2 * len(domains) + 2.5, 0.6 * len(removed) + 1.8))
+    bound = max(1.0, max(abs(v) for row in cells for v in row))
+    im = ax.imshow(cells, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto")
+    ax.set_xticks(range(len(domains)), domains)
+    ax.set_yticks(range(len(removed)), [f"without {o}" for o in removed])
+    for i, row in enumerate(cells):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:+.1f}%", ha="center", va="center", fontsize=8)
+    fig.colorbar(im, ax=ax, label="change in loss vs merged (%)")
+    ax.set_title("Opting one expert out: change in held-out loss")
+    _save(fig, path)
+    return True
+
+
+def plot_curves(logs: dict[str, Path], path: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    curves = {name: [json.loads(line) for line in p.read_text().splitlines()] for name, p in logs.items() if p.exists()}
+    if not curves:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for name, points in curves.items():
+        ax.plot([p["step"] for p in points], [p["loss"] for p in points], label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (nats/token)")
+    ax.set_title("Training loss: anchor (public text) and each owner's expert (its own text)")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return True
+
+
+def page_html(rows: list[dict], images: list[str]) -> str:
+    models = sorted({k for r in rows for k in r["models"]}, key=lambda k: (k.count("/"), k))
+    head = "".join(f"<th>{html.escape(m)}</th>" for m in models)
+    body = "".join(
+        f"<tr><td>{html.escape(r['domain'])}</td>"
+        + "".join(f"<td>{r['models'][m]['loss']:.3f}</td>" if m in r["models"] else "<td></td>" for m in models)
+        + "</tr>" for r in rows)
+    main_table = markdown_it.MarkdownIt().enable("table").render(table_markdown(rows))
+    figures = "".join(f'<figure><img src="{name}" alt="{name}"></figure>' for name in images)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>consort report</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:right}}td:first-child{{text-align:left}}img{{max-width:100%}}</style>
+</head><body>
+<h1>consort: merged model vs baselines</h1>
+<p>Held-out loss in nats per token (lower is better) on each owner's validation split and on public text.
+"own expert" is the domain owner's 2-expert model alone; soup averages all experts into one dense FFN;
+BTM mixes the owners' models by how well each predicted the text so far.</p>
+{main_table}
+{figures}
+<h2>Every model scored</h2>
+<p>alone/X: owner X's model alone; without/X: the merged model with X opted out.</p>
+<table><tr><th>domain</th>{head}</tr>{body}</table>
+</body></html>
+"""
+
+
+def report(evaluations: Path, out_dir: Path, metrics: Path, training_logs: dict[str, Path] | None = None) -> dict:
     rows = collect(evaluations)
-    summary = {r["domain"]: {m: {k: r[m][k] for k in ("loss", "bits_per_byte")} for m in MODELS} for r in rows}
-    png = out_dir / "loss_by_domain.png"
-    tmp = temp_path(png).with_suffix(".png")
-    plot(rows, tmp)
-    os.replace(tmp, png)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images = ["loss_by_domain.png"]
+    plot_losses(rows, out_dir / "loss_by_domain.png")
+    if plot_optout(rows, out_dir / "optout_heatmap.png"):
+        images.append("optout_heatmap.png")
+    if training_logs and plot_curves(training_logs, out_dir / "loss_curves.png"):
+        images.append("loss_curves.png")
+    summary = {r["domain"]: {m: {k: v[k] for k in ("loss", "bits_per_byte")} for m, v in r["models"].items()}
+               for r in rows}
     write_text(out_dir / "eval_table.md", table_markdown(rows))
-    write_json(out_dir / "eval.json", summary)
+    write_text(out_dir / "report.html", page_html(rows, images))
+    write_json(metrics, summary)
     return summary
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--evaluations", type=Path, required=True)
+    ap.add_argument("--anchor-log", type=Path, help="the anchor's training log (JSON lines)")
+    ap.add_argument("--published", type=Path, help="folder of <owner>/train_log.jsonl")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--metrics", type=Path, required=True, help="where the loss of every model goes (JSON)")
     args = ap.parse_args(argv)
-    report(args.evaluations, args.out)
+    logs = {"anchor": args.anchor_log} if args.anchor_log else {}
+    if args.published:
+        logs |= {p.parent.name: p for p in sorted(args.published.glob("*/train_log.jsonl"))}
+    report(args.evaluations, args.out, args.metrics, logs)
     print((args.out / "eval_table.md").read_text(), end="")
+    print(f"report: {args.out / 'report.html'}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,14 @@ from transformers import AutoTokenizer, Olmo2Config, Olmo2ForCausalLM
 
 from stages import params as P
 from stages.io import atomic_dir, tensors_digest, write_json
-from stages.training import Checkpointer, lm_losses, sample_batch, tokenize_corpus, train
+from stages.runtime import use_granted_threads
+from stages.training import (
+    Checkpointer,
+    lm_losses,
+    sample_batch,
+    tokenize_corpus,
+    train,
+)
 
 ANCHOR_INFO = "consort_anchor.json"
 
@@ -61,6 +68,7 @@ def train_anchor(corpus_train: Path, tokenizer_dir: Path, a: P.AnchorParams, out
 
 
 def main(argv: list[str] | None = None) -> None:
+    use_granted_threads()
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--corpus", type=Path, required=True)
     ap.add_argument("--tokenizer", type=Path, required=True)

@@ -14,11 +14,18 @@ import torch
 from transformers import AutoTokenizer, Olmo2ForCausalLM
 
 from stages import params as P
-from stages.domain_embedding import load_embedding, mean_hidden_state
+from stages.domain_embedding import load_embedding, router_row
 from stages.io import atomic_dir, read_json, read_jsonl, write_json
 from stages.moe import blocks, export_flexolmo, upcycle
+from stages.runtime import use_granted_threads
 from stages.train_anchor import ANCHOR_INFO
-from stages.training import Checkpointer, lm_losses, sample_batch, tokenize_corpus, train
+from stages.training import (
+    Checkpointer,
+    lm_losses,
+    sample_batch,
+    tokenize_corpus,
+    train,
+)
 
 MANIFEST = "consort_expert.json"
 MANIFEST_VERSION = 1
@@ -40,7 +47,7 @@ def train_expert(owner: str, corpus_train: Path, public_train: Path, anchor_dir:
     anchor_hash = read_json(anchor_dir / ANCHOR_INFO)["anchor_hash"]
     r_pub = load_embedding(public_embedding)
     init_texts = [row["text"] for _, row in zip(range(expert.router_init_docs), read_jsonl(corpus_train))]
-    r_owner = mean_hidden_state(anchor, tokenizer, init_texts, train_params.seq_len)
+    r_owner = router_row(anchor, tokenizer, init_texts, train_params.seq_len, expert.router_init)
     model = upcycle(anchor, r_pub, r_owner)
     del anchor
     tokens = tokenize_corpus(tokenizer, corpus_train)
@@ -85,7 +92,8 @@ def train_expert(owner: str, corpus_train: Path, public_train: Path, anchor_dir:
     data_digest = file_digest(corpus_train)
     fingerprint = f"expert|{owner}|{anchor_hash}|{data_digest}|{train_params.model_dump_json()}|{expert.model_dump_json()}"
     ckpt = Checkpointer(checkpoint, fingerprint)
-    summary = train(model, step_loss, make_batch, train_params, ckpt, log_path, desc=f"expert {owner}")
+    summary = train(model, step_loss, make_batch, train_params, ckpt, log_path, desc=f"expert {owner}",
+                    lr_scale=lambda name: expert.router_lr_scale if ("routers" in name or "owner_bias" in name) else 1.0)
     summary["corpus_tokens"] = int(len(tokens))
     summary["router_bias"] = [b.owner_bias.detach().clamp(max=0.0).item() for b in moe_blocks]
 
@@ -111,6 +119,7 @@ def train_expert(owner: str, corpus_train: Path, public_train: Path, anchor_dir:
 
 
 def main(argv: list[str] | None = None) -> None:
+    use_granted_threads()
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("owner")
     ap.add_argument("--corpus", type=Path, required=True, help="the owner's train.jsonl")

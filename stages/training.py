@@ -89,17 +89,20 @@ def train(
     checkpointer: Checkpointer,
     log_path: Path,
     desc: str,
+    lr_scale: Callable[[str], float] = lambda name: 1.0,
 ) -> dict:
     """Run AdamW with a cosine schedule over the model's trainable parameters.
 
     `make_batch(step)` returns the batch of a step (a function of the step, so a resumed run sees
-    the same data); `step_loss(batch)` returns the loss to minimise and the numbers to log.
+    the same data); `step_loss(batch)` returns the loss to minimise and the numbers to log;
+    `lr_scale(name)` multiplies the learning rate of the parameter of that name.
     """
     named = [(n, q) for n, q in model.named_parameters() if q.requires_grad]
-    decay = [q for n, q in named if q.ndim >= 2]
-    no_decay = [q for n, q in named if q.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": p.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=p.lr, betas=(0.9, 0.95))
+    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+    for n, q in named:
+        groups.setdefault((lr_scale(n), p.weight_decay if q.ndim >= 2 else 0.0), []).append(q)
+    opt = torch.optim.AdamW([{"params": qs, "lr_scale": scale, "weight_decay": wd}
+                             for (scale, wd), qs in groups.items()], lr=p.lr, betas=(0.9, 0.95))
     start, log = 0, []
     resumed = checkpointer.load()
     if resumed:
@@ -118,7 +121,7 @@ def train(
     t0, timed_steps = time.perf_counter(), 0
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, p)
+            group["lr"] = cosine_lr(step, p) * group["lr_scale"]
         batch = make_batch(step)
         loss, numbers = step_loss(batch)
         opt.zero_grad(set_to_none=True)
@@ -129,7 +132,7 @@ def train(
         tok_s = timed_steps * tokens_per_step / (time.perf_counter() - t0)
         bar.set_postfix(loss=f"{numbers['loss']:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
         if step % p.log_every == 0 or step == p.steps - 1:
-            log.append({"step": step, "lr": opt.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+            log.append({"step": step, "lr": cosine_lr(step, p), "grad_norm": float(grad_norm),
                         "tokens_per_s": tok_s, **numbers})
         if (step + 1) % p.checkpoint_every == 0 and step + 1 < p.steps:
             checkpointer.save({"step": step + 1, "log": log, "optimizer": opt.state_dict(),

@@ -1,8 +1,10 @@
-"""Router rows start from the anchor's mean FFN input, at a scale where routing is not saturated."""
+"""Router rows start from a domain embedding, at a scale where routing is not saturated."""
+import pytest
 import torch
+from transformers import Olmo2Config, Olmo2ForCausalLM
 
 from conftest import tiny_anchor
-from stages.domain_embedding import mean_hidden_state
+from stages.domain_embedding import mean_hidden_state, router_row, sentence_embedding
 
 
 class WordTokenizer:
@@ -32,3 +34,25 @@ def test_batched_mean_ignores_padding_and_sets_logit_scale():
     assert torch.isclose(row @ mean, torch.tensor(1.0), atol=1e-4)  # logit 1 on the domain's mean input
     again = mean_hidden_state(model, WordTokenizer(), texts, seq_len=32)
     assert torch.equal(row, again)
+
+
+def test_sentence_embedder_rows_are_384d_deterministic_and_tell_domains_apart():
+    code = ["def parse(path):\n    with open(path) as fh:\n        return json.load(fh)", "for i in range(10): print(i)"]
+    bible = ["In the beginning God created the heaven and the earth.", "And God said, Let there be light."]
+    e_code, e_bible = sentence_embedding(code), sentence_embedding(bible)
+    assert e_code.shape == (384,) and torch.equal(e_code, sentence_embedding(code))
+    assert 0.3 < e_code.norm() <= 1.0  # a mean of unit vectors
+    cos = torch.nn.functional.cosine_similarity(e_code, e_bible, dim=0)
+    assert cos < 0.5, cos
+    assert torch.nn.functional.cosine_similarity(e_code, sentence_embedding(code[:1]), dim=0) > cos
+
+    torch.manual_seed(0)
+    wide = Olmo2ForCausalLM(Olmo2Config(vocab_size=96, hidden_size=384, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                                        pad_token_id=1, bos_token_id=0, eos_token_id=0)).eval()
+    row = router_row(wide, WordTokenizer(), code, 32, "sentence_embedder")
+    anchor_row = router_row(wide, WordTokenizer(), code, 32, "anchor_mean_hidden")
+    assert torch.allclose(row.norm(), anchor_row.norm())  # same logit scale as the anchor variant
+    assert torch.allclose(row / row.norm(), e_code / e_code.norm(), atol=1e-6)
+    with pytest.raises(ValueError, match="hidden size is 32"):
+        router_row(tiny_anchor(), WordTokenizer(), code, 32, "sentence_embedder")

@@ -1,6 +1,8 @@
 """The DVC graph as Prefect runs it, and real smoke runs of the whole flow."""
 import json
 import sqlite3
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -8,7 +10,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import PROJECT, run_consort
-from flows.pipeline import stage_graph, topological_order
+from flows.pipeline import CpuScheduler, stage_graph, topological_order
 from flows.workspace import prepare_workspace
 
 OWNERS = ["code", "literature", "manuals", "math", "news"]
@@ -22,7 +24,9 @@ def test_dvc_graph_becomes_task_order(tmp_path):
     assert graph["train_tokenizer"] == ["prepare_public"]
     assert set(graph["train_expert@news"]) == {"prepare_owner@news", "prepare_public", "train_anchor", "embed_public"}
     assert set(graph["merge_experts"]) >= {f"train_expert@{o}" for o in OWNERS}
-    assert set(graph["report"]) == {f"evaluate_owner@{o}" for o in OWNERS} | {"evaluate_public"}
+    # The report reads the published evaluations and training logs (the anchor's and the experts').
+    assert set(graph["report"]) == ({f"evaluate_owner@{o}" for o in OWNERS} | {"evaluate_public", "train_anchor"}
+                                    | {f"train_expert@{o}" for o in OWNERS})
     order = topological_order(graph)
     position = {s: i for i, s in enumerate(order)}
     assert all(position[d] < position[s] for s, deps in graph.items() for d in deps)
@@ -42,7 +46,8 @@ def test_coordinator_stages_never_read_owner_folders(tmp_path):
 def test_smoke_run_trains_merges_and_records_lineage(smoke_workspace):
     ws, proc = smoke_workspace
     out = proc.stdout
-    assert "merged model:" in out and "| domain | anchor loss | merged loss" in out and "consort ui" in out
+    assert "merged model:" in out and "| domain | anchor loss |" in out and "consort ui" in out
+    assert "report.html" in out
     for o in OWNERS:
         assert f"| {o} |" in out
 
@@ -125,3 +130,78 @@ def test_rerun_is_a_no_op_and_a_param_change_reruns_only_its_branch(smoke_worksp
     assert ran == expected, proc.stdout[-3000:]
     manifest = json.loads((ws / "published" / "news" / "expert" / "consort_expert.json").read_text())
     assert manifest["training"]["steps"] == 5
+
+
+def test_report_shows_every_baseline_and_the_optout_matrix(smoke_workspace):
+    ws, _ = smoke_workspace
+    reports = ws / "reports"
+    for name in ("report.html", "loss_by_domain.png", "optout_heatmap.png", "loss_curves.png", "eval_table.md"):
+        assert (reports / name).stat().st_size > 500, name
+    summary = json.loads((ws / "metrics" / "eval.json").read_text())
+    assert set(summary) == {"public", *OWNERS}
+    expected = {"anchor", "merged", "soup", "btm"} | {f"alone/{o}" for o in OWNERS} | {f"without/{o}" for o in OWNERS}
+    for domain, models in summary.items():
+        assert set(models) == expected, domain
+        assert all(v["loss"] > 0 for v in models.values())
+    html = (reports / "report.html").read_text()
+    assert "optout_heatmap.png" in html and "without/news" in html and "<table>" in html
+    client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+    report_run = client.search_runs([client.get_experiment_by_name("consort").experiment_id],
+                                    filter_string="tags.`consort.stage` = 'report'")[0]
+    assert {"report/report.html", "report/optout_heatmap.png"} <= {a.path for a in client.list_artifacts(report_run.info.run_id, "report")}
+
+
+def test_opting_an_expert_out_reruns_only_what_follows_the_merge(smoke_workspace, tmp_path):
+    ws, _ = smoke_workspace
+    params = tmp_path / "params.yaml"
+    params.write_text((PROJECT / "params.yaml").read_text())
+    run_consort("run", "--preset", "smoke", "--workspace", str(ws), "--params", str(params), cwd=ws.parent)
+    run_consort("experts", "disable", "news", "--params", str(params), cwd=ws.parent)
+    listing = run_consort("experts", "--workspace", str(ws), "--params", str(params), cwd=ws.parent).stdout
+    assert any(line.split()[1:3] == ["news", "disabled"] for line in listing.splitlines() if line.strip()[:1].isdigit())
+    assert any(line.split()[1:3] == ["code", "enabled"] for line in listing.splitlines() if line.strip()[:1].isdigit())
+    proc = run_consort("run", "--preset", "smoke", "--workspace", str(ws), "--params", str(params), cwd=ws.parent)
+    ran = {line.split()[1] for line in proc.stdout.splitlines() if line.strip().startswith("ran ")}
+    assert ran == {"evaluate_public", "report"} | {f"evaluate_owner@{o}" for o in OWNERS}, proc.stdout[-3000:]
+    running = proc.stdout.split("experts of:")[1].splitlines()[0]
+    assert "news" not in running and "code" in running
+    news = json.loads((ws / "evaluations" / "news.json").read_text())
+    assert "news" not in news["experts"] and "without/news" not in news["models"] and "without/code" in news["models"]
+    bad = run_consort("generate", "--prompt", "The", "--experts", "news,legal", "--workspace", str(ws),
+                      cwd=ws.parent, check=False)
+    assert bad.returncode == 2 and "legal" in bad.stderr
+    gen = run_consort("generate", "--prompt", "The", "--experts", "code", "--max-new-tokens", "5",
+                      "--workspace", str(ws), cwd=ws.parent)
+    assert gen.stdout.startswith("The") and "experts: public, code" in gen.stderr
+
+
+def test_cpu_scheduler_serves_the_costliest_ready_stage_first():
+    graph = {"train_anchor": [], "train_expert@x": ["train_anchor"], "train_expert@y": ["train_anchor"],
+             "train_expert@z": ["train_anchor"], "merge_experts": ["train_expert@x", "train_expert@y", "train_expert@z"]}
+    cost = {"train_anchor": 1.0, "train_expert@x": 1.0, "train_expert@y": 3.0, "train_expert@z": 2.0, "merge_experts": 1.0}
+    cpu = CpuScheduler(1, graph, cost)
+    order, threads = [], {}
+
+    def run(stage):
+        with cpu.hold(stage) as n:
+            order.append(stage)
+            threads[stage] = n
+            time.sleep(0.05)
+        cpu.finished(stage)
+
+    run("train_anchor")
+    workers = []
+    for stage in ("train_expert@x", "train_expert@z", "train_expert@y"):  # the cheap one asks first
+        workers.append(threading.Thread(target=run, args=(stage,)))
+        workers[-1].start()
+        time.sleep(0.02)
+    for w in workers:
+        w.join(timeout=10)
+    run("merge_experts")
+    assert order == ["train_anchor", "train_expert@y", "train_expert@z", "train_expert@x", "merge_experts"]
+    assert threads == {"train_anchor": 1, "train_expert@x": 1, "train_expert@y": 1, "train_expert@z": 1, "merge_experts": 1}
+    two = CpuScheduler(2, graph, cost)
+    with two.hold("train_anchor") as n_anchor:
+        assert n_anchor == 2 and two.free == 0
+    with two.hold("prepare_public") as n_light:
+        assert n_light == 0 and two.free == 2

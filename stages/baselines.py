@@ -1,0 +1,68 @@
+"""The models the merged one is compared with (DESIGN.md section 3, the FlexOlmo paper's baselines).
+
+All of them come from the merged checkpoint itself, so they use exactly the same weights and
+token budgets: an owner's model alone is the merged model sliced to [public, that owner]
+(which is the 2-expert model the owner trained), the soup averages every expert into one dense
+FFN, and BTM mixes the owners' models token by token.
+"""
+from __future__ import annotations
+
+import numpy as np
+from transformers import FlexOlmoForCausalLM, Olmo2Config, Olmo2ForCausalLM
+
+
+def soup_model(merged: FlexOlmoForCausalLM) -> Olmo2ForCausalLM:
+    """A dense model whose FFN in every layer is the uniform average of the merged model's experts."""
+    c = merged.config
+    config = Olmo2Config(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, hidden_act=c.hidden_act,
+        max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
+        rope_parameters=dict(c.rope_parameters), attention_bias=c.attention_bias,
+        tie_word_embeddings=c.tie_word_embeddings, pad_token_id=c.pad_token_id,
+        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id)
+    state = {}
+    for key, value in merged.state_dict().items():
+        if key.endswith("mlp.gate.weight"):
+            continue
+        if key.endswith("mlp.experts.gate_up_proj"):
+            prefix = key.removesuffix("experts.gate_up_proj")
+            gate, up = value.mean(dim=0).chunk(2, dim=0)  # packed as (E, 2I, H), gate rows first
+            state[prefix + "gate_proj.weight"], state[prefix + "up_proj.weight"] = gate.clone(), up.clone()
+        elif key.endswith("mlp.experts.down_proj"):
+            state[key.removesuffix("experts.down_proj") + "down_proj.weight"] = value.mean(dim=0).clone()
+        else:
+            state[key] = value
+    soup = Olmo2ForCausalLM(config)
+    soup.load_state_dict(state, strict=True)
+    return soup.eval()
+
+
+def btm_weights(token_nll: np.ndarray, temperature: float, top_k: int | None = None) -> np.ndarray:
+    """BTM ensemble weights per position: softmax over models of -NLL(prefix) / T.
+
+    token_nll is (models, windows, positions), the NLL of each target token; the weight at
+    position t uses the tokens before t only (uniform at t = 0). With top_k, only the k best
+    models so far keep weight, renormalised.
+    """
+    prefix = np.cumsum(token_nll, axis=-1) - token_nll  # NLL of tokens strictly before t
+    scores = -prefix / temperature
+    if top_k is not None and top_k < len(token_nll):
+        kth = -np.sort(-scores, axis=0)[top_k - 1]
+        scores = np.where(scores >= kth, scores, -np.inf)
+    scores = scores - scores.max(axis=0, keepdims=True)
+    w = np.exp(scores)
+    return w / w.sum(axis=0, keepdims=True)
+
+
+def btm_token_nll(token_nll: np.ndarray, temperature: float, top_k: int | None = None) -> np.ndarray:
+    """NLL of each target token under the BTM mixture of the models' next-token distributions.
+
+    Only each model's probability of the actual token is needed: p_mix(x_t) = sum_i w_i(t) p_i(x_t).
+    """
+    w = btm_weights(token_nll, temperature, top_k)
+    log_mix = np.log(np.maximum(w, 1e-300)) - token_nll
+    peak = log_mix.max(axis=0)
+    return -(peak + np.log(np.exp(log_mix - peak).sum(axis=0)))
+

@@ -1,0 +1,73 @@
+"""Opt-in and opt-out: which owners' experts a merged model runs with.
+
+Opting an owner out slices its expert and its router row out of the model (a smaller, stock
+`FlexOlmoForCausalLM`), which is exactly what masking its router logit to -inf would compute
+and, unlike zeroing the row, leaves no trace of the expert in any output. The public expert
+(index 0, the anchor's FFN) is always kept.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import FlexOlmoForCausalLM
+
+from stages.io import read_json
+
+MERGED_INFO = "consort_merged.json"
+
+
+def merged_owners(merged_dir: Path) -> list[str]:
+    """Owners of the merged model's experts 1..n, in expert order."""
+    info_path = merged_dir / MERGED_INFO
+    if not info_path.exists():
+        raise FileNotFoundError(f"{info_path} is missing: is {merged_dir} a model written by merge_experts?")
+    return [e["owner"] for e in read_json(info_path)["experts"][1:]]
+
+
+def resolve_experts(spec: str | list[str] | None, available: list[str], disabled: list[str] = ()) -> list[str]:
+    """The owners to run with: `spec` ("a,b" or a list) if given, else every owner not disabled.
+
+    Unknown names are refused with the list of owners the model has.
+    """
+    if spec is None:
+        chosen = [o for o in available if o not in disabled]
+    else:
+        chosen = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+        chosen = [s for s in chosen if s]
+    unknown = [o for o in chosen if o not in available]
+    if unknown:
+        raise ValueError(f"unknown expert(s) {', '.join(unknown)}: this model has {', '.join(available)}")
+    return [o for o in available if o in chosen]
+
+
+def slice_experts(model: FlexOlmoForCausalLM, keep: list[int]) -> FlexOlmoForCausalLM:
+    """A model with only the experts at indices `keep` (0, the public expert, is always kept).
+
+    `num_experts_per_tok` is capped to the number of experts that remain.
+    """
+    keep = sorted({0, *keep})
+    n = model.config.num_experts
+    if any(i < 0 or i >= n for i in keep):
+        raise ValueError(f"expert indices {keep} out of range for a model with {n} experts")
+    if len(keep) == n:
+        return model
+    config = model.config.__class__(**{**model.config.to_dict(), "num_experts": len(keep),
+                                       "num_experts_per_tok": min(model.config.num_experts_per_tok, len(keep))})
+    index = torch.tensor(keep)
+    state = {}
+    for key, value in model.state_dict().items():
+        sliced = key.endswith(("mlp.gate.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"))
+        state[key] = value.index_select(0, index).clone() if sliced else value
+    small = FlexOlmoForCausalLM(config)
+    small.load_state_dict(state, strict=True)
+    return small.eval()
+
+
+def load_merged(merged_dir: Path, experts: list[str] | None = None) -> FlexOlmoForCausalLM:
+    """The merged model with only `experts` (owner names; None keeps them all)."""
+    model = FlexOlmoForCausalLM.from_pretrained(merged_dir)
+    if experts is None:
+        return model.eval()
+    owners = merged_owners(merged_dir)
+    return slice_experts(model, [1 + owners.index(o) for o in resolve_experts(experts, owners)])

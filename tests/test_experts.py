@@ -1,0 +1,101 @@
+"""Opt-in/opt-out: slicing an expert out, choosing experts, and recording the choice in params."""
+import pytest
+import torch
+from transformers import FlexOlmoConfig, FlexOlmoForCausalLM
+
+from stages import params as P
+from stages.experts import resolve_experts, slice_experts
+from flows.workspace import PROJECT_ROOT, read_project_params, set_expert_enabled
+
+
+def random_merged(num_experts: int = 4, top_k: int | None = None) -> FlexOlmoForCausalLM:
+    torch.manual_seed(0)
+    config = FlexOlmoConfig(vocab_size=80, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                            num_experts=num_experts, num_experts_per_tok=top_k or num_experts, norm_topk_prob=False,
+                            pad_token_id=1, bos_token_id=0, eos_token_id=0)
+    model = FlexOlmoForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)  # experts and router rows start at zero/empty in a fresh model
+    return model
+
+
+def logits_with_masked_expert(model: FlexOlmoForCausalLM, expert: int, ids: torch.Tensor, fill: float) -> torch.Tensor:
+    """The model's logits when one expert's router logit is replaced by `fill` (-inf masks it)."""
+    originals = []
+    for layer in model.model.layers:
+        gate = layer.mlp.gate
+        originals.append(gate.forward)
+
+        def forward(hidden, gate=gate):
+            logits = torch.nn.functional.linear(hidden.reshape(-1, gate.hidden_dim), gate.weight)
+            logits[:, expert] = fill
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float)
+            top, index = torch.topk(probs, gate.top_k, dim=-1)
+            return logits, top.to(logits.dtype), index
+
+        gate.forward = forward
+    try:
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+    finally:
+        for layer, original in zip(model.model.layers, originals):
+            layer.mlp.gate.forward = original
+
+
+@pytest.mark.parametrize("top_k", [4, 2])
+def test_slicing_an_expert_out_equals_masking_its_logit(top_k):
+    model = random_merged(top_k=top_k)
+    ids = torch.randint(2, 80, (2, 12), generator=torch.Generator().manual_seed(1))
+    sliced = slice_experts(model, [0, 1, 3])
+    assert sliced.config.num_experts == 3 and sliced.config.num_experts_per_tok == min(top_k, 3)
+    with torch.no_grad():
+        got = sliced(input_ids=ids).logits
+    masked = logits_with_masked_expert(model, 2, ids, float("-inf"))
+    torch.testing.assert_close(got, masked, rtol=1e-5, atol=1e-5)
+    # A zeroed router row still gets softmax weight (exp(0) > 0): not the same as removal.
+    zeroed = logits_with_masked_expert(model, 2, ids, 0.0)
+    assert (zeroed - masked).abs().max() > 1e-3
+
+
+def test_slicing_keeps_public_expert_and_caps_top_k():
+    model = random_merged(top_k=3)
+    sliced = slice_experts(model, [2])
+    assert sliced.config.num_experts == 2 and sliced.config.num_experts_per_tok == 2
+    torch.testing.assert_close(sliced.model.layers[0].mlp.gate.weight, model.model.layers[0].mlp.gate.weight[[0, 2]])
+    assert slice_experts(model, [0, 1, 2, 3]) is model
+    with pytest.raises(ValueError, match="out of range"):
+        slice_experts(model, [7])
+
+
+def test_resolve_experts_names_unknown_owner():
+    owners = ["code", "math", "news"]
+    assert resolve_experts(None, owners, ["math"]) == ["code", "news"]
+    assert resolve_experts("news, code", owners) == ["code", "news"]
+    assert resolve_experts("", owners) == []
+    with pytest.raises(ValueError, match="unknown expert.*legal.*has code, math, news"):
+        resolve_experts("code,legal", owners)
+
+
+def test_disable_and_enable_edit_params_and_keep_comments(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text((PROJECT_ROOT / "params.yaml").read_text())
+    assert set_expert_enabled("news", False, params)
+    assert not set_expert_enabled("news", False, params)
+    assert P.resolve(read_project_params(params))["inference"]["disabled"] == ["news"]
+    assert "# Every knob of the pipeline" in params.read_text()
+    assert set_expert_enabled("code", False, params)
+    assert set_expert_enabled("news", True, params)
+    assert P.resolve(read_project_params(params))["inference"]["disabled"] == ["code"]
+    before = params.read_text()
+    with pytest.raises(P.ParamsError, match="no owner 'nobody'"):
+        set_expert_enabled("nobody", False, params)
+    assert params.read_text() == before
+
+
+def test_params_refuse_disabling_an_unknown_owner():
+    raw = read_project_params()
+    raw["inference"] = {"disabled": ["legal"]}
+    with pytest.raises(P.ParamsError, match="inference.disabled names legal"):
+        P.resolve(raw)
