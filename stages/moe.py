@@ -90,6 +90,17 @@ def blocks(model: nn.Module) -> list[TwoExpertMLP]:
     return [layer.mlp for layer in model.model.layers]
 
 
+@torch.no_grad()
+def project_bias(model: nn.Module) -> None:
+    """Put every owner bias back onto b <= 0 (run after each optimizer step).
+
+    A b above 0 gets no gradient through min(b, 0) ever again, and the first steps often push it
+    up from its start at 0: the projection keeps it trainable.
+    """
+    for block in blocks(model):
+        block.owner_bias.clamp_(max=0.0)
+
+
 def flexolmo_config(dense: Olmo2ForCausalLM, num_experts: int, top_k: int) -> FlexOlmoConfig:
     c = dense.config
     return FlexOlmoConfig(

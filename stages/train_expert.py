@@ -16,7 +16,7 @@ from transformers import AutoTokenizer, Olmo2ForCausalLM
 from stages import params as P
 from stages.domain_embedding import load_embedding, router_row
 from stages.io import atomic_dir, read_json, read_jsonl, write_json
-from stages.moe import blocks, export_flexolmo, upcycle
+from stages.moe import blocks, export_flexolmo, project_bias, upcycle
 from stages.runtime import use_granted_threads
 from stages.train_anchor import ANCHOR_INFO
 from stages.training import (
@@ -93,9 +93,10 @@ def train_expert(owner: str, corpus_train: Path, public_train: Path, anchor_dir:
     fingerprint = f"expert|{owner}|{anchor_hash}|{data_digest}|{train_params.model_dump_json()}|{expert.model_dump_json()}"
     ckpt = Checkpointer(checkpoint, fingerprint)
     summary = train(model, step_loss, make_batch, train_params, ckpt, log_path, desc=f"expert {owner}",
-                    lr_scale=lambda name: expert.router_lr_scale if ("routers" in name or "owner_bias" in name) else 1.0)
+                    lr_scale=lambda name: expert.router_lr_scale if ("routers" in name or "owner_bias" in name) else 1.0,
+                    after_step=lambda: project_bias(model))
     summary["corpus_tokens"] = int(len(tokens))
-    summary["router_bias"] = [b.owner_bias.detach().clamp(max=0.0).item() for b in moe_blocks]
+    summary["router_bias"] = [b.owner_bias.item() for b in moe_blocks]
 
     hf = export_flexolmo(model)
     manifest = {

@@ -90,12 +90,14 @@ def train(
     log_path: Path,
     desc: str,
     lr_scale: Callable[[str], float] = lambda name: 1.0,
+    after_step: Callable[[], None] = lambda: None,
 ) -> dict:
     """Run AdamW with a cosine schedule over the model's trainable parameters.
 
     `make_batch(step)` returns the batch of a step (a function of the step, so a resumed run sees
     the same data); `step_loss(batch)` returns the loss to minimise and the numbers to log;
-    `lr_scale(name)` multiplies the learning rate of the parameter of that name.
+    `lr_scale(name)` multiplies the learning rate of the parameter of that name; `after_step()`
+    runs after each optimizer step (for constraints on parameters).
     """
     named = [(n, q) for n, q in model.named_parameters() if q.requires_grad]
     groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
@@ -128,6 +130,7 @@ def train(
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_([q for _, q in named], p.grad_clip)
         opt.step()
+        after_step()
         timed_steps += 1
         tok_s = timed_steps * tokens_per_step / (time.perf_counter() - t0)
         bar.set_postfix(loss=f"{numbers['loss']:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)

@@ -5,7 +5,7 @@ import torch
 
 from conftest import tiny_anchor
 from stages import params as P
-from stages.moe import OWNER, PUBLIC, blocks, export_flexolmo, upcycle
+from stages.moe import OWNER, PUBLIC, blocks, export_flexolmo, project_bias, upcycle
 from stages.training import Checkpointer, lm_losses, sample_batch, train
 
 TRAIN = P.TrainParams(steps=6, batch_size=2, seq_len=16, lr=0.05, min_lr_ratio=0.1, warmup_steps=1,
@@ -98,3 +98,28 @@ def test_training_resumes_from_checkpoint(tmp_path):
     assert summary["resumed_from_step"] == 3
     for (n, p), (_, q) in zip(full.named_parameters(), resumed.named_parameters()):
         assert torch.allclose(p, q, atol=1e-6), n
+
+
+def test_projected_bias_stays_trainable(tmp_path):
+    """Pushed up, b stays at 0 instead of going above it (where min(b, 0) has no gradient), so
+    when the loss later pulls it down, it goes negative."""
+    model = upcycle(tiny_anchor(), *rows(32, 1))
+    tokens = np.random.default_rng(0).integers(2, 96, size=500).astype(np.int32)
+    history = []
+
+    def step_loss(batch):
+        model(input_ids=batch[:, :-1])
+        # The last layer's owner logit: its bias moves nothing upstream of it.
+        owner_logit = blocks(model)[-1].last_router_logits[..., OWNER].mean()
+        loss = -owner_logit if len(history) < 3 else owner_logit  # first up, then down
+        return loss, {"loss": loss.item()}
+
+    def after_step():
+        project_bias(model)
+        history.append(blocks(model)[-1].owner_bias.item())
+
+    # Adam's momentum keeps pushing up for a few steps after the loss turns: give it 20.
+    train(model, step_loss, lambda step: sample_batch(tokens, 2, 16, 0, step), TRAIN.model_copy(update={"steps": 20}),
+          Checkpointer(tmp_path / "c.pt", "x"), tmp_path / "log.jsonl", "bias", after_step=after_step)
+    assert history[2] == 0.0 and max(history) == 0.0
+    assert history[-1] < -0.01, history
