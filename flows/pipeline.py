@@ -1,9 +1,9 @@
 """The Prefect flow that runs the DVC pipeline: each dvc.yaml stage becomes a task.
 
 The stage graph comes from DVC itself (no second copy of the DAG); independent stages run in
-parallel, and the CPU-heavy ones (training, evaluation) share the cores: an owner's stage gets
-one core, so owners' stages run side by side, one per core, while a coordinator stage (anchor,
-merge) gets them all. Measured on 2 cores, two 1-thread trainings do 1.19x the tokens/s of one
+parallel, and the CPU-heavy ones (training, evaluation) share the cores: an expert's training
+or a domain's evaluation gets one core, so they run side by side, one per core, while a stage
+that runs alone (anchor, merge) gets them all. Measured on 2 cores, two 1-thread trainings do 1.19x the tokens/s of one
 2-thread training. DVC decides whether a stage is up to date.
 """
 from __future__ import annotations
@@ -29,10 +29,12 @@ from stages.runtime import threads_variable
 logging.getLogger("dvc").propagate = False
 
 HEAVY_PREFIXES = ("train_", "embed_", "evaluate_", "merge_")
+# Stages that come in groups which can run side by side: experts, and one evaluation per domain.
+ONE_CORE_PREFIXES = ("train_expert", "evaluate_")
 
 
 class CpuScheduler:
-    """Hands the cores to CPU-heavy stages: one core to an owner's stage, all to a coordinator's.
+    """Hands the cores to CPU-heavy stages: one core to an expert or an evaluation, all to the rest.
 
     When cores free up, the costliest stage that is ready goes first (a stage is ready when the
     stages it depends on are done, even if its task has not asked yet), so the longest training
@@ -56,11 +58,12 @@ class CpuScheduler:
         if stage not in self.cost:
             yield 0
             return
-        n = 1 if "@" in stage else self.cores  # "@": a foreach-owners stage
+        n = 1 if stage.startswith(ONE_CORE_PREFIXES) else self.cores
         with self.cond:
             self.cond.wait_for(lambda: self.free >= n and self._first_in_line(stage))
             self.free -= n
             self.started.add(stage)
+            self.cond.notify_all()  # a cheaper stage waiting behind this one may go now
         try:
             yield n
         finally:

@@ -199,6 +199,23 @@ def test_cpu_scheduler_serves_the_costliest_ready_stage_first():
         w.join(timeout=10)
     run("merge_experts")
     assert order == ["train_anchor", "train_expert@y", "train_expert@z", "train_expert@x", "merge_experts"]
+
+    # Two cores: a cheaper stage that asked first starts as soon as the costlier one has its core.
+    lanes = CpuScheduler(2, {"a": [], "train_expert@x": ["a"], "train_expert@y": ["a"]},
+                         {"train_expert@x": 1.0, "train_expert@y": 3.0})
+    lanes.finished("a")
+    got_core = threading.Event()
+
+    def cheap():
+        with lanes.hold("train_expert@x"):
+            got_core.set()
+
+    waiter = threading.Thread(target=cheap)
+    waiter.start()
+    assert not got_core.wait(0.1)  # y is ready and costlier: x lets it go first
+    with lanes.hold("train_expert@y"):
+        assert got_core.wait(2.0)  # and then takes the other core at once
+    waiter.join(2.0)
     assert threads == {"train_anchor": 1, "train_expert@x": 1, "train_expert@y": 1, "train_expert@z": 1, "merge_experts": 1}
     two = CpuScheduler(2, graph, cost)
     with two.hold("train_anchor") as n_anchor:
