@@ -111,7 +111,7 @@ def cmd_experts(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from flows.workspace import Workspace
+    from flows.workspace import Workspace, read_project_params
 
     ws = Workspace(args.workspace.resolve())
     if not ws.merged_model.exists():
@@ -122,11 +122,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from stages.experts import load_merged, merged_owners, resolve_experts
+    from stages.params import resolve
 
     try:
-        experts = resolve_experts(args.experts, merged_owners(ws.merged_model), ws.params().inference.disabled)
-    except ValueError as err:
-        print(f"consort: --experts: {err}", file=sys.stderr)
+        # The project's params, not the workspace's copy: an opt-out counts from the moment it is made.
+        disabled = resolve(read_project_params(args.params), args.preset)["inference"]["disabled"]
+        experts = resolve_experts(args.experts, merged_owners(ws.merged_model), disabled)
+    except ValueError as err:  # ParamsError included
+        print(f"consort: {err}", file=sys.stderr)
         return 2
     tokenizer = AutoTokenizer.from_pretrained(ws.merged_model)
     model = load_merged(ws.merged_model, experts)
@@ -168,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE)
+    gen.add_argument("--params", type=Path, default=None, help="params file with the opt-outs (default: the project's)")
+    gen.add_argument("--preset", default="default")
     gen.set_defaults(func=cmd_generate)
     return ap
 

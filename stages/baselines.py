@@ -24,7 +24,7 @@ def soup_model(merged: FlexOlmoForCausalLM) -> Olmo2ForCausalLM:
         bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id)
     state = {}
     for key, value in merged.state_dict().items():
-        if key.endswith("mlp.gate.weight"):
+        if ".mlp.gate." in key:  # router rows and biases: a dense FFN has no router
             continue
         if key.endswith("mlp.experts.gate_up_proj"):
             prefix = key.removesuffix("experts.gate_up_proj")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, FlexOlmoForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stages import params as P
 from stages.baselines import btm_token_nll, soup_model
@@ -68,7 +68,7 @@ def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, 
     owners = merged_owners(merged_dir)
     experts = resolve_experts(None, owners, inference.disabled)
     index = {o: 1 + owners.index(o) for o in experts}
-    full = FlexOlmoForCausalLM.from_pretrained(merged_dir)
+    full = AutoModelForCausalLM.from_pretrained(merged_dir)  # the stock class, or the one keeping biases
     merged = slice_experts(full, list(index.values()))
     models: dict[str, dict] = {}
 

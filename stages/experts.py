@@ -10,9 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import FlexOlmoForCausalLM
+from transformers import AutoModelForCausalLM, FlexOlmoForCausalLM
 
 from stages.io import read_json
+from stages.moe import BiasedFlexOlmoForCausalLM  # noqa: F401  registers the bias-keeping class
 
 MERGED_INFO = "consort_merged.json"
 
@@ -57,16 +58,16 @@ def slice_experts(model: FlexOlmoForCausalLM, keep: list[int]) -> FlexOlmoForCau
     index = torch.tensor(keep)
     state = {}
     for key, value in model.state_dict().items():
-        sliced = key.endswith(("mlp.gate.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"))
+        sliced = key.endswith(("mlp.gate.weight", "mlp.gate.bias", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"))
         state[key] = value.index_select(0, index).clone() if sliced else value
-    small = FlexOlmoForCausalLM(config)
+    small = type(model)(config)
     small.load_state_dict(state, strict=True)
     return small.eval()
 
 
 def load_merged(merged_dir: Path, experts: list[str] | None = None) -> FlexOlmoForCausalLM:
     """The merged model with only `experts` (owner names; None keeps them all)."""
-    model = FlexOlmoForCausalLM.from_pretrained(merged_dir)
+    model = AutoModelForCausalLM.from_pretrained(merged_dir)
     if experts is None:
         return model.eval()
     owners = merged_owners(merged_dir)

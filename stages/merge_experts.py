@@ -11,13 +11,13 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, FlexOlmoForCausalLM, Olmo2ForCausalLM
+from transformers import AutoTokenizer, FlexOlmoConfig, FlexOlmoForCausalLM, Olmo2ForCausalLM
 
 from stages import params as P
 from stages.domain_embedding import load_embedding
 from stages.experts import MERGED_INFO
 from stages.io import atomic_dir, read_json, write_json
-from stages.moe import flexolmo_config, shared_state
+from stages.moe import BiasedFlexOlmoConfig, BiasedFlexOlmoForCausalLM, flexolmo_config, shared_state
 from stages.runtime import use_granted_threads
 from stages.train_anchor import ANCHOR_INFO
 from stages.train_expert import MANIFEST, MANIFEST_VERSION
@@ -41,7 +41,8 @@ def check_expert(name: str, state: dict[str, torch.Tensor], manifest: dict, anch
                  anchor_hash: str, r_pub: torch.Tensor, num_layers: int) -> None:
     """Raise MergeRefused unless the expert's shared tensors and public half equal the anchor's."""
     if manifest.get("schema_version") != MANIFEST_VERSION:
-        raise MergeRefused(f"expert {name}: manifest schema {manifest.get('schema_version')!r}, expected {MANIFEST_VERSION}")
+        raise MergeRefused(f"expert {name}: manifest schema {manifest.get('schema_version')!r}, expected "
+                           f"{MANIFEST_VERSION}; retrain it with this version (consort run --force train_expert@{name})")
     if manifest.get("anchor_hash") != anchor_hash:
         raise MergeRefused(f"expert {name}: trained against anchor {str(manifest.get('anchor_hash'))[:12]}, "
                            f"but this pipeline's anchor is {anchor_hash[:12]}; retrain the expert against this anchor")
@@ -82,7 +83,9 @@ def merge_experts(anchor_dir: Path, public_embedding: Path, experts: dict[str, P
 
     num_experts = 1 + len(experts)
     top_k = min(m.top_k or num_experts, num_experts)
-    config = flexolmo_config(anchor, num_experts=num_experts, top_k=top_k)
+    keep_bias = m.router_bias == "keep"
+    config = flexolmo_config(anchor, num_experts=num_experts, top_k=top_k,
+                             config_class=BiasedFlexOlmoConfig if keep_bias else FlexOlmoConfig)
     merged_state = shared_state(anchor_state)
     for i in range(n_layers):
         mlp = f"model.layers.{i}.mlp."
@@ -93,11 +96,15 @@ def merge_experts(anchor_dir: Path, public_embedding: Path, experts: dict[str, P
             [first[f"{mlp}experts.down_proj"][:1]] + [s[f"{mlp}experts.down_proj"][1:2] for s in states.values()])
         merged_state[f"{mlp}gate.weight"] = torch.cat(
             [first[f"{mlp}gate.weight"][:1]] + [s[f"{mlp}gate.weight"][1:2] for s in states.values()])
-    model = FlexOlmoForCausalLM(config)
+        if keep_bias:  # the public expert has no bias; an owner's is min(b, 0) as trained
+            merged_state[f"{mlp}gate.bias"] = torch.tensor(
+                [0.0] + [min(manifests[o]["router_bias"][i], 0.0) for o in experts])
+    model = (BiasedFlexOlmoForCausalLM if keep_bias else FlexOlmoForCausalLM)(config)
     model.load_state_dict(merged_state, strict=True)
     info = {
         "anchor_hash": anchor_hash,
         "top_k": top_k,
+        "router_bias": m.router_bias,
         "experts": [{"index": 0, "owner": "public"}] + [
             {"index": i, "owner": owner, "data_digest": manifests[owner]["data_digest"],
              "anchor_hash": manifests[owner]["anchor_hash"]}

@@ -13,7 +13,8 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import FlexOlmoConfig, FlexOlmoForCausalLM, Olmo2ForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, FlexOlmoConfig, FlexOlmoForCausalLM, Olmo2ForCausalLM
+from transformers.models.flex_olmo.modeling_flex_olmo import FlexOlmoTopKRouter
 
 PUBLIC, OWNER = 0, 1
 
@@ -101,9 +102,9 @@ def project_bias(model: nn.Module) -> None:
         block.owner_bias.clamp_(max=0.0)
 
 
-def flexolmo_config(dense: Olmo2ForCausalLM, num_experts: int, top_k: int) -> FlexOlmoConfig:
+def flexolmo_config(dense: Olmo2ForCausalLM, num_experts: int, top_k: int, config_class=FlexOlmoConfig) -> FlexOlmoConfig:
     c = dense.config
-    return FlexOlmoConfig(
+    return config_class(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
         num_key_value_heads=c.num_key_value_heads, hidden_act=c.hidden_act,
@@ -144,3 +145,45 @@ def export_flexolmo(trained: Olmo2ForCausalLM, top_k: int = 2) -> FlexOlmoForCau
     model = FlexOlmoForCausalLM(config)
     model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+# --- the merged model with router biases kept (merge.router_bias: keep) ----------------------
+
+class BiasedFlexOlmoConfig(FlexOlmoConfig):
+    model_type = "consort_flexolmo"
+
+
+class BiasedTopKRouter(FlexOlmoTopKRouter):
+    """The stock router plus one bias per expert on its logit (0 for the public expert)."""
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.bias = nn.Parameter(torch.zeros(self.num_experts))
+
+    def forward(self, hidden_states):
+        # The stock forward with the bias added to the logits before the softmax.
+        router_logits = F.linear(hidden_states.reshape(-1, self.hidden_dim), self.weight, self.bias)
+        router_probs = torch.softmax(router_logits, dtype=torch.float, dim=-1)
+        top_value, top_index = torch.topk(router_probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            top_value /= top_value.sum(dim=-1, keepdim=True)
+        return router_logits, top_value.to(router_logits.dtype), top_index
+
+
+class BiasedFlexOlmoForCausalLM(FlexOlmoForCausalLM):
+    """`FlexOlmoForCausalLM` whose routers keep the owners' min(b, 0) biases.
+
+    Registered with the Auto classes, so `AutoModelForCausalLM.from_pretrained` returns it in any
+    process that imported `stages`; the stock class loads the same folder with the bias dropped.
+    """
+    config_class = BiasedFlexOlmoConfig
+
+    def __init__(self, config: BiasedFlexOlmoConfig) -> None:
+        super().__init__(config)
+        for layer in self.model.layers:
+            layer.mlp.gate = BiasedTopKRouter(config)
+        self.post_init()
+
+
+AutoConfig.register(BiasedFlexOlmoConfig.model_type, BiasedFlexOlmoConfig)
+AutoModelForCausalLM.register(BiasedFlexOlmoConfig, BiasedFlexOlmoForCausalLM)

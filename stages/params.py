@@ -150,6 +150,8 @@ class ExpertParams(Strict):
 
 class MergeParams(Strict):
     top_k: int | None = Field(default=None, ge=1, description="experts per token at inference; null = all")
+    router_bias: Literal["drop", "keep"] = Field(
+        default="drop", description="drop: the stock FlexOlmoForCausalLM; keep: the owners' min(b, 0) on their logits")
 
 
 class EvaluateParams(Strict):

@@ -110,7 +110,8 @@ def plot_optout(rows: list[dict], path: Path) -> bool:
     ax.set_yticks(range(len(removed)), [f"without {o}" for o in removed])
     for i, row in enumerate(cells):
         for j, v in enumerate(row):
-            ax.text(j, i, f"{v:+.1f}%", ha="center", va="center", fontsize=8)
+            ax.text(j, i, f"{v:+.1f}%", ha="center", va="center", fontsize=8,
+                    color="white" if abs(v) > bound / 2 else "black")
     fig.colorbar(im, ax=ax, label="change in loss vs merged (%)")
     ax.set_title("Opting one expert out: change in held-out loss")
     _save(fig, path)

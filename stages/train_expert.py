@@ -28,7 +28,7 @@ from stages.training import (
 )
 
 MANIFEST = "consort_expert.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: the trained bias is "router_bias" (per layer), kept or dropped at merge
 
 
 def file_digest(path: Path) -> str:
@@ -108,7 +108,7 @@ def train_expert(owner: str, corpus_train: Path, public_train: Path, anchor_dir:
         "router_init": expert.router_init,
         "public_mix": expert.public_mix,
         "router_contrast": expert.router_contrast,
-        "router_bias_dropped": summary["router_bias"],
+        "router_bias": summary["router_bias"],
         "training": train_params.model_dump(),
         "metrics": {k: summary[k] for k in ("final_loss", "tokens_per_s", "tokens_seen", "steps")},
     }

@@ -3,14 +3,14 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, FlexOlmoForCausalLM
 
 from conftest import tiny_anchor
 from stages import params as P
 from stages.domain_embedding import save_embedding
 from stages.io import write_json
 from stages.merge_experts import MERGED_INFO, MergeRefused, merge_experts
-from stages.moe import OWNER, blocks, export_flexolmo, upcycle
+from stages.moe import OWNER, BiasedFlexOlmoForCausalLM, blocks, export_flexolmo, upcycle
 from stages.train_anchor import ANCHOR_INFO, anchor_hash
 from stages.train_expert import MANIFEST, MANIFEST_VERSION
 from stages.train_tokenizer import train_tokenizer
@@ -36,7 +36,7 @@ def setup(tmp_path_factory):
     return root, anchor, r_pub
 
 
-def publish(root, name, base, r_pub, seed, claimed_hash=None):
+def publish(root, name, base, r_pub, seed, claimed_hash=None, bias=0.0):
     """An expert package as train_expert writes it, with the owner half perturbed (as if trained)."""
     model = upcycle(base, r_pub, torch.randn(H, generator=torch.Generator().manual_seed(seed)))
     with torch.no_grad():
@@ -45,8 +45,12 @@ def publish(root, name, base, r_pub, seed, claimed_hash=None):
                 p.add_(0.05 * torch.randn_like(p))
     out = root / "published" / name
     export_flexolmo(model).save_pretrained(out)
+    with torch.no_grad():
+        for b in blocks(model):
+            b.owner_bias.fill_(bias)
     write_json(out / MANIFEST, {"schema_version": MANIFEST_VERSION, "owner": name, "data_digest": f"d-{name}",
-                                "anchor_hash": claimed_hash or anchor_hash(base)})
+                                "anchor_hash": claimed_hash or anchor_hash(base),
+                                "router_bias": [bias] * len(blocks(model))})
     return model, out
 
 
@@ -66,6 +70,31 @@ def test_merge_stacks_experts_and_reloads(setup):
         assert torch.equal(layer0.experts.down_proj[i], owner_ffn.down_proj.weight)
         assert torch.equal(layer0.gate.weight[i], blocks(models[name])[0].routers[OWNER].weight[0])
     assert torch.equal(merged.model.layers[1].mlp.gate.weight[0], r_pub)
+
+
+def test_kept_bias_round_trips_and_matches_the_training_block(setup, tmp_path):
+    root, anchor, r_pub = setup
+    model, out = publish(root, "biased", anchor, r_pub, seed=4, bias=-1.5)
+    merge_experts(root / "anchor", root / "emb", {"biased": out}, P.MergeParams(router_bias="keep"), tmp_path / "keep")
+    merge_experts(root / "anchor", root / "emb", {"biased": out}, P.MergeParams(router_bias="drop"), tmp_path / "drop")
+    kept = AutoModelForCausalLM.from_pretrained(tmp_path / "keep")
+    assert type(kept) is BiasedFlexOlmoForCausalLM
+    assert torch.equal(kept.model.layers[0].mlp.gate.bias, torch.tensor([0.0, -1.5]))
+    ids = torch.randint(2, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(kept(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)  # b applied
+        for b in blocks(model):
+            b.apply_bias = False
+        dropped = AutoModelForCausalLM.from_pretrained(tmp_path / "drop")
+        assert type(dropped) is FlexOlmoForCausalLM
+        assert torch.allclose(dropped(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
+        assert not torch.allclose(kept(input_ids=ids).logits, dropped(input_ids=ids).logits, atol=1e-3)
+        # The stock class reads the kept folder too, with the bias dropped.
+        stock = FlexOlmoForCausalLM.from_pretrained(tmp_path / "keep")
+        assert torch.allclose(stock(input_ids=ids).logits, dropped(input_ids=ids).logits, atol=1e-6)
+        kept.save_pretrained(tmp_path / "again")
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / "again")
+        assert torch.equal(again(input_ids=ids).logits, kept(input_ids=ids).logits)
 
 
 def test_single_expert_merge_equals_the_expert_model(setup):

@@ -172,7 +172,10 @@ def test_opting_an_expert_out_reruns_only_what_follows_the_merge(smoke_workspace
     assert bad.returncode == 2 and "legal" in bad.stderr
     gen = run_consort("generate", "--prompt", "The", "--experts", "code", "--max-new-tokens", "5",
                       "--workspace", str(ws), cwd=ws.parent)
-    assert gen.stdout.startswith("The") and "experts: public, code" in gen.stderr
+    assert gen.stdout.startswith("The") and "experts: public, code]" in gen.stderr
+    default = run_consort("generate", "--prompt", "The", "--max-new-tokens", "2", "--workspace", str(ws),
+                          "--params", str(params), cwd=ws.parent)
+    assert "code" in default.stderr and "news" not in default.stderr  # the opt-out holds without --experts
 
 
 def test_cpu_scheduler_serves_the_costliest_ready_stage_first():
