@@ -23,6 +23,14 @@ from stages.train_anchor import ANCHOR_INFO
 from stages.train_expert import MANIFEST, MANIFEST_VERSION
 
 
+# Schema 1 differs only in the name of the bias: packages published before it still merge.
+READABLE_MANIFESTS = (1, MANIFEST_VERSION)
+
+
+def trained_bias(manifest: dict) -> list[float]:
+    return manifest["router_bias"] if manifest["schema_version"] >= 2 else manifest["router_bias_dropped"]
+
+
 class MergeRefused(ValueError):
     """An expert cannot be merged with this anchor."""
 
@@ -40,9 +48,9 @@ def _expert_state(expert_dir: Path) -> dict[str, torch.Tensor]:
 def check_expert(name: str, state: dict[str, torch.Tensor], manifest: dict, anchor_state: dict[str, torch.Tensor],
                  anchor_hash: str, r_pub: torch.Tensor, num_layers: int) -> None:
     """Raise MergeRefused unless the expert's shared tensors and public half equal the anchor's."""
-    if manifest.get("schema_version") != MANIFEST_VERSION:
-        raise MergeRefused(f"expert {name}: manifest schema {manifest.get('schema_version')!r}, expected "
-                           f"{MANIFEST_VERSION}; retrain it with this version (consort run --force train_expert@{name})")
+    if manifest.get("schema_version") not in READABLE_MANIFESTS:
+        raise MergeRefused(f"expert {name}: manifest schema {manifest.get('schema_version')!r}, this version reads "
+                           f"{READABLE_MANIFESTS}; retrain it with this version (consort run --force train_expert@{name})")
     if manifest.get("anchor_hash") != anchor_hash:
         raise MergeRefused(f"expert {name}: trained against anchor {str(manifest.get('anchor_hash'))[:12]}, "
                            f"but this pipeline's anchor is {anchor_hash[:12]}; retrain the expert against this anchor")
@@ -98,7 +106,7 @@ def merge_experts(anchor_dir: Path, public_embedding: Path, experts: dict[str, P
             [first[f"{mlp}gate.weight"][:1]] + [s[f"{mlp}gate.weight"][1:2] for s in states.values()])
         if keep_bias:  # the public expert has no bias; an owner's is min(b, 0) as trained
             merged_state[f"{mlp}gate.bias"] = torch.tensor(
-                [0.0] + [min(manifests[o]["router_bias"][i], 0.0) for o in experts])
+                [0.0] + [min(trained_bias(manifests[o])[i], 0.0) for o in experts])
     model = (BiasedFlexOlmoForCausalLM if keep_bias else FlexOlmoForCausalLM)(config)
     model.load_state_dict(merged_state, strict=True)
     info = {

@@ -97,6 +97,21 @@ def test_kept_bias_round_trips_and_matches_the_training_block(setup, tmp_path):
         assert torch.equal(again(input_ids=ids).logits, kept(input_ids=ids).logits)
 
 
+def test_packages_of_the_previous_manifest_schema_still_merge(setup, tmp_path):
+    root, anchor, r_pub = setup
+    _, out = publish(root, "old", anchor, r_pub, seed=5, bias=-0.5)
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["schema_version"], manifest["router_bias_dropped"] = 1, manifest.pop("router_bias")
+    write_json(out / MANIFEST, manifest)
+    merge_experts(root / "anchor", root / "emb", {"old": out}, P.MergeParams(router_bias="keep"), tmp_path / "m")
+    kept = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert torch.equal(kept.model.layers[1].mlp.gate.bias, torch.tensor([0.0, -0.5]))
+    write_json(out / MANIFEST, {**manifest, "schema_version": 99})
+    with pytest.raises(MergeRefused, match="manifest schema 99.*--force train_expert@old"):
+        merge_experts(root / "anchor", root / "emb", {"old": out}, P.MergeParams(), tmp_path / "m2")
+    assert not (tmp_path / "m2").exists()
+
+
 def test_single_expert_merge_equals_the_expert_model(setup):
     root, anchor, r_pub = setup
     model, out = publish(root, "solo", anchor, r_pub, seed=3)
