@@ -10,18 +10,12 @@ from __future__ import annotations
 import numpy as np
 from transformers import FlexOlmoForCausalLM, Olmo2Config, Olmo2ForCausalLM
 
+from stages.moe import architecture
+
 
 def soup_model(merged: FlexOlmoForCausalLM) -> Olmo2ForCausalLM:
     """A dense model whose FFN in every layer is the uniform average of the merged model's experts."""
-    c = merged.config
-    config = Olmo2Config(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads, hidden_act=c.hidden_act,
-        max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
-        rope_parameters=dict(c.rope_parameters), attention_bias=c.attention_bias,
-        tie_word_embeddings=c.tie_word_embeddings, pad_token_id=c.pad_token_id,
-        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id)
+    config = Olmo2Config(**architecture(merged.config))
     state = {}
     for key, value in merged.state_dict().items():
         if ".mlp.gate." in key:  # router rows and biases: a dense FFN has no router

@@ -102,9 +102,10 @@ def project_bias(model: nn.Module) -> None:
         block.owner_bias.clamp_(max=0.0)
 
 
-def flexolmo_config(dense: Olmo2ForCausalLM, num_experts: int, top_k: int, config_class=FlexOlmoConfig) -> FlexOlmoConfig:
-    c = dense.config
-    return config_class(
+def architecture(config) -> dict:
+    """The fields a dense Olmo2 model and a FlexOlmo model of the same shape have in common."""
+    c = config
+    return dict(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
         num_key_value_heads=c.num_key_value_heads, hidden_act=c.hidden_act,
@@ -112,8 +113,12 @@ def flexolmo_config(dense: Olmo2ForCausalLM, num_experts: int, top_k: int, confi
         rope_parameters=dict(c.rope_parameters), attention_bias=c.attention_bias,
         tie_word_embeddings=c.tie_word_embeddings, pad_token_id=c.pad_token_id,
         bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
-        num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=False,
     )
+
+
+def flexolmo_config(dense: Olmo2ForCausalLM, num_experts: int, top_k: int, config_class=FlexOlmoConfig) -> FlexOlmoConfig:
+    return config_class(**architecture(dense.config), num_experts=num_experts, num_experts_per_tok=top_k,
+                        norm_topk_prob=False)
 
 
 def shared_state(dense_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
