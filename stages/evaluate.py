@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stages import params as P
 from stages.baselines import btm_token_nll, soup_model
-from stages.experts import merged_owners, resolve_experts, slice_experts
+from stages.experts import has_model, merged_owners, resolve_experts, slice_experts, toggled_router_bias, with_top_k
+from stages.moe import BiasedFlexOlmoForCausalLM
 from stages.io import write_json
 from stages.runtime import use_granted_threads
 from stages.training import tokenize_corpus
@@ -56,11 +57,14 @@ def summarise(nll: np.ndarray, rows: np.ndarray, sizes: np.ndarray) -> dict:
 
 
 def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, e: P.EvaluateParams,
-                    inference: P.InferenceParams) -> dict:
+                    inference: P.InferenceParams, reference_dir: Path | None = None,
+                    tuned_dir: Path | None = None) -> dict:
     """Loss of the anchor, of the merged model (experts not opted out) and of its baselines.
 
     Baselines (with `e.baselines`): each owner's model alone, the uniform soup, BTM over the
-    owners' models, and the merged model with each owner opted out in turn.
+    owners' models, and the merged model with each owner opted out in turn. The unrestricted
+    reference and the router-tuned merged model are scored when their stages trained them;
+    `e.ablations` adds the merged model at other top-k values and with the router bias toggled.
     """
     tokenizer = AutoTokenizer.from_pretrained(anchor_dir)
     rows = windows(tokenize_corpus(tokenizer, val), e)
@@ -85,6 +89,16 @@ def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, 
         models["btm"] = summarise(btm_token_nll(alone, e.btm_temperature, e.btm_top_k), rows, sizes)
         for o in experts:
             score(f"without/{o}", slice_experts(full, [index[k] for k in experts if k != o]))
+    if reference_dir is not None and has_model(reference_dir):
+        score("unrestricted", AutoModelForCausalLM.from_pretrained(reference_dir))
+    if tuned_dir is not None and has_model(tuned_dir):
+        score("merged_tuned", slice_experts(AutoModelForCausalLM.from_pretrained(tuned_dir), list(index.values())))
+    if e.ablations:
+        n, current = merged.config.num_experts, merged.config.num_experts_per_tok
+        for k in sorted(({min(k, n) for k in e.ablation_top_k} | {n}) - {current}):
+            score(f"top_k/{k}", with_top_k(merged, k))
+        toggled = "keep" if not isinstance(full, BiasedFlexOlmoForCausalLM) else "drop"
+        score(f"router_bias/{toggled}", slice_experts(toggled_router_bias(full, merged_dir), list(index.values())))
     return {"domain": domain, "experts": experts, "models": models}
 
 
@@ -95,11 +109,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--val", type=Path, required=True)
     ap.add_argument("--anchor", type=Path, required=True)
     ap.add_argument("--merged", type=Path, required=True)
+    ap.add_argument("--reference", type=Path, help="the unrestricted reference's folder (scored if trained)")
+    ap.add_argument("--tuned", type=Path, help="the router-tuned merged model's folder (scored if tuned)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = ap.parse_args(argv)
     params = P.load(args.params)
-    result = evaluate_domain(args.domain, args.val, args.anchor, args.merged, params.evaluate, params.inference)
+    result = evaluate_domain(args.domain, args.val, args.anchor, args.merged, params.evaluate, params.inference,
+                             args.reference, args.tuned)
     write_json(args.out, result)
     m = result["models"]
     print(f"evaluate {args.domain}: anchor {m['anchor']['loss']:.3f}, merged {m['merged']['loss']:.3f}"

@@ -10,12 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, FlexOlmoForCausalLM
+from transformers import AutoModelForCausalLM, FlexOlmoConfig, FlexOlmoForCausalLM
 
 from stages.io import read_json
-from stages.moe import BiasedFlexOlmoForCausalLM  # noqa: F401  registers the bias-keeping class
+from stages.moe import BiasedFlexOlmoConfig, BiasedFlexOlmoForCausalLM
 
 MERGED_INFO = "consort_merged.json"
+
+
+def has_model(model_dir: Path) -> bool:
+    """Whether an optional stage (reference, router tuning) trained a model there, or only wrote its info."""
+    return (model_dir / "config.json").exists()
 
 
 def merged_owners(merged_dir: Path) -> list[str]:
@@ -72,3 +77,34 @@ def load_merged(merged_dir: Path, experts: list[str] | None = None) -> FlexOlmoF
         return model.eval()
     owners = merged_owners(merged_dir)
     return slice_experts(model, [1 + owners.index(o) for o in resolve_experts(experts, owners)])
+
+
+def with_top_k(model: FlexOlmoForCausalLM, top_k: int) -> FlexOlmoForCausalLM:
+    """The same weights routed to `top_k` experts per token (capped to the experts there are)."""
+    k = min(top_k, model.config.num_experts)
+    config = model.config.__class__(**{**model.config.to_dict(), "num_experts_per_tok": k})
+    other = type(model)(config)
+    other.load_state_dict(model.state_dict(), strict=True)
+    return other.eval()
+
+
+def toggled_router_bias(model: FlexOlmoForCausalLM, merged_dir: Path) -> FlexOlmoForCausalLM:
+    """The merged model with the owners' router biases dropped if it keeps them, kept if it drops them.
+
+    The biases come from the merge's record (consort_merged.json), which holds them either way.
+    """
+    state = model.state_dict()
+    if isinstance(model, BiasedFlexOlmoForCausalLM):
+        config = FlexOlmoConfig(**{k: v for k, v in model.config.to_dict().items() if k != "model_type"})
+        other = FlexOlmoForCausalLM(config)
+        state = {k: v for k, v in state.items() if not k.endswith("mlp.gate.bias")}
+    else:
+        experts = read_json(merged_dir / MERGED_INFO)["experts"]
+        if any("router_bias" not in e for e in experts[1:]):
+            raise ValueError(f"{merged_dir / MERGED_INFO} holds no router biases: re-run merge_experts with this version")
+        config = BiasedFlexOlmoConfig(**{k: v for k, v in model.config.to_dict().items() if k != "model_type"})
+        other = BiasedFlexOlmoForCausalLM(config)
+        for i in range(config.num_hidden_layers):
+            state[f"model.layers.{i}.mlp.gate.bias"] = torch.tensor([0.0] + [e["router_bias"][i] for e in experts[1:]])
+    other.load_state_dict(state, strict=True)
+    return other.eval()

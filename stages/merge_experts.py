@@ -115,7 +115,9 @@ def merge_experts(anchor_dir: Path, public_embedding: Path, experts: dict[str, P
         "router_bias": m.router_bias,
         "experts": [{"index": 0, "owner": "public"}] + [
             {"index": i, "owner": owner, "data_digest": manifests[owner]["data_digest"],
-             "anchor_hash": manifests[owner]["anchor_hash"]}
+             "anchor_hash": manifests[owner]["anchor_hash"],
+             # kept here even when dropped from the weights, so the evaluation can score both ways
+             "router_bias": [min(b, 0.0) for b in trained_bias(manifests[owner])]}
             for i, owner in enumerate(experts, start=1)],
     }
     with atomic_dir(out_dir) as tmp:

@@ -154,6 +154,20 @@ class MergeParams(Strict):
         default="drop", description="drop: the stock FlexOlmoForCausalLM; keep: the owners' min(b, 0) on their logits")
 
 
+class UnrestrictedParams(Strict):
+    """The reference trained on all owners' data in one place (it exists only to measure the gap)."""
+    enabled: bool = Field(default=False, description="train it (the study preset does); off: the stage writes a stub")
+
+
+class RouterTuningParams(Strict):
+    """Router tuning after the merge: only router rows (and biases) learn, on public proxy text."""
+    enabled: bool = False
+    token_fraction: float = Field(default=0.01, gt=0, le=1, description="proxy tokens per owner / its expert-training tokens")
+    candidate_docs: int = Field(default=400, ge=1, description="public documents scored to pick each owner's proxy set")
+    lr: float = Field(default=1.0e-2, gt=0)
+    epochs: int = Field(default=1, ge=1)
+
+
 class EvaluateParams(Strict):
     max_tokens: int = Field(ge=64, description="held-out tokens scored per domain")
     batch_size: int = Field(ge=1)
@@ -161,6 +175,8 @@ class EvaluateParams(Strict):
     baselines: bool = Field(default=True, description="also score each owner's model alone, soup, BTM, opt-outs")
     btm_temperature: float = Field(default=1.0, gt=0)
     btm_top_k: int | None = Field(default=None, ge=1, description="BTM mixes only the k best models so far")
+    ablations: bool = Field(default=False, description="also score the merged model at other top-k and bias settings")
+    ablation_top_k: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 2], description="top-k values scored by the ablations")
 
 
 class InferenceParams(Strict):
@@ -180,6 +196,8 @@ class Params(Strict):
     anchor: AnchorParams
     expert: ExpertParams
     merge: MergeParams
+    router_tuning: RouterTuningParams = RouterTuningParams()
+    unrestricted: UnrestrictedParams = UnrestrictedParams()
     evaluate: EvaluateParams
     inference: InferenceParams = InferenceParams()
 

@@ -16,7 +16,11 @@ import markdown_it
 
 from stages.io import read_json, temp_path, write_json, write_text
 
-COMPARED = ("anchor", "own expert", "soup", "btm", "merged")  # columns of the main table, in this order
+COMPARED = ("anchor", "own expert", "soup", "btm", "merged", "unrestricted")  # main table columns, in order
+# Rows of the ablation table: the merged model as run, and each variant the evaluation scored.
+ABLATION_PREFIXES = ("merged_tuned", "top_k/", "router_bias/")
+OPTOUT_OTHERS_LIMIT = 1.0  # % a domain may move when another owner's expert is removed (issue target)
+UNRESTRICTED_GAP_LIMIT = 3.0  # % the merged model may trail the unrestricted reference
 
 
 def collect(evaluations: Path) -> list[dict]:
@@ -31,7 +35,7 @@ def compared_losses(row: dict) -> dict[str, float]:
     """The main table's models for one domain; 'own expert' is the domain owner's model alone."""
     m = row["models"]
     picked = {"own expert": m.get(f"alone/{row['domain']}")}
-    picked.update({k: m.get(k) for k in ("anchor", "soup", "btm", "merged")})
+    picked.update({k: m.get(k) for k in ("anchor", "soup", "btm", "merged", "unrestricted")})
     return {k: picked[k]["loss"] for k in COMPARED if picked.get(k)}
 
 
@@ -55,6 +59,80 @@ def table_markdown(rows: list[dict]) -> str:
         mean = {c: sum(o[c] for o in owners) / len(owners) for c in cols if all(c in o for o in owners)}
         lines.append("| owners' average | " + " | ".join(f"{mean[c]:.3f}" if c in mean else "" for c in cols)
                      + f" | {_pct(mean['merged'], mean['anchor'])} | | |")
+    return "\n".join(lines) + "\n"
+
+
+def owners_mean(rows: list[dict], model: str) -> float | None:
+    """A model's held-out loss averaged over the owners' domains (None if not scored on all)."""
+    owners = [r for r in rows if r["domain"] != "public"]
+    if not owners or any(model not in r["models"] for r in owners):
+        return None
+    return sum(r["models"][model]["loss"] for r in owners) / len(owners)
+
+
+def ablation_markdown(rows: list[dict]) -> str:
+    """Each scored variant of the merged model against the merged model as run, per domain."""
+    variants = sorted({k for r in rows for k in r["models"] if k.startswith(ABLATION_PREFIXES)})
+    if not variants:
+        return ""
+    lines = ["| model | " + " | ".join(r["domain"] for r in rows) + " | owners' average |",
+             "|---|" + "---:|" * (len(rows) + 1)]
+    for v in ["merged", *variants]:
+        cells = [f"{r['models'][v]['loss']:.3f}" if v in r["models"] else "" for r in rows]
+        mean = owners_mean(rows, v)
+        base = owners_mean(rows, "merged")
+        avg = f"{mean:.3f} ({_pct(mean, base)})" if mean is not None and v != "merged" else (f"{mean:.3f}" if mean else "")
+        lines.append(f"| {v} | " + " | ".join(cells) + f" | {avg} |")
+    return "\n".join(lines) + "\n"
+
+
+def targets(rows: list[dict]) -> list[tuple[str, bool, str]]:
+    """The FlexOlmo paper's ordering, checked on these numbers: (target, met, the numbers behind it).
+
+    Averages are over the owners' domains; a target whose models were not scored is left out.
+    """
+    merged = owners_mean(rows, "merged")
+    if merged is None:
+        return []
+    out = []
+
+    def versus(name: str, model: str, strict: bool = True) -> None:
+        other = owners_mean(rows, model)
+        if other is not None:
+            met = merged < other if strict else merged <= other
+            out.append((name, met, f"merged {merged:.3f} vs {other:.3f}"))
+
+    versus("merged beats the anchor", "anchor")
+    singles = sorted(k for k in rows[0]["models"] if k.startswith("alone/"))
+    if singles:
+        means = {k.split("/", 1)[1]: owners_mean(rows, k) for k in singles}
+        best = min(means, key=means.get)
+        out.append(("merged beats every single expert", all(merged < v for v in means.values()),
+                    f"merged {merged:.3f} vs best single ({best}) {means[best]:.3f}"))
+    versus("merged beats the soup", "soup")
+    versus("merged is no worse than BTM", "btm", strict=False)
+    reference = owners_mean(rows, "unrestricted")
+    if reference is not None:
+        gap = (merged - reference) / reference * 100
+        out.append((f"merged within {UNRESTRICTED_GAP_LIMIT:.0f}% of the unrestricted reference",
+                    gap <= UNRESTRICTED_GAP_LIMIT, f"merged {merged:.3f} vs unrestricted {reference:.3f} ({gap:+.1f}%)"))
+    removed, domains, cells = optout_matrix(rows)
+    for o, row in zip(removed, cells):
+        own = row[domains.index(o)] if o in domains else None
+        others = [abs(v) for d, v in zip(domains, row) if d != o]
+        worst = max(others, default=0.0)
+        out.append((f"removing {o} raises {o}'s loss and moves others < {OPTOUT_OTHERS_LIMIT:.0f}%",
+                    own is not None and own > 0 and worst < OPTOUT_OTHERS_LIMIT,
+                    f"{o}: {own:+.1f}%, largest other change {worst:.1f}%" if own is not None else "domain not scored"))
+    return out
+
+
+def targets_markdown(rows: list[dict]) -> str:
+    found = targets(rows)
+    if not found:
+        return ""
+    lines = ["| target | met | numbers |", "|---|:---:|---|"]
+    lines += [f"| {name} | {'yes' if met else '**no**'} | {numbers} |" for name, met, numbers in found]
     return "\n".join(lines) + "\n"
 
 
@@ -82,7 +160,8 @@ def plot_losses(rows: list[dict], path: Path) -> None:
 
     domains = [r["domain"] for r in rows]
     cols = [c for c in COMPARED if any(c in compared_losses(r) for r in rows)]
-    colors = {"anchor": "#9aa5b1", "own expert": "#f2a541", "soup": "#7fb77e", "btm": "#b07cc6", "merged": "#2f6fdf"}
+    colors = {"anchor": "#9aa5b1", "own expert": "#f2a541", "soup": "#7fb77e", "btm": "#b07cc6", "merged": "#2f6fdf",
+              "unrestricted": "#444444"}
     width = 0.8 / len(cols)
     fig, ax = plt.subplots(figsize=(1.6 * len(domains) + 2, 3.8))
     for j, c in enumerate(cols):
@@ -142,7 +221,15 @@ def page_html(rows: list[dict], images: list[str]) -> str:
         f"<tr><td>{html.escape(r['domain'])}</td>"
         + "".join(f"<td>{r['models'][m]['loss']:.3f}</td>" if m in r["models"] else "<td></td>" for m in models)
         + "</tr>" for r in rows)
-    main_table = markdown_it.MarkdownIt().enable("table").render(table_markdown(rows))
+    md = markdown_it.MarkdownIt().enable("table")
+    main_table = md.render(table_markdown(rows))
+    goals = targets_markdown(rows)
+    goals_html = ("<h2>Targets (the FlexOlmo paper's ordering)</h2><p>Averages over the owners' domains. "
+                  "A target not met is reported, not tuned away.</p>" + md.render(goals)) if goals else ""
+    ablations = ablation_markdown(rows)
+    ablations_html = ("<h2>Ablations</h2><p>The merged model as run against its variants: merged_tuned is "
+                      "after router tuning on public proxy text; top_k/K routes each token to K experts; "
+                      "router_bias/keep|drop toggles the owners' min(b, 0).</p>" + md.render(ablations)) if ablations else ""
     figures = "".join(f'<figure><img src="{name}" alt="{name}"></figure>' for name in images)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>consort report</title>
@@ -154,7 +241,9 @@ td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:right}}td:first-child{
 "own expert" is the domain owner's 2-expert model alone; soup averages all experts into one dense FFN;
 BTM mixes the owners' models by how well each predicted the text so far.</p>
 {main_table}
+{goals_html}
 {figures}
+{ablations_html}
 <h2>Every model scored</h2>
 <p>alone/X: owner X's model alone; without/X: the merged model with X opted out.</p>
 <table><tr><th>domain</th>{head}</tr>{body}</table>
@@ -173,7 +262,8 @@ def report(evaluations: Path, out_dir: Path, metrics: Path, training_logs: dict[
         images.append("loss_curves.png")
     summary = {r["domain"]: {m: {k: v[k] for k in ("loss", "bits_per_byte")} for m, v in r["models"].items()}
                for r in rows}
-    write_text(out_dir / "eval_table.md", table_markdown(rows))
+    write_text(out_dir / "eval_table.md", "\n".join(t for t in (table_markdown(rows), targets_markdown(rows),
+                                                                  ablation_markdown(rows)) if t))
     write_text(out_dir / "report.html", page_html(rows, images))
     write_json(metrics, summary)
     return summary
@@ -183,6 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--evaluations", type=Path, required=True)
     ap.add_argument("--anchor-log", type=Path, help="the anchor's training log (JSON lines)")
+    ap.add_argument("--reference-log", type=Path, help="the unrestricted reference's training log (empty when off)")
     ap.add_argument("--published", type=Path, help="folder of <owner>/train_log.jsonl")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--metrics", type=Path, required=True, help="where the loss of every model goes (JSON)")
@@ -190,6 +281,8 @@ def main(argv: list[str] | None = None) -> None:
     logs = {"anchor": args.anchor_log} if args.anchor_log else {}
     if args.published:
         logs |= {p.parent.name: p for p in sorted(args.published.glob("*/train_log.jsonl"))}
+    if args.reference_log and args.reference_log.exists() and args.reference_log.stat().st_size:
+        logs["unrestricted"] = args.reference_log
     report(args.evaluations, args.out, args.metrics, logs)
     print((args.out / "eval_table.md").read_text(), end="")
     print(f"report: {args.out / 'report.html'}")

@@ -21,6 +21,7 @@ from stages.runtime import use_granted_threads
 from stages.train_anchor import ANCHOR_INFO
 from stages.training import (
     Checkpointer,
+    add_upcycling_arguments,
     lm_losses,
     sample_batch,
     tokenize_corpus,
@@ -124,14 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("owner")
     ap.add_argument("--corpus", type=Path, required=True, help="the owner's train.jsonl")
-    ap.add_argument("--public-corpus", type=Path, required=True, help="the public train.jsonl")
-    ap.add_argument("--anchor", type=Path, required=True)
-    ap.add_argument("--public-embedding", type=Path, required=True)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--metrics", type=Path, required=True)
-    ap.add_argument("--log", type=Path, required=True)
-    ap.add_argument("--checkpoint", type=Path, required=True)
-    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+    add_upcycling_arguments(ap)
     args = ap.parse_args(argv)
     params = P.load(args.params)
     if args.owner not in params.owners:

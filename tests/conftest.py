@@ -1,6 +1,7 @@
 """Shared fixtures: tiny real models, and one real smoke run of the whole pipeline per session."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -21,6 +22,30 @@ def tiny_anchor(seed: int = 0, vocab: int = 96) -> Olmo2ForCausalLM:
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
                          tie_word_embeddings=False, pad_token_id=1, bos_token_id=0, eos_token_id=0)
     return Olmo2ForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_anchor_dir(tmp_path_factory):
+    """(folder with a tiny anchor, tokenizer and public embedding, the anchor, the public router row)."""
+    from transformers import AutoTokenizer
+
+    from stages import params as P
+    from stages.domain_embedding import save_embedding
+    from stages.io import write_json
+    from stages.train_anchor import ANCHOR_INFO, anchor_hash
+    from stages.train_tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny")
+    corpus = root / "public.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"public text number {i}."}) + "\n" for i in range(50)))
+    train_tokenizer(corpus, P.TokenizerParams(vocab_size=300, max_chars=10**6), root / "tok")
+    anchor = tiny_anchor(seed=0, vocab=300)
+    anchor.save_pretrained(root / "anchor")
+    AutoTokenizer.from_pretrained(root / "tok").save_pretrained(root / "anchor")
+    write_json(root / "anchor" / ANCHOR_INFO, {"anchor_hash": anchor_hash(anchor)})
+    r_pub = torch.nn.functional.normalize(torch.randn(32, generator=torch.Generator().manual_seed(5)), dim=0)
+    save_embedding(r_pub, root / "emb")
+    return root, anchor, r_pub
 
 
 def run_consort(*args: str, cwd: Path, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -4,7 +4,7 @@ import torch
 from transformers import FlexOlmoConfig, FlexOlmoForCausalLM
 
 from stages import params as P
-from stages.experts import resolve_experts, slice_experts
+from stages.experts import resolve_experts, slice_experts, with_top_k
 from flows.workspace import PROJECT_ROOT, read_project_params, set_expert_enabled
 
 
@@ -67,6 +67,19 @@ def test_slicing_keeps_public_expert_and_caps_top_k():
     assert slice_experts(model, [0, 1, 2, 3]) is model
     with pytest.raises(ValueError, match="out of range"):
         slice_experts(model, [7])
+
+
+def test_with_top_k_routes_each_token_to_k_experts():
+    model = random_merged(top_k=4)
+    ids = torch.randint(2, 80, (2, 12), generator=torch.Generator().manual_seed(2))
+    top2 = with_top_k(model, 2)
+    assert top2.config.num_experts_per_tok == 2 and with_top_k(model, 9).config.num_experts_per_tok == 4
+    with torch.no_grad():
+        _, weights, index = top2.model.layers[0].mlp.gate(torch.randn(5, 32))
+        assert index.shape == (5, 2) and weights.shape == (5, 2)
+        # Same weights routed to all experts: the logits of the original top-4 model.
+        torch.testing.assert_close(with_top_k(top2, 4)(input_ids=ids).logits, model(input_ids=ids).logits)
+        assert (top2(input_ids=ids).logits - model(input_ids=ids).logits).abs().max() > 1e-3
 
 
 def test_resolve_experts_names_unknown_owner():

@@ -7,33 +7,19 @@ from transformers import AutoModelForCausalLM, FlexOlmoForCausalLM
 
 from conftest import tiny_anchor
 from stages import params as P
-from stages.domain_embedding import save_embedding
+from stages.experts import toggled_router_bias
 from stages.io import write_json
 from stages.merge_experts import MERGED_INFO, MergeRefused, merge_experts
 from stages.moe import OWNER, BiasedFlexOlmoForCausalLM, blocks, export_flexolmo, upcycle
-from stages.train_anchor import ANCHOR_INFO, anchor_hash
+from stages.train_anchor import anchor_hash
 from stages.train_expert import MANIFEST, MANIFEST_VERSION
-from stages.train_tokenizer import train_tokenizer
 
 H = 32
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("merge")
-    corpus = root / "public.jsonl"
-    corpus.write_text("".join(json.dumps({"text": f"public text number {i}."}) + "\n" for i in range(50)))
-    train_tokenizer(corpus, P.TokenizerParams(vocab_size=300, max_chars=10**6), root / "tok")
-    anchor = tiny_anchor(seed=0, vocab=300)
-    anchor.save_pretrained(root / "anchor")
-    (root / "tok").rename(root / "tok_saved")
-    from transformers import AutoTokenizer
-
-    AutoTokenizer.from_pretrained(root / "tok_saved").save_pretrained(root / "anchor")
-    write_json(root / "anchor" / ANCHOR_INFO, {"anchor_hash": anchor_hash(anchor)})
-    r_pub = torch.nn.functional.normalize(torch.randn(H, generator=torch.Generator().manual_seed(5)), dim=0)
-    save_embedding(r_pub, root / "emb")
-    return root, anchor, r_pub
+def setup(tiny_anchor_dir):
+    return tiny_anchor_dir
 
 
 def publish(root, name, base, r_pub, seed, claimed_hash=None, bias=0.0):
@@ -95,6 +81,12 @@ def test_kept_bias_round_trips_and_matches_the_training_block(setup, tmp_path):
         kept.save_pretrained(tmp_path / "again")
         again = AutoModelForCausalLM.from_pretrained(tmp_path / "again")
         assert torch.equal(again(input_ids=ids).logits, kept(input_ids=ids).logits)
+        # The evaluation's bias ablation: each merge toggled gives the other one.
+        from_drop = toggled_router_bias(dropped, tmp_path / "drop")
+        from_keep = toggled_router_bias(kept, tmp_path / "keep")
+        assert type(from_drop) is BiasedFlexOlmoForCausalLM and type(from_keep) is FlexOlmoForCausalLM
+        assert torch.equal(from_drop(input_ids=ids).logits, kept(input_ids=ids).logits)
+        assert torch.equal(from_keep(input_ids=ids).logits, dropped(input_ids=ids).logits)
 
 
 def test_packages_of_the_previous_manifest_schema_still_merge(setup, tmp_path):

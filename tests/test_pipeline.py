@@ -11,7 +11,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import PROJECT, run_consort
 from flows.pipeline import CpuScheduler, stage_graph, topological_order
-from flows.workspace import prepare_workspace
+from flows.workspace import prepare_workspace, read_project_params
+from stages import params as P
 
 OWNERS = ["code", "literature", "manuals", "math", "news"]
 
@@ -24,9 +25,13 @@ def test_dvc_graph_becomes_task_order(tmp_path):
     assert graph["train_tokenizer"] == ["prepare_public"]
     assert set(graph["train_expert@news"]) == {"prepare_owner@news", "prepare_public", "train_anchor", "embed_public"}
     assert set(graph["merge_experts"]) >= {f"train_expert@{o}" for o in OWNERS}
-    # The report reads the published evaluations and training logs (the anchor's and the experts').
+    # The report reads the published evaluations and training logs (the anchor's, the experts', the reference's).
     assert set(graph["report"]) == ({f"evaluate_owner@{o}" for o in OWNERS} | {"evaluate_public", "train_anchor"}
-                                    | {f"train_expert@{o}" for o in OWNERS})
+                                    | {f"train_expert@{o}" for o in OWNERS} | {"train_unrestricted"})
+    assert set(graph["train_unrestricted"]) == ({f"prepare_owner@{o}" for o in OWNERS}
+                                                | {"prepare_public", "train_anchor", "embed_public"})
+    assert set(graph["evaluate_public"]) == {"prepare_public", "train_anchor", "merge_experts", "tune_router",
+                                             "train_unrestricted"}
     order = topological_order(graph)
     position = {s: i for i, s in enumerate(order)}
     assert all(position[d] < position[s] for s, deps in graph.items() for d in deps)
@@ -34,13 +39,18 @@ def test_dvc_graph_becomes_task_order(tmp_path):
         topological_order({"a": ["b"], "b": ["a"]})
 
 
+# The unrestricted reference exists only to measure what keeping data apart costs (off by default).
+READS_ALL_OWNERS = {"train_unrestricted"}
+
+
 def test_coordinator_stages_never_read_owner_folders(tmp_path):
-    """Only owner stages (foreach owners) may depend on owners/<name>/."""
+    """Only owner stages (foreach owners) may depend on owners/<name>/, and the reference, which is off by default."""
     dvc = yaml.safe_load((PROJECT / "dvc.yaml").read_text())
-    for name, stage in dvc["stages"].items():
-        if "foreach" in stage:
-            continue
-        assert not any(str(d).startswith("owners") for d in stage.get("deps", [])), name
+    readers = {name for name, stage in dvc["stages"].items()
+               if "foreach" not in stage and any(str(d).startswith("owners") for d in stage.get("deps", []))}
+    assert readers == READS_ALL_OWNERS
+    assert P.resolve(read_project_params())["unrestricted"]["enabled"] is False
+    assert P.resolve(read_project_params())["router_tuning"]["enabled"] is False
 
 
 def test_smoke_run_trains_merges_and_records_lineage(smoke_workspace):
@@ -126,7 +136,8 @@ def test_rerun_is_a_no_op_and_a_param_change_reruns_only_its_branch(smoke_worksp
     changed.write_text(yaml.safe_dump(params))
     proc = run_consort("run", "--preset", "smoke", "--workspace", str(ws), "--params", str(changed), cwd=ws.parent)
     ran = {line.split()[1] for line in proc.stdout.splitlines() if line.strip().startswith("ran ")}
-    expected = {"train_expert@news", "merge_experts", "evaluate_public", "report"} | {f"evaluate_owner@{o}" for o in OWNERS}
+    expected = ({"train_expert@news", "train_unrestricted", "merge_experts", "tune_router", "evaluate_public", "report"}
+                | {f"evaluate_owner@{o}" for o in OWNERS})
     assert ran == expected, proc.stdout[-3000:]
     manifest = json.loads((ws / "published" / "news" / "expert" / "consort_expert.json").read_text())
     assert manifest["training"]["steps"] == 5
@@ -139,12 +150,15 @@ def test_report_shows_every_baseline_and_the_optout_matrix(smoke_workspace):
         assert (reports / name).stat().st_size > 500, name
     summary = json.loads((ws / "metrics" / "eval.json").read_text())
     assert set(summary) == {"public", *OWNERS}
-    expected = {"anchor", "merged", "soup", "btm"} | {f"alone/{o}" for o in OWNERS} | {f"without/{o}" for o in OWNERS}
+    # The smoke preset turns on everything the study has: reference, router tuning, ablations.
+    expected = ({"anchor", "merged", "soup", "btm", "unrestricted", "merged_tuned", "top_k/1", "top_k/2", "top_k/6",
+                 "router_bias/keep"} | {f"alone/{o}" for o in OWNERS} | {f"without/{o}" for o in OWNERS})
     for domain, models in summary.items():
         assert set(models) == expected, domain
         assert all(v["loss"] > 0 for v in models.values())
     html = (reports / "report.html").read_text()
     assert "optout_heatmap.png" in html and "without/news" in html and "<table>" in html
+    assert "Targets" in html and "merged is no worse than BTM" in html and "Ablations" in html and "top_k/1" in html
     client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
     report_run = client.search_runs([client.get_experiment_by_name("consort").experiment_id],
                                     filter_string="tags.`consort.stage` = 'report'")[0]

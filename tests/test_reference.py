@@ -1,0 +1,119 @@
+"""The study's extra models: the unrestricted reference, router tuning, and the report's target checks."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, FlexOlmoForCausalLM
+
+from flows.workspace import read_project_params
+from stages import params as P
+from stages.experts import MERGED_INFO, has_model
+from stages.io import write_json
+from stages.report import targets
+from stages.train_unrestricted import train_unrestricted
+from stages.tune_router import pick_proxy, tune_router
+
+OWNERS = ("alpha", "beta")
+
+
+def tiny_params(**sections) -> P.Params:
+    """The smoke preset's values cut to two owners, with `sections` merged on top."""
+    raw = P.resolve(read_project_params(), "smoke")
+    template = next(iter(raw["owners"].values()))
+    raw["owners"] = {"alpha": template, "beta": {**template, "train": {"steps": 6}}}
+    raw["expert"]["train"] = {**raw["expert"]["train"], "steps": 4, "seq_len": 16, "batch_size": 4, "warmup_steps": 1}
+    raw["expert"]["router_init_docs"] = 5
+    for key, value in sections.items():
+        raw[key] = {**raw[key], **value}
+    return P.parse(raw)
+
+
+@pytest.fixture(scope="module")
+def corpora(tiny_anchor_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpora")
+    paths = {}
+    for o, word in zip(OWNERS, ("alpha", "beta")):
+        paths[o] = root / f"{o}.jsonl"
+        paths[o].write_text("".join(json.dumps({"text": f"{word} says {i} times {word}. "}) + "\n" for i in range(60)))
+    return paths
+
+
+def test_unrestricted_reference_trains_every_expert_on_all_owners_data(tiny_anchor_dir, corpora, tmp_path):
+    root, anchor, _ = tiny_anchor_dir
+    params = tiny_params(unrestricted={"enabled": True})
+    out = tmp_path / "ref"
+    summary = train_unrestricted(corpora, root / "public.jsonl", root / "anchor", root / "emb", params, out,
+                                 tmp_path / "log.jsonl", tmp_path / "ckpt.pt")
+    assert summary["steps"] == 4 + 6  # the experts' steps together
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model) is FlexOlmoForCausalLM and model.config.num_experts == 3
+    assert model.config.num_experts_per_tok == min(params.merge.top_k or 3, 3)
+    assert [e["owner"] for e in json.loads((out / MERGED_INFO).read_text())["experts"]] == ["public", *OWNERS]
+    ref, dense = model.state_dict(), anchor.state_dict()
+    # Shared tensors are the anchor's; every expert, the public one included, has learned.
+    assert torch.equal(ref["model.layers.0.self_attn.q_proj.weight"], dense["model.layers.0.self_attn.q_proj.weight"])
+    for e in range(3):
+        assert not torch.equal(ref["model.layers.0.mlp.experts.down_proj"][e], dense["model.layers.0.mlp.down_proj.weight"])
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) >= 2
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_unrestricted_reference_off_writes_only_a_stub(tiny_anchor_dir, corpora, tmp_path):
+    root, _, _ = tiny_anchor_dir
+    summary = train_unrestricted(corpora, root / "public.jsonl", root / "anchor", root / "emb", tiny_params(unrestricted={"enabled": False}),
+                                 tmp_path / "ref", tmp_path / "log.jsonl", tmp_path / "ckpt.pt")
+    assert summary == {"enabled": False} and not has_model(tmp_path / "ref")
+    assert (tmp_path / "log.jsonl").read_text() == ""
+
+
+def test_router_tuning_changes_only_router_rows(tiny_anchor_dir, corpora, tmp_path):
+    root, anchor, _ = tiny_anchor_dir
+    params = tiny_params(unrestricted={"enabled": True}, router_tuning={"enabled": True, "token_fraction": 1.0,
+                                                                           "candidate_docs": 20})
+    # Any FlexOlmo model with a merge record will do: the reference is one.
+    train_unrestricted(corpora, root / "public.jsonl", root / "anchor", root / "emb", params, tmp_path / "merged",
+                       tmp_path / "log.jsonl", tmp_path / "ckpt.pt")
+    info = tune_router(tmp_path / "merged", root / "public.jsonl", params, tmp_path / "tuned", tmp_path / "t.pt")
+    assert info["enabled"] and set(info["proxy_docs"]) == set(OWNERS) and info["steps"] >= 1
+    before = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").state_dict()
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "tuned").state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.endswith("mlp.gate.weight") for k in changed), changed
+
+
+def test_proxy_documents_are_the_ones_routed_most_to_each_expert():
+    share = np.array([[0.5, 0.4, 0.1], [0.2, 0.1, 0.7], [0.3, 0.6, 0.1], [0.1, 0.3, 0.6]])
+    lengths = np.array([10, 10, 10, 10])
+    assert pick_proxy(share, lengths, {1: 15, 2: 5}) == {1: [2, 0], 2: [1]}
+
+
+def _rows(merged: dict, others: dict) -> list[dict]:
+    """Evaluation records for two owner domains: {model: (loss on a, loss on b)}."""
+    models = {"merged": merged, **others}
+    return [{"domain": d, "experts": ["a", "b"], "models": {m: {"loss": v[i], "bits_per_byte": 1.0}
+                                                            for m, v in models.items()}} for i, d in enumerate("ab")]
+
+
+def test_targets_are_judged_on_the_numbers():
+    rows = _rows((5.0, 5.0), {"anchor": (5.5, 5.5), "soup": (5.4, 5.4), "btm": (4.9, 5.0), "unrestricted": (4.8, 4.8),
+                              "alone/a": (4.9, 5.6), "alone/b": (5.6, 5.2),
+                              "without/a": (5.3, 5.02), "without/b": (5.0, 5.1)})
+    met = {name: ok for name, ok, _ in targets(rows)}
+    assert met["merged beats the anchor"] and met["merged beats the soup"]
+    assert met["merged beats every single expert"]
+    assert not met["merged is no worse than BTM"]  # 5.0 vs 4.95
+    assert not met["merged within 3% of the unrestricted reference"]  # +4.2%
+    assert met["removing a raises a's loss and moves others < 1%"]  # b moves +0.4%
+    assert met["removing b raises b's loss and moves others < 1%"]
+    rows[1]["models"]["without/a"]["loss"] = 5.2  # b moves +4% when a is removed
+    assert not dict((n, ok) for n, ok, _ in targets(rows))["removing a raises a's loss and moves others < 1%"]
+
+
+def test_evaluation_record_of_an_old_merge_has_no_bias_to_toggle(tmp_path):
+    from stages.experts import toggled_router_bias
+    from test_experts import random_merged
+
+    write_json(tmp_path / MERGED_INFO, {"experts": [{"owner": "public"}, {"owner": "a"}, {"owner": "b"}, {"owner": "c"}]})
+    with pytest.raises(ValueError, match="re-run merge_experts"):
+        toggled_router_bias(random_merged(), tmp_path)
