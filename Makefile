@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PRESET ?= default
 WORKSPACE ?= workspace
 
-.PHONY: run test test-slow install clean
+.PHONY: run test test-slow install browser clean
 
 $(BIN)/consort: pyproject.toml requirements/overrides.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,14 @@ install: $(BIN)/consort
 run: install
 	$(BIN)/consort run --preset $(PRESET) --workspace $(WORKSPACE)
 
+# The trace page is tested in a real headless Chromium: Debian's, driven by Selenium.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  echo "installing Debian's chromium and chromium-driver for the page test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
+
 # pytest exits 5 when it collected no test: that is a failure, never a pass.
-test: install
+test: install browser
 	$(BIN)/python -m pytest -q; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$status
 

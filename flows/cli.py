@@ -61,14 +61,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from flows.workspace import Workspace
+    from flows.workspace import PROJECT_ROOT, Workspace
 
     ws = Workspace(args.workspace.resolve())
     if not (ws.root / "mlflow.db").exists():
         print(f"consort: no MLflow store in {ws.root}; run `consort run` first", file=sys.stderr)
         return 2
-    url = f"http://127.0.0.1:{args.port}"
-    print(f"MLflow UI for {ws.root}: {url}  (Ctrl-C stops it)", flush=True)
+    # The trace page reads opt-outs from the project's params, as `consort generate` does.
+    page = subprocess.Popen([sys.executable, "-m", "tracing.page", "--workspace", str(ws.root),
+                             "--port", str(args.page_port), "--params", str(args.params or PROJECT_ROOT / "params.yaml"),
+                             "--preset", args.preset])
+    print(f"MLflow UI for {ws.root}: http://127.0.0.1:{args.port}", flush=True)
+    print(f"trace page: http://127.0.0.1:{args.page_port}  (needs `consort serve --workspace {args.workspace}`)"
+          "  (Ctrl-C stops both)", flush=True)
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", ws.tracking_uri,
            "--default-artifact-root", ws.artifacts.as_uri(), "--host", "127.0.0.1", "--port", str(args.port),
            "--workers", "1"]
@@ -76,6 +81,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
         return subprocess.call(cmd)
     except KeyboardInterrupt:
         return 0
+    finally:
+        page.terminate()
+        page.wait(timeout=10)
 
 
 def cmd_experts(args: argparse.Namespace) -> int:
@@ -111,36 +119,102 @@ def cmd_experts(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    text = _generate(args)
+    if text is None:
+        return 2
+    print(args.prompt + text)
+    return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+
+    from tracing.coordinator import start_services, stop_services
+
+    # `kill` or a supervisor's SIGTERM must stop the owners' services too, as Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        procs = start_services(args.workspace.resolve(), args.owners.split(",") if args.owners else None)
+    except (FileNotFoundError, RuntimeError, TimeoutError, ValueError) as err:
+        print(f"consort: {err}", file=sys.stderr)
+        return 2
+    from tracing.coordinator import load_registry
+
+    for owner, entry in load_registry(args.workspace.resolve()).items():
+        if owner in procs:
+            print(f"  {owner:<12} {entry['url']}/trace")
+    print("trace services running (Ctrl-C stops them)", flush=True)
+    try:
+        while all(p.poll() is None for p in procs.values()):
+            time.sleep(1)
+        dead = [o for o, p in procs.items() if p.poll() is not None]
+        print(f"consort: trace service of {', '.join(dead)} stopped", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stop_services(procs)
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    import json
+
+    from tracing.coordinator import format_trace, load_registry, trace_everywhere
+
+    ws_root = args.workspace.resolve()
+    registry = load_registry(ws_root)
+    if not registry:
+        print(f"consort: no trace services recorded in {ws_root}; start them with `consort serve --workspace "
+              f"{args.workspace}`", file=sys.stderr)
+        return 2
+    prompt, text = args.prompt or "", args.text
+    if text is None:
+        text = _generate(args)
+        if text is None:
+            return 2
+    result = trace_everywhere(registry, prompt, text)
+    print(json.dumps(result, indent=2) if args.json else format_trace(result))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> str | None:
+    """The merged model's continuation of args.prompt with the experts args allow (None on a bad input)."""
     from flows.workspace import Workspace, read_project_params
 
     ws = Workspace(args.workspace.resolve())
     if not ws.merged_model.exists():
         print(f"consort: no merged model in {ws.root}; run `consort run` first", file=sys.stderr)
-        return 2
+        return None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
     from transformers import AutoTokenizer
 
-    from stages.experts import load_merged, merged_owners, resolve_experts
+    from stages.experts import continue_text, load_merged, merged_owners, resolve_experts
     from stages.params import resolve
 
     try:
-        # The project's params, not the workspace's copy: an opt-out counts from the moment it is made.
         disabled = resolve(read_project_params(args.params), args.preset)["inference"]["disabled"]
         experts = resolve_experts(args.experts, merged_owners(ws.merged_model), disabled)
-    except ValueError as err:  # ParamsError included
+    except ValueError as err:
         print(f"consort: {err}", file=sys.stderr)
-        return 2
+        return None
     tokenizer = AutoTokenizer.from_pretrained(ws.merged_model)
     model = load_merged(ws.merged_model, experts)
-    torch.manual_seed(args.seed)
-    ids = tokenizer(args.prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                         temperature=args.temperature or None, top_p=0.95 if args.temperature > 0 else None,
-                         pad_token_id=tokenizer.eos_token_id)
     print(f"[experts: public, {', '.join(experts) or '(none)'}]", file=sys.stderr)
-    print(args.prompt + tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
-    return 0
+    return continue_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.seed)
+
+
+def _add_generation_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--experts", default=None, help="owners whose experts run, e.g. code,math (default: enabled)")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE)
+    p.add_argument("--params", type=Path, default=None, help="params file with the opt-outs (default: the project's)")
+    p.add_argument("--preset", default="default")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,9 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="append", default=[], metavar="STAGE",
                      help="run STAGE even if DVC finds it up to date (after a code change); repeatable")
     run.set_defaults(func=cmd_run)
-    ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for a workspace")
+    ui = sub.add_parser("ui", help="start the MLflow UI and the trace page on 127.0.0.1 for a workspace")
     ui.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE)
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--port", type=int, default=5000, help="MLflow UI port")
+    ui.add_argument("--page-port", type=int, default=8700, help="trace page port")
+    ui.add_argument("--params", type=Path, default=None, help="params file with the opt-outs (default: the project's)")
+    ui.add_argument("--preset", default="default")
     ui.set_defaults(func=cmd_ui)
     ex = sub.add_parser("experts", help="list the merged model's experts, or opt an owner's expert in or out")
     ex.add_argument("action", nargs="?", choices=["list", "enable", "disable"], default="list")
@@ -166,14 +243,19 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=cmd_experts)
     gen = sub.add_parser("generate", help="continue a prompt with the merged model")
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--experts", default=None, help="owners whose experts run, e.g. code,math (default: enabled)")
-    gen.add_argument("--max-new-tokens", type=int, default=40)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE)
-    gen.add_argument("--params", type=Path, default=None, help="params file with the opt-outs (default: the project's)")
-    gen.add_argument("--preset", default="default")
+    _add_generation_arguments(gen)
     gen.set_defaults(func=cmd_generate)
+    serve = sub.add_parser("serve", help="start every owner's trace service on 127.0.0.1 (the demo's owners)")
+    serve.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE)
+    serve.add_argument("--owners", default=None, help="only these owners, e.g. code,news (default: all)")
+    serve.set_defaults(func=cmd_serve)
+    tr = sub.add_parser("trace", help="trace an output back to the owners' documents (needs `consort serve`)")
+    what = tr.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="generate from this prompt with the merged model, then trace the output")
+    what.add_argument("--text", help="trace this text as it is")
+    tr.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_generation_arguments(tr)
+    tr.set_defaults(func=cmd_trace)
     return ap
 
 

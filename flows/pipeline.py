@@ -29,8 +29,8 @@ from stages.runtime import threads_variable
 logging.getLogger("dvc").propagate = False
 
 HEAVY_PREFIXES = ("train_", "embed_", "evaluate_", "merge_")
-# Stages that come in groups which can run side by side: experts (and the reference), one evaluation per domain.
-ONE_CORE_PREFIXES = ("train_expert", "train_unrestricted", "evaluate_")
+# Stages that come in groups which can run side by side: experts, and one evaluation per domain.
+ONE_CORE_PREFIXES = ("train_expert", "evaluate_")
 
 
 class CpuScheduler:

@@ -146,6 +146,9 @@ class Lineage:
             if datasets:
                 self.client.log_inputs(run_id, datasets=datasets)
             self.stage_runs[stage_name] = run_id
+        trace_page = self.ws.root / "evaluations" / f"{stage_name.partition('@')[2]}.trace.html"
+        if stage_name.startswith("evaluate_owner@") and trace_page.exists():
+            self.client.log_artifact(run_id, str(trace_page), "trace")
         if stage_name == "report" and (self.ws.root / "reports").exists():
             self.client.log_artifacts(run_id, str(self.ws.root / "reports"), "report")
         if stage_name == "merge_experts":

@@ -93,9 +93,10 @@ def prepare_workspace(root: Path, preset: str, params_file: Path | None = None) 
     shutil.copyfile(PROJECT_ROOT / "dvc.yaml", root / "dvc.yaml")
     text = (f"# Written by `consort run --preset {preset}` from {source.name}; edit that file, not this one.\n"
             + yaml.safe_dump(resolved, sort_keys=False))
-    # An expert's resumable checkpoint comes and goes while it trains: a stage reading the whole
-    # owners/ folder (the unrestricted reference) must not see that as changed input.
-    (root / ".dvcignore").write_text("owners/*/checkpoint.pt*\n")
+    # An expert's resumable checkpoint comes and goes while it trains, and a trace service keeps
+    # its key, tokens and audit log: a stage reading the whole owners/ folder (the unrestricted
+    # reference) must not see either as changed input.
+    (root / ".dvcignore").write_text("owners/*/checkpoint.pt*\nowners/*/trace/\n")
     params_path = root / "params.yaml"
     if not params_path.exists() or params_path.read_text() != text:
         params_path.write_text(text)

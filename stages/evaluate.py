@@ -15,9 +15,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stages import params as P
 from stages.baselines import btm_token_nll, soup_model
-from stages.experts import has_model, merged_owners, resolve_experts, slice_experts, toggled_router_bias, with_top_k
+from stages.experts import (
+    has_model,
+    load_merged,
+    merged_owners,
+    resolve_experts,
+    slice_experts,
+    toggled_router_bias,
+    with_top_k,
+)
 from stages.moe import BiasedFlexOlmoForCausalLM
-from stages.io import write_json
+from stages.io import read_jsonl, write_json, write_text
 from stages.runtime import use_granted_threads
 from stages.training import tokenize_corpus
 
@@ -102,6 +110,20 @@ def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, 
     return {"domain": domain, "experts": experts, "models": models}
 
 
+def write_trace_page(domain: str, val: Path, merged_dir: Path, index_dir: Path, params: P.Params, out: Path) -> int:
+    """Trace `trace.samples` outputs of the merged model (prompted with held-out openings) in the owner's index."""
+    from tracing.lineage import trace_page_html, traced_samples
+    from tracing.service import OwnerService
+
+    # index_dir is <workspace>/owners/<domain>/index: the service's settings and key live beside it.
+    service = OwnerService.from_workspace(index_dir.resolve().parents[2], domain, params)
+    prompts = [" ".join(row["text"].split()[:12]) for _, row in zip(range(params.trace.samples), read_jsonl(val))]
+    experts = resolve_experts(None, merged_owners(merged_dir), params.inference.disabled)
+    samples = traced_samples(load_merged(merged_dir, experts), AutoTokenizer.from_pretrained(merged_dir), prompts, service)
+    write_text(out, trace_page_html(domain, samples, service.policy))
+    return sum(len(s["spans"]) for s in samples)
+
+
 def main(argv: list[str] | None = None) -> None:
     use_granted_threads()
     ap = argparse.ArgumentParser(description=__doc__)
@@ -111,6 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--merged", type=Path, required=True)
     ap.add_argument("--reference", type=Path, help="the unrestricted reference's folder (scored if trained)")
     ap.add_argument("--tuned", type=Path, help="the router-tuned merged model's folder (scored if tuned)")
+    ap.add_argument("--index", type=Path, help="the owner's index: trace generated samples in it")
+    ap.add_argument("--trace-page", type=Path, help="where the traced samples' HTML page goes (with --index)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = ap.parse_args(argv)
@@ -118,6 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     result = evaluate_domain(args.domain, args.val, args.anchor, args.merged, params.evaluate, params.inference,
                              args.reference, args.tuned)
     write_json(args.out, result)
+    if args.index and args.trace_page:
+        spans = write_trace_page(args.domain, args.val, args.merged, args.index, params, args.trace_page)
+        print(f"traced {params.trace.samples} generated samples in {args.domain}'s index: {spans} spans")
     m = result["models"]
     print(f"evaluate {args.domain}: anchor {m['anchor']['loss']:.3f}, merged {m['merged']['loss']:.3f}"
           + (f", soup {m['soup']['loss']:.3f}, btm {m['btm']['loss']:.3f}" if "btm" in m else ""))

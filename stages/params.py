@@ -183,9 +183,31 @@ class InferenceParams(Strict):
     disabled: list[str] = Field(default_factory=list, description="owners opted out wherever the model runs")
 
 
+class TracePolicy(Strict):
+    """What an owner's trace service discloses, and to whom (tracing/service.py)."""
+    min_span_tokens: int = Field(default=3, ge=1, description="shorter matches are never reported")
+    disclosure: Literal["ids", "snippets"] = Field(default="ids", description="ids: keyed-hash document ids only")
+    snippet_chars: int = Field(default=200, ge=20, le=2000, description="longest snippet around a span")
+    requests_per_minute: int = Field(default=60, ge=1, description="per client")
+    clients: list[str] = Field(default_factory=lambda: ["coordinator"], min_length=1,
+                               description="clients given a token; each has its own budget")
+    max_output_chars: int = Field(default=20000, ge=100, description="longer requests are refused (413)")
+
+
 class OwnerParams(Strict):
     data: CorpusParams
     train: TrainOverrides = TrainOverrides()
+    trace: TracePolicy = TracePolicy()
+
+
+class TraceParams(Strict):
+    """OLMoTrace settings shared by every owner's index (DESIGN.md section 4)."""
+    span_fraction: float = Field(default=0.05, gt=0, le=1, description="keep ceil(fraction * output tokens) spans")
+    max_count: int = Field(default=1000, ge=1, description="spans found more often are dropped")
+    docs_per_span: int = Field(default=10, ge=1, le=100)
+    context_tokens: int = Field(default=40, ge=0, le=1000, description="tokens fetched each side of a span")
+    base_port: int = Field(default=8750, ge=1024, le=65000, description="owner i's service listens on base_port + i")
+    samples: int = Field(default=2, ge=0, description="generated samples the evaluation traces for the lineage")
 
 
 class Params(Strict):
@@ -200,6 +222,7 @@ class Params(Strict):
     unrestricted: UnrestrictedParams = UnrestrictedParams()
     evaluate: EvaluateParams
     inference: InferenceParams = InferenceParams()
+    trace: TraceParams = TraceParams()
 
     @field_validator("owners")
     @classmethod

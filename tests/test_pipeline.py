@@ -28,8 +28,11 @@ def test_dvc_graph_becomes_task_order(tmp_path):
     # The report reads the published evaluations and training logs (the anchor's, the experts', the reference's).
     assert set(graph["report"]) == ({f"evaluate_owner@{o}" for o in OWNERS} | {"evaluate_public", "train_anchor"}
                                     | {f"train_expert@{o}" for o in OWNERS} | {"train_unrestricted"})
-    assert set(graph["train_unrestricted"]) == ({f"prepare_owner@{o}" for o in OWNERS}
+    # The reference reads the whole owners/ folder, indexes included (it is off by default).
+    assert set(graph["train_unrestricted"]) == ({f"prepare_owner@{o}" for o in OWNERS} | {f"build_index@{o}" for o in OWNERS}
                                                 | {"prepare_public", "train_anchor", "embed_public"})
+    assert set(graph["build_index@news"]) == {"prepare_owner@news", "train_tokenizer"}
+    assert "build_index@news" in graph["evaluate_owner@news"]
     assert set(graph["evaluate_public"]) == {"prepare_public", "train_anchor", "merge_experts", "tune_router",
                                              "train_unrestricted"}
     order = topological_order(graph)
@@ -163,6 +166,11 @@ def test_report_shows_every_baseline_and_the_optout_matrix(smoke_workspace):
     report_run = client.search_runs([client.get_experiment_by_name("consort").experiment_id],
                                     filter_string="tags.`consort.stage` = 'report'")[0]
     assert {"report/report.html", "report/optout_heatmap.png"} <= {a.path for a in client.list_artifacts(report_run.info.run_id, "report")}
+    # Each owner's evaluation traced generated samples in its own index; the page is in its run.
+    news_run = client.search_runs([client.get_experiment_by_name("consort").experiment_id],
+                                  filter_string="tags.`consort.stage` = 'evaluate_owner@news'")[0]
+    assert [a.path for a in client.list_artifacts(news_run.info.run_id, "trace")] == ["trace/news.trace.html"]
+    assert "traced in news" in (ws / "evaluations" / "news.trace.html").read_text()
 
 
 def test_opting_an_expert_out_reruns_only_what_follows_the_merge(smoke_workspace, tmp_path):

@@ -1,0 +1,302 @@
+"""Tracing: a real infini-gram index of an owner's corpus, OLMoTrace attribution checked by brute force,
+the owner's HTTP service on 127.0.0.1 (policy, bad input, fuzz, audit), the coordinator's fan-out, the CLI."""
+import json
+import random
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import run_consort
+from stages.io import read_jsonl
+from tracing.attribution import TraceSettings, attribute
+from tracing.index import IndexError_, bow_token_ids, open_engine, write_index
+from tracing.service import AUDIT_LOG, OwnerService, create_app
+
+OWNER = "news"
+
+
+@pytest.fixture(scope="module")
+def corpus(smoke_workspace):
+    ws, _ = smoke_workspace
+    tok = AutoTokenizer.from_pretrained(ws / "models" / "tokenizer")
+    docs = {row["id"]: row["text"] for row in read_jsonl(ws / "owners" / OWNER / "corpus" / "train.jsonl")}
+    ids = {d: tok(t, add_special_tokens=False)["input_ids"] for d, t in docs.items()}
+    return ws, tok, docs, ids
+
+
+def occurrences(needle: list[int], haystack: list[int]) -> int:
+    n = len(needle)
+    return sum(haystack[i:i + n] == needle for i in range(len(haystack) - n + 1))
+
+
+def planted_output(docs: dict[str, str], rng: random.Random) -> tuple[str, str]:
+    """Gibberish, then a run of whole words from a corpus document, then gibberish: (output, passage)."""
+    while True:  # a run of 8 words with no delimiter inside (a span is cut after '.' and newlines)
+        words = rng.choice([t for t in docs.values() if len(t) > 600]).split(" ")
+        start = rng.randrange(1, len(words) - 8)
+        run = words[start:start + 8]
+        if all(w and w.isprintable() and "." not in w and not w.isspace() for w in run):
+            passage = " ".join(run)
+            return f"Zqxv wqkj {passage} vqzx kjqw, the company said on Monday that its shares rose", passage
+
+
+def test_spans_occur_verbatim_and_every_document_contains_them(corpus):
+    ws, tok, docs, ids = corpus
+    engine = open_engine(ws / "owners" / OWNER / "index")
+    rng = random.Random(0)
+    settings = TraceSettings(span_fraction=1.0, max_count=1000, docs_per_span=10, min_span_tokens=1)
+    checked = 0
+    for _ in range(5):
+        output, _ = planted_output(docs, rng)
+        out_ids = tok(output, add_special_tokens=False)["input_ids"]
+        for sp in attribute(engine, tok, "", output, settings):
+            needle = out_ids[sp.token_start:sp.token_end]
+            total = sum(occurrences(needle, doc) for doc in ids.values())
+            assert total == sp.count and 1 <= total <= settings.max_count, output[sp.start:sp.end]
+            assert len(sp.documents) == min(total, settings.docs_per_span)
+            for d in sp.documents:
+                assert occurrences(needle, ids[d.doc_id]) >= 1, (d.doc_id, output[sp.start:sp.end])
+                assert output[sp.start:sp.end] in docs[d.doc_id]
+            assert output[sp.start:sp.end] == output[sp.start:sp.end].strip()
+            checked += 1
+    assert checked >= 10
+
+
+def test_planted_passages_are_found_whole(corpus):
+    ws, tok, docs, _ = corpus
+    engine = open_engine(ws / "owners" / OWNER / "index")
+    rng = random.Random(1)
+    for _ in range(8):
+        output, passage = planted_output(docs, rng)
+        spans = attribute(engine, tok, "", output, TraceSettings(span_fraction=0.05, min_span_tokens=1))
+        texts = [output[sp.start:sp.end] for sp in spans]
+        assert passage in texts, (passage, texts)  # the rarest span: kept by the 5 % cut
+
+
+def test_index_refuses_what_would_crash_the_engine(tmp_path):
+    with pytest.raises(IndexError_, match="word 'table'"):
+        write_index([("a", [1, 2])], 100, [], tmp_path / "stable" / "idx", eos_token_id=0)
+    with pytest.raises(IndexError_, match="document 'b': token id 100 outside"):
+        write_index([("a", [1, 2]), ("b", [3, 100])], 100, [], tmp_path / "idx", eos_token_id=0)
+    with pytest.raises(IndexError_, match="empty"):
+        write_index([], 100, [], tmp_path / "idx", eos_token_id=0)
+    assert not (tmp_path / "idx").exists() and not list(tmp_path.glob(".idx*"))  # nothing half-written
+    with pytest.raises(IndexError_, match="not an index written by consort"):
+        open_engine(tmp_path)
+
+
+def test_index_answers_like_brute_force_on_a_small_corpus(tmp_path, corpus):
+    _, tok, docs, _ = corpus
+    texts = ["the cat sat on the mat.", "a dog sat on the log.", "the cat ran."]
+    stats = write_index(((str(i), tok(t, add_special_tokens=False)["input_ids"]) for i, t in enumerate(texts)),
+                        len(tok), bow_token_ids(tok), tmp_path / "idx", tok.eos_token_id)
+    assert stats.documents == 3
+    engine = open_engine(tmp_path / "idx")
+    tokenized = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    expected = {" sat on the": 2, " the mat": 1, " cat": 2, " bird": 0}
+    for phrase, n in expected.items():
+        needle = tok(phrase, add_special_tokens=False)["input_ids"]
+        assert sum(occurrences(needle, t) for t in tokenized) == n, phrase  # the expectation itself
+        assert engine.count(input_ids=needle)["count"] == n, phrase
+
+
+# --- the owner's service over HTTP ---------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """An owner's app served by uvicorn on 127.0.0.1 in a thread (a real HTTP server)."""
+
+    def __init__(self, app) -> None:
+        import uvicorn
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def owner_service(ws: Path, state_dir: Path, **policy) -> OwnerService:
+    base = OwnerService.from_workspace(ws, OWNER)
+    return OwnerService(OWNER, base.index_dir, base.tokenizer_dir, state_dir,
+                        base.policy.model_copy(update=policy), base.settings)
+
+
+@pytest.fixture(scope="module")
+def ids_server(corpus, tmp_path_factory):
+    ws = corpus[0]
+    service = owner_service(ws, tmp_path_factory.mktemp("ids"), disclosure="ids", requests_per_minute=100000,
+                            clients=["coordinator", "fuzzer"])
+    server = Server(create_app(service))
+    yield server, service
+    server.stop()
+    engine = server.server.config.app.state.engine["engine"]
+    if engine:
+        engine.close()
+
+
+def post(server, body, token=None, raw: bytes | None = None, service=None) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if raw is not None:
+        return httpx.post(f"{server.url}/trace", content=raw, headers=headers, timeout=30)
+    return httpx.post(f"{server.url}/trace", json=body, headers=headers, timeout=30)
+
+
+def test_ids_disclosure_never_returns_document_text(ids_server, corpus):
+    server, service = ids_server
+    _, _, docs, _ = corpus
+    token = service.client_tokens()["coordinator"]
+    output, passage = planted_output(docs, random.Random(2))
+    r = post(server, {"prompt": "", "output": output}, token)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["spans"] and body["disclosure"] == "ids"
+    for sp in body["spans"]:
+        assert set(sp) == {"start", "end", "count", "documents"} and sp["count"] in {"1", "2-9", "10-99", "100+"}
+        for d in sp["documents"]:
+            assert set(d) == {"id", "score"} and len(d["id"]) == 20
+    # Nothing of a document beyond what the output already holds: no 20-character run of any
+    # document that is not in the output appears in the answer.
+    answer = r.text
+    for text in docs.values():
+        for i in range(0, max(1, len(text) - 20), 97):
+            piece = text[i:i + 20]
+            assert piece in output or piece not in answer
+
+
+def test_snippets_are_cut_to_the_policy_length(corpus, tmp_path):
+    ws, _, docs, _ = corpus
+    service = owner_service(ws, tmp_path, disclosure="snippets", snippet_chars=50)
+    server = Server(create_app(service))
+    try:
+        output, passage = planted_output(docs, random.Random(3))
+        r = post(server, {"output": output}, service.client_tokens()["coordinator"])
+        assert r.status_code == 200, r.text
+        found = [d for sp in r.json()["spans"] for d in sp["documents"]]
+        assert found and all(len(d["snippet"]) <= 50 for d in found)
+        assert all(0 <= d["match_start"] <= d["match_end"] <= 50 for d in found)
+    finally:
+        server.stop()
+
+
+def test_bad_input_gets_a_clear_4xx_and_is_audited(ids_server):
+    server, service = ids_server
+    token = service.client_tokens()["coordinator"]
+    audit = service.state_dir / AUDIT_LOG
+    before = len(audit.read_text().splitlines()) if audit.exists() else 0
+    cases = [
+        (dict(body={"output": ""}, token=token), 422, "empty"),
+        (dict(body={"output": "x " * 20000}, token=token), 413, "longer than"),
+        (dict(body=None, raw=b'{"output": "caf\xc3\x28"}', token=token), 400, "UTF-8"),
+        (dict(body=None, raw=b"{not json", token=token), 400, "not JSON"),
+        (dict(body=None, raw=b"[" * 100000, token=token), 400, "nested"),
+        (dict(body={"output": "the", "output_ids": [1, 99999999]}, token=token), 422, "unknown field"),
+        (dict(body={"output": 42}, token=token), 422, "strings"),
+        (dict(body=["output"], token=token), 422, "JSON object"),
+        (dict(body={"output": "the cat"}, token="wrong-token"), 401, "client token"),
+        (dict(body={"output": "the cat"}), 401, "client token"),
+    ]
+    for kwargs, status, words in cases:
+        r = post(server, **kwargs)
+        assert r.status_code == status and words in r.json()["error"], (kwargs.get("body"), r.status_code, r.text)
+    rows = [json.loads(line) for line in audit.read_text().splitlines()[before:]]
+    assert [row["status"] for row in rows] == [status for _, status, _ in cases]
+    for path, method in [("/docs", "GET"), ("/openapi.json", "GET"), ("/count", "POST"), ("/ntd", "POST"),
+                         ("/search", "POST"), ("/trace", "GET")]:
+        assert httpx.request(method, f"{server.url}{path}").status_code in (404, 405), path
+
+
+def test_rate_limit_per_client(corpus, tmp_path):
+    ws = corpus[0]
+    service = owner_service(ws, tmp_path, requests_per_minute=3, clients=["a", "b"])
+    server = Server(create_app(service))
+    try:
+        tokens = service.client_tokens()
+        codes = [post(server, {"output": "the company said"}, tokens["a"]).status_code for _ in range(5)]
+        assert codes == [200, 200, 200, 429, 429]
+        assert post(server, {"output": "the company said"}, tokens["b"]).status_code == 200  # its own budget
+        rows = [json.loads(line) for line in (tmp_path / AUDIT_LOG).read_text().splitlines()]
+        assert [r["client"] for r in rows] == ["a"] * 5 + ["b"] and rows[3]["status"] == 429
+    finally:
+        server.stop()
+
+
+def test_a_crashed_engine_costs_one_request_and_restarts(ids_server):
+    server, service = ids_server
+    token = service.client_tokens()["coordinator"]
+    assert post(server, {"output": "the company said"}, token).status_code == 200
+    engine = server.server.config.app.state.engine["engine"]
+    engine.proc.kill()
+    engine.proc.join()
+    r = post(server, {"output": "the company said"}, token)
+    assert r.status_code == 503 and "restarted" in r.json()["error"]
+    assert post(server, {"output": "the company said"}, token).status_code == 200
+
+
+def test_fuzz_thousands_of_random_requests_leave_the_service_up(ids_server):
+    server, service = ids_server
+    token = service.client_tokens()["fuzzer"]
+    rng = random.Random(7)
+    words = ["the", "company", "said", "shares", ".", "\n", "\x00", "é", "🙂", "\ud800", "{", "\"", "\\"]
+    statuses = {}
+    with httpx.Client(timeout=30) as client:
+        for i in range(2000):
+            kind = i % 4
+            if kind == 0:
+                content = rng.randbytes(rng.randrange(0, 200))
+            elif kind == 1:
+                text = " ".join(rng.choice(words) for _ in range(rng.randrange(0, 60)))
+                content = json.dumps({"output": text}).encode()
+            elif kind == 2:
+                content = json.dumps({rng.choice(["output", "prompt", "x"]): rng.choice([None, 1, [], {}, "a" * rng.randrange(50)])}).encode()
+            else:
+                text = "".join(chr(rng.randrange(1, 0x2FFF)) for _ in range(rng.randrange(1, 80)))
+                content = json.dumps({"prompt": text, "output": text}).encode()
+            r = client.post(f"{server.url}/trace", content=content, headers={"Authorization": f"Bearer {token}"})
+            assert r.status_code < 500, (content[:200], r.status_code, r.text)
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+    assert statuses.get(200, 0) > 300 and sum(statuses.values()) == 2000
+    assert post(server, {"output": "the company said"}, token).status_code == 200
+
+
+# --- the coordinator: all owners' services as processes, the CLI ----------------------------------
+
+def test_serve_trace_and_an_owner_that_is_down(corpus):
+    ws, _, docs, _ = corpus
+    from tracing.coordinator import load_registry, start_services, stop_services, trace_everywhere
+
+    procs = start_services(ws, ["news", "code"])
+    try:
+        output, passage = planted_output(docs, random.Random(4))
+        cli = run_consort("trace", "--text", output, "--json", "--workspace", str(ws), cwd=ws.parent)
+        result = json.loads(cli.stdout)
+        assert result["owners"]["news"]["status"] == "ok" and result["owners"]["code"]["status"] == "ok"
+        news_spans = [sp for seg in result["segments"] for sp in seg["spans"] if sp["owner"] == "news"]
+        assert any(output[sp["start"]:sp["end"]] == passage for sp in news_spans)
+        assert all(0 <= sp["relevance"] <= 1 for seg in result["segments"] for sp in seg["spans"])
+        text = run_consort("trace", "--text", output, "--workspace", str(ws), cwd=ws.parent).stdout
+        assert "[news]" in text and passage in text
+        stop_services({"news": procs.pop("news")})
+        partial = trace_everywhere(load_registry(ws), "", output)
+        assert partial["owners"]["news"]["status"] == "unavailable"
+        assert partial["owners"]["code"]["status"] == "ok"
+    finally:
+        stop_services(procs)
