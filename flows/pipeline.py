@@ -105,6 +105,7 @@ def stage_costs(graph: dict[str, list[str]], params) -> dict[str, float]:
 _lineage: Lineage | None = None
 _params: dict = {}
 _cpu: CpuScheduler | None = None
+_changed: set[str] = set()
 
 
 def stage_graph(workspace: Path) -> dict[str, list[str]]:
@@ -131,6 +132,14 @@ def topological_order(graph: dict[str, list[str]]) -> list[str]:
     return order
 
 
+def changed_stages(workspace: Path) -> set[str]:
+    """The stages DVC finds out of date before anything runs (one status call for the whole graph)."""
+    from dvc.repo import Repo
+
+    with Repo(str(workspace), _wait_for_lock=True) as repo:
+        return {name.rsplit(":", 1)[-1] for name in repo.status()}
+
+
 def reproduce_stage(workspace: Path, stage: str, force: bool = False) -> tuple[bool, float]:
     """Run one stage if DVC finds it changed: (whether it ran, seconds it took once its turn came)."""
     from dvc.repo import Repo
@@ -148,9 +157,13 @@ def reproduce_stage(workspace: Path, stage: str, force: bool = False) -> tuple[b
 
 
 @task(task_run_name="{stage}", retries=0, cache_policy=NO_CACHE)
-def run_stage(workspace: str, stage: str, force: bool = False) -> dict:
+def run_stage(workspace: str, stage: str, force: bool = False, upstream: list[dict] | None = None) -> dict:
     logger = get_run_logger()
-    ran, seconds = reproduce_stage(Path(workspace), stage, force)
+    if force or stage in _changed or any(u["ran"] for u in upstream or []):
+        ran, seconds = reproduce_stage(Path(workspace), stage, force)
+    else:
+        # Up to date before the run and nothing it depends on ran: no need to ask DVC again.
+        ran, seconds = False, 0.0
     if _cpu:
         _cpu.finished(stage)
     if _lineage is not None:
@@ -167,7 +180,7 @@ def pipeline(workspace: str, preset: str = "default", track: bool = True, force:
     `force` names stages to run even though DVC finds them up to date (DVC does not track the
     stage code, so this is how a code change reaches the outputs); their dependants follow.
     """
-    global _lineage, _params, _cpu
+    global _lineage, _params, _cpu, _changed
     ws = Workspace(Path(workspace))
     params = ws.params()
     _params = params.model_dump(mode="json")
@@ -177,10 +190,13 @@ def pipeline(workspace: str, preset: str = "default", track: bool = True, force:
     if unknown:
         raise ValueError(f"--force names unknown stage(s) {unknown}; stages are: {sorted(graph)}")
     lineage = _lineage = Lineage(ws, preset, str(flow_run.id) if flow_run.id else None) if track else None
+    _changed = changed_stages(ws.root)
     futures = {}
     for stage in topological_order(graph):
+        # Passing the dependencies' futures as an argument makes Prefect wait for them and hand
+        # over their results: whether any of them ran.
         futures[stage] = run_stage.submit(workspace, stage, stage in (force or []),
-                                          wait_for=[futures[d] for d in graph[stage]])
+                                          upstream=[futures[d] for d in graph[stage]])
     results, failed = [], []
     for stage, fut in futures.items():
         state = fut.wait() or fut.state

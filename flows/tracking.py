@@ -77,6 +77,7 @@ class Lineage:
         self.flow_run_id = flow_run_id or ""
         self.lock = threading.Lock()
         self.stage_runs: dict[str, str] = {}
+        self.stage_files: dict[str, tuple[list[str], list[str], list[str]]] | None = None
         self.parent = self.client.create_run(self.experiment_id, run_name=f"pipeline-{preset}", tags={
             "consort.kind": "pipeline", "consort.preset": preset, "consort.git_commit": self.commit,
             "prefect.flow_run_id": self.flow_run_id,
@@ -84,14 +85,22 @@ class Lineage:
         self.client.log_param(self.parent, "preset", preset)
 
     # -- per stage --------------------------------------------------------------------------
-    def record_stage(self, stage_name: str, ran: bool, seconds: float, params: dict) -> str:
-        from dvc.repo import Repo
+    def _stage_files(self, stage_name: str) -> tuple[list[str], list[str], list[str]]:
+        """(param keys, metric files, plot files) of a stage, read from dvc.yaml once per pipeline run."""
+        with self.lock:
+            if self.stage_files is None:
+                from dvc.repo import Repo
 
-        with Repo(str(self.ws.root), _wait_for_lock=True) as repo:
-            stage = next(s for s in repo.index.stages if s.name == stage_name)
-            param_keys = [k for d in stage.deps if hasattr(d, "params") for k in (d.params or [])]
-            metric_files = [str(o.def_path) for o in stage.outs if o.metric]
-            plot_files = [str(o.def_path) for o in stage.outs if o.plot]
+                with Repo(str(self.ws.root), _wait_for_lock=True) as repo:
+                    self.stage_files = {
+                        s.name: ([k for d in s.deps if hasattr(d, "params") for k in (d.params or [])],
+                                 [str(o.def_path) for o in s.outs if o.metric],
+                                 [str(o.def_path) for o in s.outs if o.plot])
+                        for s in repo.index.stages}
+            return self.stage_files[stage_name]
+
+    def record_stage(self, stage_name: str, ran: bool, seconds: float, params: dict) -> str:
+        param_keys, metric_files, plot_files = self._stage_files(stage_name)
         lock_entry = self._lock_entry(stage_name)
         tags = {
             MLFLOW_PARENT_RUN_ID: self.parent, MLFLOW_RUN_NAME: stage_name,

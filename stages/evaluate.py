@@ -25,6 +25,7 @@ from stages.experts import (
     with_top_k,
 )
 from stages.moe import BiasedFlexOlmoForCausalLM
+from stages.fast_moe import use_fast_experts
 from stages.io import read_jsonl, write_json, write_text
 from stages.runtime import use_granted_threads
 from stages.training import tokenize_corpus
@@ -85,7 +86,7 @@ def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, 
     models: dict[str, dict] = {}
 
     def score(name: str, model) -> np.ndarray:
-        nll = token_nll(model, rows, e.batch_size)
+        nll = token_nll(use_fast_experts(model), rows, e.batch_size)
         models[name] = summarise(nll, rows, sizes)
         return nll
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, FlexOlmoConfig, FlexOlmoForCausalLM
 
+from stages.fast_moe import use_fast_experts
 from stages.io import read_json
 from stages.moe import BiasedFlexOlmoConfig, BiasedFlexOlmoForCausalLM
 
@@ -73,10 +74,10 @@ def slice_experts(model: FlexOlmoForCausalLM, keep: list[int]) -> FlexOlmoForCau
 def load_merged(merged_dir: Path, experts: list[str] | None = None) -> FlexOlmoForCausalLM:
     """The merged model with only `experts` (owner names; None keeps them all)."""
     model = AutoModelForCausalLM.from_pretrained(merged_dir)
-    if experts is None:
-        return model.eval()
-    owners = merged_owners(merged_dir)
-    return slice_experts(model, [1 + owners.index(o) for o in resolve_experts(experts, owners)])
+    if experts is not None:
+        owners = merged_owners(merged_dir)
+        model = slice_experts(model, [1 + owners.index(o) for o in resolve_experts(experts, owners)])
+    return use_fast_experts(model.eval())
 
 
 def with_top_k(model: FlexOlmoForCausalLM, top_k: int) -> FlexOlmoForCausalLM:

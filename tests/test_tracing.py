@@ -300,3 +300,13 @@ def test_serve_trace_and_an_owner_that_is_down(corpus):
         assert partial["owners"]["code"]["status"] == "ok"
     finally:
         stop_services(procs)
+
+
+def test_overlapping_spans_merge_into_one_display_segment():
+    from tracing.attribution import merge_for_display
+
+    spans = [{"start": 10, "end": 20, "owner": "a"}, {"start": 0, "end": 5, "owner": "b"},
+             {"start": 15, "end": 30, "owner": "b"}, {"start": 30, "end": 35, "owner": "a"}]
+    segments = merge_for_display(spans)
+    assert [(s["start"], s["end"], [sp["owner"] for sp in s["spans"]]) for s in segments] == [
+        (0, 5, ["b"]), (10, 30, ["a", "b"]), (30, 35, ["a"])]
