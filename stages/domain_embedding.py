@@ -24,24 +24,20 @@ EMBEDDING_FILE = "embedding.safetensors"
 
 
 @torch.no_grad()
-def mean_hidden_state(model, tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
-    """Mean of what the routers read, the FFN inputs of every layer, over the documents' tokens.
-
-    Returned as e / |e|^2, so that a router row set to it gives logit 1 on the domain's mean
-    input: the residual stream's norm is in the tens, and a unit-norm row would start the router
-    saturated (softmax of logits around 40) with a z-loss that swamps the language-model loss.
-    """
+def hidden_sums(model, tokenizer, texts: list[str], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per document: the sum of what the routers read (the FFN inputs of every layer) over its
+    first seq_len tokens, and how many vectors were summed. Shapes (docs, hidden), (docs,)."""
     if not texts:
         raise ValueError("no documents to embed")
-    total = torch.zeros(model.config.hidden_size, dtype=torch.float64)
-    count = 0
     captured: list[torch.Tensor] = []
     hooks = [layer.mlp.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
              for layer in model.model.layers]
     model.eval()
     docs = [ids[:seq_len] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"] if ids]
+    sums = torch.zeros(len(docs), model.config.hidden_size, dtype=torch.float64)
+    counts = torch.zeros(len(docs), dtype=torch.float64)
     try:
-        for start in range(0, len(docs), 16):  # batched, padding masked out of the mean
+        for start in range(0, len(docs), 16):  # batched, padding masked out of the sums
             chunk = docs[start:start + 16]
             width = max(map(len, chunk))
             ids = torch.zeros(len(chunk), width, dtype=torch.long)
@@ -52,13 +48,26 @@ def mean_hidden_state(model, tokenizer, texts: list[str], seq_len: int) -> torch
             captured.clear()
             model.model(input_ids=ids, attention_mask=mask.long())
             for hidden in captured:
-                total += hidden[mask].double().sum(0)
-                count += int(mask.sum())
+                sums[start:start + len(chunk)] += (hidden.double() * mask.unsqueeze(-1)).sum(1)
+                counts[start:start + len(chunk)] += mask.sum(1)
     finally:
         for h in hooks:
             h.remove()
-    mean = (total / max(count, 1)).float()
+    return sums, counts
+
+
+def as_router_row(mean: torch.Tensor) -> torch.Tensor:
+    """e / |e|^2, so that a router row set to it gives logit 1 on the domain's mean input: the
+    residual stream's norm is in the tens, and a unit-norm row would start the router saturated
+    (softmax of logits around 40) with a z-loss that swamps the language-model loss."""
+    mean = mean.float()
     return mean / mean.pow(2).sum().clamp_min(1e-12)
+
+
+def mean_hidden_state(model, tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
+    """The router row from the mean of every FFN input over the documents' tokens (see as_router_row)."""
+    sums, counts = hidden_sums(model, tokenizer, texts, seq_len)
+    return as_router_row(sums.sum(0) / counts.sum().clamp_min(1))
 
 
 @torch.no_grad()

@@ -194,10 +194,21 @@ class TracePolicy(Strict):
     max_output_chars: int = Field(default=20000, ge=100, description="longer requests are refused (413)")
 
 
+class DPParams(Strict):
+    """Differential privacy for one owner's expert (stages/dp.py): DP-SGD, the document as the unit."""
+    target_epsilon: float = Field(gt=0, description="budget for everything the owner releases")
+    delta: float = Field(default=1.0e-5, gt=0, lt=1)
+    max_grad_norm: float = Field(default=1.0, gt=0, description="per-document gradient clip")
+    accountant: Literal["prv", "rdp"] = "prv"
+    sampling: Literal["poisson", "shuffle"] = Field(default="poisson", description="shuffle is refused: it voids the accounting")
+    init_noise_multiplier: float = Field(default=4.0, gt=0, description="Gaussian noise of the router-row mean")
+
+
 class OwnerParams(Strict):
     data: CorpusParams
     train: TrainOverrides = TrainOverrides()
     trace: TracePolicy = TracePolicy()
+    dp: DPParams | None = None
 
 
 class TraceParams(Strict):

@@ -10,11 +10,13 @@ import argparse
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoTokenizer, Olmo2ForCausalLM
 
 from stages import params as P
 from stages.domain_embedding import load_embedding, router_row
+from stages.dp import check_dp, dp_router_row, train_dp
 from stages.io import atomic_dir, read_json, read_jsonl, write_json
 from stages.moe import blocks, export_flexolmo, project_bias, upcycle
 from stages.runtime import use_granted_threads
@@ -42,12 +44,17 @@ def file_digest(path: Path) -> str:
 
 def train_expert(owner: str, corpus_train: Path, public_train: Path, anchor_dir: Path, public_embedding: Path,
                  expert: P.ExpertParams, train_params: P.TrainParams, out_dir: Path, log_path: Path,
-                 checkpoint: Path) -> dict:
+                 checkpoint: Path, dp: P.DPParams | None = None) -> dict:
+    if dp is not None:
+        check_dp(dp, owner)  # before any work: an invalid accounting is refused outright
     tokenizer = AutoTokenizer.from_pretrained(anchor_dir)
     anchor = Olmo2ForCausalLM.from_pretrained(anchor_dir)
     anchor_hash = read_json(anchor_dir / ANCHOR_INFO)["anchor_hash"]
     r_pub = load_embedding(public_embedding)
     init_texts = [row["text"] for _, row in zip(range(expert.router_init_docs), read_jsonl(corpus_train))]
+    if dp is not None:
+        return _train_expert_dp(owner, corpus_train, public_train, anchor, tokenizer, anchor_hash, r_pub, init_texts,
+                                expert, train_params, dp, out_dir, log_path)
     r_owner = router_row(anchor, tokenizer, init_texts, train_params.seq_len, expert.router_init)
     model = upcycle(anchor, r_pub, r_owner)
     del anchor
@@ -99,7 +106,14 @@ def train_expert(owner: str, corpus_train: Path, public_train: Path, anchor_dir:
     summary["corpus_tokens"] = int(len(tokens))
     summary["router_bias"] = [b.owner_bias.item() for b in moe_blocks]
 
-    hf = export_flexolmo(model)
+    publish(model, owner, anchor_hash, data_digest, expert, train_params, summary, out_dir)
+    ckpt.clear()
+    return summary
+
+
+def publish(model, owner: str, anchor_hash: str, data_digest: str, expert: P.ExpertParams, train_params: P.TrainParams,
+            summary: dict, out_dir: Path, **extra) -> None:
+    """Write the expert package: the 2-expert FlexOlmo weights and the manifest (no text, no path)."""
     manifest = {
         "schema_version": MANIFEST_VERSION,
         "owner": owner,
@@ -112,11 +126,34 @@ def train_expert(owner: str, corpus_train: Path, public_train: Path, anchor_dir:
         "router_bias": summary["router_bias"],
         "training": train_params.model_dump(),
         "metrics": {k: summary[k] for k in ("final_loss", "tokens_per_s", "tokens_seen", "steps")},
+        **extra,
     }
     with atomic_dir(out_dir) as tmp:
-        hf.save_pretrained(tmp)
+        export_flexolmo(model).save_pretrained(tmp)
         write_json(tmp / MANIFEST, manifest)
-    ckpt.clear()
+
+
+def _train_expert_dp(owner: str, corpus_train: Path, public_train: Path, anchor, tokenizer, anchor_hash: str,
+                     r_pub: torch.Tensor, init_texts: list[str], expert: P.ExpertParams, t: P.TrainParams,
+                     dp: P.DPParams, out_dir: Path, log_path: Path) -> dict:
+    """The DP variant (stages/dp.py): DP router-row mean, Poisson-sampled documents, DP-SGD."""
+    public_texts = [row["text"] for _, row in zip(range(expert.router_init_docs), read_jsonl(public_train))]
+    r_owner, init = dp_router_row(anchor, tokenizer, init_texts, public_texts, t.seq_len, dp.init_noise_multiplier,
+                                  torch.Generator().manual_seed(t.seed + 31))
+    model = upcycle(anchor, r_pub, r_owner)
+    del anchor
+    for b in blocks(model):
+        b.owner_bias.requires_grad_(False)  # a bare scalar has no per-document gradient: b stays 0
+    eos = tokenizer.eos_token_id
+    docs = [np.array([*ids, eos], dtype=np.int64) for ids in
+            tokenizer([row["text"] for row in read_jsonl(corpus_train)], add_special_tokens=False)["input_ids"]]
+    summary = train_dp(model, docs, t, dp, log_path, desc=f"expert {owner} (DP)", init_noise=dp.init_noise_multiplier,
+                       lr_scale=lambda name: expert.router_lr_scale if "routers" in name else 1.0)
+    summary["corpus_tokens"] = int(sum(len(d) for d in docs))
+    summary["router_bias"] = [0.0 for _ in blocks(model)]
+    summary["dp"]["router_init"] = init
+    publish(model, owner, anchor_hash, file_digest(corpus_train), expert, t, summary, out_dir,
+            dp={k: v for k, v in summary["dp"].items()})
     return summary
 
 
@@ -131,9 +168,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.owner not in params.owners:
         raise SystemExit(f"unknown owner {args.owner!r}: params.yaml lists {sorted(params.owners)}")
     summary = train_expert(args.owner, args.corpus, args.public_corpus, args.anchor, args.public_embedding, params.expert,
-                           params.expert_train(args.owner), args.out, args.log, args.checkpoint)
+                           params.expert_train(args.owner), args.out, args.log, args.checkpoint, params.owners[args.owner].dp)
     write_json(args.metrics, summary)
-    print(f"expert {args.owner}: loss {summary['final_loss']:.3f}, {summary['tokens_per_s']:,.0f} tokens/s")
+    print(f"expert {args.owner}: loss {summary['final_loss']:.3f}, {summary['tokens_per_s']:,.0f} tokens/s"
+          + (f", DP epsilon {summary['dp']['epsilon']:.2f} at delta {summary['dp']['delta']:g} "
+             f"({summary['dp']['accountant']} accountant)" if "dp" in summary else ""))
 
 
 if __name__ == "__main__":
