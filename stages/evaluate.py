@@ -17,15 +17,14 @@ from stages import params as P
 from stages.baselines import btm_token_nll, soup_model
 from stages.experts import (
     has_model,
-    load_merged,
     merged_owners,
     resolve_experts,
     slice_experts,
     toggled_router_bias,
     with_top_k,
 )
-from stages.moe import BiasedFlexOlmoForCausalLM
 from stages.fast_moe import use_fast_experts
+from stages.moe import BiasedFlexOlmoForCausalLM
 from stages.io import read_jsonl, write_json, write_text
 from stages.runtime import use_granted_threads
 from stages.training import tokenize_corpus
@@ -67,7 +66,7 @@ def summarise(nll: np.ndarray, rows: np.ndarray, sizes: np.ndarray) -> dict:
 
 def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, e: P.EvaluateParams,
                     inference: P.InferenceParams, reference_dir: Path | None = None,
-                    tuned_dir: Path | None = None) -> dict:
+                    tuned_dir: Path | None = None) -> tuple[dict, torch.nn.Module]:
     """Loss of the anchor, of the merged model (experts not opted out) and of its baselines.
 
     Baselines (with `e.baselines`): each owner's model alone, the uniform soup, BTM over the
@@ -108,10 +107,10 @@ def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, 
             score(f"top_k/{k}", with_top_k(merged, k))
         toggled = "keep" if not isinstance(full, BiasedFlexOlmoForCausalLM) else "drop"
         score(f"router_bias/{toggled}", slice_experts(toggled_router_bias(full, merged_dir), list(index.values())))
-    return {"domain": domain, "experts": experts, "models": models}
+    return {"domain": domain, "experts": experts, "models": models}, use_fast_experts(merged)
 
 
-def write_trace_page(domain: str, val: Path, merged_dir: Path, index_dir: Path, params: P.Params, out: Path) -> int:
+def write_trace_page(domain: str, val: Path, model, tokenizer, index_dir: Path, params: P.Params, out: Path) -> int:
     """Trace `trace.samples` outputs of the merged model (prompted with held-out openings) in the owner's index."""
     from tracing.lineage import trace_page_html, traced_samples
     from tracing.service import OwnerService
@@ -119,8 +118,7 @@ def write_trace_page(domain: str, val: Path, merged_dir: Path, index_dir: Path, 
     # index_dir is <workspace>/owners/<domain>/index: the service's settings and key live beside it.
     service = OwnerService.from_workspace(index_dir.resolve().parents[2], domain, params)
     prompts = [" ".join(row["text"].split()[:12]) for _, row in zip(range(params.trace.samples), read_jsonl(val))]
-    experts = resolve_experts(None, merged_owners(merged_dir), params.inference.disabled)
-    samples = traced_samples(load_merged(merged_dir, experts), AutoTokenizer.from_pretrained(merged_dir), prompts, service)
+    samples = traced_samples(model, tokenizer, prompts, service)
     write_text(out, trace_page_html(domain, samples, service.policy))
     return sum(len(s["spans"]) for s in samples)
 
@@ -140,11 +138,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = ap.parse_args(argv)
     params = P.load(args.params)
-    result = evaluate_domain(args.domain, args.val, args.anchor, args.merged, params.evaluate, params.inference,
-                             args.reference, args.tuned)
+    result, merged = evaluate_domain(args.domain, args.val, args.anchor, args.merged, params.evaluate,
+                                     params.inference, args.reference, args.tuned)
     write_json(args.out, result)
     if args.index and args.trace_page:
-        spans = write_trace_page(args.domain, args.val, args.merged, args.index, params, args.trace_page)
+        spans = write_trace_page(args.domain, args.val, merged, AutoTokenizer.from_pretrained(args.merged), args.index,
+                                 params, args.trace_page)
         print(f"traced {params.trace.samples} generated samples in {args.domain}'s index: {spans} spans")
     m = result["models"]
     print(f"evaluate {args.domain}: anchor {m['anchor']['loss']:.3f}, merged {m['merged']['loss']:.3f}"

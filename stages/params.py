@@ -76,10 +76,18 @@ Source = Annotated[
 ]
 
 
+class CanaryParams(Strict):
+    """Demo only: random secrets planted in an owner's training documents, to audit what leaks."""
+    per_repeat: int = Field(default=2, ge=1, description="secrets planted at each repeat count")
+    repeats: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 4, 16])
+    seed: int = 0
+
+
 class CorpusParams(Strict):
     """What one corpus (the public one or an owner's) is assembled from."""
     sources: list[Source] = Field(min_length=1)
     max_chars: int = Field(gt=0, description="documents are sampled (seeded) up to this many characters")
+    canaries: CanaryParams | None = None
 
 
 # --- stages -----------------------------------------------------------------------------------

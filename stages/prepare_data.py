@@ -97,6 +97,7 @@ def prepare_corpus(corpus: P.CorpusParams, data: P.DataParams, name: str, out_di
     if len(kept) < 2:
         raise ValueError(f"corpus {name}: only {len(kept)} document(s); need at least 2 to split train/val")
     val, train = kept[:n_val], kept[n_val:]
+    canaries = plant_canaries(train, corpus.canaries, name) if corpus.canaries else []
     stats = {
         "corpus": name,
         "documents": {"train": len(train), "val": len(val)},
@@ -104,11 +105,38 @@ def prepare_corpus(corpus: P.CorpusParams, data: P.DataParams, name: str, out_di
         "documents_per_source": per_source,
         "documents_available": len(docs),
     }
+    if canaries:
+        stats["canaries"] = len(canaries)
     with atomic_dir(out_dir) as tmp:
         write_jsonl(tmp / "train.jsonl", train)
         write_jsonl(tmp / "val.jsonl", val)
         write_json(tmp / "stats.json", stats)
+        if canaries:  # private, like the corpus: the audit needs them, nobody else may see them
+            write_json(tmp / CANARIES, canaries)
     return stats
+
+
+CANARIES = "canaries.json"
+
+
+def plant_canaries(train: list[dict], c: P.CanaryParams, name: str) -> list[dict]:
+    """Append random secrets to training documents, each secret to `repeats` distinct documents.
+
+    A secret is 8 random lowercase letters in 4 groups after a fixed phrase, so it appears nowhere
+    else and its exposure can be measured against every other secret of the same shape.
+    """
+    rng = random.Random(f"canaries-{c.seed}-{name}")
+    planted = []
+    for repeats in c.repeats:
+        if repeats > len(train):
+            raise ValueError(f"corpus {name}: canaries.repeats {repeats} exceeds its {len(train)} training documents")
+        for _ in range(c.per_repeat):
+            secret = " ".join("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(4)) for _ in range(4))
+            sentence = f"The access code of the {name} archive is {secret}."
+            for doc in rng.sample(train, repeats):
+                doc["text"] = f"{doc['text']}\n\n{sentence}"
+            planted.append({"prefix": f"The access code of the {name} archive is", "secret": secret, "repeats": repeats})
+    return planted
 
 
 def main(argv: list[str] | None = None) -> None:
