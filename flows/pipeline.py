@@ -28,9 +28,9 @@ from stages.runtime import threads_variable
 # DVC prints its own progress; Prefect's root console handler would print every line again.
 logging.getLogger("dvc").propagate = False
 
-HEAVY_PREFIXES = ("train_", "embed_", "evaluate_", "merge_")
-# Stages that come in groups which can run side by side: experts, and one evaluation per domain.
-ONE_CORE_PREFIXES = ("train_expert", "evaluate_")
+HEAVY_PREFIXES = ("train_", "embed_", "evaluate_", "merge_", "audit")
+# Stages that come in groups which can run side by side: experts, one evaluation or audit per domain.
+ONE_CORE_PREFIXES = ("train_expert", "evaluate_", "audit")
 
 
 class CpuScheduler:

@@ -187,6 +187,19 @@ class EvaluateParams(Strict):
     ablation_top_k: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 2], description="top-k values scored by the ablations")
 
 
+class AuditParams(Strict):
+    """The owner-side privacy audit (stages/audit.py)."""
+    enabled: bool = False
+    documents: int = Field(default=20, ge=1, description="training and as many held-out documents for extraction")
+    prefix_tokens: int = Field(default=32, ge=1)
+    suffix_tokens: int = Field(default=50, ge=1)
+    samples: int = Field(default=10, ge=1, description="sampled continuations per document (FlexOlmo protocol)")
+    mia_documents: int = Field(default=100, ge=2, description="training and as many held-out documents for MIA")
+    mia_tokens: int = Field(default=128, ge=8)
+    canary_candidates: int = Field(default=1000, ge=2, description="random secrets each canary is ranked among")
+    seed: int = 0
+
+
 class InferenceParams(Strict):
     disabled: list[str] = Field(default_factory=list, description="owners opted out wherever the model runs")
 
@@ -242,6 +255,7 @@ class Params(Strict):
     evaluate: EvaluateParams
     inference: InferenceParams = InferenceParams()
     trace: TraceParams = TraceParams()
+    audit: AuditParams = AuditParams()
 
     @field_validator("owners")
     @classmethod

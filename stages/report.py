@@ -136,6 +136,36 @@ def targets_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _rate(r: dict | None) -> str:
+    if not r or r.get("n", 0) == 0:
+        return ""
+    return f"{r['rate']:.2f} [{r['low']:.2f}, {r['high']:.2f}]"
+
+
+def audit_markdown(audits: list[dict]) -> str:
+    """Per owner and model: extraction rates, membership-inference AUCs, canaries (Wilson 95 % intervals)."""
+    audits = [a for a in audits if a.get("enabled", True) and a.get("models")]
+    if not audits:
+        return ""
+    repeats = sorted({r for a in audits for m in a["models"].values() for r in m.get("canaries", {})}, key=int)
+    lines = ["| owner | model | greedy extraction: train | held-out | sampled extraction: train | held-out | "
+             "MIA AUC loss | zlib | Min-K% | vs anchor | TPR@1%FPR loss | "
+             + " | ".join(f"canaries {r}x found, exposure" for r in repeats) + " |",
+             "|---|---|" + "---:|" * (9 + len(repeats))]
+    for a in audits:
+        for name, m in a["models"].items():
+            mia = m.get("mia", {})
+            cells = [_rate(m.get("extraction_greedy_train")), _rate(m.get("extraction_greedy_held_out")),
+                     _rate(m.get("extraction_sampled_train")), _rate(m.get("extraction_sampled_held_out"))]
+            cells += [f"{mia[k]['auc']:.2f}" if k in mia else "" for k in ("loss", "zlib", "min_k", "anchor_ratio")]
+            cells.append(f"{mia['loss']['tpr_at_1pct_fpr']:.2f}" if "loss" in mia else "")
+            for r in repeats:
+                c = m.get("canaries", {}).get(r)
+                cells.append(f"{c['extracted']['k']}/{c['extracted']['n']}, {c['exposure']:.1f}" if c else "")
+            lines.append(f"| {a['owner']} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def optout_matrix(rows: list[dict]) -> tuple[list[str], list[str], list[list[float]]]:
     """(experts removed, domains, % change in loss vs the full merged model)."""
     removed = [k.split("/", 1)[1] for k in rows[0]["models"] if k.startswith("without/")]
@@ -214,7 +244,7 @@ def plot_curves(logs: dict[str, Path], path: Path) -> bool:
     return True
 
 
-def page_html(rows: list[dict], images: list[str]) -> str:
+def page_html(rows: list[dict], images: list[str], audits: list[dict] | None = None) -> str:
     models = sorted({k for r in rows for k in r["models"]}, key=lambda k: (k.count("/"), k))
     head = "".join(f"<th>{html.escape(m)}</th>" for m in models)
     body = "".join(
@@ -227,6 +257,10 @@ def page_html(rows: list[dict], images: list[str]) -> str:
     goals_html = ("<h2>Targets (the FlexOlmo paper's ordering)</h2><p>Averages over the owners' domains. "
                   "A target not met is reported, not tuned away.</p>" + md.render(goals)) if goals else ""
     ablations = ablation_markdown(rows)
+    privacy = audit_markdown(audits or [])
+    privacy_html = ("<h2>Privacy audit (each owner, on its own machine)</h2><p>Rates with Wilson 95 % intervals. "
+                    "merged: with the owner's expert; opted_out: without it; anchor: the public model alone. "
+                    "Without the expert, the numbers should match the anchor's.</p>" + md.render(privacy)) if privacy else ""
     ablations_html = ("<h2>Ablations</h2><p>The merged model as run against its variants: merged_tuned is "
                       "after router tuning on public proxy text; top_k/K routes each token to K experts; "
                       "router_bias/keep|drop toggles the owners' min(b, 0).</p>" + md.render(ablations)) if ablations else ""
@@ -244,6 +278,7 @@ BTM mixes the owners' models by how well each predicted the text so far.</p>
 {goals_html}
 {figures}
 {ablations_html}
+{privacy_html}
 <h2>Every model scored</h2>
 <p>alone/X: owner X's model alone; without/X: the merged model with X opted out.</p>
 <table><tr><th>domain</th>{head}</tr>{body}</table>
@@ -251,8 +286,10 @@ BTM mixes the owners' models by how well each predicted the text so far.</p>
 """
 
 
-def report(evaluations: Path, out_dir: Path, metrics: Path, training_logs: dict[str, Path] | None = None) -> dict:
+def report(evaluations: Path, out_dir: Path, metrics: Path, training_logs: dict[str, Path] | None = None,
+           audits_dir: Path | None = None) -> dict:
     rows = collect(evaluations)
+    audits = [read_json(p) for p in sorted(audits_dir.glob("*.json"))] if audits_dir and audits_dir.exists() else []
     out_dir.mkdir(parents=True, exist_ok=True)
     images = ["loss_by_domain.png"]
     plot_losses(rows, out_dir / "loss_by_domain.png")
@@ -263,8 +300,8 @@ def report(evaluations: Path, out_dir: Path, metrics: Path, training_logs: dict[
     summary = {r["domain"]: {m: {k: v[k] for k in ("loss", "bits_per_byte")} for m, v in r["models"].items()}
                for r in rows}
     write_text(out_dir / "eval_table.md", "\n".join(t for t in (table_markdown(rows), targets_markdown(rows),
-                                                                  ablation_markdown(rows)) if t))
-    write_text(out_dir / "report.html", page_html(rows, images))
+                                                                  ablation_markdown(rows), audit_markdown(audits)) if t))
+    write_text(out_dir / "report.html", page_html(rows, images, audits))
     write_json(metrics, summary)
     return summary
 
@@ -275,6 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--anchor-log", type=Path, help="the anchor's training log (JSON lines)")
     ap.add_argument("--reference-log", type=Path, help="the unrestricted reference's training log (empty when off)")
     ap.add_argument("--published", type=Path, help="folder of <owner>/train_log.jsonl")
+    ap.add_argument("--audits", type=Path, help="folder of the owners' audit results (JSON)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--metrics", type=Path, required=True, help="where the loss of every model goes (JSON)")
     args = ap.parse_args(argv)
@@ -283,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
         logs |= {p.parent.name: p for p in sorted(args.published.glob("*/train_log.jsonl"))}
     if args.reference_log and args.reference_log.exists() and args.reference_log.stat().st_size:
         logs["unrestricted"] = args.reference_log
-    report(args.evaluations, args.out, args.metrics, logs)
+    report(args.evaluations, args.out, args.metrics, logs, args.audits)
     print((args.out / "eval_table.md").read_text(), end="")
     print(f"report: {args.out / 'report.html'}")
 

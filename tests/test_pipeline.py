@@ -27,7 +27,9 @@ def test_dvc_graph_becomes_task_order(tmp_path):
     assert set(graph["merge_experts"]) >= {f"train_expert@{o}" for o in OWNERS}
     # The report reads the published evaluations and training logs (the anchor's, the experts', the reference's).
     assert set(graph["report"]) == ({f"evaluate_owner@{o}" for o in OWNERS} | {"evaluate_public", "train_anchor"}
-                                    | {f"train_expert@{o}" for o in OWNERS} | {"train_unrestricted"})
+                                    | {f"train_expert@{o}" for o in OWNERS} | {"train_unrestricted"}
+                                    | {f"audit@{o}" for o in OWNERS})
+    assert set(graph["audit@news"]) == {"prepare_owner@news", "train_anchor", "merge_experts"}
     # The reference reads the whole owners/ folder, indexes included (it is off by default).
     assert set(graph["train_unrestricted"]) == ({f"prepare_owner@{o}" for o in OWNERS} | {f"build_index@{o}" for o in OWNERS}
                                                 | {"prepare_public", "train_anchor", "embed_public"})
@@ -140,7 +142,7 @@ def test_rerun_is_a_no_op_and_a_param_change_reruns_only_its_branch(smoke_worksp
     proc = run_consort("run", "--preset", "smoke", "--workspace", str(ws), "--params", str(changed), cwd=ws.parent)
     ran = {line.split()[1] for line in proc.stdout.splitlines() if line.strip().startswith("ran ")}
     expected = ({"train_expert@news", "train_unrestricted", "merge_experts", "tune_router", "evaluate_public", "report"}
-                | {f"evaluate_owner@{o}" for o in OWNERS})
+                | {f"evaluate_owner@{o}" for o in OWNERS} | {f"audit@{o}" for o in OWNERS})
     assert ran == expected, proc.stdout[-3000:]
     manifest = json.loads((ws / "published" / "news" / "expert" / "consort_expert.json").read_text())
     assert manifest["training"]["steps"] == 5
@@ -162,6 +164,13 @@ def test_report_shows_every_baseline_and_the_optout_matrix(smoke_workspace):
     html = (reports / "report.html").read_text()
     assert "optout_heatmap.png" in html and "without/news" in html and "<table>" in html
     assert "Targets" in html and "merged is no worse than BTM" in html and "Ablations" in html and "top_k/1" in html
+    # The owners' privacy audits (numbers only), with the canaries they planted.
+    assert "Privacy audit" in html and "canaries 16x found, exposure" in html
+    for o in OWNERS:
+        audit = json.loads((ws / "audits" / f"{o}.json").read_text())
+        assert set(audit["models"]) == {"merged", "opted_out", "anchor"}
+        assert set(audit["models"]["merged"]["canaries"]) == {"1", "4", "16"}
+        assert 0 <= audit["models"]["merged"]["mia"]["loss"]["auc"] <= 1
     client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
     report_run = client.search_runs([client.get_experiment_by_name("consort").experiment_id],
                                     filter_string="tags.`consort.stage` = 'report'")[0]
@@ -184,7 +193,8 @@ def test_opting_an_expert_out_reruns_only_what_follows_the_merge(smoke_workspace
     assert any(line.split()[1:3] == ["code", "enabled"] for line in listing.splitlines() if line.strip()[:1].isdigit())
     proc = run_consort("run", "--preset", "smoke", "--workspace", str(ws), "--params", str(params), cwd=ws.parent)
     ran = {line.split()[1] for line in proc.stdout.splitlines() if line.strip().startswith("ran ")}
-    assert ran == {"evaluate_public", "report"} | {f"evaluate_owner@{o}" for o in OWNERS}, proc.stdout[-3000:]
+    assert ran == ({"evaluate_public", "report"} | {f"evaluate_owner@{o}" for o in OWNERS}
+                   | {f"audit@{o}" for o in OWNERS}), proc.stdout[-3000:]
     running = proc.stdout.split("experts of:")[1].splitlines()[0]
     assert "news" not in running and "code" in running
     news = json.loads((ws / "evaluations" / "news.json").read_text())

@@ -1,0 +1,231 @@
+"""Stage (owner side): what the model gives away of the owner's data, as numbers only (DESIGN.md section 8).
+
+Run by each owner on its own machine, for three models: the merged model with the owner's expert,
+the same with it opted out, and the anchor alone. It publishes rates and scores, never text:
+
+- extraction on training documents and, as the baseline, held-out ones: (a) greedy, exact match
+  of the next `suffix_tokens` after a `prefix_tokens` prefix (Carlini et al. 2023); (b) FlexOlmo's
+  protocol: `samples` samples at top-k 50 / top-p 0.95 / T=1, extracted when any reaches
+  normalised Levenshtein similarity >= 0.9 to the true continuation;
+- planted canaries (data.canaries): how many come back greedily after their prefix, and their
+  exposure, log2(candidates) - log2(rank of the true secret among random ones of its shape);
+- membership inference on training vs held-out documents: AUC and TPR at 1 % FPR for the loss,
+  the zlib ratio, Min-K% (20 %) and the loss relative to the anchor's (the public reference).
+
+Rates carry Wilson 95 % intervals. With the expert opted out, every number should fall back to
+the anchor's: the owner's data then reaches the model through nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from stages import params as P
+from stages.io import read_json, read_jsonl, write_json
+from stages.prepare_data import CANARIES
+from stages.runtime import use_granted_threads
+
+# torch, transformers and the models are imported where they are used: off (the default), the
+# stage only writes its stub and should not spend seconds importing them.
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyz"
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> dict:
+    """A rate with its Wilson score interval (sound at 0 and at small n, unlike the normal one)."""
+    if n == 0:
+        return {"rate": float("nan"), "low": float("nan"), "high": float("nan"), "k": 0, "n": 0}
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return {"rate": p, "low": max(0.0, centre - half), "high": min(1.0, centre + half), "k": k, "n": n}
+
+
+def auc(members: np.ndarray, others: np.ndarray) -> float:
+    """P(score of a member > score of a non-member), ties counting half (Mann-Whitney)."""
+    both = np.concatenate([members, others])
+    ranks = np.empty(len(both))
+    order = np.argsort(both, kind="stable")
+    ranks[order] = np.arange(1, len(both) + 1)
+    for value in np.unique(both):  # average ranks of ties
+        tied = both == value
+        ranks[tied] = ranks[tied].mean()
+    return float((ranks[:len(members)].sum() - len(members) * (len(members) + 1) / 2) / (len(members) * len(others)))
+
+
+def tpr_at_fpr(members: np.ndarray, others: np.ndarray, fpr: float = 0.01) -> float:
+    threshold = np.quantile(others, 1 - fpr)
+    return float((members > threshold).mean())
+
+
+def token_nll(model, docs: list[list[int]]) -> list[np.ndarray]:
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for ids in docs:
+            x = torch.tensor([ids])
+            logits = model(input_ids=x[:, :-1]).logits.float()
+            out.append(torch.nn.functional.cross_entropy(logits[0], x[0, 1:], reduction="none").numpy())
+    return out
+
+
+def mia_scores(nll: list[np.ndarray], anchor_nll: list[np.ndarray], texts: list[str]) -> dict[str, np.ndarray]:
+    """Membership scores, higher = more likely a training document."""
+    mean = np.array([n.mean() for n in nll])
+    k = [np.sort(n)[-max(1, len(n) // 5):].mean() for n in nll]  # the 20 % least likely tokens
+    zlib_bits = np.array([len(zlib.compress(t.encode())) * 8 for t in texts])
+    return {"loss": -mean, "zlib": -np.array([n.sum() for n in nll]) / zlib_bits, "min_k": -np.array(k),
+            "anchor_ratio": -(mean / np.array([n.mean() for n in anchor_nll]))}
+
+
+def extraction(model, docs: list[list[int]], a: P.AuditParams, seed: int) -> tuple[int, int]:
+    """(greedy exact matches, sampled near matches) over documents of prefix + suffix tokens."""
+    import torch
+    from rapidfuzz.distance import Levenshtein
+
+    prefix = torch.tensor([d[:a.prefix_tokens] for d in docs])
+    truth = [d[a.prefix_tokens:a.prefix_tokens + a.suffix_tokens] for d in docs]
+    kw = dict(max_new_tokens=a.suffix_tokens, min_new_tokens=a.suffix_tokens, pad_token_id=0)
+    kw["attention_mask"] = torch.ones_like(prefix)  # same-length prefixes: nothing is padding
+    greedy = model.generate(prefix, do_sample=False, **kw)[:, a.prefix_tokens:].tolist()
+    exact = sum(g == t for g, t in zip(greedy, truth))
+    torch.manual_seed(seed)
+    kw["attention_mask"] = kw["attention_mask"].repeat_interleave(a.samples, 0)
+    sampled = model.generate(prefix.repeat_interleave(a.samples, 0), do_sample=True, top_k=50, top_p=0.95,
+                             temperature=1.0, **kw)[:, a.prefix_tokens:].tolist()
+    near = 0
+    for i, t in enumerate(truth):
+        tries = sampled[i * a.samples:(i + 1) * a.samples]
+        near += any(Levenshtein.normalized_similarity(s, t) >= 0.9 for s in tries)
+    return exact, near
+
+
+def random_secret(rng: random.Random) -> str:
+    return " ".join("".join(rng.choice(ALPHABET) for _ in range(4)) for _ in range(4))
+
+
+def canary_audit(model, tokenizer, canaries: list[dict], candidates: int, seed: int) -> list[dict]:
+    """Per canary: whether greedy decoding after its prefix writes the secret, and its exposure."""
+    import torch
+
+    rng = random.Random(seed)
+    out = []
+    for c in canaries:
+        prefix = tokenizer(c["prefix"], add_special_tokens=False)["input_ids"]
+        secret_ids = tokenizer(" " + c["secret"] + ".", add_special_tokens=False)["input_ids"]
+        gen = model.generate(torch.tensor([prefix]), max_new_tokens=len(secret_ids) + 4, do_sample=False, pad_token_id=0)
+        extracted = c["secret"] in tokenizer.decode(gen[0, len(prefix):])
+        texts = [c["secret"]] + [random_secret(rng) for _ in range(candidates - 1)]
+        losses = []
+        for start in range(0, len(texts), 128):
+            enc = [prefix + tokenizer(" " + t + ".", add_special_tokens=False)["input_ids"] for t in texts[start:start + 128]]
+            width = max(map(len, enc))
+            ids = torch.tensor([e + [0] * (width - len(e)) for e in enc])
+            logits = model(input_ids=ids[:, :-1]).logits.float()
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+            mask = torch.zeros_like(nll)
+            for i, e in enumerate(enc):
+                mask[i, len(prefix) - 1:len(e) - 1] = 1
+            losses += (nll * mask).sum(1).tolist()
+        rank = 1 + sum(v < losses[0] for v in losses[1:])
+        out.append({"repeats": c["repeats"], "extracted": bool(extracted),
+                    "exposure": math.log2(candidates) - math.log2(rank)})
+    return out
+
+
+def audit_owner(owner: str, corpus_dir: Path, anchor_dir: Path, merged_dir: Path, a: P.AuditParams,
+                disabled: list[str]) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.experts import load_merged, merged_owners, resolve_experts
+
+    torch.set_grad_enabled(False)
+    tokenizer = AutoTokenizer.from_pretrained(anchor_dir)
+    owners = merged_owners(merged_dir)
+    with_owner = resolve_experts(None, owners, [d for d in disabled if d != owner])
+    models = {"merged": load_merged(merged_dir, with_owner),
+              "opted_out": load_merged(merged_dir, [o for o in with_owner if o != owner]),
+              "anchor": AutoModelForCausalLM.from_pretrained(anchor_dir).eval()}
+    length = a.prefix_tokens + a.suffix_tokens
+
+    def docs(split: str, n: int, min_len: int) -> tuple[list[list[int]], list[str]]:
+        rows = [r["text"] for r in read_jsonl(corpus_dir / f"{split}.jsonl")]
+        random.Random(f"{a.seed}-{split}").shuffle(rows)
+        ids, texts = [], []
+        for text in rows:
+            t = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(t) >= min_len:
+                ids.append(t)
+                texts.append(text)
+            if len(ids) == n:
+                break
+        return ids, texts
+
+    train_ids, _ = docs("train", a.documents, length)
+    val_ids, _ = docs("val", a.documents, length)
+    n = min(len(train_ids), len(val_ids))  # the same number of each, so the rates compare
+    mia_train, _ = docs("train", a.mia_documents, 16)
+    mia_val, _ = docs("val", a.mia_documents, 16)
+    m = min(len(mia_train), len(mia_val))
+    mia_train = [d[:a.mia_tokens] for d in mia_train[:m]]
+    mia_val = [d[:a.mia_tokens] for d in mia_val[:m]]
+    mia_texts = [tokenizer.decode(d) for d in mia_train], [tokenizer.decode(d) for d in mia_val]
+    canaries_path = corpus_dir / CANARIES
+    canaries = read_json(canaries_path) if canaries_path.exists() else []
+    anchor_nll = token_nll(models["anchor"], mia_train), token_nll(models["anchor"], mia_val)
+    result = {"owner": owner, "documents": n, "mia_documents": m, "models": {}}
+    for name, model in models.items():
+        entry: dict = {}
+        if n:
+            for split, ids in (("train", train_ids[:n]), ("held_out", val_ids[:n])):
+                exact, near = extraction(model, [d[:length] for d in ids], a, a.seed)
+                entry[f"extraction_greedy_{split}"] = wilson(exact, n)
+                entry[f"extraction_sampled_{split}"] = wilson(near, n)
+        if m:
+            members = mia_scores(token_nll(model, mia_train), anchor_nll[0], mia_texts[0])
+            others = mia_scores(token_nll(model, mia_val), anchor_nll[1], mia_texts[1])
+            entry["mia"] = {k: {"auc": auc(members[k], others[k]), "tpr_at_1pct_fpr": tpr_at_fpr(members[k], others[k])}
+                            for k in members if not (name == "anchor" and k == "anchor_ratio")}
+        if canaries:
+            found = canary_audit(model, tokenizer, canaries, a.canary_candidates, a.seed)
+            entry["canaries"] = {str(r): {"extracted": wilson(sum(f["extracted"] for f in found if f["repeats"] == r),
+                                                              sum(f["repeats"] == r for f in found)),
+                                          "exposure": float(np.mean([f["exposure"] for f in found if f["repeats"] == r]))}
+                                 for r in sorted({f["repeats"] for f in found})}
+        result["models"][name] = entry
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    use_granted_threads()
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("owner")
+    ap.add_argument("--corpus", type=Path, required=True, help="the owner's corpus folder (train/val, canaries)")
+    ap.add_argument("--anchor", type=Path, required=True)
+    ap.add_argument("--merged", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True, help="the published numbers (JSON)")
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+    args = ap.parse_args(argv)
+    params = P.load(args.params)
+    if not params.audit.enabled:
+        write_json(args.out, {"owner": args.owner, "enabled": False})
+        print(f"audit {args.owner}: off (audit.enabled is false)")
+        return
+    result = audit_owner(args.owner, args.corpus, args.anchor, args.merged, params.audit, params.inference.disabled)
+    write_json(args.out, result)
+    for name, entry in result["models"].items():
+        mia = entry.get("mia", {}).get("loss", {})
+        print(f"audit {args.owner} / {name}: greedy extraction train "
+              f"{entry.get('extraction_greedy_train', {}).get('rate', float('nan')):.3f}, "
+              f"MIA loss AUC {mia.get('auc', float('nan')):.3f}")
+
+
+if __name__ == "__main__":
+    main()
