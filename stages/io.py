@@ -1,6 +1,7 @@
 """File helpers shared by the stages: atomic outputs, JSON lines, content digests."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -82,3 +83,15 @@ def tensors_digest(state_dict: dict) -> str:
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
         h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def add_upcycling_arguments(ap: argparse.ArgumentParser) -> None:
+    """The command-line inputs and outputs of a stage that trains experts upcycled from the anchor."""
+    ap.add_argument("--public-corpus", type=Path, required=True, help="the public train.jsonl")
+    ap.add_argument("--anchor", type=Path, required=True)
+    ap.add_argument("--public-embedding", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--metrics", type=Path, required=True)
+    ap.add_argument("--log", type=Path, required=True)
+    ap.add_argument("--checkpoint", type=Path, required=True)
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"))

@@ -17,13 +17,12 @@ from transformers import AutoTokenizer, Olmo2ForCausalLM
 from stages import params as P
 from stages.domain_embedding import load_embedding, router_row
 from stages.dp import check_dp, dp_router_row, train_dp
-from stages.io import atomic_dir, read_json, read_jsonl, write_json
+from stages.io import add_upcycling_arguments, atomic_dir, read_json, read_jsonl, write_json
 from stages.moe import blocks, export_flexolmo, project_bias, upcycle
 from stages.runtime import use_granted_threads
 from stages.train_anchor import ANCHOR_INFO
 from stages.training import (
     Checkpointer,
-    add_upcycling_arguments,
     lm_losses,
     sample_batch,
     tokenize_corpus,

@@ -16,19 +16,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-import torch
-from transformers import AutoTokenizer, FlexOlmoForCausalLM, Olmo2ForCausalLM
-
 from stages import params as P
-from stages.domain_embedding import load_embedding, router_row
-from stages.experts import MERGED_INFO
-from stages.io import atomic_dir, read_json, read_jsonl, write_json
-from stages.moe import flexolmo_config, shared_state
+from stages.io import add_upcycling_arguments, atomic_dir, read_json, read_jsonl, write_json
 from stages.runtime import use_granted_threads
-from stages.train_anchor import ANCHOR_INFO
-from stages.train_expert import file_digest
-from stages.training import Checkpointer, add_upcycling_arguments, lm_losses, sample_batch, tokenize_corpus, train
+
+# torch, transformers and the stage helpers that need them are imported where they are used: off
+# (the default), the stage only writes its stub and should not spend seconds importing them.
 
 REFERENCE_INFO = "consort_reference.json"
 
@@ -39,8 +32,13 @@ def joint_train_params(params: P.Params) -> P.TrainParams:
     return params.expert.train.model_copy(update={"steps": steps})
 
 
-def upcycle_all(anchor: Olmo2ForCausalLM, rows: list[torch.Tensor], top_k: int) -> FlexOlmoForCausalLM:
+def upcycle_all(anchor, rows: list, top_k: int):
     """A FlexOlmo model whose every expert is a copy of the anchor's FFN, router rows as given."""
+    import torch
+    from transformers import FlexOlmoForCausalLM
+
+    from stages.moe import flexolmo_config, shared_state
+
     state = shared_state(anchor.state_dict())
     n = len(rows)
     for i, layer in enumerate(anchor.model.layers):
@@ -64,6 +62,16 @@ def train_unrestricted(owner_corpora: dict[str, Path], public_train: Path, ancho
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log_path.write_text("")  # a declared output, like the trained run's log
         return {"enabled": False}
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer, Olmo2ForCausalLM
+
+    from stages.domain_embedding import load_embedding, router_row
+    from stages.experts import MERGED_INFO
+    from stages.train_anchor import ANCHOR_INFO
+    from stages.train_expert import file_digest
+    from stages.training import Checkpointer, lm_losses, sample_batch, tokenize_corpus, train
+
     expert, t = params.expert, joint_train_params(params)
     owners = list(owner_corpora)
     tokenizer = AutoTokenizer.from_pretrained(anchor_dir)

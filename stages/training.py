@@ -5,7 +5,6 @@ stage declares as a metric, and the flow forwards those to MLflow after the stag
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -21,18 +20,6 @@ from tqdm import tqdm
 
 from stages.io import read_jsonl
 from stages.params import TrainParams
-
-
-def add_upcycling_arguments(ap: argparse.ArgumentParser) -> None:
-    """The command-line inputs and outputs of a stage that trains experts upcycled from the anchor."""
-    ap.add_argument("--public-corpus", type=Path, required=True, help="the public train.jsonl")
-    ap.add_argument("--anchor", type=Path, required=True)
-    ap.add_argument("--public-embedding", type=Path, required=True)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--metrics", type=Path, required=True)
-    ap.add_argument("--log", type=Path, required=True)
-    ap.add_argument("--checkpoint", type=Path, required=True)
-    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
 
 
 def tokenize_corpus(tokenizer, jsonl: Path, max_docs: int | None = None) -> np.ndarray:
