@@ -310,3 +310,25 @@ def test_overlapping_spans_merge_into_one_display_segment():
     segments = merge_for_display(spans)
     assert [(s["start"], s["end"], [sp["owner"] for sp in s["spans"]]) for s in segments] == [
         (0, 5, ["b"]), (10, 30, ["a", "b"]), (30, 35, ["a"])]
+
+
+def test_differencing_learns_nothing_beyond_per_span_buckets(ids_server, corpus):
+    """DESIGN.md section 8: count(target OR common) - count(common) recovered an exact count behind a
+    threshold. Here there are no OR queries and no totals: each span carries only its own bucket,
+    the same whether it is asked alone or next to a common span."""
+    server, service = ids_server
+    _, _, docs, _ = corpus
+    token = service.client_tokens()["coordinator"]
+    _, target = planted_output(docs, random.Random(5))
+    common = "the company said"
+
+    def spans(text):
+        r = post(server, {"output": text}, token)
+        assert r.status_code == 200, r.text
+        return {text[s["start"]:s["end"]]: s["count"] for s in r.json()["spans"]}
+
+    alone, together = spans(f"Zqxv {target} vqzx."), spans(f"{common} on Monday. Zqxv {target} vqzx.")
+    assert alone == {target: "1"}
+    assert together[target] == "1" and set(together.values()) <= {"1", "2-9", "10-99", "100+"}
+    # A single token (a next-token probe) is below every owner's minimum span length: no answer.
+    assert spans("the") == {}
