@@ -184,14 +184,14 @@ def test_report_shows_every_baseline_and_the_optout_matrix(smoke_workspace):
 
 def test_opting_an_expert_out_reruns_only_what_follows_the_merge(smoke_workspace, tmp_path):
     ws, _ = smoke_workspace
+    # The workspace's own resolved params (whatever earlier tests changed): only the opt-out differs.
     params = tmp_path / "params.yaml"
-    params.write_text((PROJECT / "params.yaml").read_text())
-    run_consort("run", "--preset", "smoke", "--workspace", str(ws), "--params", str(params), cwd=ws.parent)
+    params.write_text((ws / "params.yaml").read_text())
     run_consort("experts", "disable", "news", "--params", str(params), cwd=ws.parent)
     listing = run_consort("experts", "--workspace", str(ws), "--params", str(params), cwd=ws.parent).stdout
     assert any(line.split()[1:3] == ["news", "disabled"] for line in listing.splitlines() if line.strip()[:1].isdigit())
     assert any(line.split()[1:3] == ["code", "enabled"] for line in listing.splitlines() if line.strip()[:1].isdigit())
-    proc = run_consort("run", "--preset", "smoke", "--workspace", str(ws), "--params", str(params), cwd=ws.parent)
+    proc = run_consort("run", "--workspace", str(ws), "--params", str(params), cwd=ws.parent)
     ran = {line.split()[1] for line in proc.stdout.splitlines() if line.strip().startswith("ran ")}
     assert ran == ({"evaluate_public", "report"} | {f"evaluate_owner@{o}" for o in OWNERS}
                    | {f"audit@{o}" for o in OWNERS}), proc.stdout[-3000:]
