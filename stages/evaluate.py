@@ -58,6 +58,21 @@ def token_nll(model, rows: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate(out)
 
 
+@torch.no_grad()
+def routing_share(model, rows: np.ndarray, batch_size: int) -> list[float]:
+    """Share of the routing weight each expert gets on these tokens (top-k weights, layers averaged)."""
+    total = torch.zeros(model.config.num_experts, dtype=torch.float64)
+    k = model.config.num_experts_per_tok
+    for start in range(0, len(rows), batch_size):
+        batch = torch.from_numpy(rows[start:start + batch_size])
+        for logits in model(input_ids=batch[:, :-1], output_router_logits=True).router_logits:
+            probs = torch.softmax(logits.float(), -1)
+            top, idx = probs.topk(k, -1)
+            weights = torch.zeros_like(probs).scatter_(1, idx, top)
+            total += (weights / weights.sum(-1, keepdim=True)).sum(0).double()
+    return (total / total.sum()).tolist()
+
+
 def summarise(nll: np.ndarray, rows: np.ndarray, sizes: np.ndarray) -> dict:
     n_bytes = int(sizes[rows[:, 1:]].sum())
     return {"loss": float(nll.mean()), "bits_per_byte": float(nll.sum() / math.log(2) / max(n_bytes, 1)),
@@ -91,6 +106,8 @@ def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, 
 
     score("anchor", AutoModelForCausalLM.from_pretrained(anchor_dir))
     score("merged", merged)
+    # Where this domain's tokens go: the diagnosis when the merged model trails BTM or opt-outs spill over.
+    routing = dict(zip(["public", *experts], routing_share(merged, rows, e.batch_size)))
     if e.baselines and experts:
         score("soup", soup_model(merged))
         alone = np.stack([score(f"alone/{o}", slice_experts(full, [index[o]])) for o in experts])
@@ -107,7 +124,7 @@ def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, 
             score(f"top_k/{k}", with_top_k(merged, k))
         toggled = "keep" if not isinstance(full, BiasedFlexOlmoForCausalLM) else "drop"
         score(f"router_bias/{toggled}", slice_experts(toggled_router_bias(full, merged_dir), list(index.values())))
-    return {"domain": domain, "experts": experts, "models": models}, use_fast_experts(merged)
+    return {"domain": domain, "experts": experts, "models": models, "routing": routing}, use_fast_experts(merged)
 
 
 def write_trace_page(domain: str, val: Path, model, tokenizer, index_dir: Path, params: P.Params, out: Path) -> int:

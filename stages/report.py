@@ -227,6 +227,28 @@ def plot_optout(rows: list[dict], path: Path) -> bool:
     return True
 
 
+def plot_routing(rows: list[dict], path: Path) -> bool:
+    """Heat map: for each domain (row), the share of routing weight each expert (column) gets."""
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get("routing")]
+    if not rows:
+        return False
+    experts = ["public", *rows[0]["experts"]]
+    cells = [[r["routing"].get(e, 0.0) for e in experts] for r in rows]
+    fig, ax = plt.subplots(figsize=(1.1 * len(experts) + 2.5, 0.55 * len(rows) + 1.8))
+    im = ax.imshow(cells, cmap="Blues", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(experts)), [f"{e} expert" for e in experts], rotation=20)
+    ax.set_yticks(range(len(rows)), [f"{r['domain']} text" for r in rows])
+    for i, row in enumerate(cells):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color="white" if v > 0.5 else "black")
+    fig.colorbar(im, ax=ax, label="share of routing weight")
+    ax.set_title("Where each domain's tokens are routed (merged model)")
+    _save(fig, path)
+    return True
+
+
 def plot_curves(logs: dict[str, Path], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
@@ -295,6 +317,8 @@ def report(evaluations: Path, out_dir: Path, metrics: Path, training_logs: dict[
     plot_losses(rows, out_dir / "loss_by_domain.png")
     if plot_optout(rows, out_dir / "optout_heatmap.png"):
         images.append("optout_heatmap.png")
+    if plot_routing(rows, out_dir / "routing.png"):
+        images.append("routing.png")
     if training_logs and plot_curves(training_logs, out_dir / "loss_curves.png"):
         images.append("loss_curves.png")
     summary = {r["domain"]: {m: {k: v[k] for k in ("loss", "bits_per_byte")} for m, v in r["models"].items()}

@@ -151,7 +151,8 @@ def test_rerun_is_a_no_op_and_a_param_change_reruns_only_its_branch(smoke_worksp
 def test_report_shows_every_baseline_and_the_optout_matrix(smoke_workspace):
     ws, _ = smoke_workspace
     reports = ws / "reports"
-    for name in ("report.html", "loss_by_domain.png", "optout_heatmap.png", "loss_curves.png", "eval_table.md"):
+    for name in ("report.html", "loss_by_domain.png", "optout_heatmap.png", "loss_curves.png", "routing.png",
+                 "eval_table.md"):
         assert (reports / name).stat().st_size > 500, name
     summary = json.loads((ws / "metrics" / "eval.json").read_text())
     assert set(summary) == {"public", *OWNERS}
