@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 from conftest import run_consort
 from stages.io import read_jsonl
 from tracing.attribution import TraceSettings, attribute
-from tracing.index import IndexError_, bow_token_ids, open_engine, write_index
+from tracing.index import IndexBuildError, bow_token_ids, open_engine, write_index
 from tracing.service import AUDIT_LOG, OwnerService, create_app
 
 OWNER = "news"
@@ -79,14 +79,14 @@ def test_planted_passages_are_found_whole(corpus):
 
 
 def test_index_refuses_what_would_crash_the_engine(tmp_path):
-    with pytest.raises(IndexError_, match="word 'table'"):
+    with pytest.raises(IndexBuildError, match="word 'table'"):
         write_index([("a", [1, 2])], 100, [], tmp_path / "stable" / "idx", eos_token_id=0)
-    with pytest.raises(IndexError_, match="document 'b': token id 100 outside"):
+    with pytest.raises(IndexBuildError, match="document 'b': token id 100 outside"):
         write_index([("a", [1, 2]), ("b", [3, 100])], 100, [], tmp_path / "idx", eos_token_id=0)
-    with pytest.raises(IndexError_, match="empty"):
+    with pytest.raises(IndexBuildError, match="empty"):
         write_index([], 100, [], tmp_path / "idx", eos_token_id=0)
     assert not (tmp_path / "idx").exists() and not list(tmp_path.glob(".idx*"))  # nothing half-written
-    with pytest.raises(IndexError_, match="not an index written by consort"):
+    with pytest.raises(IndexBuildError, match="not an index written by consort"):
         open_engine(tmp_path)
 
 

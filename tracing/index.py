@@ -36,14 +36,14 @@ ENGINE_PATH_WORDS = ("tokenized", "table", "offset", "metadata", "metaoff", "uni
 MULTI_CPU_MIN_BYTES = 1 << 20
 
 
-class IndexError_(ValueError):
+class IndexBuildError(ValueError):
     """An index folder cannot be built or opened safely."""
 
 
 def token_dtype(vocab_size: int) -> str:
     """u16 while every id and the 0xFFFF separator fit, else u32 (u8 mis-parses unigram files)."""
     if vocab_size <= 0:
-        raise IndexError_(f"vocabulary size {vocab_size} must be positive")
+        raise IndexBuildError(f"vocabulary size {vocab_size} must be positive")
     return "u16" if vocab_size < 0xFFFF else "u32"
 
 
@@ -51,7 +51,7 @@ def check_index_path(path: Path) -> None:
     text = str(Path(path).resolve())
     bad = [w for w in ENGINE_PATH_WORDS if w in text]
     if bad:
-        raise IndexError_(f"index folder {text} contains the word {bad[0]!r}, which the infini-gram engine "
+        raise IndexBuildError(f"index folder {text} contains the word {bad[0]!r}, which the infini-gram engine "
                           "mistakes for one of its own file names; choose a folder path without it")
 
 
@@ -97,7 +97,7 @@ def write_index(docs: Iterable[tuple[str, list[int]]], vocab_size: int, bow_ids:
             for doc_id, ids in docs:
                 arr = np.asarray(ids, dtype=np.int64)
                 if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
-                    raise IndexError_(f"document {doc_id!r}: token id {int(arr.max() if arr.max() >= vocab_size else arr.min())} "
+                    raise IndexBuildError(f"document {doc_id!r}: token id {int(arr.max() if arr.max() >= vocab_size else arr.min())} "
                                       f"outside the vocabulary [0, {vocab_size})")
                 body = sep + arr.astype(dtype).tobytes()
                 od.write(np.uint64(ds_pos).tobytes())
@@ -111,7 +111,7 @@ def write_index(docs: Iterable[tuple[str, list[int]]], vocab_size: int, bow_ids:
                 n_docs += 1
                 n_tokens += int(arr.size)
         if n_tokens == 0:
-            raise IndexError_("no token to index: the corpus is empty")
+            raise IndexBuildError("no token to index: the corpus is empty")
         with open(tmp / f"unigram.{SHARD}", "w") as ug:
             ug.writelines(f"{i} {int(c)}\n" for i, c in enumerate(counts) if c)
         (tmp / BOW_IDS).write_text("".join(f"{i}\n" for i in bow_ids if 0 <= i < vocab_size))
@@ -122,11 +122,11 @@ def write_index(docs: Iterable[tuple[str, list[int]]], vocab_size: int, bow_ids:
         child = subprocess.run([sys.executable, "-c", BUILD_SA, json.dumps(args)], capture_output=True, text=True)
         table = tmp / f"table.{SHARD}"
         if child.returncode != 0 or not table.exists():
-            raise IndexError_(f"infini-gram's build_sa failed (exit code {child.returncode}) on {ds_size:,} bytes: "
+            raise IndexBuildError(f"infini-gram's build_sa failed (exit code {child.returncode}) on {ds_size:,} bytes: "
                               f"{(child.stdout + child.stderr)[-800:]}")
         pointer_bytes = int(np.ceil(np.log2(ds_size) / 8))
         if table.stat().st_size != pointer_bytes * ds_size // width:
-            raise IndexError_(f"suffix array {table} has {table.stat().st_size:,} bytes, expected "
+            raise IndexBuildError(f"suffix array {table} has {table.stat().st_size:,} bytes, expected "
                               f"{pointer_bytes * ds_size // width:,}: the index is corrupt")
         t2 = time.perf_counter()
         info = {"documents": n_docs, "tokens": n_tokens, "vocab_size": vocab_size,
@@ -147,11 +147,11 @@ def read_index_info(index_dir: Path) -> dict:
     check_index_path(index_dir)
     info_path = index_dir / INDEX_INFO
     if not info_path.exists():
-        raise IndexError_(f"{index_dir} is not an index written by consort ({INDEX_INFO} is missing); "
+        raise IndexBuildError(f"{index_dir} is not an index written by consort ({INDEX_INFO} is missing); "
                           "run the build_index stage")
     missing = [f"{name}.{SHARD}" for name in INDEX_FILES if not (index_dir / f"{name}.{SHARD}").exists()]
     if missing or not (index_dir / BOW_IDS).exists():
-        raise IndexError_(f"index {index_dir} is incomplete (missing {', '.join(missing) or BOW_IDS}); rebuild it")
+        raise IndexBuildError(f"index {index_dir} is incomplete (missing {', '.join(missing) or BOW_IDS}); rebuild it")
     return json.loads(info_path.read_text())
 
 
