@@ -17,6 +17,7 @@ initialisation release plus every step) spends at most the target epsilon at the
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -103,8 +104,6 @@ class DocumentWindows(torch.utils.data.Dataset):
 def train_dp(model: torch.nn.Module, docs: list[np.ndarray], t: P.TrainParams, dp: P.DPParams, log_path: Path,
              lr_scale, init_noise: float, desc: str) -> dict:
     """DP-SGD over the model's trainable parameters; returns the summary with the epsilon spent."""
-    import json
-
     from opacus import GradSampleModule
     from opacus.data_loader import DPDataLoader
     from opacus.optimizers import DPOptimizer

@@ -152,7 +152,7 @@ def _train_expert_dp(owner: str, corpus_train: Path, public_train: Path, anchor,
     summary["router_bias"] = [0.0 for _ in blocks(model)]
     summary["dp"]["router_init"] = init
     publish(model, owner, anchor_hash, file_digest(corpus_train), expert, t, summary, out_dir,
-            dp={k: v for k, v in summary["dp"].items()})
+            dp=summary["dp"])
     return summary
 
 

@@ -74,14 +74,13 @@ def tune_router(merged_dir: Path, public_train: Path, params: P.Params, out_dir:
     eos = tokenizer.eos_token_id
     docs = [np.array([*ids[:t.seq_len], eos], dtype=np.int64)
             for ids in tokenizer(texts, add_special_tokens=False)["input_ids"] if ids]
-    budgets = {1 + i: max(t.seq_len, round(rt.token_fraction * params.expert_train(o).steps * t.batch_size * t.seq_len))
+    budgets = {1 + i: max(t.seq_len + 1, round(rt.token_fraction * params.expert_train(o).steps * t.batch_size * t.seq_len))
                for i, o in enumerate(owners)}
     picked = pick_proxy(routing_share(model, docs), np.array([len(d) for d in docs]), budgets)
     proxy = np.concatenate([docs[d] for chosen in picked.values() for d in chosen])
-    n_windows = max(1, (len(proxy) - 1) // t.seq_len)
-    windows = torch.from_numpy(np.stack([proxy[i * t.seq_len:i * t.seq_len + t.seq_len + 1]
-                                         for i in range(n_windows) if i * t.seq_len + t.seq_len + 1 <= len(proxy)]
-                                        or [proxy[:t.seq_len + 1]]))
+    # Every budget is at least one window (seq_len + 1 tokens), so there is always one.
+    windows = torch.from_numpy(np.stack([proxy[i * t.seq_len:(i + 1) * t.seq_len + 1]
+                                         for i in range((len(proxy) - 1) // t.seq_len)]))
     order = torch.from_numpy(np.random.default_rng(t.seed).permutation(len(windows) * rt.epochs) % len(windows))
     steps = math.ceil(len(order) / t.batch_size)
     tp = t.model_copy(update={"steps": steps, "lr": rt.lr, "warmup_steps": 0, "checkpoint_every": max(steps, 1)})

@@ -17,7 +17,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,12 +80,16 @@ def write_index(docs: Iterable[tuple[str, list[int]]], vocab_size: int, bow_ids:
     Token ids must lie in [0, vocab_size); a document id is stored as the only metadata.
     """
     out_dir = Path(out_dir)
-    check_index_path(out_dir.parent / (out_dir.name + ".tmp-x"))
+    check_index_path(out_dir)
     dtype = np.dtype({"u16": "<u2", "u32": "<u4"}[token_dtype(vocab_size)])
     width = dtype.itemsize
     sep = b"\xff" * width
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent)).resolve()  # build_sa chdirs
+    # The building folder's name adds only digits to a checked path (a random suffix could spell
+    # one of the engine's words); resolved, because build_sa chdirs.
+    tmp = (out_dir.parent / f".{out_dir.name}.building-{os.getpid()}").resolve()
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     try:
         t0 = time.perf_counter()
         counts = np.zeros(vocab_size, dtype=np.int64)
