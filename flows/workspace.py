@@ -96,7 +96,9 @@ def prepare_workspace(root: Path, preset: str, params_file: Path | None = None) 
     # An expert's resumable checkpoint comes and goes while it trains, and a trace service keeps
     # its key, tokens and audit log: a stage reading the whole owners/ folder (the unrestricted
     # reference) must not see either as changed input.
-    (root / ".dvcignore").write_text("owners/*/checkpoint.pt*\nowners/*/trace/\n")
+    (root / ".dvcignore").write_text("owners/*/checkpoint.pt*\nowners/*/dp_baseline_checkpoint.pt*\nowners/*/trace/\n"
+                                     "owners/*/keys/\n")
+    enrol_demo_owners(root, resolved["owners"])
     params_path = root / "params.yaml"
     if not params_path.exists() or params_path.read_text() != text:
         params_path.write_text(text)
@@ -112,6 +114,18 @@ def prepare_workspace(root: Path, preset: str, params_file: Path | None = None) 
         # Analytics would try to reach the internet on every command.
         (root / ".dvc" / "config").write_text("[core]\n    no_scm = True\n    analytics = false\n")
     return Workspace(root)
+
+
+def enrol_demo_owners(root: Path, owners) -> None:
+    """Each owner's signing key pair in its folder, and its public key in the coordinator's keyring.
+
+    On one machine the demo plays every owner, so joining is this: the owner creates its key, and
+    the coordinator enrols the public half (on separate machines the key travels out of band).
+    """
+    from stages.package import create_owner_key, enrol_owner_key
+
+    for owner in owners:
+        enrol_owner_key(create_owner_key(root / "owners" / owner / "keys"), root / "keyring", owner)
 
 
 def use_project_python() -> None:

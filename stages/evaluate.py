@@ -21,12 +21,14 @@ from stages.experts import (
     resolve_experts,
     slice_experts,
     toggled_router_bias,
+    with_expert_from,
     with_top_k,
 )
 from stages.fast_moe import use_fast_experts
 from stages.moe import BiasedFlexOlmoForCausalLM
-from stages.io import read_jsonl, write_json, write_text
+from stages.io import read_json, read_jsonl, write_json, write_text
 from stages.runtime import use_granted_threads
+from stages.train_expert import MANIFEST
 from stages.training import tokenize_corpus
 
 
@@ -81,13 +83,15 @@ def summarise(nll: np.ndarray, rows: np.ndarray, sizes: np.ndarray) -> dict:
 
 def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, e: P.EvaluateParams,
                     inference: P.InferenceParams, reference_dir: Path | None = None,
-                    tuned_dir: Path | None = None) -> tuple[dict, torch.nn.Module]:
+                    tuned_dir: Path | None = None, dp_baseline_dir: Path | None = None) -> tuple[dict, torch.nn.Module]:
     """Loss of the anchor, of the merged model (experts not opted out) and of its baselines.
 
     Baselines (with `e.baselines`): each owner's model alone, the uniform soup, BTM over the
     owners' models, and the merged model with each owner opted out in turn. The unrestricted
     reference and the router-tuned merged model are scored when their stages trained them;
     `e.ablations` adds the merged model at other top-k values and with the router bias toggled.
+    For an owner trained with DP, `dp_baseline_dir` holds its non-private twin: scored alone and
+    merged in the DP expert's place, the price of DP on the owner's own domain.
     """
     tokenizer = AutoTokenizer.from_pretrained(anchor_dir)
     rows = windows(tokenize_corpus(tokenizer, val), e)
@@ -118,13 +122,20 @@ def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, 
         score("unrestricted", AutoModelForCausalLM.from_pretrained(reference_dir))
     if tuned_dir is not None and has_model(tuned_dir):
         score("merged_tuned", slice_experts(AutoModelForCausalLM.from_pretrained(tuned_dir), list(index.values())))
+    result = {"domain": domain, "experts": experts, "models": models, "routing": routing}
+    if dp_baseline_dir is not None and has_model(dp_baseline_dir) and domain in index:
+        twin = AutoModelForCausalLM.from_pretrained(dp_baseline_dir)
+        score("dp_baseline/alone", twin)
+        score("dp_baseline/merged", slice_experts(with_expert_from(full, 1 + owners.index(domain), twin),
+                                                  list(index.values())))
+        result["dp_baseline"] = read_json(dp_baseline_dir / MANIFEST)["metrics"]
     if e.ablations:
         n, current = merged.config.num_experts, merged.config.num_experts_per_tok
         for k in sorted(({min(k, n) for k in e.ablation_top_k} | {n}) - {current}):
             score(f"top_k/{k}", with_top_k(merged, k))
         toggled = "keep" if not isinstance(full, BiasedFlexOlmoForCausalLM) else "drop"
         score(f"router_bias/{toggled}", slice_experts(toggled_router_bias(full, merged_dir), list(index.values())))
-    return {"domain": domain, "experts": experts, "models": models, "routing": routing}, use_fast_experts(merged)
+    return result, use_fast_experts(merged)
 
 
 def write_trace_page(domain: str, val: Path, model, tokenizer, index_dir: Path, params: P.Params, out: Path) -> int:
@@ -151,12 +162,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tuned", type=Path, help="the router-tuned merged model's folder (scored if tuned)")
     ap.add_argument("--index", type=Path, help="the owner's index: trace generated samples in it")
     ap.add_argument("--trace-page", type=Path, help="where the traced samples' HTML page goes (with --index)")
+    ap.add_argument("--dp-baseline", type=Path, help="the owner's non-DP twin expert (scored if trained)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = ap.parse_args(argv)
     params = P.load(args.params)
     result, merged = evaluate_domain(args.domain, args.val, args.anchor, args.merged, params.evaluate,
-                                     params.inference, args.reference, args.tuned)
+                                     params.inference, args.reference, args.tuned, args.dp_baseline)
     write_json(args.out, result)
     if args.index and args.trace_page:
         spans = write_trace_page(args.domain, args.val, merged, AutoTokenizer.from_pretrained(args.merged), args.index,

@@ -71,6 +71,21 @@ def slice_experts(model: FlexOlmoForCausalLM, keep: list[int]) -> FlexOlmoForCau
     return small.eval()
 
 
+def with_expert_from(model: FlexOlmoForCausalLM, index: int, package: FlexOlmoForCausalLM) -> FlexOlmoForCausalLM:
+    """A copy of the merged model whose expert `index` (FFN and router row) is the package's owner expert.
+
+    How the DP comparison puts an owner's non-private twin where its DP expert was merged.
+    """
+    state = dict(model.state_dict())
+    for key, value in package.state_dict().items():
+        if key.endswith(("mlp.gate.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+            state[key] = state[key].clone()
+            state[key][index] = value[1]
+    other = type(model)(model.config)
+    other.load_state_dict(state, strict=True)
+    return other.eval()
+
+
 def load_merged(merged_dir: Path, experts: list[str] | None = None) -> FlexOlmoForCausalLM:
     """The merged model with only `experts` (owner names; None keeps them all)."""
     model = AutoModelForCausalLM.from_pretrained(merged_dir)

@@ -73,6 +73,15 @@ def text_digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def tensors_digest(state_dict: dict) -> str:
     """Hash of a model's tensors by name, shape, dtype and bytes: independent of file layout."""
     import torch  # imported here: data stages use this module and need not pay for torch
@@ -95,3 +104,11 @@ def add_upcycling_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--log", type=Path, required=True)
     ap.add_argument("--checkpoint", type=Path, required=True)
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+
+
+def add_expert_arguments(ap: argparse.ArgumentParser) -> None:
+    """The command-line inputs and outputs of a stage that trains one owner's expert and signs its package."""
+    ap.add_argument("owner")
+    ap.add_argument("--corpus", type=Path, required=True, help="the owner's train.jsonl")
+    add_upcycling_arguments(ap)
+    ap.add_argument("--signing-key", type=Path, required=True, help="the owner's Ed25519 private key (PEM)")

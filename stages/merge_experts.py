@@ -1,8 +1,9 @@
 """Stage (coordinator): merge the anchor and the published experts into one FlexOlmo model.
 
 Stacks [public FFN, FFN_1 ... FFN_n] and [r_pub; r_1 ... r_n] per layer. Before merging, every
-expert's shared tensors and public half must be bit-identical to the anchor: an expert trained
-against another anchor is refused, naming the expert and the first tensor that differs.
+package's signature must verify with its owner's key in the coordinator's keyring (stages/package.py),
+its manifest must name this anchor and tokenizer, and its shared tensors and public half must be
+bit-identical to the anchor; otherwise the merge is refused, saying which check failed.
 """
 from __future__ import annotations
 
@@ -16,19 +17,16 @@ from transformers import AutoTokenizer, FlexOlmoConfig, FlexOlmoForCausalLM, Olm
 from stages import params as P
 from stages.domain_embedding import load_embedding
 from stages.experts import MERGED_INFO
-from stages.io import atomic_dir, read_json, write_json
+from stages.io import atomic_dir, file_digest, read_json, write_json
 from stages.moe import BiasedFlexOlmoConfig, BiasedFlexOlmoForCausalLM, flexolmo_config, shared_state
+from stages.package import PackageRefused, verify_package
 from stages.runtime import use_granted_threads
 from stages.train_anchor import ANCHOR_INFO
 from stages.train_expert import MANIFEST, MANIFEST_VERSION
 
 
-# Schema 1 differs only in the name of the bias: packages published before it still merge.
-READABLE_MANIFESTS = (1, MANIFEST_VERSION)
-
-
-def trained_bias(manifest: dict) -> list[float]:
-    return manifest["router_bias"] if manifest["schema_version"] >= 2 else manifest["router_bias_dropped"]
+# Packages are signed from schema 3 on: only those merge.
+READABLE_MANIFESTS = (MANIFEST_VERSION,)
 
 
 class MergeRefused(ValueError):
@@ -46,14 +44,19 @@ def _expert_state(expert_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def check_expert(name: str, state: dict[str, torch.Tensor], manifest: dict, anchor_state: dict[str, torch.Tensor],
-                 anchor_hash: str, r_pub: torch.Tensor, num_layers: int) -> None:
-    """Raise MergeRefused unless the expert's shared tensors and public half equal the anchor's."""
+                 anchor_hash: str, tokenizer_hash: str, r_pub: torch.Tensor, num_layers: int) -> None:
+    """Raise MergeRefused unless the manifest names this anchor and tokenizer and the tensors agree."""
     if manifest.get("schema_version") not in READABLE_MANIFESTS:
         raise MergeRefused(f"expert {name}: manifest schema {manifest.get('schema_version')!r}, this version reads "
                            f"{READABLE_MANIFESTS}; retrain it with this version (consort run --force train_expert@{name})")
+    if manifest.get("owner") != name:
+        raise MergeRefused(f"expert {name}: the package's manifest is owner {manifest.get('owner')!r}'s")
     if manifest.get("anchor_hash") != anchor_hash:
         raise MergeRefused(f"expert {name}: trained against anchor {str(manifest.get('anchor_hash'))[:12]}, "
                            f"but this pipeline's anchor is {anchor_hash[:12]}; retrain the expert against this anchor")
+    if manifest.get("tokenizer_hash") != tokenizer_hash:
+        raise MergeRefused(f"expert {name}: trained with tokenizer {str(manifest.get('tokenizer_hash'))[:12]}, "
+                           f"but this pipeline's is {tokenizer_hash[:12]}; retrain the expert with this anchor's tokenizer")
     expected = dict(shared_state(anchor_state))
     for i in range(num_layers):
         mlp = f"model.layers.{i}.mlp."
@@ -72,12 +75,13 @@ def check_expert(name: str, state: dict[str, torch.Tensor], manifest: dict, anch
 
 
 def merge_experts(anchor_dir: Path, public_embedding: Path, experts: dict[str, Path], m: P.MergeParams,
-                  out_dir: Path) -> dict:
+                  out_dir: Path, keyring: Path) -> dict:
     if not experts:
         raise MergeRefused("no expert to merge: params.yaml lists no owner")
     anchor = Olmo2ForCausalLM.from_pretrained(anchor_dir)
     anchor_state = anchor.state_dict()
     anchor_hash = read_json(anchor_dir / ANCHOR_INFO)["anchor_hash"]
+    tokenizer_hash = file_digest(anchor_dir / "tokenizer.json")
     r_pub = load_embedding(public_embedding)
     n_layers = anchor.config.num_hidden_layers
     states, manifests = {}, {}
@@ -85,9 +89,13 @@ def merge_experts(anchor_dir: Path, public_embedding: Path, experts: dict[str, P
         manifest_path = expert_dir / MANIFEST
         if not manifest_path.exists():
             raise MergeRefused(f"expert {owner}: {manifest_path} is missing; is {expert_dir} an expert package?")
+        try:  # first: nothing of a package is trusted, not even its manifest, before its signature holds
+            verify_package(expert_dir, owner, keyring)
+        except PackageRefused as err:
+            raise MergeRefused(str(err)) from None
         manifests[owner] = json.loads(manifest_path.read_text())
         states[owner] = _expert_state(expert_dir)
-        check_expert(owner, states[owner], manifests[owner], anchor_state, anchor_hash, r_pub, n_layers)
+        check_expert(owner, states[owner], manifests[owner], anchor_state, anchor_hash, tokenizer_hash, r_pub, n_layers)
 
     num_experts = 1 + len(experts)
     top_k = min(m.top_k or num_experts, num_experts)
@@ -106,7 +114,7 @@ def merge_experts(anchor_dir: Path, public_embedding: Path, experts: dict[str, P
             [first[f"{mlp}gate.weight"][:1]] + [s[f"{mlp}gate.weight"][1:2] for s in states.values()])
         if keep_bias:  # the public expert has no bias; an owner's is min(b, 0) as trained
             merged_state[f"{mlp}gate.bias"] = torch.tensor(
-                [0.0] + [min(trained_bias(manifests[o])[i], 0.0) for o in experts])
+                [0.0] + [min(manifests[o]["router_bias"][i], 0.0) for o in experts])
     model = (BiasedFlexOlmoForCausalLM if keep_bias else FlexOlmoForCausalLM)(config)
     model.load_state_dict(merged_state, strict=True)
     info = {
@@ -117,7 +125,7 @@ def merge_experts(anchor_dir: Path, public_embedding: Path, experts: dict[str, P
             {"index": i, "owner": owner, "data_digest": manifests[owner]["data_digest"],
              "anchor_hash": manifests[owner]["anchor_hash"],
              # kept here even when dropped from the weights, so the evaluation can score both ways
-             "router_bias": [min(b, 0.0) for b in trained_bias(manifests[owner])]}
+             "router_bias": [min(b, 0.0) for b in manifests[owner]["router_bias"]]}
             for i, owner in enumerate(experts, start=1)],
     }
     with atomic_dir(out_dir) as tmp:
@@ -133,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--anchor", type=Path, required=True)
     ap.add_argument("--public-embedding", type=Path, required=True)
     ap.add_argument("--published", type=Path, required=True, help="folder holding <owner>/expert packages")
+    ap.add_argument("--keyring", type=Path, required=True, help="folder of the owners' public keys, <owner>.pub")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = ap.parse_args(argv)
@@ -141,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     # runs, so enabling or disabling an owner never re-runs the merge.
     experts = {o: args.published / o / "expert" for o in params.owners}
     try:
-        info = merge_experts(args.anchor, args.public_embedding, experts, params.merge, args.out)
+        info = merge_experts(args.anchor, args.public_embedding, experts, params.merge, args.out, args.keyring)
     except MergeRefused as err:
         raise SystemExit(f"merge refused: {err}") from None
     print(f"merged {len(info['experts'])} experts (top-{info['top_k']}) -> {args.out}")

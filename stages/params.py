@@ -314,7 +314,12 @@ def resolve(raw: dict[str, Any], preset: str = "default", origin: str = "params.
             raise ParamsError(f"{origin}: unknown preset {preset!r}; choose one of: {known}")
         raw = _deep_merge(raw, presets[preset])
     # Dump the validated model, so every default is spelled out for DVC to track.
-    return parse(raw, origin=f"{origin} (preset {preset})").model_dump(mode="json", exclude_none=True)
+    resolved = parse(raw, origin=f"{origin} (preset {preset})").model_dump(mode="json", exclude_none=True)
+    for owner in resolved["owners"].values():
+        # Kept when off (null): the expert stages track owners.<name>.dp, and DVC refuses a
+        # params key that is missing.
+        owner.setdefault("dp", None)
+    return resolved
 
 
 def parse(raw: dict[str, Any], origin: str = "params.yaml") -> Params:

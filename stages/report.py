@@ -166,6 +166,32 @@ def audit_markdown(audits: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def dp_markdown(rows: list[dict], published: Path | None) -> str:
+    """Per DP owner: the epsilon spent, and its domain loss and step time next to its non-DP twin's."""
+    lines = []
+    for r in rows:
+        twin = r.get("dp_baseline")
+        metrics_path = published / r["domain"] / "train_metrics.json" if published else None
+        if not twin or not metrics_path or not metrics_path.exists():
+            continue
+        trained = read_json(metrics_path)
+        dp, m = trained.get("dp"), r["models"]
+        if not dp:
+            continue
+        own, own_twin = m[f"alone/{r['domain']}"]["loss"], m["dp_baseline/alone"]["loss"]
+        merged, merged_twin = m["merged"]["loss"], m["dp_baseline/merged"]["loss"]
+        step, step_twin = trained["train_seconds"] / trained["steps"], twin["train_seconds"] / twin["steps"]
+        lines.append(f"| {r['domain']} | {dp['epsilon']:.2f} at {dp['delta']:g} ({dp['accountant']}) | "
+                     f"{dp['noise_multiplier']:.3f} | {m['anchor']['loss']:.3f} | {own:.3f} | {own_twin:.3f} "
+                     f"({_pct(own, own_twin)}) | {merged:.3f} | {merged_twin:.3f} ({_pct(merged, merged_twin)}) | "
+                     f"{step:.2f} s | {step_twin:.2f} s ({step / step_twin:.2f}x) |")
+    if not lines:
+        return ""
+    return "\n".join(["| owner | epsilon spent at delta (accountant) | noise multiplier | anchor loss | own expert, DP | "
+                      "own expert, no DP (DP vs no DP) | merged, DP | merged with the no-DP expert (DP vs no DP) | "
+                      "step, DP | step, no DP (ratio) |", "|---|---|" + "---:|" * 8, *lines]) + "\n"
+
+
 def optout_matrix(rows: list[dict]) -> tuple[list[str], list[str], list[list[float]]]:
     """(experts removed, domains, % change in loss vs the full merged model)."""
     removed = [k.split("/", 1)[1] for k in rows[0]["models"] if k.startswith("without/")]
@@ -266,7 +292,7 @@ def plot_curves(logs: dict[str, Path], path: Path) -> bool:
     return True
 
 
-def page_html(rows: list[dict], images: list[str], audits: list[dict] | None = None) -> str:
+def page_html(rows: list[dict], images: list[str], audits: list[dict] | None = None, dp_table: str = "") -> str:
     models = sorted({k for r in rows for k in r["models"]}, key=lambda k: (k.count("/"), k))
     head = "".join(f"<th>{html.escape(m)}</th>" for m in models)
     body = "".join(
@@ -283,6 +309,9 @@ def page_html(rows: list[dict], images: list[str], audits: list[dict] | None = N
     privacy_html = ("<h2>Privacy audit (each owner, on its own machine)</h2><p>Rates with Wilson 95 % intervals. "
                     "merged: with the owner's expert; opted_out: without it; anchor: the public model alone. "
                     "Without the expert, the numbers should match the anchor's.</p>" + md.render(privacy)) if privacy else ""
+    dp_html = ("<h2>Differential privacy: what it costs</h2><p>Each DP owner's expert (DP-SGD, the document "
+               "as the privacy unit) against the same expert trained without DP on the owner's side; held-out "
+               "loss on the owner's domain, and seconds per training step.</p>" + md.render(dp_table)) if dp_table else ""
     ablations_html = ("<h2>Ablations</h2><p>The merged model as run against its variants: merged_tuned is "
                       "after router tuning on public proxy text; top_k/K routes each token to K experts; "
                       "router_bias/keep|drop toggles the owners' min(b, 0).</p>" + md.render(ablations)) if ablations else ""
@@ -300,6 +329,7 @@ BTM mixes the owners' models by how well each predicted the text so far.</p>
 {goals_html}
 {figures}
 {ablations_html}
+{dp_html}
 {privacy_html}
 <h2>Every model scored</h2>
 <p>alone/X: owner X's model alone; without/X: the merged model with X opted out.</p>
@@ -309,8 +339,9 @@ BTM mixes the owners' models by how well each predicted the text so far.</p>
 
 
 def report(evaluations: Path, out_dir: Path, metrics: Path, training_logs: dict[str, Path] | None = None,
-           audits_dir: Path | None = None) -> dict:
+           audits_dir: Path | None = None, published: Path | None = None) -> dict:
     rows = collect(evaluations)
+    dp_table = dp_markdown(rows, published)
     audits = [read_json(p) for p in sorted(audits_dir.glob("*.json"))] if audits_dir and audits_dir.exists() else []
     out_dir.mkdir(parents=True, exist_ok=True)
     images = ["loss_by_domain.png"]
@@ -324,8 +355,9 @@ def report(evaluations: Path, out_dir: Path, metrics: Path, training_logs: dict[
     summary = {r["domain"]: {m: {k: v[k] for k in ("loss", "bits_per_byte")} for m, v in r["models"].items()}
                for r in rows}
     write_text(out_dir / "eval_table.md", "\n".join(t for t in (table_markdown(rows), targets_markdown(rows),
-                                                                  ablation_markdown(rows), audit_markdown(audits)) if t))
-    write_text(out_dir / "report.html", page_html(rows, images, audits))
+                                                                  ablation_markdown(rows), dp_table,
+                                                                  audit_markdown(audits)) if t))
+    write_text(out_dir / "report.html", page_html(rows, images, audits, dp_table))
     write_json(metrics, summary)
     return summary
 
@@ -345,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
         logs |= {p.parent.name: p for p in sorted(args.published.glob("*/train_log.jsonl"))}
     if args.reference_log and args.reference_log.exists() and args.reference_log.stat().st_size:
         logs["unrestricted"] = args.reference_log
-    report(args.evaluations, args.out, args.metrics, logs, args.audits)
+    report(args.evaluations, args.out, args.metrics, logs, args.audits, args.published)
     print((args.out / "eval_table.md").read_text(), end="")
     print(f"report: {args.out / 'report.html'}")
 

@@ -7,7 +7,6 @@ owner publishes: a 2-expert `FlexOlmoForCausalLM` ([public FFN, owner FFN], rout
 from __future__ import annotations
 
 import argparse
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +16,9 @@ from transformers import AutoTokenizer, Olmo2ForCausalLM
 from stages import params as P
 from stages.domain_embedding import load_embedding, router_row
 from stages.dp import check_dp, dp_router_row, train_dp
-from stages.io import add_upcycling_arguments, atomic_dir, read_json, read_jsonl, write_json
+from stages.io import add_expert_arguments, atomic_dir, file_digest, read_json, read_jsonl, write_json
 from stages.moe import blocks, export_flexolmo, project_bias, upcycle
+from stages.package import sign_package
 from stages.runtime import use_granted_threads
 from stages.train_anchor import ANCHOR_INFO
 from stages.training import (
@@ -30,29 +30,26 @@ from stages.training import (
 )
 
 MANIFEST = "consort_expert.json"
-MANIFEST_VERSION = 2  # 2: the trained bias is "router_bias" (per layer), kept or dropped at merge
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+MANIFEST_VERSION = 3  # 2: the trained bias is "router_bias" (per layer); 3: tokenizer_hash, signed
 
 
 def train_expert(owner: str, corpus_train: Path, public_train: Path, anchor_dir: Path, public_embedding: Path,
                  expert: P.ExpertParams, train_params: P.TrainParams, out_dir: Path, log_path: Path,
-                 checkpoint: Path, dp: P.DPParams | None = None) -> dict:
+                 checkpoint: Path, signing_key: Path, dp: P.DPParams | None = None) -> dict:
     if dp is not None:
         check_dp(dp, owner)  # before any work: an invalid accounting is refused outright
+    if not signing_key.exists():
+        raise FileNotFoundError(f"{signing_key}: no signing key for owner {owner!r}; "
+                                f"create one with `consort owner init {owner}`")
     tokenizer = AutoTokenizer.from_pretrained(anchor_dir)
     anchor = Olmo2ForCausalLM.from_pretrained(anchor_dir)
     anchor_hash = read_json(anchor_dir / ANCHOR_INFO)["anchor_hash"]
+    identity = {"anchor_hash": anchor_hash, "tokenizer_hash": file_digest(anchor_dir / "tokenizer.json"),
+                "signing_key": signing_key}
     r_pub = load_embedding(public_embedding)
     init_texts = [row["text"] for _, row in zip(range(expert.router_init_docs), read_jsonl(corpus_train))]
     if dp is not None:
-        return _train_expert_dp(owner, corpus_train, public_train, anchor, tokenizer, anchor_hash, r_pub, init_texts,
+        return _train_expert_dp(owner, corpus_train, public_train, anchor, tokenizer, identity, r_pub, init_texts,
                                 expert, train_params, dp, out_dir, log_path)
     r_owner = router_row(anchor, tokenizer, init_texts, train_params.seq_len, expert.router_init)
     model = upcycle(anchor, r_pub, r_owner)
@@ -105,18 +102,23 @@ def train_expert(owner: str, corpus_train: Path, public_train: Path, anchor_dir:
     summary["corpus_tokens"] = int(len(tokens))
     summary["router_bias"] = [b.owner_bias.item() for b in moe_blocks]
 
-    publish(model, owner, anchor_hash, data_digest, expert, train_params, summary, out_dir)
+    publish(model, owner, identity, data_digest, expert, train_params, summary, out_dir)
     ckpt.clear()
     return summary
 
 
-def publish(model, owner: str, anchor_hash: str, data_digest: str, expert: P.ExpertParams, train_params: P.TrainParams,
+def publish(model, owner: str, identity: dict, data_digest: str, expert: P.ExpertParams, train_params: P.TrainParams,
             summary: dict, out_dir: Path, **extra) -> None:
-    """Write the expert package: the 2-expert FlexOlmo weights and the manifest (no text, no path)."""
+    """Write the signed expert package: the 2-expert FlexOlmo weights and the manifest (no text, no path).
+
+    `identity` holds the anchor and tokenizer hashes the expert was trained against and the
+    owner's signing key.
+    """
     manifest = {
         "schema_version": MANIFEST_VERSION,
         "owner": owner,
-        "anchor_hash": anchor_hash,
+        "anchor_hash": identity["anchor_hash"],
+        "tokenizer_hash": identity["tokenizer_hash"],
         "data_digest": data_digest,
         "expert_index": 1,
         "router_init": expert.router_init,
@@ -124,15 +126,16 @@ def publish(model, owner: str, anchor_hash: str, data_digest: str, expert: P.Exp
         "router_contrast": expert.router_contrast,
         "router_bias": summary["router_bias"],
         "training": train_params.model_dump(),
-        "metrics": {k: summary[k] for k in ("final_loss", "tokens_per_s", "tokens_seen", "steps")},
+        "metrics": {k: summary[k] for k in ("final_loss", "tokens_per_s", "tokens_seen", "steps", "train_seconds")},
         **extra,
     }
     with atomic_dir(out_dir) as tmp:
         export_flexolmo(model).save_pretrained(tmp)
         write_json(tmp / MANIFEST, manifest)
+        sign_package(tmp, identity["signing_key"], owner)
 
 
-def _train_expert_dp(owner: str, corpus_train: Path, public_train: Path, anchor, tokenizer, anchor_hash: str,
+def _train_expert_dp(owner: str, corpus_train: Path, public_train: Path, anchor, tokenizer, identity: dict,
                      r_pub: torch.Tensor, init_texts: list[str], expert: P.ExpertParams, t: P.TrainParams,
                      dp: P.DPParams, out_dir: Path, log_path: Path) -> dict:
     """The DP variant (stages/dp.py): DP router-row mean, Poisson-sampled documents, DP-SGD."""
@@ -151,7 +154,7 @@ def _train_expert_dp(owner: str, corpus_train: Path, public_train: Path, anchor,
     summary["corpus_tokens"] = int(sum(len(d) for d in docs))
     summary["router_bias"] = [0.0 for _ in blocks(model)]
     summary["dp"]["router_init"] = init
-    publish(model, owner, anchor_hash, file_digest(corpus_train), expert, t, summary, out_dir,
+    publish(model, owner, identity, file_digest(corpus_train), expert, t, summary, out_dir,
             dp=summary["dp"])
     return summary
 
@@ -159,15 +162,14 @@ def _train_expert_dp(owner: str, corpus_train: Path, public_train: Path, anchor,
 def main(argv: list[str] | None = None) -> None:
     use_granted_threads()
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("owner")
-    ap.add_argument("--corpus", type=Path, required=True, help="the owner's train.jsonl")
-    add_upcycling_arguments(ap)
+    add_expert_arguments(ap)
     args = ap.parse_args(argv)
     params = P.load(args.params)
     if args.owner not in params.owners:
         raise SystemExit(f"unknown owner {args.owner!r}: params.yaml lists {sorted(params.owners)}")
     summary = train_expert(args.owner, args.corpus, args.public_corpus, args.anchor, args.public_embedding, params.expert,
-                           params.expert_train(args.owner), args.out, args.log, args.checkpoint, params.owners[args.owner].dp)
+                           params.expert_train(args.owner), args.out, args.log, args.checkpoint, args.signing_key,
+                           params.owners[args.owner].dp)
     write_json(args.metrics, summary)
     print(f"expert {args.owner}: loss {summary['final_loss']:.3f}, {summary['tokens_per_s']:,.0f} tokens/s"
           + (f", DP epsilon {summary['dp']['epsilon']:.2f} at delta {summary['dp']['delta']:g} "

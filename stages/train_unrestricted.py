@@ -17,7 +17,7 @@ import argparse
 from pathlib import Path
 
 from stages import params as P
-from stages.io import add_upcycling_arguments, atomic_dir, read_json, read_jsonl, write_json
+from stages.io import add_upcycling_arguments, atomic_dir, file_digest, read_json, read_jsonl, write_json
 from stages.runtime import use_granted_threads
 
 # torch, transformers and the stage helpers that need them are imported where they are used: off
@@ -69,7 +69,6 @@ def train_unrestricted(owner_corpora: dict[str, Path], public_train: Path, ancho
     from stages.domain_embedding import load_embedding, router_row
     from stages.experts import MERGED_INFO
     from stages.train_anchor import ANCHOR_INFO
-    from stages.train_expert import file_digest
     from stages.training import Checkpointer, lm_losses, sample_batch, tokenize_corpus, train
 
     expert, t = params.expert, joint_train_params(params)

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from conftest import PROJECT
 
 COORDINATOR_DIRS = ("published", "models", "reports", "evaluations", "metrics", "mlartifacts", ".prefect", "public",
-                    "tracing")
+                    "tracing", "keyring")
 REFERENCE_ONLY = ("models/unrestricted", "metrics/unrestricted")
 
 
@@ -85,6 +85,22 @@ def test_no_planted_secret_reaches_the_coordinator(smoke_workspace):
     assert {"published", "models", "mlartifacts", ".prefect", ".dvc", "reports", "mlflow.db"} <= kinds, kinds
     assert len(files) > 50
     assert leaks(files, secrets) == []
+
+
+def test_owners_signing_keys_stay_with_the_owners(smoke_workspace):
+    """Only the public halves reach the coordinator's side (its keyring); the private keys never do."""
+    import base64
+
+    ws, _ = smoke_workspace
+    private = sorted(ws.glob("owners/*/keys/signing_key.pem"))
+    assert len(private) == 5 and sorted(p.name for p in (ws / "keyring").iterdir()) == [f"{o}.pub" for o in
+                                                                                           sorted(p.parts[-3] for p in private)]
+    # The PEM body and the raw key bytes inside it: neither may appear in any coordinator-visible file.
+    needles = []
+    for p in private:
+        body = "".join(p.read_text().splitlines()[1:-1])
+        needles += [body, base64.b64decode(body)[-32:].hex()]
+    assert leaks(coordinator_visible_files(ws), needles) == []
 
 
 def test_the_scan_finds_a_secret_that_does_leak(smoke_workspace, tmp_path):

@@ -7,6 +7,7 @@ import torch
 
 from stages import params as P
 from stages.dp import DPConfigError, spent_epsilon, training_noise
+from stages.package import create_owner_key
 from stages.moe import blocks, upcycle
 from stages.train_expert import MANIFEST, train_expert
 from test_reference import tiny_params
@@ -54,7 +55,8 @@ def test_dp_expert_trains_and_its_package_states_the_epsilon(tiny_anchor_dir, tm
                               for i in range(40)))
     params = tiny_params()
     summary = train_expert("alpha", corpus, root / "public.jsonl", root / "anchor", root / "emb", params.expert,
-                           params.expert_train("alpha"), tmp_path / "pkg", tmp_path / "log.jsonl", tmp_path / "c.pt", DP)
+                           params.expert_train("alpha"), tmp_path / "pkg", tmp_path / "log.jsonl", tmp_path / "c.pt",
+                           create_owner_key(tmp_path / "keys").with_name("signing_key.pem"), DP)
     manifest = json.loads((tmp_path / "pkg" / MANIFEST).read_text())
     assert manifest["dp"]["accountant"] == "prv" and manifest["dp"]["epsilon"] == summary["dp"]["epsilon"]
     assert 0 < manifest["dp"]["epsilon"] <= DP.target_epsilon + 1e-6
@@ -69,5 +71,5 @@ def test_shuffled_batches_are_refused_before_any_work(tiny_anchor_dir, tmp_path)
     with pytest.raises(DPConfigError, match="owners.alpha.dp.sampling: 'shuffle'"):
         train_expert("alpha", tmp_path / "missing.jsonl", root / "public.jsonl", root / "anchor", root / "emb",
                      params.expert, params.expert_train("alpha"), tmp_path / "pkg", tmp_path / "log.jsonl",
-                     tmp_path / "c.pt", DP.model_copy(update={"sampling": "shuffle"}))
+                     tmp_path / "c.pt", tmp_path / "no-key.pem", DP.model_copy(update={"sampling": "shuffle"}))
     assert not (tmp_path / "pkg").exists()

@@ -8,9 +8,11 @@ from transformers import AutoModelForCausalLM, FlexOlmoForCausalLM
 from conftest import tiny_anchor
 from stages import params as P
 from stages.experts import toggled_router_bias
-from stages.io import write_json
-from stages.merge_experts import MERGED_INFO, MergeRefused, merge_experts
+from stages.io import file_digest, write_json
+from stages.merge_experts import MERGED_INFO, MergeRefused
+from stages.merge_experts import merge_experts as merge_with_keyring
 from stages.moe import OWNER, BiasedFlexOlmoForCausalLM, blocks, export_flexolmo, upcycle
+from stages.package import SIGNATURE, create_owner_key, enrol_owner_key, sign_package
 from stages.train_anchor import anchor_hash
 from stages.train_expert import MANIFEST, MANIFEST_VERSION
 
@@ -19,11 +21,27 @@ H = 32
 
 @pytest.fixture(scope="module")
 def setup(tiny_anchor_dir):
+    root = tiny_anchor_dir[0]
+    KEYS.update(keys=root / "keys", keyring=root / "keyring", tokenizer_hash=file_digest(root / "anchor" / "tokenizer.json"))
     return tiny_anchor_dir
 
 
+# Where the test owners' keys live, and the coordinator's keyring: set by the setup fixture.
+KEYS: dict[str, object] = {}
+
+
+def merge_experts(anchor_dir, emb, experts, m, out):
+    """The merge with the keyring every test package's owner is enrolled in."""
+    return merge_with_keyring(anchor_dir, emb, experts, m, out, keyring=KEYS["keyring"])
+
+
+def resign(out, name):
+    """Sign the package again, as its owner (after the test changed it on the owner's side)."""
+    sign_package(out, KEYS["keys"] / name / "signing_key.pem", name)
+
+
 def publish(root, name, base, r_pub, seed, claimed_hash=None, bias=0.0):
-    """An expert package as train_expert writes it, with the owner half perturbed (as if trained)."""
+    """A signed expert package as train_expert writes it, with the owner half perturbed (as if trained)."""
     model = upcycle(base, r_pub, torch.randn(H, generator=torch.Generator().manual_seed(seed)))
     with torch.no_grad():
         for b in blocks(model):
@@ -36,7 +54,9 @@ def publish(root, name, base, r_pub, seed, claimed_hash=None, bias=0.0):
             b.owner_bias.fill_(bias)
     write_json(out / MANIFEST, {"schema_version": MANIFEST_VERSION, "owner": name, "data_digest": f"d-{name}",
                                 "anchor_hash": claimed_hash or anchor_hash(base),
-                                "router_bias": [bias] * len(blocks(model))})
+                                "tokenizer_hash": KEYS["tokenizer_hash"], "router_bias": [bias] * len(blocks(model))})
+    enrol_owner_key(create_owner_key(KEYS["keys"] / name), KEYS["keyring"], name)
+    resign(out, name)
     return model, out
 
 
@@ -89,17 +109,13 @@ def test_kept_bias_round_trips_and_matches_the_training_block(setup, tmp_path):
         assert torch.equal(from_keep(input_ids=ids).logits, dropped(input_ids=ids).logits)
 
 
-def test_packages_of_the_previous_manifest_schema_still_merge(setup, tmp_path):
+def test_a_manifest_of_another_schema_is_refused(setup, tmp_path):
     root, anchor, r_pub = setup
     _, out = publish(root, "old", anchor, r_pub, seed=5, bias=-0.5)
     manifest = json.loads((out / MANIFEST).read_text())
-    manifest["schema_version"], manifest["router_bias_dropped"] = 1, manifest.pop("router_bias")
-    write_json(out / MANIFEST, manifest)
-    merge_experts(root / "anchor", root / "emb", {"old": out}, P.MergeParams(router_bias="keep"), tmp_path / "m")
-    kept = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
-    assert torch.equal(kept.model.layers[1].mlp.gate.bias, torch.tensor([0.0, -0.5]))
-    write_json(out / MANIFEST, {**manifest, "schema_version": 99})
-    with pytest.raises(MergeRefused, match="manifest schema 99.*--force train_expert@old"):
+    write_json(out / MANIFEST, {**manifest, "schema_version": 2})  # unsigned packages were schema 2
+    resign(out, "old")
+    with pytest.raises(MergeRefused, match="manifest schema 2.*--force train_expert@old"):
         merge_experts(root / "anchor", root / "emb", {"old": out}, P.MergeParams(), tmp_path / "m2")
     assert not (tmp_path / "m2").exists()
 
@@ -138,5 +154,83 @@ def test_modified_public_half_is_refused(setup):
     with torch.no_grad():
         hf.model.layers[1].mlp.experts.down_proj[0, 0, 0] += 1e-3
     hf.save_pretrained(out)
+    resign(out, "tamper")  # signed by its owner: the tensor check is the second line of defence
     with pytest.raises(MergeRefused, match=r"expert tamper: tensor model\.layers\.1\.mlp\.experts\.down_proj\[public\] differs"):
         merge_experts(root / "anchor", root / "emb", {"tamper": out}, P.MergeParams(), root / "m4")
+
+
+def test_swapping_in_a_twin_expert_equals_merging_the_twin(setup, tmp_path):
+    """The DP comparison's 'merged with the no-DP expert' is exactly the merge with that package."""
+    from stages.experts import with_expert_from
+
+    root, anchor, r_pub = setup
+    _, alpha = publish(tmp_path, "alpha", anchor, r_pub, seed=30)
+    _, beta = publish(tmp_path, "beta", anchor, r_pub, seed=31)
+    _, twin = publish(tmp_path / "twin", "beta", anchor, r_pub, seed=32)  # beta's other package
+    merge_experts(root / "anchor", root / "emb", {"alpha": alpha, "beta": beta}, P.MergeParams(top_k=2), tmp_path / "m1")
+    merge_experts(root / "anchor", root / "emb", {"alpha": alpha, "beta": twin}, P.MergeParams(top_k=2), tmp_path / "m2")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m1")
+    swapped = with_expert_from(merged, 2, FlexOlmoForCausalLM.from_pretrained(twin))
+    expected = AutoModelForCausalLM.from_pretrained(tmp_path / "m2")
+    for key, value in expected.state_dict().items():
+        assert torch.equal(swapped.state_dict()[key], value), key
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert not torch.allclose(swapped(ids).logits, merged(ids).logits)  # the twin really differs
+
+
+def _flip_one_byte(path, offset=-1):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_tampered_or_foreign_packages_are_refused_saying_why(setup, tmp_path):
+    root, anchor, r_pub = setup
+    cases = {}
+    for name in ("weights", "manifest", "unsigned", "added", "foreign", "unenrolled"):
+        cases[name] = publish(root, f"t_{name}", anchor, r_pub, seed=40)[1]
+    _flip_one_byte(cases["weights"] / "model.safetensors", offset=-5)  # inside the tensor data
+    manifest_path = cases["manifest"] / MANIFEST
+    manifest_path.write_text(manifest_path.read_text().replace('"d-t_manifest"', '"d-t_manifesT"'))
+    (cases["unsigned"] / SIGNATURE).unlink()
+    (cases["added"] / "extra.bin").write_bytes(b"x")
+    # Signed with a key the coordinator never enrolled for this owner.
+    create_owner_key(tmp_path / "intruder")
+    sign_package(cases["foreign"], tmp_path / "intruder" / "signing_key.pem", "t_foreign")
+    (KEYS["keyring"] / "t_unenrolled.pub").unlink()
+    expected = {
+        "weights": r"file model\.safetensors changed after it was signed",
+        "manifest": r"file consort_expert\.json changed after it was signed",
+        "unsigned": r"\S+/consort_signature\.json is missing: the package is unsigned",
+        "added": r"file extra\.bin is not covered by the signature",
+        "foreign": r"the signature does not verify with t_foreign's enrolled key",
+        "unenrolled": r"no public key for 't_unenrolled' in the keyring",
+    }
+    for name, pattern in expected.items():
+        owner = f"t_{name}"
+        with pytest.raises(MergeRefused, match=rf"expert {owner}: {pattern}"):
+            merge_experts(root / "anchor", root / "emb", {owner: cases[name]}, P.MergeParams(), tmp_path / name)
+        assert not (tmp_path / name).exists()
+    # The untouched twin of these packages merges: the refusals are the changes, not the packages.
+    _, clean = publish(root, "t_clean", anchor, r_pub, seed=40)
+    merge_experts(root / "anchor", root / "emb", {"t_clean": clean}, P.MergeParams(), tmp_path / "clean")
+
+
+def test_a_package_for_another_tokenizer_is_refused(setup, tmp_path):
+    root, anchor, r_pub = setup
+    _, out = publish(root, "tok", anchor, r_pub, seed=41)
+    manifest = json.loads((out / MANIFEST).read_text())
+    write_json(out / MANIFEST, {**manifest, "tokenizer_hash": "0" * 64})
+    resign(out, "tok")
+    with pytest.raises(MergeRefused, match=r"expert tok: trained with tokenizer 000000000000, .* retrain"):
+        merge_experts(root / "anchor", root / "emb", {"tok": out}, P.MergeParams(), tmp_path / "m")
+
+
+def test_the_keyring_keeps_an_owners_first_key(tmp_path):
+    from stages.package import PackageRefused
+
+    enrol_owner_key(create_owner_key(tmp_path / "a"), tmp_path / "ring", "alice")
+    assert oct((tmp_path / "a" / "signing_key.pem").stat().st_mode & 0o777) == "0o600"
+    with pytest.raises(PackageRefused, match="already holds a different key for owner 'alice'"):
+        enrol_owner_key(create_owner_key(tmp_path / "b"), tmp_path / "ring", "alice")

@@ -103,6 +103,36 @@ def test_smoke_run_trains_merges_and_records_lineage(smoke_workspace):
     assert len(versions) == 1 and versions[0].run_id == by_stage["merge_experts"].info.run_id
 
 
+def test_dp_owner_publishes_its_epsilon_and_the_report_prices_it(smoke_workspace):
+    """math trains with DP (params.yaml): epsilon in the manifest and MLflow, its non-DP twin in the report."""
+    ws, _ = smoke_workspace
+    params = P.load(ws / "params.yaml")
+    dp_owners = [o for o in OWNERS if params.owners[o].dp]
+    assert dp_owners == ["math"]
+    manifest = json.loads((ws / "published" / "math" / "expert" / "consort_expert.json").read_text())
+    target = params.owners["math"].dp.target_epsilon
+    assert 0 < manifest["dp"]["epsilon"] <= target + 1e-6 and manifest["dp"]["accountant"] == "prv"
+    client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("consort").experiment_id],
+                              "tags.`consort.stage` = 'train_expert@math'")
+    assert runs[0].data.metrics["dp.epsilon"] == pytest.approx(manifest["dp"]["epsilon"])
+    # The twin is trained only for the DP owner and stays in its private folder.
+    assert (ws / "owners" / "math" / "dp_baseline" / "config.json").exists()
+    assert not (ws / "owners" / "code" / "dp_baseline" / "config.json").exists()
+    assert not list((ws / "published").glob("*/dp_baseline*"))
+    math_eval = json.loads((ws / "evaluations" / "math.json").read_text())
+    assert {"dp_baseline/alone", "dp_baseline/merged"} <= set(math_eval["models"])
+    assert math_eval["dp_baseline"]["train_seconds"] > 0
+    code_eval = json.loads((ws / "evaluations" / "code.json").read_text())
+    assert "dp_baseline" not in code_eval and "dp_baseline/alone" not in code_eval["models"]
+    page = (ws / "reports" / "report.html").read_text()
+    assert "Differential privacy: what it costs" in page
+    table = (ws / "reports" / "eval_table.md").read_text().splitlines()
+    row = next(line for line in table if line.startswith("| math | ") and "(prv)" in line)
+    assert f"{manifest['dp']['epsilon']:.2f} at" in row
+    assert f"{math_eval['models']['dp_baseline/alone']['loss']:.3f}" in row
+
+
 def _owner_snippets(ws: Path, per_owner: int = 20) -> list[str]:
     snippets = []
     for o in OWNERS:
@@ -172,6 +202,14 @@ def test_report_shows_every_baseline_and_the_optout_matrix(smoke_workspace):
         assert set(audit["models"]) == {"merged", "opted_out", "anchor"}
         assert set(audit["models"]["merged"]["canaries"]) == {"1", "4", "16"}
         assert 0 <= audit["models"]["merged"]["mia"]["loss"]["auc"] <= 1
+        # Opted out, every extraction and canary rate falls back to the anchor's, within its interval.
+        out, anchor = audit["models"]["opted_out"], audit["models"]["anchor"]
+        rates = [k for k in anchor if k.startswith("extraction_")]
+        assert len(rates) == 4
+        pairs = [(out[k], anchor[k]) for k in rates]
+        pairs += [(out["canaries"][r]["extracted"], anchor["canaries"][r]["extracted"]) for r in anchor["canaries"]]
+        for mine, base in pairs:
+            assert mine["low"] <= base["rate"] <= mine["high"], (o, mine, base)
     client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
     report_run = client.search_runs([client.get_experiment_by_name("consort").experiment_id],
                                     filter_string="tags.`consort.stage` = 'report'")[0]

@@ -1,0 +1,115 @@
+"""The expert package's signature: an owner signs what it publishes, the coordinator verifies it.
+
+Each owner holds an Ed25519 key pair (`cryptography`'s implementation); the coordinator holds the
+owners' public keys in its keyring (`keyring/<owner>.pub`), enrolled once when the owner joins.
+The signature covers the SHA-256 of every file in the package (weights and manifest) and the
+owner's name, so changing one byte of any file, adding or removing a file, or re-signing with
+another key is detected, and the merge says which of these happened.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+from pathlib import Path
+
+from stages.io import file_digest
+
+SIGNATURE = "consort_signature.json"
+PRIVATE_KEY = "signing_key.pem"
+PUBLIC_KEY = "signing_key.pub"
+
+
+class PackageRefused(ValueError):
+    """A package whose signature does not hold: unsigned, tampered, or signed by another key."""
+
+
+def create_owner_key(key_dir: Path) -> Path:
+    """An owner's key pair in `key_dir` (the private key readable by the owner only); returns the public key's path.
+
+    An existing key is kept: a new one would make every package signed before unverifiable.
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    private_path, public_path = key_dir / PRIVATE_KEY, key_dir / PUBLIC_KEY
+    if private_path.exists():
+        return public_path
+    key_dir.mkdir(parents=True, exist_ok=True)
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    tmp = private_path.with_name(f".{PRIVATE_KEY}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(pem)
+    public_path.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                          serialization.PublicFormat.SubjectPublicKeyInfo))
+    os.replace(tmp, private_path)
+    return public_path
+
+
+def enrol_owner_key(public_key: Path, keyring: Path, owner: str) -> Path:
+    """Put an owner's public key in the coordinator's keyring (kept if that key is already there)."""
+    keyring.mkdir(parents=True, exist_ok=True)
+    target = keyring / f"{owner}.pub"
+    data = public_key.read_bytes()
+    if target.exists() and target.read_bytes() != data:
+        raise PackageRefused(f"keyring {keyring} already holds a different key for owner {owner!r}: remove "
+                             f"{target} only if that owner really replaced its key")
+    if not target.exists():
+        target.write_bytes(data)
+    return target
+
+
+def _file_digests(package: Path) -> dict[str, str]:
+    return {path.relative_to(package).as_posix(): file_digest(path)
+            for path in sorted(p for p in package.rglob("*") if p.is_file() and p.name != SIGNATURE)}
+
+
+def _payload(owner: str, files: dict[str, str]) -> bytes:
+    return json.dumps({"owner": owner, "files": files}, sort_keys=True, separators=(",", ":")).encode()
+
+
+def sign_package(package: Path, private_key: Path, owner: str) -> None:
+    """Write the package's signature file over every other file in it (call last, inside the atomic write)."""
+    from cryptography.hazmat.primitives import serialization
+
+    if not private_key.exists():
+        raise FileNotFoundError(f"{private_key}: no signing key for owner {owner!r}; "
+                                f"create one with `consort owner init {owner}`")
+    key = serialization.load_pem_private_key(private_key.read_bytes(), password=None)
+    files = _file_digests(package)
+    signature = base64.b64encode(key.sign(_payload(owner, files))).decode()
+    (package / SIGNATURE).write_text(json.dumps({"owner": owner, "algorithm": "ed25519", "files": files,
+                                                 "signature": signature}, indent=2, sort_keys=True) + "\n")
+
+
+def verify_package(package: Path, owner: str, keyring: Path) -> None:
+    """Raise PackageRefused, saying which check failed, unless `owner`'s enrolled key signed exactly these files."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import serialization
+
+    sig_path, key_path = package / SIGNATURE, keyring / f"{owner}.pub"
+    if not sig_path.exists():
+        raise PackageRefused(f"expert {owner}: {sig_path} is missing: the package is unsigned")
+    if not key_path.exists():
+        raise PackageRefused(f"expert {owner}: no public key for {owner!r} in the keyring ({key_path}); "
+                             "enrol the owner's key first (`consort owner init` prints it)")
+    try:
+        record = json.loads(sig_path.read_text())
+        signed_files, signature = dict(record["files"]), base64.b64decode(record["signature"], validate=True)
+    except (ValueError, KeyError, TypeError) as err:
+        raise PackageRefused(f"expert {owner}: {sig_path} is not a signature record ({err})") from None
+    try:
+        serialization.load_pem_public_key(key_path.read_bytes()).verify(signature, _payload(owner, signed_files))
+    except InvalidSignature:
+        raise PackageRefused(f"expert {owner}: the signature does not verify with {owner}'s enrolled key: the package "
+                             "was signed by another key, for another owner, or its signature record was edited") from None
+    actual = _file_digests(package)
+    for name in sorted(set(signed_files) | set(actual)):
+        if name not in actual:
+            raise PackageRefused(f"expert {owner}: signed file {name} is missing from the package")
+        if name not in signed_files:
+            raise PackageRefused(f"expert {owner}: file {name} is not covered by the signature (added after signing)")
+        if actual[name] != signed_files[name]:
+            raise PackageRefused(f"expert {owner}: file {name} changed after it was signed (tampered or corrupted)")

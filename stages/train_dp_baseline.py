@@ -1,0 +1,56 @@
+"""Stage (owner side): the price of differential privacy, measured by the owner who pays it.
+
+For an owner with `owners.<name>.dp` set, trains the same expert with the same params but without
+DP into the owner's private folder, so its evaluation can put the DP expert's domain loss and
+step time next to the non-private twin's (the report's DP table). It is never published and
+never merged. For an owner without DP the stage writes only a stub.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from stages import params as P
+from stages.io import add_expert_arguments, atomic_dir, write_json
+from stages.runtime import use_granted_threads
+
+# torch and the training code are imported only for a DP owner: every other owner's stage just
+# writes its stub and should not spend seconds importing them.
+
+BASELINE_INFO = "consort_dp_baseline.json"
+
+
+def train_dp_baseline(owner: str, corpus_train: Path, public_train: Path, anchor_dir: Path, public_embedding: Path,
+                      params: P.Params, out_dir: Path, log_path: Path, checkpoint: Path, signing_key: Path) -> dict:
+    if params.owners[owner].dp is None:
+        with atomic_dir(out_dir) as tmp:
+            write_json(tmp / BASELINE_INFO, {"enabled": False})
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_text("")  # a declared output, like the trained run's log
+        return {"enabled": False}
+    from stages.train_expert import train_expert
+
+    summary = train_expert(owner, corpus_train, public_train, anchor_dir, public_embedding, params.expert,
+                           params.expert_train(owner), out_dir, log_path, checkpoint, signing_key, dp=None)
+    return {"enabled": True, **summary}
+
+
+def main(argv: list[str] | None = None) -> None:
+    use_granted_threads()
+    ap = argparse.ArgumentParser(description=__doc__)
+    add_expert_arguments(ap)
+    args = ap.parse_args(argv)
+    params = P.load(args.params)
+    if args.owner not in params.owners:
+        raise SystemExit(f"unknown owner {args.owner!r}: params.yaml lists {sorted(params.owners)}")
+    summary = train_dp_baseline(args.owner, args.corpus, args.public_corpus, args.anchor, args.public_embedding, params,
+                                args.out, args.log, args.checkpoint, args.signing_key)
+    write_json(args.metrics, summary)
+    if summary["enabled"]:
+        print(f"non-DP baseline of {args.owner}: loss {summary['final_loss']:.3f}, {summary['tokens_per_s']:,.0f} tokens/s")
+    else:
+        print(f"non-DP baseline of {args.owner}: not needed (owners.{args.owner}.dp is not set)")
+
+
+if __name__ == "__main__":
+    main()
