@@ -207,6 +207,165 @@ def _generate(args: argparse.Namespace) -> str | None:
     return continue_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.seed)
 
 
+def _need_prefect_server() -> str | None:
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
+        print("consort: PREFECT_API_URL is not set: start `consort server` and export the URL it prints",
+              file=sys.stderr)
+    return url
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    """The coordinator's Prefect server and MLflow UI on 127.0.0.1, until Ctrl-C."""
+    import signal
+
+    from flows.remote import start_prefect_server
+    from flows.workspace import Workspace
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    ws = Workspace(args.workspace.resolve())
+    ws.root.mkdir(parents=True, exist_ok=True)
+    try:
+        prefect, url = start_prefect_server(ws.root / ".prefect-server", args.port)
+    except (RuntimeError, TimeoutError) as err:
+        print(f"consort: {err}", file=sys.stderr)
+        return 2
+    mlflow = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", ws.tracking_uri,
+                               "--default-artifact-root", ws.artifacts.as_uri(), "--host", "127.0.0.1",
+                               "--port", str(args.mlflow_port), "--workers", "1"], start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    print(f"Prefect server: export PREFECT_API_URL={url}", flush=True)
+    print(f"MLflow UI: http://127.0.0.1:{args.mlflow_port}  (Ctrl-C stops both)", flush=True)
+    try:
+        while prefect.poll() is None:
+            time.sleep(1)
+        print(f"consort: the Prefect server stopped; see {ws.root / '.prefect-server' / 'server.log'}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for proc in (prefect, mlflow):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=30)
+
+
+def cmd_enrol(args: argparse.Namespace) -> int:
+    from stages.package import PackageRefused, enrol_owner_key
+
+    if not args.key.exists():
+        print(f"consort: {args.key}: no such key file (the owner's `consort owner init` printed its path)", file=sys.stderr)
+        return 2
+    try:
+        target = enrol_owner_key(args.key, args.workspace.resolve() / "keyring", args.owner)
+    except PackageRefused as err:
+        print(f"consort: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.owner}: key enrolled in {target}")
+    return 0
+
+
+def cmd_coordinate(args: argparse.Namespace) -> int:
+    """The pipeline with every owner's stages on that owner's worker (owners on separate machines)."""
+    from flows.workspace import prepare_workspace, use_project_python
+    from stages.params import ParamsError
+
+    if not _need_prefect_server():
+        return 2
+    root = args.workspace.resolve()
+    _prefect_environment(root)
+    try:
+        ws = prepare_workspace(root, args.preset, args.params, owners_remote=True)
+    except ParamsError as err:
+        print(f"consort: {err}", file=sys.stderr)
+        return 2
+    owners = list(ws.params().owners)
+    unenrolled = [o for o in owners if not (ws.root / "keyring" / f"{o}.pub").exists()]
+    if unenrolled:
+        print(f"consort: no key enrolled for owner(s) {', '.join(unenrolled)} in {ws.root / 'keyring'}: "
+              "run `consort enrol OWNER KEY.pub` with the key each owner's `consort owner init` printed",
+              file=sys.stderr)
+        return 2
+    args.store.mkdir(parents=True, exist_ok=True)
+    use_project_python()
+    os.chdir(ws.root)
+    from flows.remote import coordinate, stream_stages
+
+    t0 = time.perf_counter()
+    print(f"consort: coordinating the {args.preset!r} pipeline in {ws.root}; owners {', '.join(owners)} run on "
+          f"their own workers; store {args.store.resolve()}")
+    try:
+        summary = coordinate(str(ws.root), str(args.store.resolve()), args.preset, args.allow_missing,
+                             args.lost_after, args.owner_timeout)
+    except (RuntimeError, ValueError) as err:
+        print(f"\nconsort: {err}", file=sys.stderr)
+        return 1
+    print("\nstages:\n" + stream_stages(summary))
+    for owner, error in summary["failed"].items():
+        print(f"\nowner {owner} FAILED: {error}")
+    print(f"\npipeline finished in {time.perf_counter() - t0:.0f} s; merged owners: {', '.join(summary['merged_owners'])}")
+    print(f"merged model: {ws.merged_model}")
+    table = ws.root / "reports" / "eval_table.md"
+    if table.exists():
+        print("\n" + table.read_text())
+    return 0
+
+
+def cmd_owner(args: argparse.Namespace) -> int:
+    """An owner's commands, in the owner's workspace on the owner's machine."""
+    from flows.owner import PHASES, OwnerError, OwnerWorkspace, fetch_public, init_owner, publish, run_phase
+    from stages.package import PackageRefused
+    from stages.params import ParamsError
+
+    root = args.workspace.resolve()
+    try:
+        if args.action == "init":
+            ws = init_owner(args.name, root, args.preset, args.params)
+            print(f"owner workspace for {args.name}: {ws.root}")
+            print(f"  put your documents where owners.{args.name}.data.sources in {ws.root / 'params.yaml'} points")
+            print(f"  your public key (send it to the coordinator, who runs `consort enrol {args.name} KEY`): "
+                  f"{ws.keys / 'signing_key.pub'}")
+            return 0
+        ws = OwnerWorkspace(root)
+        owner = ws.owner
+        _prefect_environment(root)
+        phases = list(PHASES) if args.phase == "all" else [args.phase] if args.action == "run" else []
+        if args.action == "run":
+            from flows.workspace import use_project_python
+
+            use_project_python()
+            os.chdir(root)
+            for phase in phases:
+                if args.store:
+                    fetch_public(ws, args.store.resolve(), phase)
+                for s in run_phase(ws, phase):
+                    print(f"  {'ran   ' if s['ran'] else 'cached'} {s['stage']:<28} {s['seconds']:7.1f} s")
+                if args.store:
+                    print(f"published to {args.store}: {', '.join(publish(ws, args.store.resolve(), phase))}")
+            return 0
+        if args.action == "publish":
+            for phase in (list(PHASES) if args.phase == "all" else [args.phase]):
+                print(f"published to {args.store}: {', '.join(publish(ws, args.store.resolve(), phase)) or '(nothing yet)'}")
+            return 0
+        if args.action == "serve":
+            args.owners = owner
+            return cmd_serve(args)
+        if args.action == "worker":
+            if not _need_prefect_server():
+                return 2
+            from flows.remote import register_owner, worker_command
+
+            register_owner(owner)
+            cmd, env = worker_command(ws, args.store)
+            print(f"worker of {owner} on pool consort-{owner}, workspace {root}, store {args.store.resolve()} "
+                  "(Ctrl-C stops it)", flush=True)
+            os.execvpe(cmd[0], cmd, env)
+    except (OwnerError, ParamsError, PackageRefused, FileNotFoundError) as err:
+        print(f"consort: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--experts", default=None, help="owners whose experts run, e.g. code,math (default: enabled)")
     p.add_argument("--max-new-tokens", type=int, default=40)
@@ -256,6 +415,35 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--json", action="store_true", help="machine-readable output")
     _add_generation_arguments(tr)
     tr.set_defaults(func=cmd_trace)
+    srv = sub.add_parser("server", help="the coordinator's Prefect server and MLflow UI on 127.0.0.1")
+    srv.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE, help="the coordinator's workspace")
+    srv.add_argument("--port", type=int, default=4200, help="Prefect API port")
+    srv.add_argument("--mlflow-port", type=int, default=5000)
+    srv.set_defaults(func=cmd_server)
+    en = sub.add_parser("enrol", help="add an owner's public key to the coordinator's keyring")
+    en.add_argument("owner")
+    en.add_argument("key", type=Path, help="the owner's signing_key.pub")
+    en.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE, help="the coordinator's workspace")
+    en.set_defaults(func=cmd_enrol)
+    co = sub.add_parser("coordinate", help="run the pipeline with each owner's stages on that owner's worker")
+    co.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE, help="the coordinator's workspace")
+    co.add_argument("--store", type=Path, required=True, help="the folder the coordinator and the owners share")
+    co.add_argument("--preset", default="default")
+    co.add_argument("--params", type=Path, default=None)
+    co.add_argument("--allow-missing", action="store_true", help="merge the owners that delivered if some fail")
+    co.add_argument("--lost-after", type=float, default=20.0, help="seconds without a worker heartbeat = owner lost")
+    co.add_argument("--owner-timeout", type=float, default=3600.0, help="seconds an owner's phase may take")
+    co.set_defaults(func=cmd_coordinate)
+    ow = sub.add_parser("owner", help="an owner's commands on its own machine: init, run, publish, serve, worker")
+    ow.add_argument("action", choices=["init", "run", "publish", "serve", "worker"])
+    ow.add_argument("target", nargs="?", metavar="NAME|STORE",
+                    help="init: the owner's name; publish, worker: the shared store (a folder)")
+    ow.add_argument("--workspace", type=Path, required=True, help="the owner's workspace")
+    ow.add_argument("--store", type=Path, default=None, help="run: fetch the public inputs from it and publish to it")
+    ow.add_argument("--phase", choices=["train", "evaluate", "all"], default="all")
+    ow.add_argument("--preset", default="default")
+    ow.add_argument("--params", type=Path, default=None, help="init: the params file the owner's section comes from")
+    ow.set_defaults(func=cmd_owner)
     return ap
 
 
@@ -264,6 +452,14 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if getattr(args, "action", None) in ("enable", "disable") and not args.owner:
         ap.error(f"consort experts {args.action} needs an owner name")
+    if args.command == "owner":
+        if args.action == "init" and not args.target:
+            ap.error("consort owner init needs the owner's name: consort owner init NAME --workspace DIR")
+        args.name = args.target if args.action == "init" else None
+        if args.action in ("publish", "worker") and args.target:
+            args.store = Path(args.target)
+        if args.action in ("publish", "worker") and not args.store:
+            ap.error(f"consort owner {args.action} needs the store: consort owner {args.action} STORE --workspace DIR")
     sys.exit(args.func(args))
 
 

@@ -166,6 +166,37 @@ class Lineage:
         self.client.set_terminated(run_id, "FINISHED")
         return run_id
 
+    def record_remote_expert(self, owner: str, manifest: dict, flow_run_id: str | None) -> str:
+        """An expert trained on its owner's machine, as the coordinator knows it: its signed manifest.
+
+        Recorded like a local train_expert run (so the merge run links to it): the owner's corpus as
+        a metadata-only dataset with the manifest's data digest, the training params and metrics,
+        the DP epsilon if any, and the owner's Prefect flow run.
+        """
+        stage_name = f"train_expert@{owner}"
+        tags = {MLFLOW_PARENT_RUN_ID: self.parent, MLFLOW_RUN_NAME: stage_name, "consort.kind": "stage",
+                "consort.stage": stage_name, "consort.owner": owner, "consort.remote": "true",
+                "consort.git_commit": self.commit, "prefect.flow_run_id": flow_run_id or "",
+                "consort.anchor_hash": manifest["anchor_hash"]}
+        numbers = dict(manifest.get("metrics", {}))
+        if manifest.get("dp"):
+            numbers |= {f"dp.{k}": v for k, v in manifest["dp"].items() if isinstance(v, (int, float))}
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, 0) for k, v in numbers.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+        params = [Param(k, str(v)[:6000]) for k, v in _flatten("expert.train", manifest.get("training", {}), {}).items()]
+        name = f"{owner}/corpus"  # MLflow keeps 36 characters of a digest: the start of the SHA-256
+        dataset = DatasetInput(MetaDataset(CodeDatasetSource({"dvc_path": name}), name=name,
+                                           digest=manifest["data_digest"][:36])._to_mlflow_entity(),
+                               [InputTag("mlflow.data.context", "training")])
+        with self.lock:
+            run_id = self.client.create_run(self.experiment_id, run_name=stage_name, tags=tags).info.run_id
+            self.client.log_batch(run_id, metrics=metrics, params=params)
+            self.client.log_inputs(run_id, datasets=[dataset])
+            self.stage_runs[stage_name] = run_id
+        self.client.set_terminated(run_id, "FINISHED")
+        return run_id
+
     def _lock_entry(self, stage_name: str) -> dict:
         lock = self.ws.root / "dvc.lock"
         if not lock.exists():

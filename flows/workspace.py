@@ -84,24 +84,44 @@ def _dump(rt, doc) -> str:
     return buf.getvalue()
 
 
-def prepare_workspace(root: Path, preset: str, params_file: Path | None = None) -> Workspace:
-    """Create or update the workspace: dvc.yaml, resolved params.yaml and a DVC repo (no Git needed)."""
+def prepare_workspace(root: Path, preset: str, params_file: Path | None = None, owners_remote: bool = False) -> Workspace:
+    """Create or update the workspace: dvc.yaml, resolved params.yaml and a DVC repo (no Git needed).
+
+    With `owners_remote` it is a coordinator's workspace whose owners run their stages on their own
+    machines (flows/remote.py): only the coordinator's stages, and no owner keys of its own.
+    """
     root = root.resolve()
     source = params_file or PROJECT_ROOT / "params.yaml"
     resolved = P.resolve(read_project_params(source), preset, origin=str(source))
     root.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(PROJECT_ROOT / "dvc.yaml", root / "dvc.yaml")
+    if owners_remote:
+        from flows.remote import coordinator_dvc_yaml, write_reference_stub
+
+        (root / "dvc.yaml").write_text(yaml.safe_dump(coordinator_dvc_yaml(PROJECT_ROOT / "dvc.yaml"), sort_keys=False))
+        write_reference_stub(root)
+    else:
+        shutil.copyfile(PROJECT_ROOT / "dvc.yaml", root / "dvc.yaml")
     text = (f"# Written by `consort run --preset {preset}` from {source.name}; edit that file, not this one.\n"
             + yaml.safe_dump(resolved, sort_keys=False))
-    # An expert's resumable checkpoint comes and goes while it trains, and a trace service keeps
-    # its key, tokens and audit log: a stage reading the whole owners/ folder (the unrestricted
-    # reference) must not see either as changed input.
-    (root / ".dvcignore").write_text("owners/*/checkpoint.pt*\nowners/*/dp_baseline_checkpoint.pt*\nowners/*/trace/\n"
-                                     "owners/*/keys/\n")
-    enrol_demo_owners(root, resolved["owners"])
+    if not owners_remote:
+        enrol_demo_owners(root, resolved["owners"])
     params_path = root / "params.yaml"
     if not params_path.exists() or params_path.read_text() != text:
         params_path.write_text(text)
+    init_dvc_repo(root)
+    return Workspace(root)
+
+
+def init_dvc_repo(root: Path) -> None:
+    """Make `root` a DVC repo without Git (kept if it is one), ignoring what is no stage's input.
+
+    With CONSORT_CACHE set, its `cache/` of fetched packages is that shared folder.
+    """
+    # An expert's resumable checkpoint comes and goes while it trains, a trace service keeps its
+    # key, tokens and audit log, and the owner's signing key is an identity, not data: a stage
+    # reading the whole owners/ folder (the unrestricted reference) must see none as input.
+    (root / ".dvcignore").write_text("owners/*/checkpoint.pt*\nowners/*/dp_baseline_checkpoint.pt*\n"
+                                     "owners/*/trace/\nowners/*/keys/\n")
     shared_cache = os.environ.get("CONSORT_CACHE")
     if shared_cache and not (root / "cache").exists():
         # Several workspaces (tests, presets) can share one folder of fetched packages.
@@ -113,7 +133,6 @@ def prepare_workspace(root: Path, preset: str, params_file: Path | None = None) 
         Repo.init(str(root), no_scm=True)
         # Analytics would try to reach the internet on every command.
         (root / ".dvc" / "config").write_text("[core]\n    no_scm = True\n    analytics = false\n")
-    return Workspace(root)
 
 
 def enrol_demo_owners(root: Path, owners) -> None:

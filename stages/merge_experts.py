@@ -25,6 +25,7 @@ from stages.train_anchor import ANCHOR_INFO
 from stages.train_expert import MANIFEST, MANIFEST_VERSION
 
 
+PRESENT_OWNERS = "owners.json"  # in the published folder: the owners to merge, when not all of params.yaml's
 # Packages are signed from schema 3 on: only those merge.
 READABLE_MANIFESTS = (MANIFEST_VERSION,)
 
@@ -147,8 +148,11 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     params = P.load(args.params)
     # Every owner's expert is merged; opting out (inference.disabled) slices it out where the model
-    # runs, so enabling or disabling an owner never re-runs the merge.
-    experts = {o: args.published / o / "expert" for o in params.owners}
+    # runs, so enabling or disabling an owner never re-runs the merge. A coordinator whose owners run
+    # remotely lists the owners that delivered (flows/remote.py); it may merge without one that failed.
+    present = args.published / PRESENT_OWNERS
+    owners = [o for o in read_json(present)["owners"] if o in params.owners] if present.exists() else list(params.owners)
+    experts = {o: args.published / o / "expert" for o in owners}
     try:
         info = merge_experts(args.anchor, args.public_embedding, experts, params.merge, args.out, args.keyring)
     except MergeRefused as err:

@@ -1,0 +1,167 @@
+"""An owner on its own machine: its workspace, its stages, what it publishes, its Prefect worker.
+
+The owner's workspace holds only that owner's private data and what the coordinator made public
+(the anchor, the tokenizer, the public corpus and embedding; later the merged model), fetched
+from the shared store. It runs the owner stages of dvc.yaml in two phases:
+
+- `train`: prepare its corpus, train its expert (and the non-DP twin if it uses DP), build its
+  trace index; then it publishes the signed expert package and its training numbers;
+- `evaluate` (after the merge): its held-out evaluation and privacy audit; it publishes numbers.
+
+The store is a folder both sides can reach (in production a shared volume or a synced bucket):
+`models/`, `public/` from the coordinator; `experts/<owner>/` and `results/<owner>/` from owners.
+Nothing under the owner's `owners/<name>/` folder is ever copied there.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from stages import params as P
+
+OWNER_FILE = "consort_owner.json"
+WORKSPACE_VARIABLE = "CONSORT_OWNER_WORKSPACE"  # how a worker tells the owner flow where its workspace is
+PHASES = {
+    "train": ("prepare_owner", "train_expert", "train_dp_baseline", "build_index"),
+    "evaluate": ("evaluate_owner", "audit"),
+}
+# What each phase needs from the coordinator, as paths in both the store and the workspace.
+PUBLIC_INPUTS = {
+    "train": ("public/corpus", "models/anchor", "models/tokenizer", "models/public_embedding"),
+    "evaluate": ("models/merged", "models/merged_tuned", "models/unrestricted"),
+}
+
+
+class OwnerError(RuntimeError):
+    """An owner workspace or store that cannot be used as asked."""
+
+
+def pool_name(owner: str) -> str:
+    return f"consort-{owner}"
+
+
+@dataclass(frozen=True)
+class OwnerWorkspace:
+    root: Path
+
+    @property
+    def owner(self) -> str:
+        path = self.root / OWNER_FILE
+        if not path.exists():
+            raise OwnerError(f"{self.root} is not an owner workspace ({OWNER_FILE} is missing); "
+                             "create one with `consort owner init NAME --workspace DIR`")
+        return json.loads(path.read_text())["owner"]
+
+    @property
+    def keys(self) -> Path:
+        return self.root / "owners" / self.owner / "keys"
+
+
+def owner_dvc_yaml(project_dvc: Path) -> dict:
+    """The project's dvc.yaml with only the per-owner stages the owner phases run."""
+    wanted = {s for stages in PHASES.values() for s in stages}
+    dvc = yaml.safe_load(project_dvc.read_text())
+    return {"stages": {name: stage for name, stage in dvc["stages"].items() if name in wanted}}
+
+
+def init_owner(owner: str, root: Path, preset: str = "default", params_file: Path | None = None) -> OwnerWorkspace:
+    """Create an owner's workspace (params for that owner only, its stages, a DVC repo, its key pair).
+
+    Running it again keeps the key and updates the params and stages.
+    """
+    from flows.workspace import PROJECT_ROOT, init_dvc_repo, read_project_params
+    from stages.package import create_owner_key
+
+    source = params_file or PROJECT_ROOT / "params.yaml"
+    resolved = P.resolve(read_project_params(source), preset, origin=str(source))
+    if owner not in resolved["owners"]:
+        raise OwnerError(f"{source}: no owner {owner!r} (owners are {', '.join(resolved['owners'])}); add its "
+                         "section under owners: first")
+    root = root.resolve()
+    existing = root / OWNER_FILE
+    if existing.exists() and json.loads(existing.read_text())["owner"] != owner:
+        raise OwnerError(f"{root} is already the workspace of owner {json.loads(existing.read_text())['owner']!r}")
+    resolved["owners"] = {owner: resolved["owners"][owner]}
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(f"# Owner {owner}'s params (preset {preset}, from {source.name}).\n"
+                                      + yaml.safe_dump(resolved, sort_keys=False))
+    (root / "dvc.yaml").write_text(yaml.safe_dump(owner_dvc_yaml(PROJECT_ROOT / "dvc.yaml"), sort_keys=False))
+    init_dvc_repo(root)
+    (root / OWNER_FILE).write_text(json.dumps({"owner": owner}) + "\n")
+    ws = OwnerWorkspace(root)
+    create_owner_key(ws.keys)
+    return ws
+
+
+def replace_tree(source: Path, target: Path) -> None:
+    """Copy a file or folder over `target`, atomically (a crash leaves the old copy or the new one)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.incoming-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+    shutil.copytree(source, tmp) if source.is_dir() else shutil.copy2(source, tmp)
+    if target.exists():
+        shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
+    os.replace(tmp, target)
+
+
+def fetch_public(ws: OwnerWorkspace, store: Path, phase: str) -> None:
+    missing = [p for p in PUBLIC_INPUTS[phase] if not (store / p).exists()]
+    if missing:
+        raise OwnerError(f"store {store} lacks {', '.join(missing)}: the coordinator publishes them before the "
+                         f"{phase!r} phase (consort coordinate)")
+    for rel in PUBLIC_INPUTS[phase]:
+        replace_tree(store / rel, ws.root / rel)
+
+
+def run_phase(ws: OwnerWorkspace, phase: str) -> list[dict]:
+    """Run the phase's stages in the workspace (DVC skips those up to date): [{stage, ran, seconds}]."""
+    from dvc.repo import Repo
+
+    if phase not in PHASES:
+        raise OwnerError(f"unknown phase {phase!r}: choose {' or '.join(PHASES)}")
+    out = []
+    # DVC resolves stage paths against the working directory (a Prefect worker runs flows elsewhere).
+    with contextlib.chdir(ws.root), Repo(str(ws.root)) as repo:
+        for stage in PHASES[phase]:
+            target = f"{ws.root / 'dvc.yaml'}:{stage}@{ws.owner}"
+            t0 = time.perf_counter()
+            ran = repo.reproduce(target, single_item=True)
+            out.append({"stage": f"{stage}@{ws.owner}", "ran": bool(ran), "seconds": round(time.perf_counter() - t0, 1)})
+    return out
+
+
+def published_paths(owner: str, phase: str) -> dict[str, str]:
+    """What a phase publishes: store path -> workspace path. Signed weights and numbers only."""
+    if phase == "train":
+        return {f"experts/{owner}/expert": f"published/{owner}/expert",
+                f"experts/{owner}/train_metrics.json": f"published/{owner}/train_metrics.json",
+                f"experts/{owner}/train_log.jsonl": f"published/{owner}/train_log.jsonl"}
+    return {f"results/{owner}/evaluation.json": f"evaluations/{owner}.json",
+            f"results/{owner}/audit.json": f"audits/{owner}.json",
+            f"results/{owner}/trace.html": f"evaluations/{owner}.trace.html"}
+
+
+def publish(ws: OwnerWorkspace, store: Path, phase: str) -> list[str]:
+    """Copy what the phase produced to the store (the expert package is checked for its signature first)."""
+    owner, done = ws.owner, []
+    if phase == "train":
+        from stages.package import verify_package
+
+        # The owner checks its own package against its own key before anything leaves the machine.
+        ring = ws.root / ".own_keyring"
+        ring.mkdir(exist_ok=True)
+        shutil.copyfile(ws.keys / "signing_key.pub", ring / f"{owner}.pub")
+        verify_package(ws.root / "published" / owner / "expert", owner, ring)
+    for store_rel, ws_rel in published_paths(owner, phase).items():
+        if (ws.root / ws_rel).exists():
+            replace_tree(ws.root / ws_rel, store / store_rel)
+            done.append(store_rel)
+    return done
