@@ -101,7 +101,7 @@ def add_upcycling_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--public-embedding", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--metrics", type=Path, required=True)
-    ap.add_argument("--log", type=Path, required=True)
+    ap.add_argument("--train-log", type=Path, required=True, help="the per-step log (JSON lines)")
     ap.add_argument("--checkpoint", type=Path, required=True)
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
 

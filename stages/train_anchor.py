@@ -12,6 +12,7 @@ import torch
 from transformers import AutoTokenizer, Olmo2Config, Olmo2ForCausalLM
 
 from stages import params as P
+from stages.distributed import finish, is_main, local_rows
 from stages.io import atomic_dir, tensors_digest, write_json
 from stages.runtime import use_granted_threads
 from stages.training import (
@@ -54,16 +55,18 @@ def train_anchor(corpus_train: Path, tokenizer_dir: Path, a: P.AnchorParams, out
     fingerprint = f"anchor|{a.model_dump_json()}|{len(tokens)}|{int(tokens[:4096].sum())}"
     ckpt = Checkpointer(checkpoint, fingerprint)
     t = a.train
-    summary = train(model, step_loss, lambda step: sample_batch(tokens, t.batch_size, t.seq_len, t.seed, step),
+    rows = local_rows(t.batch_size, "anchor.train.batch_size")  # all of them unless launched with torchrun
+    summary = train(model, step_loss, lambda step: sample_batch(tokens, t.batch_size, t.seq_len, t.seed, step)[rows],
                     t, ckpt, log_path, desc="anchor")
     summary["corpus_tokens"] = int(len(tokens))
     summary["parameters"] = sum(p.numel() for p in model.parameters())
     summary["anchor_hash"] = anchor_hash(model)
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        write_json(tmp / ANCHOR_INFO, {"anchor_hash": summary["anchor_hash"]})
-    ckpt.clear()
+    if is_main():
+        with atomic_dir(out_dir) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            write_json(tmp / ANCHOR_INFO, {"anchor_hash": summary["anchor_hash"]})
+        ckpt.clear()
     return summary
 
 
@@ -74,12 +77,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokenizer", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--metrics", type=Path, required=True)
-    ap.add_argument("--log", type=Path, required=True)
+    ap.add_argument("--train-log", type=Path, required=True, help="the per-step log (JSON lines)")
     ap.add_argument("--checkpoint", type=Path, default=Path("checkpoints/anchor.pt"))
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = ap.parse_args(argv)
-    summary = train_anchor(args.corpus, args.tokenizer, P.load(args.params).anchor, args.out, args.log, args.checkpoint)
+    summary = train_anchor(args.corpus, args.tokenizer, P.load(args.params).anchor, args.out, args.train_log, args.checkpoint)
+    if not is_main():
+        return finish()
     write_json(args.metrics, summary)
+    finish()
     print(f"anchor: loss {summary['final_loss']:.3f}, {summary['tokens_per_s']:,.0f} tokens/s, "
           f"{summary['parameters'] / 1e6:.1f}M parameters, hash {summary['anchor_hash'][:12]}")
 

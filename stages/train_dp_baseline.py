@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.owner not in params.owners:
         raise SystemExit(f"unknown owner {args.owner!r}: params.yaml lists {sorted(params.owners)}")
     summary = train_dp_baseline(args.owner, args.corpus, args.public_corpus, args.anchor, args.public_embedding, params,
-                                args.out, args.log, args.checkpoint, args.signing_key)
+                                args.out, args.train_log, args.checkpoint, args.signing_key)
     write_json(args.metrics, summary)
     if summary["enabled"]:
         print(f"non-DP baseline of {args.owner}: loss {summary['final_loss']:.3f}, {summary['tokens_per_s']:,.0f} tokens/s")

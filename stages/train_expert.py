@@ -15,7 +15,8 @@ from transformers import AutoTokenizer, Olmo2ForCausalLM
 
 from stages import params as P
 from stages.domain_embedding import load_embedding, router_row
-from stages.dp import check_dp, dp_router_row, train_dp
+from stages.distributed import finish, is_main, local_rows, world
+from stages.dp import DPConfigError, check_dp, dp_router_row, train_dp
 from stages.io import add_expert_arguments, atomic_dir, file_digest, read_json, read_jsonl, write_json
 from stages.moe import blocks, export_flexolmo, project_bias, upcycle
 from stages.package import sign_package
@@ -38,6 +39,9 @@ def train_expert(owner: str, corpus_train: Path, public_train: Path, anchor_dir:
                  checkpoint: Path, signing_key: Path, dp: P.DPParams | None = None) -> dict:
     if dp is not None:
         check_dp(dp, owner)  # before any work: an invalid accounting is refused outright
+        if world()[1] > 1:
+            raise DPConfigError(f"owners.{owner}.dp: DP-SGD runs in one process (its per-document clipping and "
+                                "noise are not split across processes); launch the stage without torchrun")
     if not signing_key.exists():
         raise FileNotFoundError(f"{signing_key}: no signing key for owner {owner!r}; "
                                 f"create one with `consort owner init {owner}`")
@@ -64,16 +68,21 @@ def train_expert(owner: str, corpus_train: Path, public_train: Path, anchor_dir:
     public_docs = max(50, 4 * n_public * t.steps * t.seq_len // 1000)
     public_tokens = tokenize_corpus(tokenizer, public_train, max_docs=public_docs) if n_public else None
 
+    # Under torchrun each process takes its share of the owner rows and of the public rows.
+    own_rows = local_rows(t.batch_size - n_public, f"owners.{owner}: the owner rows of expert.train.batch_size")
+    public_rows = local_rows(n_public, "the public rows of expert.train.batch_size (expert.public_mix)")
+
     def make_batch(step: int) -> torch.Tensor:
-        own = sample_batch(tokens, t.batch_size - n_public, t.seq_len, t.seed, step)
+        own = sample_batch(tokens, t.batch_size - n_public, t.seq_len, t.seed, step)[own_rows]
         if not n_public:
             return own
-        return torch.cat([own, sample_batch(public_tokens, n_public, t.seq_len, t.seed + 1, step)])
+        return torch.cat([own, sample_batch(public_tokens, n_public, t.seq_len, t.seed + 1, step)[public_rows]])
 
     moe_blocks = blocks(model)
 
-    # Rows [0, n_owner) of a batch are the owner's text, the rest public text.
-    is_owner = torch.arange(t.batch_size) < t.batch_size - n_public
+    # The first rows of a batch are the owner's text, the rest public text.
+    n_own = own_rows.stop - own_rows.start
+    is_owner = torch.arange(n_own + public_rows.stop - public_rows.start) < n_own
 
     def step_loss(batch):
         logits = model(input_ids=batch[:, :-1]).logits
@@ -102,8 +111,9 @@ def train_expert(owner: str, corpus_train: Path, public_train: Path, anchor_dir:
     summary["corpus_tokens"] = int(len(tokens))
     summary["router_bias"] = [b.owner_bias.item() for b in moe_blocks]
 
-    publish(model, owner, identity, data_digest, expert, train_params, summary, out_dir)
-    ckpt.clear()
+    if is_main():
+        publish(model, owner, identity, data_digest, expert, train_params, summary, out_dir)
+        ckpt.clear()
     return summary
 
 
@@ -168,9 +178,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.owner not in params.owners:
         raise SystemExit(f"unknown owner {args.owner!r}: params.yaml lists {sorted(params.owners)}")
     summary = train_expert(args.owner, args.corpus, args.public_corpus, args.anchor, args.public_embedding, params.expert,
-                           params.expert_train(args.owner), args.out, args.log, args.checkpoint, args.signing_key,
+                           params.expert_train(args.owner), args.out, args.train_log, args.checkpoint, args.signing_key,
                            params.owners[args.owner].dp)
+    if not is_main():
+        return finish()
     write_json(args.metrics, summary)
+    finish()
     print(f"expert {args.owner}: loss {summary['final_loss']:.3f}, {summary['tokens_per_s']:,.0f} tokens/s"
           + (f", DP epsilon {summary['dp']['epsilon']:.2f} at delta {summary['dp']['delta']:g} "
              f"({summary['dp']['accountant']} accountant)" if "dp" in summary else ""))

@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     if missing:
         raise SystemExit(f"unrestricted reference: owner corpora missing: {', '.join(missing)}; run prepare_owner first")
     summary = train_unrestricted(corpora, args.public_corpus, args.anchor, args.public_embedding, params, args.out,
-                                 args.log, args.checkpoint)
+                                 args.train_log, args.checkpoint)
     write_json(args.metrics, summary)
     if summary["enabled"]:
         print(f"unrestricted reference: loss {summary['final_loss']:.3f}, {summary['tokens_per_s']:,.0f} tokens/s")

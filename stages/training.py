@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from stages.distributed import average_gradients, world
 from stages.io import read_jsonl
 from stages.params import TrainParams
 
@@ -97,8 +98,11 @@ def train(
     `make_batch(step)` returns the batch of a step (a function of the step, so a resumed run sees
     the same data); `step_loss(batch)` returns the loss to minimise and the numbers to log;
     `lr_scale(name)` multiplies the learning rate of the parameter of that name; `after_step()`
-    runs after each optimizer step (for constraints on parameters).
+    runs after each optimizer step (for constraints on parameters). Under torchrun, `make_batch`
+    returns this process's rows (stages/distributed.py), gradients are averaged across processes
+    and only process 0 writes the log and checkpoints.
     """
+    rank, processes = world()
     named = [(n, q) for n, q in model.named_parameters() if q.requires_grad]
     groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
     for n, q in named:
@@ -119,7 +123,7 @@ def train(
     tokens_per_step = p.batch_size * p.seq_len
     # In a log file (no terminal) a redraw every second would bury everything else.
     bar = tqdm(range(start, p.steps), initial=start, total=p.steps, desc=desc, unit="step", dynamic_ncols=True,
-               mininterval=1.0 if sys.stderr.isatty() else 20.0)
+               mininterval=1.0 if sys.stderr.isatty() else 20.0, disable=rank != 0)
     t0, timed_steps = time.perf_counter(), 0
     for step in bar:
         for group in opt.param_groups:
@@ -128,6 +132,7 @@ def train(
         loss, numbers = step_loss(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients([q for _, q in named])
         grad_norm = torch.nn.utils.clip_grad_norm_([q for _, q in named], p.grad_clip)
         opt.step()
         after_step()
@@ -135,15 +140,20 @@ def train(
         tok_s = timed_steps * tokens_per_step / (time.perf_counter() - t0)
         bar.set_postfix(loss=f"{numbers['loss']:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
         if step % p.log_every == 0 or step == p.steps - 1:
+            if processes > 1:  # the logged numbers are the global batch's: the mean over processes
+                values = torch.tensor(list(numbers.values()), dtype=torch.float64)
+                torch.distributed.all_reduce(values)
+                numbers = dict(zip(numbers, (values / processes).tolist()))
             log.append({"step": step, "lr": cosine_lr(step, p), "grad_norm": float(grad_norm),
                         "tokens_per_s": tok_s, **numbers})
-        if (step + 1) % p.checkpoint_every == 0 and step + 1 < p.steps:
+        if (step + 1) % p.checkpoint_every == 0 and step + 1 < p.steps and rank == 0:
             checkpointer.save({"step": step + 1, "log": log, "optimizer": opt.state_dict(),
                                "trainable": {n: q.detach().clone() for n, q in named}})
     bar.close()
     model.eval()
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_path.write_text("".join(json.dumps(row) + "\n" for row in log))
+    if rank == 0:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_text("".join(json.dumps(row) + "\n" for row in log))
     elapsed = time.perf_counter() - t0
     return {
         "steps": p.steps,

@@ -30,9 +30,12 @@ def test_dvc_graph_becomes_task_order(tmp_path):
                                     | {f"train_expert@{o}" for o in OWNERS} | {"train_unrestricted"}
                                     | {f"audit@{o}" for o in OWNERS})
     assert set(graph["audit@news"]) == {"prepare_owner@news", "train_anchor", "merge_experts"}
-    # The reference reads the whole owners/ folder, indexes included (it is off by default).
-    assert set(graph["train_unrestricted"]) == ({f"prepare_owner@{o}" for o in OWNERS} | {f"build_index@{o}" for o in OWNERS}
+    # The reference reads the whole owners/ folder, indexes and DP twins included (it is off by default).
+    assert set(graph["train_unrestricted"]) == ({f"{s}@{o}" for o in OWNERS
+                                                 for s in ("prepare_owner", "build_index", "train_dp_baseline")}
                                                 | {"prepare_public", "train_anchor", "embed_public"})
+    assert set(graph["train_dp_baseline@math"]) == set(graph["train_expert@math"])
+    assert "train_dp_baseline@math" in graph["evaluate_owner@math"]
     assert set(graph["build_index@news"]) == {"prepare_owner@news", "train_tokenizer"}
     assert "build_index@news" in graph["evaluate_owner@news"]
     assert set(graph["evaluate_public"]) == {"prepare_public", "train_anchor", "merge_experts", "tune_router",
