@@ -26,6 +26,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from flows.workspace import PROJECT_ROOT, Workspace
 
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser where PyYAML has it
 EXPERIMENT = "consort"
 REGISTERED_MODEL = "consort-merged"
 # Stage outputs that are datasets; their DVC hash is what lineage records.
@@ -78,6 +79,7 @@ class Lineage:
         self.lock = threading.Lock()
         self.stage_runs: dict[str, str] = {}
         self.stage_files: dict[str, tuple[list[str], list[str], list[str]]] | None = None
+        self._lock_cache: tuple[int, dict] | None = None
         self.parent = self.client.create_run(self.experiment_id, run_name=f"pipeline-{preset}", tags={
             "consort.kind": "pipeline", "consort.preset": preset, "consort.git_commit": self.commit,
             "prefect.flow_run_id": self.flow_run_id,
@@ -201,8 +203,12 @@ class Lineage:
         lock = self.ws.root / "dvc.lock"
         if not lock.exists():
             return {}
-        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-        return stages.get(stage_name, {})
+        # Parsed again only when DVC rewrote it: a no-op run asks for every stage's entry.
+        with self.lock:
+            stamp = lock.stat().st_mtime_ns
+            if self._lock_cache is None or self._lock_cache[0] != stamp:
+                self._lock_cache = (stamp, (yaml.load(lock.read_text(), Loader=_YAML_LOADER) or {}).get("stages", {}))
+            return self._lock_cache[1].get(stage_name, {})
 
     def _register_merged(self, run_id: str, merged_md5: str) -> None:
         """Register the merged model once per distinct model (DVC hash), also if an earlier run died."""

@@ -89,16 +89,14 @@ def extraction(model, docs: list[list[int]], a: P.AuditParams, seed: int) -> tup
     import torch
     from rapidfuzz.distance import Levenshtein
 
-    prefix = torch.tensor([d[:a.prefix_tokens] for d in docs])
+    from stages.decode import decode
+
+    prefix = torch.tensor([d[:a.prefix_tokens] for d in docs])  # same-length prefixes: no padding
     truth = [d[a.prefix_tokens:a.prefix_tokens + a.suffix_tokens] for d in docs]
-    kw = dict(max_new_tokens=a.suffix_tokens, min_new_tokens=a.suffix_tokens, pad_token_id=0)
-    kw["attention_mask"] = torch.ones_like(prefix)  # same-length prefixes: nothing is padding
-    greedy = model.generate(prefix, do_sample=False, **kw)[:, a.prefix_tokens:].tolist()
+    greedy = decode(model, prefix, a.suffix_tokens)[:, a.prefix_tokens:].tolist()
     exact = sum(g == t for g, t in zip(greedy, truth))
-    torch.manual_seed(seed)
-    kw["attention_mask"] = kw["attention_mask"].repeat_interleave(a.samples, 0)
-    sampled = model.generate(prefix.repeat_interleave(a.samples, 0), do_sample=True, top_k=50, top_p=0.95,
-                             temperature=1.0, **kw)[:, a.prefix_tokens:].tolist()
+    sampled = decode(model, prefix.repeat_interleave(a.samples, 0), a.suffix_tokens, temperature=1.0, top_k=50,
+                     top_p=0.95, generator=torch.Generator().manual_seed(seed))[:, a.prefix_tokens:].tolist()
     near = 0
     for i, t in enumerate(truth):
         tries = sampled[i * a.samples:(i + 1) * a.samples]
@@ -114,12 +112,14 @@ def canary_audit(model, tokenizer, canaries: list[dict], candidates: int, seed: 
     """Per canary: whether greedy decoding after its prefix writes the secret, and its exposure."""
     import torch
 
+    from stages.decode import decode
+
     rng = random.Random(seed)
     out = []
     for c in canaries:
         prefix = tokenizer(c["prefix"], add_special_tokens=False)["input_ids"]
         secret_ids = tokenizer(" " + c["secret"] + ".", add_special_tokens=False)["input_ids"]
-        gen = model.generate(torch.tensor([prefix]), max_new_tokens=len(secret_ids) + 4, do_sample=False, pad_token_id=0)
+        gen = decode(model, torch.tensor([prefix]), len(secret_ids) + 4)
         extracted = c["secret"] in tokenizer.decode(gen[0, len(prefix):])
         texts = [c["secret"]] + [random_secret(rng) for _ in range(candidates - 1)]
         losses = []

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, FlexOlmoConfig, FlexOlmoForCausalLM
 
+from stages.decode import decode
 from stages.fast_moe import use_fast_experts
 from stages.io import read_json
 from stages.moe import BiasedFlexOlmoConfig, BiasedFlexOlmoForCausalLM
@@ -129,11 +130,9 @@ def toggled_router_bias(model: FlexOlmoForCausalLM, merged_dir: Path) -> FlexOlm
 def continue_text(model, tokenizer, prompt: str, max_new_tokens: int = 40, temperature: float = 0.0,
                   seed: int = 0) -> str:
     """The model's continuation of `prompt` (greedy at temperature 0, else sampled with top-p 0.95)."""
-    torch.manual_seed(seed)
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     if ids.shape[1] == 0:  # an empty prompt starts from the end-of-text token, as a document would
         ids = torch.tensor([[tokenizer.eos_token_id]])
-    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                         temperature=temperature or None, top_p=0.95 if temperature > 0 else None,
-                         pad_token_id=tokenizer.eos_token_id)
+    out = decode(model, ids, max_new_tokens, temperature=temperature, top_p=0.95,
+                 generator=torch.Generator().manual_seed(seed))
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

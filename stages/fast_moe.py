@@ -1,14 +1,15 @@
 """A faster CPU path for the merged model's experts, numerically the stock FlexOlmo computation.
 
 The stock `FlexOlmoExperts.forward` builds a one-hot mask of (tokens, k, experts), finds the
-experts hit and loops over them with `torch.where` and `index_add_`: for the few tokens of a
-generation step that bookkeeping costs more than the matrix products. Here:
+experts hit and loops over them with `torch.where` and `index_add_`. Measured per layer on 2
+cores (hidden 384, 6 experts, top-3; benchmarks/generation.py has the end-to-end figures):
 
-- few tokens (generation): every expert is computed for every token with two batched products
-  and weighted by a dense (tokens, experts) matrix that is zero off the top-k, so no indexing
-  at all (the extra experts cost less than the indexing they replace);
-- many tokens (evaluation): tokens are sorted by expert once and each expert multiplies one
-  contiguous slice.
+- one token (a generation step at batch 1): 342 us here against 463 us stock. The top-k experts
+  are read off in Python and each multiplies the token directly; the three experts' weights must
+  be read from memory anyway (14 MB per layer), and that is what the 342 us are;
+- thousands of tokens (evaluation batches): tokens are sorted by expert once and each expert
+  multiplies one contiguous slice, 46 ms against 51 ms stock at 2,048 tokens;
+- in between (2 to a few hundred tokens) the stock loop is as fast as either, and runs.
 
 Same weights, same routing; only the order of floating-point sums differs (tested to 1e-5).
 """
@@ -18,22 +19,25 @@ import torch
 from torch import nn
 from transformers.models.flex_olmo.modeling_flex_olmo import FlexOlmoExperts
 
-DENSE_MAX_TOKENS = 32  # measured crossover on 2 cores, hidden 384, 6 experts top-3
+GROUPED_MIN_TOKENS = 512  # measured: below, sorting costs what it saves
 
 
 class FastFlexOlmoExperts(FlexOlmoExperts):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        if hidden_states.shape[0] <= DENSE_MAX_TOKENS:
-            return self._dense(hidden_states, top_k_index, top_k_weights)
-        return self._grouped(hidden_states, top_k_index, top_k_weights)
+        n = hidden_states.shape[0]
+        if n == 1:
+            return self._one_token(hidden_states, top_k_index, top_k_weights)
+        if n >= GROUPED_MIN_TOKENS:
+            return self._grouped(hidden_states, top_k_index, top_k_weights)
+        return super().forward(hidden_states, top_k_index, top_k_weights)
 
-    def _dense(self, x, top_k_index, top_k_weights):
-        n, e = x.shape[0], self.num_experts
-        weights = torch.zeros(n, e, dtype=top_k_weights.dtype, device=x.device).scatter_(1, top_k_index, top_k_weights)
-        gate_up = torch.matmul(x.unsqueeze(0), self.gate_up_proj.transpose(1, 2))  # (E, n, 2I)
-        gate, up = gate_up.chunk(2, dim=-1)
-        out = torch.bmm(self.act_fn(gate) * up, self.down_proj.transpose(1, 2))  # (E, n, H)
-        return torch.einsum("enh,ne->nh", out, weights.to(out.dtype))
+    def _one_token(self, x, top_k_index, top_k_weights):
+        out = None
+        for slot, expert in enumerate(top_k_index[0].tolist()):
+            gate, up = nn.functional.linear(x, self.gate_up_proj[expert]).chunk(2, dim=-1)
+            y = nn.functional.linear(self.act_fn(gate) * up, self.down_proj[expert]) * top_k_weights[:, slot:slot + 1]
+            out = y if out is None else out + y
+        return out.to(x.dtype)
 
     def _grouped(self, x, top_k_index, top_k_weights):
         k = top_k_index.shape[1]

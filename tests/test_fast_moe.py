@@ -4,12 +4,16 @@ import copy
 import pytest
 import torch
 
-from stages.fast_moe import DENSE_MAX_TOKENS, FastFlexOlmoExperts, use_fast_experts
+from stages.fast_moe import GROUPED_MIN_TOKENS, FastFlexOlmoExperts, use_fast_experts
 from test_experts import random_merged
+
+# One token (the one-token path: a prompt of one token), a few (the stock loop), many (grouped).
+SHAPES = [(1, 1), (1, 7), (2, 12), (2, 300)]
+assert [s[0] * s[1] >= GROUPED_MIN_TOKENS for s in SHAPES] == [False, False, False, True]
 
 
 @pytest.mark.parametrize("top_k", [1, 3, 6])
-@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (2, 12), (4, 40)])  # dense path up to 32 tokens, grouped above
+@pytest.mark.parametrize("shape", SHAPES)
 def test_fast_experts_match_stock_logits(top_k, shape):
     stock = random_merged(num_experts=6, top_k=top_k)
     fast = use_fast_experts(copy.deepcopy(stock))
@@ -18,7 +22,6 @@ def test_fast_experts_match_stock_logits(top_k, shape):
     with torch.no_grad():
         want, got = stock(input_ids=ids).logits, fast(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert (shape[0] * shape[1] <= DENSE_MAX_TOKENS) == (shape != (4, 40))
 
 
 def test_fast_generation_equals_stock_generation():
@@ -29,3 +32,7 @@ def test_fast_generation_equals_stock_generation():
         a = stock.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=1)
         b = fast.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=1)
     assert torch.equal(a, b)
+    one = ids[:1]  # batch 1: every generated token goes through the one-token path
+    with torch.no_grad():
+        assert torch.equal(stock.generate(one, max_new_tokens=12, do_sample=False, pad_token_id=1),
+                           fast.generate(one, max_new_tokens=12, do_sample=False, pad_token_id=1))

@@ -174,7 +174,8 @@ def test_rerun_is_a_no_op_and_a_param_change_reruns_only_its_branch(smoke_worksp
     changed.write_text(yaml.safe_dump(params))
     proc = run_consort("run", "--preset", "smoke", "--workspace", str(ws), "--params", str(changed), cwd=ws.parent)
     ran = {line.split()[1] for line in proc.stdout.splitlines() if line.strip().startswith("ran ")}
-    expected = ({"train_expert@news", "train_unrestricted", "merge_experts", "tune_router", "evaluate_public", "report"}
+    expected = ({"train_expert@news", "train_dp_baseline@news", "train_unrestricted", "merge_experts", "tune_router",
+                 "evaluate_public", "report"}
                 | {f"evaluate_owner@{o}" for o in OWNERS} | {f"audit@{o}" for o in OWNERS})
     assert ran == expected, proc.stdout[-3000:]
     manifest = json.loads((ws / "published" / "news" / "expert" / "consort_expert.json").read_text())
@@ -193,7 +194,8 @@ def test_report_shows_every_baseline_and_the_optout_matrix(smoke_workspace):
     expected = ({"anchor", "merged", "soup", "btm", "unrestricted", "merged_tuned", "top_k/1", "top_k/2", "top_k/6",
                  "router_bias/keep"} | {f"alone/{o}" for o in OWNERS} | {f"without/{o}" for o in OWNERS})
     for domain, models in summary.items():
-        assert set(models) == expected, domain
+        # The DP owner's domain also scores its non-DP twin, alone and merged in its place.
+        assert set(models) == expected | ({"dp_baseline/alone", "dp_baseline/merged"} if domain == "math" else set()), domain
         assert all(v["loss"] > 0 for v in models.values())
     html = (reports / "report.html").read_text()
     assert "optout_heatmap.png" in html and "without/news" in html and "<table>" in html

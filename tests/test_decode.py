@@ -1,0 +1,43 @@
+"""Our decoding loop: greedy output token for token as generate()'s, sampling only inside the nucleus."""
+import copy
+
+import pytest
+import torch
+
+from conftest import tiny_anchor
+from stages.decode import _filtered, decode
+from stages.fast_moe import use_fast_experts
+from test_experts import random_merged
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_greedy_decoding_equals_generate(batch):
+    merged = random_merged(num_experts=6, top_k=3)
+    models = {"stock merged": merged, "fast merged": use_fast_experts(copy.deepcopy(merged)), "dense": tiny_anchor()}
+    ids = torch.randint(2, 80, (batch, 6), generator=torch.Generator().manual_seed(batch))
+    for name, model in models.items():
+        with torch.no_grad():
+            want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, min_new_tokens=20,
+                                  do_sample=False, pad_token_id=1)
+        assert torch.equal(decode(model, ids, 20), want), name
+
+
+def test_sampling_stays_inside_top_k_and_the_nucleus():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, -1.0, -2.0]])
+    probs = torch.softmax(logits, -1)[0]
+    kept = torch.isfinite(_filtered(logits, None, 0.9))[0]
+    # The smallest prefix of the sorted tokens whose probability reaches 0.9.
+    need = int((torch.cumsum(probs, 0) < 0.9).sum()) + 1
+    assert kept.tolist() == [i < need for i in range(6)]
+    assert torch.isfinite(_filtered(logits, 2, None))[0].tolist() == [True, True, False, False, False, False]
+    assert torch.isfinite(_filtered(logits, None, 0.01))[0].tolist() == [True] + [False] * 5  # the top token stays
+    model = random_merged(num_experts=4, top_k=2)
+    ids = torch.randint(2, 80, (64, 4), generator=torch.Generator().manual_seed(0))
+    out = decode(model, ids, 1, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(1))[:, -1]
+    with torch.no_grad():
+        allowed = model(input_ids=ids).logits[:, -1].topk(3, -1).indices
+    assert all(tok in row for tok, row in zip(out.tolist(), allowed.tolist()))
+    again = decode(model, ids, 1, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(1))[:, -1]
+    assert torch.equal(out, again)  # seeded: the same samples
+    with pytest.raises(ValueError, match="prompt ids must be"):
+        decode(model, torch.zeros((1, 0), dtype=torch.long), 3)
