@@ -47,8 +47,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     print("\nstages:")
     for r in results:
         print(f"  {'ran   ' if r['ran'] else 'cached'} {r['stage']:<28} {r['seconds']:7.1f} s")
-    print(f"\npipeline finished in {time.perf_counter() - t0:.0f} s "
-          f"({sum(r['ran'] for r in results)} of {len(results)} stages ran)")
+    ran = sum(r["ran"] for r in results)
+    print(f"\npipeline finished in {time.perf_counter() - t0:.0f} s ({ran} of {len(results)} stages ran)"
+          + ("; nothing was out of date, so MLflow holds no new run (the runs that made these outputs are there)"
+             if not ran else ""))
     print(f"\nmerged model: {ws.merged_model}")
     table = ws.root / "reports" / "eval_table.md"
     if table.exists():

@@ -15,14 +15,17 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.tracking import Lineage
 from flows.workspace import Workspace
+
+if TYPE_CHECKING:
+    from flows.tracking import Lineage
 from stages.runtime import threads_variable
 
 # DVC prints its own progress; Prefect's root console handler would print every line again.
@@ -104,6 +107,12 @@ def stage_costs(graph: dict[str, list[str]], params) -> dict[str, float]:
     return costs
 
 
+def open_lineage(ws: Workspace, preset: str, flow_run_id: str | None) -> Lineage:
+    from flows.tracking import Lineage  # imports MLflow: seconds, paid only when something runs
+
+    return Lineage(ws, preset, flow_run_id)
+
+
 # Set by the flow for its tasks: live objects (an MLflow client, a lock) are no task parameters,
 # since Prefect hashes and records parameters.
 _lineage: Lineage | None = None
@@ -114,11 +123,18 @@ _changed: set[str] = set()
 
 def stage_graph(workspace: Path) -> dict[str, list[str]]:
     """Each stage of the workspace's dvc.yaml mapped to the stages it depends on."""
+    return dvc_state(workspace, with_status=False)[0]
+
+
+def dvc_state(workspace: Path, with_status: bool = True) -> tuple[dict[str, list[str]], set[str]]:
+    """(the stage graph, the stages DVC finds out of date), from one repo: DVC builds its index once."""
     from dvc.repo import Repo
 
-    with Repo(str(workspace)) as repo:
+    with Repo(str(workspace), _wait_for_lock=True) as repo:
         graph = repo.index.graph  # edges point from a stage to the stages it depends on
-        return {s.name: sorted(d.name for d in graph.successors(s)) for s in graph.nodes}
+        deps = {s.name: sorted(d.name for d in graph.successors(s)) for s in graph.nodes}
+        changed = {name.rsplit(":", 1)[-1] for name in repo.status()} if with_status else set()
+    return deps, changed
 
 
 def topological_order(graph: dict[str, list[str]]) -> list[str]:
@@ -134,14 +150,6 @@ def topological_order(graph: dict[str, list[str]]) -> list[str]:
             done.add(s)
             del remaining[s]
     return order
-
-
-def changed_stages(workspace: Path) -> set[str]:
-    """The stages DVC finds out of date before anything runs (one status call for the whole graph)."""
-    from dvc.repo import Repo
-
-    with Repo(str(workspace), _wait_for_lock=True) as repo:
-        return {name.rsplit(":", 1)[-1] for name in repo.status()}
 
 
 def reproduce_stage(workspace: Path, stage: str, force: bool = False) -> tuple[bool, float]:
@@ -188,13 +196,17 @@ def pipeline(workspace: str, preset: str = "default", track: bool = True, force:
     ws = Workspace(Path(workspace))
     params = ws.params()
     _params = params.model_dump(mode="json")
-    graph = stage_graph(ws.root)
+    # Asked once before anything runs: the graph, and what is out of date (one status call).
+    graph, changed = dvc_state(ws.root)
     _cpu = CpuScheduler(len(os.sched_getaffinity(0)), graph, stage_costs(graph, params))
     unknown = sorted(set(force or []) - set(graph))
     if unknown:
         raise ValueError(f"--force names unknown stage(s) {unknown}; stages are: {sorted(graph)}")
-    lineage = _lineage = Lineage(ws, preset, str(flow_run.id) if flow_run.id else None) if track else None
-    _changed = changed_stages(ws.root)
+    _changed = changed
+    # A run in which nothing is out of date produces nothing to trace: MLflow is left as it was
+    # (and not even imported, which alone takes seconds).
+    lineage = _lineage = open_lineage(ws, preset, str(flow_run.id) if flow_run.id else None) \
+        if track and (changed or force) else None
     futures = {}
     for stage in topological_order(graph):
         # Passing the dependencies' futures as an argument makes Prefect wait for them and hand

@@ -1,6 +1,8 @@
 """MLflow lineage, recorded from outside the stages (a callback after each stage, never inside it).
 
-One parent run per pipeline run and one child run per stage. A child run carries the stage's
+One parent run per pipeline run and one child run per stage that ran (stages DVC found up to date
+are listed on the parent, `consort.cached_stages`; their outputs are those of the earlier child
+run with the same DVC stage hash, which the merge run links to). A child run carries the stage's
 params (from the stage's params sections), its metrics and per-step curves (from the files the
 stage declares as metrics and plots), the DVC hashes of its inputs as metadata-only datasets
 (a digest and a logical name: never text, never a filesystem path), and tags linking it to the
@@ -59,6 +61,10 @@ def _lookup(params: dict, dotted: str):
     return node
 
 
+def _stage_hash(lock_entry: dict) -> str:
+    return hashlib.md5(json.dumps(lock_entry, sort_keys=True).encode()).hexdigest()
+
+
 def _dataset_name(path: str) -> str:
     # owners/code/corpus -> code/corpus: a logical name, not where the owner keeps it.
     return path.removeprefix("owners/")
@@ -80,6 +86,7 @@ class Lineage:
         self.stage_runs: dict[str, str] = {}
         self.stage_files: dict[str, tuple[list[str], list[str], list[str]]] | None = None
         self._lock_cache: tuple[int, dict] | None = None
+        self.cached: list[str] = []  # stages DVC found up to date: no child run of their own
         self.parent = self.client.create_run(self.experiment_id, run_name=f"pipeline-{preset}", tags={
             "consort.kind": "pipeline", "consort.preset": preset, "consort.git_commit": self.commit,
             "prefect.flow_run_id": self.flow_run_id,
@@ -101,20 +108,30 @@ class Lineage:
                         for s in repo.index.stages}
             return self.stage_files[stage_name]
 
-    def record_stage(self, stage_name: str, ran: bool, seconds: float, params: dict) -> str:
+    def record_stage(self, stage_name: str, ran: bool, seconds: float, params: dict) -> str | None:
+        """A child run for a stage that ran; a stage DVC found up to date is only listed in the parent.
+
+        Its outputs are those of the earlier child run with the same DVC stage hash, which the
+        merge run links to (a no-op re-run then writes one run, not one per stage).
+        """
+        if not ran:
+            with self.lock:
+                self.cached.append(stage_name)
+            return None
         param_keys, metric_files, plot_files = self._stage_files(stage_name)
         lock_entry = self._lock_entry(stage_name)
         tags = {
             MLFLOW_PARENT_RUN_ID: self.parent, MLFLOW_RUN_NAME: stage_name,
-            "consort.kind": "stage", "consort.stage": stage_name, "consort.cached": str(not ran).lower(),
+            "consort.kind": "stage", "consort.stage": stage_name, "consort.cached": "false",
             "consort.git_commit": self.commit, "prefect.flow_run_id": self.flow_run_id,
-            "dvc.stage_hash": hashlib.md5(json.dumps(lock_entry, sort_keys=True).encode()).hexdigest(),
+            "dvc.stage_hash": _stage_hash(lock_entry),
         }
         if "@" in stage_name:
             tags["consort.owner"] = stage_name.split("@", 1)[1]
         if stage_name == "merge_experts":
-            for other, run_id in self.stage_runs.items():
-                if other.startswith("train_expert@"):
+            for other in self._expert_stages():
+                run_id = self.stage_runs.get(other) or self._producing_run(other)
+                if run_id:
                     tags[f"consort.expert_run.{other.split('@', 1)[1]}"] = run_id
         flat: dict = {}
         for key in param_keys:
@@ -137,8 +154,7 @@ class Lineage:
         deps = list(lock_entry.get("deps", []))
         if stage_name == "merge_experts":
             # The merge reads no corpus, but lineage should show which data made each expert.
-            deps += [d for other in self.stage_runs if other.startswith("train_expert@")
-                     for d in self._lock_entry(other).get("deps", [])]
+            deps += [d for other in self._expert_stages() for d in self._lock_entry(other).get("deps", [])]
         context = "training" if stage_name.startswith(("train", "merge")) else "evaluation"
         by_path = {  # a corpus behind several experts is recorded once
             d["path"]: DatasetInput(MetaDataset(CodeDatasetSource({"dvc_path": _dataset_name(d["path"])}),
@@ -199,6 +215,20 @@ class Lineage:
         self.client.set_terminated(run_id, "FINISHED")
         return run_id
 
+    def _expert_stages(self) -> list[str]:
+        """The expert stages behind the merge: those in dvc.lock, and remote ones recorded this run."""
+        self._lock_entry("")  # loads the lock
+        names = set(self._lock_cache[1]) if self._lock_cache else set()
+        return sorted(n for n in names | set(self.stage_runs) if n.startswith("train_expert@"))
+
+    def _producing_run(self, stage_name: str) -> str | None:
+        """The latest child run of `stage_name` with the stage hash it has now: the run that made its outputs."""
+        found = self.client.search_runs(
+            [self.experiment_id], f"tags.`consort.stage` = '{stage_name}' and "
+            f"tags.`dvc.stage_hash` = '{_stage_hash(self._lock_entry(stage_name))}'",
+            order_by=["attributes.start_time DESC"], max_results=1)
+        return found[0].info.run_id if found else None
+
     def _lock_entry(self, stage_name: str) -> dict:
         lock = self.ws.root / "dvc.lock"
         if not lock.exists():
@@ -230,6 +260,8 @@ class Lineage:
 
     # -- end of the pipeline ----------------------------------------------------------------
     def finish(self, ok: bool, summary: dict | None = None, report_dir: Path | None = None) -> None:
+        if self.cached:
+            self.client.set_tag(self.parent, "consort.cached_stages", ",".join(sorted(self.cached)))
         if summary:
             metrics = [Metric(f"{domain}.{model}.{k}", float(v), int(time.time() * 1000), 0)
                        for domain, models in summary.items() for model, vals in models.items() for k, v in vals.items()]

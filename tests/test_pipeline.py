@@ -165,8 +165,12 @@ def test_mlflow_store_holds_no_owner_text_or_private_path(smoke_workspace):
 
 def test_rerun_is_a_no_op_and_a_param_change_reruns_only_its_branch(smoke_workspace, tmp_path):
     ws, _ = smoke_workspace
+    client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("consort").experiment_id
+    before = client.search_runs([experiment], max_results=1000)
     again = run_consort("run", "--preset", "smoke", "--workspace", str(ws), cwd=ws.parent)
     assert "(0 of " in again.stdout, again.stdout[-2000:]
+    assert len(client.search_runs([experiment], max_results=1000)) == len(before)  # nothing new to trace
 
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
     params["presets"]["smoke"]["owners"]["news"]["train"] = {"steps": 5}  # the preset has the last word
@@ -180,6 +184,19 @@ def test_rerun_is_a_no_op_and_a_param_change_reruns_only_its_branch(smoke_worksp
     assert ran == expected, proc.stdout[-3000:]
     manifest = json.loads((ws / "published" / "news" / "expert" / "consort_expert.json").read_text())
     assert manifest["training"]["steps"] == 5
+    # Lineage of the partial run: a child run for each stage that ran, the others listed on the
+    # parent, and the new merge linked to the new news expert and to the earlier runs of the others.
+    parent = client.search_runs([experiment], "tags.`consort.kind` = 'pipeline'", order_by=["attributes.start_time DESC"])[0]
+    children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", max_results=500)
+    assert {r.data.tags["consort.stage"] for r in children} == expected
+    assert set(parent.data.tags["consort.cached_stages"].split(",")) == set(stage_graph(ws)) - expected
+    merge = next(r for r in children if r.data.tags["consort.stage"] == "merge_experts")
+    news_run = next(r for r in children if r.data.tags["consort.stage"] == "train_expert@news")
+    assert merge.data.tags["consort.expert_run.news"] == news_run.info.run_id
+    for o in set(OWNERS) - {"news"}:
+        linked = client.get_run(merge.data.tags[f"consort.expert_run.{o}"])
+        assert linked.data.tags["consort.stage"] == f"train_expert@{o}" and linked.info.run_id not in {
+            r.info.run_id for r in children}
 
 
 def test_report_shows_every_baseline_and_the_optout_matrix(smoke_workspace):
