@@ -324,7 +324,8 @@ def cmd_owner(args: argparse.Namespace) -> int:
         if args.action == "init":
             ws = init_owner(args.name, root, args.preset, args.params)
             print(f"owner workspace for {args.name}: {ws.root}")
-            print(f"  put your documents where owners.{args.name}.data.sources in {ws.root / 'params.yaml'} points")
+            print(f"  its data: owners.{args.name}.data.sources in {ws.root / 'params.yaml'} (the demo's source; "
+                  "point it at your own documents: {kind: folder, path: ...})")
             print(f"  your public key (send it to the coordinator, who runs `consort enrol {args.name} KEY`): "
                   f"{ws.keys / 'signing_key.pub'}")
             return 0
