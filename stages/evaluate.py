@@ -27,6 +27,7 @@ from stages.experts import (
 from stages.fast_moe import use_fast_experts
 from stages.moe import BiasedFlexOlmoForCausalLM
 from stages.io import read_json, read_jsonl, write_json, write_text
+from stages.package import WEIGHTS
 from stages.runtime import use_granted_threads
 from stages.train_expert import MANIFEST
 from stages.training import tokenize_corpus
@@ -123,11 +124,12 @@ def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, 
     if tuned_dir is not None and has_model(tuned_dir):
         score("merged_tuned", slice_experts(AutoModelForCausalLM.from_pretrained(tuned_dir), list(index.values())))
     result = {"domain": domain, "experts": experts, "models": models, "routing": routing}
-    if dp_baseline_dir is not None and has_model(dp_baseline_dir) and domain in index:
-        twin = AutoModelForCausalLM.from_pretrained(dp_baseline_dir)
-        score("dp_baseline/alone", twin)
-        score("dp_baseline/merged", slice_experts(with_expert_from(full, 1 + owners.index(domain), twin),
-                                                  list(index.values())))
+    if dp_baseline_dir is not None and (dp_baseline_dir / WEIGHTS).exists() and domain in index:
+        from safetensors.torch import load_file
+
+        twin = with_expert_from(full, index[domain], load_file(dp_baseline_dir / WEIGHTS))
+        score("dp_baseline/alone", slice_experts(twin, [index[domain]]))
+        score("dp_baseline/merged", slice_experts(twin, list(index.values())))
         result["dp_baseline"] = read_json(dp_baseline_dir / MANIFEST)["metrics"]
     if e.ablations:
         n, current = merged.config.num_experts, merged.config.num_experts_per_tok

@@ -72,16 +72,19 @@ def slice_experts(model: FlexOlmoForCausalLM, keep: list[int]) -> FlexOlmoForCau
     return small.eval()
 
 
-def with_expert_from(model: FlexOlmoForCausalLM, index: int, package: FlexOlmoForCausalLM) -> FlexOlmoForCausalLM:
-    """A copy of the merged model whose expert `index` (FFN and router row) is the package's owner expert.
+def with_expert_from(model: FlexOlmoForCausalLM, index: int, tensors: dict[str, torch.Tensor]) -> FlexOlmoForCausalLM:
+    """A copy of the merged model whose expert `index` (FFN and router row) is an expert package's.
 
-    How the DP comparison puts an owner's non-private twin where its DP expert was merged.
+    `tensors` are the package's (stages/package.py). How the DP comparison puts an owner's
+    non-private twin where its DP expert was merged.
     """
     state = dict(model.state_dict())
-    for key, value in package.state_dict().items():
-        if key.endswith(("mlp.gate.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+    for i in range(model.config.num_hidden_layers):
+        for ours, theirs in (("experts.gate_up_proj", "gate_up_proj"), ("experts.down_proj", "down_proj"),
+                             ("gate.weight", "router")):
+            key = f"model.layers.{i}.mlp.{ours}"
             state[key] = state[key].clone()
-            state[key][index] = value[1]
+            state[key][index] = tensors[f"layers.{i}.{theirs}"]
     other = type(model)(model.config)
     other.load_state_dict(state, strict=True)
     return other.eval()

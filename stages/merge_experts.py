@@ -1,9 +1,10 @@
 """Stage (coordinator): merge the anchor and the published experts into one FlexOlmo model.
 
-Stacks [public FFN, FFN_1 ... FFN_n] and [r_pub; r_1 ... r_n] per layer. Before merging, every
-package's signature must verify with its owner's key in the coordinator's keyring (stages/package.py),
-its manifest must name this anchor and tokenizer, and its shared tensors and public half must be
-bit-identical to the anchor; otherwise the merge is refused, saying which check failed.
+Stacks [public FFN, FFN_1 ... FFN_n] and [r_pub; r_1 ... r_n] per layer, the public FFN and every
+shared tensor taken from this pipeline's own anchor. Before merging, every package's signature
+must verify with its owner's key in the coordinator's keyring (stages/package.py), its manifest
+must name this anchor and tokenizer, and its tensors must fit this anchor's shapes; otherwise the
+merge is refused, saying which check failed.
 """
 from __future__ import annotations
 
@@ -19,34 +20,21 @@ from stages.domain_embedding import load_embedding
 from stages.experts import MERGED_INFO
 from stages.io import atomic_dir, file_digest, read_json, write_json
 from stages.moe import BiasedFlexOlmoConfig, BiasedFlexOlmoForCausalLM, flexolmo_config, shared_state
-from stages.package import PackageRefused, verify_package
+from stages.package import PackageRefused, read_expert_tensors, verify_package
 from stages.runtime import use_granted_threads
 from stages.train_anchor import ANCHOR_INFO
 from stages.train_expert import MANIFEST, MANIFEST_VERSION
 
-
 PRESENT_OWNERS = "owners.json"  # in the published folder: the owners to merge, when not all of params.yaml's
-# Packages are signed from schema 3 on: only those merge.
-READABLE_MANIFESTS = (MANIFEST_VERSION,)
+READABLE_MANIFESTS = (MANIFEST_VERSION,)  # earlier packages were unsigned (3: whole 2-expert models)
 
 
 class MergeRefused(ValueError):
     """An expert cannot be merged with this anchor."""
 
 
-def _expert_state(expert_dir: Path) -> dict[str, torch.Tensor]:
-    # from_pretrained, not raw safetensors: transformers saves the packed experts per expert on
-    # disk and packs them again on load, so the loaded state is the layout we compare against.
-    try:
-        model = FlexOlmoForCausalLM.from_pretrained(expert_dir)
-    except (OSError, ValueError) as err:
-        raise MergeRefused(f"expert package {expert_dir}: cannot be loaded as a FlexOlmo checkpoint ({err})") from None
-    return model.state_dict()
-
-
-def check_expert(name: str, state: dict[str, torch.Tensor], manifest: dict, anchor_state: dict[str, torch.Tensor],
-                 anchor_hash: str, tokenizer_hash: str, r_pub: torch.Tensor, num_layers: int) -> None:
-    """Raise MergeRefused unless the manifest names this anchor and tokenizer and the tensors agree."""
+def check_manifest(name: str, manifest: dict, anchor_hash: str, tokenizer_hash: str) -> None:
+    """Raise MergeRefused unless the manifest is this version's, this owner's, for this anchor and tokenizer."""
     if manifest.get("schema_version") not in READABLE_MANIFESTS:
         raise MergeRefused(f"expert {name}: manifest schema {manifest.get('schema_version')!r}, this version reads "
                            f"{READABLE_MANIFESTS}; retrain it with this version (consort run --force train_expert@{name})")
@@ -58,21 +46,23 @@ def check_expert(name: str, state: dict[str, torch.Tensor], manifest: dict, anch
     if manifest.get("tokenizer_hash") != tokenizer_hash:
         raise MergeRefused(f"expert {name}: trained with tokenizer {str(manifest.get('tokenizer_hash'))[:12]}, "
                            f"but this pipeline's is {tokenizer_hash[:12]}; retrain the expert with this anchor's tokenizer")
-    expected = dict(shared_state(anchor_state))
-    for i in range(num_layers):
-        mlp = f"model.layers.{i}.mlp."
-        expected[f"{mlp}experts.gate_up_proj[public]"] = torch.cat(
-            [anchor_state[f"{mlp}gate_proj.weight"], anchor_state[f"{mlp}up_proj.weight"]])
-        expected[f"{mlp}experts.down_proj[public]"] = anchor_state[f"{mlp}down_proj.weight"]
-        expected[f"{mlp}gate.weight[public]"] = r_pub.view(-1)
-    for key, want in expected.items():
-        base, _, part = key.partition("[")
-        if base not in state:
-            raise MergeRefused(f"expert {name}: tensor {base} is missing from its package")
-        got = state[base][0] if part else state[base]
-        if got.shape != want.shape or not torch.equal(got, want):
-            raise MergeRefused(f"expert {name}: tensor {key} differs from the anchor's; the expert was not trained "
-                               "against this anchor (or was modified): retrain it against this anchor")
+
+
+def load_package(owner: str, package: Path, keyring: Path, anchor: Olmo2ForCausalLM, anchor_hash: str,
+                 tokenizer_hash: str) -> tuple[dict, dict]:
+    """(manifest, tensors) of a package whose signature, manifest and shapes all hold."""
+    manifest_path = package / MANIFEST
+    if not manifest_path.exists():
+        raise MergeRefused(f"expert {owner}: {manifest_path} is missing; is {package} an expert package?")
+    c = anchor.config
+    try:  # first: nothing of a package is trusted, not even its manifest, before its signature holds
+        verify_package(package, owner, keyring)
+        manifest = json.loads(manifest_path.read_text())
+        check_manifest(owner, manifest, anchor_hash, tokenizer_hash)
+        tensors = read_expert_tensors(package, owner, c.num_hidden_layers, c.hidden_size, c.intermediate_size)
+    except PackageRefused as err:
+        raise MergeRefused(str(err)) from None
+    return manifest, tensors
 
 
 def merge_experts(anchor_dir: Path, public_embedding: Path, experts: dict[str, Path], m: P.MergeParams,
@@ -84,19 +74,7 @@ def merge_experts(anchor_dir: Path, public_embedding: Path, experts: dict[str, P
     anchor_hash = read_json(anchor_dir / ANCHOR_INFO)["anchor_hash"]
     tokenizer_hash = file_digest(anchor_dir / "tokenizer.json")
     r_pub = load_embedding(public_embedding)
-    n_layers = anchor.config.num_hidden_layers
-    states, manifests = {}, {}
-    for owner, expert_dir in experts.items():
-        manifest_path = expert_dir / MANIFEST
-        if not manifest_path.exists():
-            raise MergeRefused(f"expert {owner}: {manifest_path} is missing; is {expert_dir} an expert package?")
-        try:  # first: nothing of a package is trusted, not even its manifest, before its signature holds
-            verify_package(expert_dir, owner, keyring)
-        except PackageRefused as err:
-            raise MergeRefused(str(err)) from None
-        manifests[owner] = json.loads(manifest_path.read_text())
-        states[owner] = _expert_state(expert_dir)
-        check_expert(owner, states[owner], manifests[owner], anchor_state, anchor_hash, tokenizer_hash, r_pub, n_layers)
+    packages = {o: load_package(o, d, keyring, anchor, anchor_hash, tokenizer_hash) for o, d in experts.items()}
 
     num_experts = 1 + len(experts)
     top_k = min(m.top_k or num_experts, num_experts)
@@ -104,18 +82,19 @@ def merge_experts(anchor_dir: Path, public_embedding: Path, experts: dict[str, P
     config = flexolmo_config(anchor, num_experts=num_experts, top_k=top_k,
                              config_class=BiasedFlexOlmoConfig if keep_bias else FlexOlmoConfig)
     merged_state = shared_state(anchor_state)
-    for i in range(n_layers):
-        mlp = f"model.layers.{i}.mlp."
-        first = next(iter(states.values()))
-        merged_state[f"{mlp}experts.gate_up_proj"] = torch.cat(
-            [first[f"{mlp}experts.gate_up_proj"][:1]] + [s[f"{mlp}experts.gate_up_proj"][1:2] for s in states.values()])
-        merged_state[f"{mlp}experts.down_proj"] = torch.cat(
-            [first[f"{mlp}experts.down_proj"][:1]] + [s[f"{mlp}experts.down_proj"][1:2] for s in states.values()])
-        merged_state[f"{mlp}gate.weight"] = torch.cat(
-            [first[f"{mlp}gate.weight"][:1]] + [s[f"{mlp}gate.weight"][1:2] for s in states.values()])
+    biases = {o: [min(float(t[f"layers.{i}.bias"]), 0.0) for i in range(anchor.config.num_hidden_layers)]
+              for o, (_, t) in packages.items()}
+    for i in range(anchor.config.num_hidden_layers):
+        dense, layer = f"model.layers.{i}.mlp.", f"layers.{i}."
+        public_gate_up = torch.cat([anchor_state[dense + "gate_proj.weight"], anchor_state[dense + "up_proj.weight"]])
+        merged_state[dense + "experts.gate_up_proj"] = torch.stack(
+            [public_gate_up] + [t[layer + "gate_up_proj"] for _, t in packages.values()])
+        merged_state[dense + "experts.down_proj"] = torch.stack(
+            [anchor_state[dense + "down_proj.weight"]] + [t[layer + "down_proj"] for _, t in packages.values()])
+        merged_state[dense + "gate.weight"] = torch.stack(
+            [r_pub.view(-1)] + [t[layer + "router"] for _, t in packages.values()])
         if keep_bias:  # the public expert has no bias; an owner's is min(b, 0) as trained
-            merged_state[f"{mlp}gate.bias"] = torch.tensor(
-                [0.0] + [min(manifests[o]["router_bias"][i], 0.0) for o in experts])
+            merged_state[dense + "gate.bias"] = torch.tensor([0.0] + [biases[o][i] for o in experts])
     model = (BiasedFlexOlmoForCausalLM if keep_bias else FlexOlmoForCausalLM)(config)
     model.load_state_dict(merged_state, strict=True)
     info = {
@@ -123,10 +102,10 @@ def merge_experts(anchor_dir: Path, public_embedding: Path, experts: dict[str, P
         "top_k": top_k,
         "router_bias": m.router_bias,
         "experts": [{"index": 0, "owner": "public"}] + [
-            {"index": i, "owner": owner, "data_digest": manifests[owner]["data_digest"],
-             "anchor_hash": manifests[owner]["anchor_hash"],
+            {"index": i, "owner": owner, "data_digest": packages[owner][0]["data_digest"],
+             "anchor_hash": packages[owner][0]["anchor_hash"],
              # kept here even when dropped from the weights, so the evaluation can score both ways
-             "router_bias": [min(b, 0.0) for b in manifests[owner]["router_bias"]]}
+             "router_bias": biases[owner]}
             for i, owner in enumerate(experts, start=1)],
     }
     with atomic_dir(out_dir) as tmp:

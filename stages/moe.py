@@ -1,10 +1,11 @@
-"""The FlexOlmo expert block used for training, and its export to the packed HF layout.
+"""The FlexOlmo expert block used for training, and the merged model that keeps router biases.
 
 The stock `FlexOlmoForCausalLM` flattens [B, T, H] and keeps experts in packed 3-D tensors, which
 is slow on CPU and turns Opacus's per-sample gradients into per-token ones. For training we swap
 each dense FFN of the anchor for `TwoExpertMLP`: two SwiGLU experts as plain `nn.Linear` layers,
 each router row its own `Linear(H, 1)`, both experts computed densely (top-2 of 2 routes every
-token through both anyway). `export_flexolmo` copies the result into the packed HF tensors.
+token through both anyway). The owner's half goes into its package (stages/package.py) in the
+packed layout, and the merge stacks the packages into the stock packed tensors.
 """
 from __future__ import annotations
 
@@ -124,32 +125,6 @@ def flexolmo_config(dense: Olmo2ForCausalLM, num_experts: int, top_k: int, confi
 def shared_state(dense_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The anchor tensors every expert model shares verbatim: all but the dense FFNs."""
     return {k: v for k, v in dense_state.items() if ".mlp." not in k}
-
-
-def packed_experts(ffns: list[ExpertFFN]) -> tuple[torch.Tensor, torch.Tensor]:
-    """HF's packed layout: gate_up_proj (E, 2I, H) with gate rows first, down_proj (E, H, I)."""
-    gate_up = torch.stack([torch.cat([f.gate_proj.weight, f.up_proj.weight], dim=0) for f in ffns])
-    down = torch.stack([f.down_proj.weight for f in ffns])
-    return gate_up.detach().clone(), down.detach().clone()
-
-
-def export_flexolmo(trained: Olmo2ForCausalLM, top_k: int = 2) -> FlexOlmoForCausalLM:
-    """The stock 2-expert `FlexOlmoForCausalLM` holding the trained block's weights.
-
-    The stock class has no router bias, so the export drops b (as the released FlexOlmo
-    checkpoints do); it matches the training model evaluated with `apply_bias = False`.
-    """
-    config = flexolmo_config(trained, num_experts=2, top_k=top_k)
-    dense_like = {k: v for k, v in trained.state_dict().items() if ".mlp." not in k}
-    state = dict(dense_like)
-    for i, block in enumerate(blocks(trained)):
-        gate_up, down = packed_experts(list(block.experts))
-        state[f"model.layers.{i}.mlp.experts.gate_up_proj"] = gate_up
-        state[f"model.layers.{i}.mlp.experts.down_proj"] = down
-        state[f"model.layers.{i}.mlp.gate.weight"] = torch.cat([r.weight for r in block.routers]).detach().clone()
-    model = FlexOlmoForCausalLM(config)
-    model.load_state_dict(state, strict=True)
-    return model.eval()
 
 
 # --- the merged model with router biases kept (merge.router_bias: keep) ----------------------

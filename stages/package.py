@@ -1,4 +1,11 @@
-"""The expert package's signature: an owner signs what it publishes, the coordinator verifies it.
+"""The expert package: the one thing an owner publishes, and its signature.
+
+A package is a folder with `expert.safetensors` (per layer i: the owner's FFN as
+`layers.{i}.gate_up_proj` (2I, H, gate rows first) and `layers.{i}.down_proj` (H, I), its router
+row `layers.{i}.router` (H) and its bias `layers.{i}.bias`, the trained b of min(b, 0)), the
+manifest `consort_expert.json`, and `consort_signature.json`. Nothing of the anchor is in it: the
+manifest names the anchor and tokenizer (by hash) the expert was trained against, and the merge
+takes everything else from its own anchor.
 
 Each owner holds an Ed25519 key pair (`cryptography`'s implementation); the coordinator holds the
 owners' public keys in its keyring (`keyring/<owner>.pub`), enrolled once when the owner joins.
@@ -16,6 +23,7 @@ from pathlib import Path
 from stages.io import file_digest
 
 SIGNATURE = "consort_signature.json"
+WEIGHTS = "expert.safetensors"
 PRIVATE_KEY = "signing_key.pem"
 PUBLIC_KEY = "signing_key.pub"
 
@@ -113,3 +121,42 @@ def verify_package(package: Path, owner: str, keyring: Path) -> None:
             raise PackageRefused(f"expert {owner}: file {name} is not covered by the signature (added after signing)")
         if actual[name] != signed_files[name]:
             raise PackageRefused(f"expert {owner}: file {name} changed after it was signed (tampered or corrupted)")
+
+
+def expert_tensors(trained) -> dict:
+    """The owner's half of a trained 2-expert model (stages/moe.py's blocks), in the package layout."""
+    import torch
+
+    from stages.moe import OWNER, blocks
+
+    out = {}
+    for i, block in enumerate(blocks(trained)):
+        ffn = block.experts[OWNER]
+        out[f"layers.{i}.gate_up_proj"] = torch.cat([ffn.gate_proj.weight, ffn.up_proj.weight]).detach().clone()
+        out[f"layers.{i}.down_proj"] = ffn.down_proj.weight.detach().clone()
+        out[f"layers.{i}.router"] = block.routers[OWNER].weight.detach().reshape(-1).clone()
+        out[f"layers.{i}.bias"] = block.owner_bias.detach().reshape(()).clone()
+    return out
+
+
+def read_expert_tensors(package: Path, owner: str, num_layers: int, hidden: int, intermediate: int) -> dict:
+    """The package's tensors, checked against the shapes of this anchor; PackageRefused naming the first misfit."""
+    from safetensors.torch import load_file
+
+    path = package / WEIGHTS
+    if not path.exists():
+        raise PackageRefused(f"expert {owner}: {path} is missing; is {package} an expert package of this version?")
+    tensors = load_file(path)
+    shapes = {"gate_up_proj": (2 * intermediate, hidden), "down_proj": (hidden, intermediate), "router": (hidden,),
+              "bias": ()}
+    expected = {f"layers.{i}.{name}": shape for i in range(num_layers) for name, shape in shapes.items()}
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise PackageRefused(f"expert {owner}: tensor {name} is missing from its package")
+        if tuple(tensors[name].shape) != shape:
+            raise PackageRefused(f"expert {owner}: tensor {name} has shape {tuple(tensors[name].shape)}, this anchor "
+                                 f"needs {shape}: the expert was built for another architecture")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise PackageRefused(f"expert {owner}: its package holds tensors this anchor has no place for: {', '.join(extra[:3])}")
+    return tensors

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from transformers import AutoTokenizer, Olmo2ForCausalLM
 
 from stages import params as P
@@ -18,8 +19,8 @@ from stages.domain_embedding import load_embedding, router_row
 from stages.distributed import finish, is_main, local_rows, world
 from stages.dp import DPConfigError, check_dp, dp_router_row, train_dp
 from stages.io import add_expert_arguments, atomic_dir, file_digest, read_json, read_jsonl, write_json
-from stages.moe import blocks, export_flexolmo, project_bias, upcycle
-from stages.package import sign_package
+from stages.moe import blocks, project_bias, upcycle
+from stages.package import WEIGHTS, expert_tensors, sign_package
 from stages.runtime import use_granted_threads
 from stages.train_anchor import ANCHOR_INFO
 from stages.training import (
@@ -31,7 +32,7 @@ from stages.training import (
 )
 
 MANIFEST = "consort_expert.json"
-MANIFEST_VERSION = 3  # 2: the trained bias is "router_bias" (per layer); 3: tokenizer_hash, signed
+MANIFEST_VERSION = 4  # 3: tokenizer_hash, signed; 4: only the owner's tensors (expert.safetensors)
 
 
 def train_expert(owner: str, corpus_train: Path, public_train: Path, anchor_dir: Path, public_embedding: Path,
@@ -119,7 +120,7 @@ def train_expert(owner: str, corpus_train: Path, public_train: Path, anchor_dir:
 
 def publish(model, owner: str, identity: dict, data_digest: str, expert: P.ExpertParams, train_params: P.TrainParams,
             summary: dict, out_dir: Path, **extra) -> None:
-    """Write the signed expert package: the 2-expert FlexOlmo weights and the manifest (no text, no path).
+    """Write the signed expert package: the owner's FFN, router row and bias, and the manifest (no text, no path).
 
     `identity` holds the anchor and tokenizer hashes the expert was trained against and the
     owner's signing key.
@@ -130,17 +131,17 @@ def publish(model, owner: str, identity: dict, data_digest: str, expert: P.Exper
         "anchor_hash": identity["anchor_hash"],
         "tokenizer_hash": identity["tokenizer_hash"],
         "data_digest": data_digest,
-        "expert_index": 1,
         "router_init": expert.router_init,
         "public_mix": expert.public_mix,
         "router_contrast": expert.router_contrast,
-        "router_bias": summary["router_bias"],
+        "architecture": {"num_layers": len(blocks(model)), "hidden_size": model.config.hidden_size,
+                         "intermediate_size": model.config.intermediate_size},
         "training": train_params.model_dump(),
         "metrics": {k: summary[k] for k in ("final_loss", "tokens_per_s", "tokens_seen", "steps", "train_seconds")},
         **extra,
     }
     with atomic_dir(out_dir) as tmp:
-        export_flexolmo(model).save_pretrained(tmp)
+        save_file(expert_tensors(model), tmp / WEIGHTS)
         write_json(tmp / MANIFEST, manifest)
         sign_package(tmp, identity["signing_key"], owner)
 

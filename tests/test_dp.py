@@ -60,7 +60,12 @@ def test_dp_expert_trains_and_its_package_states_the_epsilon(tiny_anchor_dir, tm
     manifest = json.loads((tmp_path / "pkg" / MANIFEST).read_text())
     assert manifest["dp"]["accountant"] == "prv" and manifest["dp"]["epsilon"] == summary["dp"]["epsilon"]
     assert 0 < manifest["dp"]["epsilon"] <= DP.target_epsilon + 1e-6
-    assert manifest["router_bias"] == [0.0] * len(manifest["router_bias"])
+    from safetensors.torch import load_file
+
+    from stages.package import WEIGHTS
+
+    biases = [v for k, v in load_file(tmp_path / "pkg" / WEIGHTS).items() if k.endswith(".bias")]
+    assert biases and all(float(b) == 0.0 for b in biases)  # under DP the bias is not trained
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert rows and all(np.isfinite(r["loss"]) for r in rows) and rows[-1]["epsilon"] == pytest.approx(summary["dp"]["epsilon"])
 
