@@ -282,7 +282,9 @@ def cmd_coordinate(args: argparse.Namespace) -> int:
         print(f"consort: {err}", file=sys.stderr)
         return 2
     owners = list(ws.params().owners)
-    unenrolled = [o for o in owners if not (ws.root / "keyring" / f"{o}.pub").exists()]
+    from stages.package import enrolled_key
+
+    unenrolled = [o for o in owners if not enrolled_key(ws.root / "keyring", o).exists()]
     if unenrolled:
         print(f"consort: no key enrolled for owner(s) {', '.join(unenrolled)} in {ws.root / 'keyring'}: "
               "run `consort enrol OWNER KEY.pub` with the key each owner's `consort owner init` printed",

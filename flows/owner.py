@@ -101,15 +101,19 @@ def init_owner(owner: str, root: Path, preset: str = "default", params_file: Pat
 
 
 def replace_tree(source: Path, target: Path) -> None:
-    """Copy a file or folder over `target`, atomically (a crash leaves the old copy or the new one)."""
+    """Copy a file or folder over `target`: the copy is made beside it and renamed into place, so a
+    reader never sees a half-copied package (a crash leaves the old copy, or the new one)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.incoming-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+    tmp, old = (target.with_name(f".{target.name}.{what}-{os.getpid()}") for what in ("incoming", "old"))
+    for leftover in (tmp, old):
+        if leftover.exists():
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
     shutil.copytree(source, tmp) if source.is_dir() else shutil.copy2(source, tmp)
-    if target.exists():
-        shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
+    if target.is_dir() and not target.is_symlink():
+        os.replace(target, old)  # a folder cannot be replaced in one rename: the old one steps aside
     os.replace(tmp, target)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def fetch_public(ws: OwnerWorkspace, store: Path, phase: str) -> None:
@@ -153,13 +157,10 @@ def publish(ws: OwnerWorkspace, store: Path, phase: str) -> list[str]:
     """Copy what the phase produced to the store (the expert package is checked for its signature first)."""
     owner, done = ws.owner, []
     if phase == "train":
-        from stages.package import verify_package
+        from stages.package import PUBLIC_KEY, verify_package
 
         # The owner checks its own package against its own key before anything leaves the machine.
-        ring = ws.root / ".own_keyring"
-        ring.mkdir(exist_ok=True)
-        shutil.copyfile(ws.keys / "signing_key.pub", ring / f"{owner}.pub")
-        verify_package(ws.root / "published" / owner / "expert", owner, ring)
+        verify_package(ws.root / "published" / owner / "expert", owner, ws.keys / PUBLIC_KEY)
     for store_rel, ws_rel in published_paths(owner, phase).items():
         if (ws.root / ws_rel).exists():
             replace_tree(ws.root / ws_rel, store / store_rel)

@@ -25,7 +25,8 @@ from prefect import flow, get_run_logger
 
 from flows.owner import PHASES, PUBLIC_INPUTS, WORKSPACE_VARIABLE, OwnerWorkspace, fetch_public, pool_name
 from flows.owner import publish as owner_publish
-from flows.owner import published_paths, run_phase
+from flows.owner import published_paths, replace_tree, run_phase
+from stages.io import write_json
 
 STORE_VARIABLE = "CONSORT_STORE"
 DEPLOYMENT_FLOW = "consort-owner"
@@ -53,7 +54,7 @@ def owner_flow(phase: str) -> dict:
     summary = {"owner": ws.owner, "phase": phase, "stages": stages, "published": published}
     record = store / "runs" / ws.owner / f"{phase}.json"  # what ran, for the coordinator to print
     record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(record, summary)
     get_run_logger().info(f"{ws.owner} {phase}: {sum(s['ran'] for s in stages)} of {len(stages)} stages ran")
     return summary
 
@@ -106,7 +107,6 @@ def coordinator_dvc_yaml(project_dvc: Path) -> dict:
 def write_reference_stub(root: Path) -> None:
     """The unrestricted reference needs every owner's data in one place, so a coordinator never trains it:
     its stub stands where the evaluation and the report look for it."""
-    from stages.io import write_json
     from stages.train_unrestricted import REFERENCE_INFO
 
     if not (root / "models" / "unrestricted" / REFERENCE_INFO).exists():
@@ -162,16 +162,12 @@ def dispatch(owners: list[str], phase: str, lost_after_s: float, timeout_s: floa
 
 
 def publish_public(root: Path, store: Path, phase: str) -> None:
-    from flows.owner import replace_tree
-
     for rel in PUBLIC_INPUTS[phase]:
         replace_tree(root / rel, store / rel)
 
 
 def collect(root: Path, store: Path, owners: list[str], phase: str) -> None:
     """Copy what these owners published into the coordinator's workspace."""
-    from flows.owner import replace_tree
-
     for owner in owners:
         for store_rel, ws_rel in published_paths(owner, phase).items():
             if (store / store_rel).exists():
@@ -244,9 +240,8 @@ def _run_record(store: Path, owner: str, phase: str) -> dict:
 
 
 def _write_present_owners(root: Path, owners: list[str]) -> None:
-    """The owners whose packages the merge takes (merge.owners_file): the ones that delivered."""
-    from stages.io import write_json
-    from stages.merge_experts import PRESENT_OWNERS
+    """The owners whose packages the merge takes: the ones that delivered."""
+    from stages.merge_experts import PRESENT_OWNERS  # imports torch: not at the worker's start
 
     write_json(root / "published" / PRESENT_OWNERS, {"owners": owners})
 

@@ -20,7 +20,7 @@ from stages.domain_embedding import load_embedding
 from stages.experts import MERGED_INFO
 from stages.io import atomic_dir, file_digest, read_json, write_json
 from stages.moe import BiasedFlexOlmoConfig, BiasedFlexOlmoForCausalLM, flexolmo_config, shared_state
-from stages.package import PackageRefused, read_expert_tensors, verify_package
+from stages.package import PackageRefused, enrolled_key, read_expert_tensors, verify_package
 from stages.runtime import use_granted_threads
 from stages.train_anchor import ANCHOR_INFO
 from stages.train_expert import MANIFEST, MANIFEST_VERSION
@@ -56,7 +56,7 @@ def load_package(owner: str, package: Path, keyring: Path, anchor: Olmo2ForCausa
         raise MergeRefused(f"expert {owner}: {manifest_path} is missing; is {package} an expert package?")
     c = anchor.config
     try:  # first: nothing of a package is trusted, not even its manifest, before its signature holds
-        verify_package(package, owner, keyring)
+        verify_package(package, owner, enrolled_key(keyring, owner))
         manifest = json.loads(manifest_path.read_text())
         check_manifest(owner, manifest, anchor_hash, tokenizer_hash)
         tensors = read_expert_tensors(package, owner, c.num_hidden_layers, c.hidden_size, c.intermediate_size)

@@ -59,7 +59,7 @@ def create_owner_key(key_dir: Path) -> Path:
 def enrol_owner_key(public_key: Path, keyring: Path, owner: str) -> Path:
     """Put an owner's public key in the coordinator's keyring (kept if that key is already there)."""
     keyring.mkdir(parents=True, exist_ok=True)
-    target = keyring / f"{owner}.pub"
+    target = enrolled_key(keyring, owner)
     data = public_key.read_bytes()
     if target.exists() and target.read_bytes() != data:
         raise PackageRefused(f"keyring {keyring} already holds a different key for owner {owner!r}: remove "
@@ -92,12 +92,16 @@ def sign_package(package: Path, private_key: Path, owner: str) -> None:
                                                  "signature": signature}, indent=2, sort_keys=True) + "\n")
 
 
-def verify_package(package: Path, owner: str, keyring: Path) -> None:
-    """Raise PackageRefused, saying which check failed, unless `owner`'s enrolled key signed exactly these files."""
+def enrolled_key(keyring: Path, owner: str) -> Path:
+    return keyring / f"{owner}.pub"
+
+
+def verify_package(package: Path, owner: str, key_path: Path) -> None:
+    """Raise PackageRefused, saying which check failed, unless the key at `key_path` signed exactly these files."""
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives import serialization
 
-    sig_path, key_path = package / SIGNATURE, keyring / f"{owner}.pub"
+    sig_path = package / SIGNATURE
     if not sig_path.exists():
         raise PackageRefused(f"expert {owner}: {sig_path} is missing: the package is unsigned")
     if not key_path.exists():

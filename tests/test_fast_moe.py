@@ -36,3 +36,29 @@ def test_fast_generation_equals_stock_generation():
     with torch.no_grad():
         assert torch.equal(stock.generate(one, max_new_tokens=12, do_sample=False, pad_token_id=1),
                            fast.generate(one, max_new_tokens=12, do_sample=False, pad_token_id=1))
+
+
+def test_one_token_path_keeps_router_logits_and_the_kept_bias():
+    stock = random_merged(num_experts=6, top_k=3)
+    fast = use_fast_experts(copy.deepcopy(stock))
+    one = torch.randint(2, 80, (1, 1), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = stock(input_ids=one, output_router_logits=True)
+        got = fast(input_ids=one, output_router_logits=True)
+    assert len(got.router_logits) == len(want.router_logits) == stock.config.num_hidden_layers
+    for a, b in zip(got.router_logits, want.router_logits):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+
+    from stages.moe import BiasedFlexOlmoConfig, BiasedFlexOlmoForCausalLM
+
+    biased = BiasedFlexOlmoForCausalLM(BiasedFlexOlmoConfig(**{k: v for k, v in stock.config.to_dict().items()
+                                                               if k != "model_type"}))
+    state = dict(stock.state_dict())
+    for i in range(stock.config.num_hidden_layers):
+        state[f"model.layers.{i}.mlp.gate.bias"] = torch.tensor([0.0, -2.0, -0.5, 0.0, -1.0, -3.0])
+    biased.load_state_dict(state)
+    fast_biased = use_fast_experts(copy.deepcopy(biased))
+    with torch.no_grad():
+        torch.testing.assert_close(fast_biased(input_ids=one).logits, biased(input_ids=one).logits, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(fast_biased(input_ids=one).logits, fast(input_ids=one).logits)  # the bias counts

@@ -120,8 +120,8 @@ def test_dp_owner_publishes_its_epsilon_and_the_report_prices_it(smoke_workspace
                               "tags.`consort.stage` = 'train_expert@math'")
     assert runs[0].data.metrics["dp.epsilon"] == pytest.approx(manifest["dp"]["epsilon"])
     # The twin is trained only for the DP owner and stays in its private folder.
-    assert (ws / "owners" / "math" / "dp_baseline" / "config.json").exists()
-    assert not (ws / "owners" / "code" / "dp_baseline" / "config.json").exists()
+    assert (ws / "owners" / "math" / "dp_baseline" / "expert.safetensors").exists()
+    assert not (ws / "owners" / "code" / "dp_baseline" / "expert.safetensors").exists()
     assert not list((ws / "published").glob("*/dp_baseline*"))
     math_eval = json.loads((ws / "evaluations" / "math.json").read_text())
     assert {"dp_baseline/alone", "dp_baseline/merged"} <= set(math_eval["models"])
