@@ -318,7 +318,7 @@ def cmd_coordinate(args: argparse.Namespace) -> int:
 def cmd_owner(args: argparse.Namespace) -> int:
     """An owner's commands, in the owner's workspace on the owner's machine."""
     from flows.owner import PHASES, OwnerError, OwnerWorkspace, fetch_public, init_owner, publish, run_phase
-    from stages.package import PackageRefused
+    from stages.package import PUBLIC_KEY, PackageRefused
     from stages.params import ParamsError
 
     root = args.workspace.resolve()
@@ -329,12 +329,12 @@ def cmd_owner(args: argparse.Namespace) -> int:
             print(f"  its data: owners.{args.name}.data.sources in {ws.root / 'params.yaml'} (the demo's source; "
                   "point it at your own documents: {kind: folder, path: ...})")
             print(f"  your public key (send it to the coordinator, who runs `consort enrol {args.name} KEY`): "
-                  f"{ws.keys / 'signing_key.pub'}")
+                  f"{ws.keys / PUBLIC_KEY}")
             return 0
         ws = OwnerWorkspace(root)
         owner = ws.owner
         _prefect_environment(root)
-        phases = list(PHASES) if args.phase == "all" else [args.phase] if args.action == "run" else []
+        phases = list(PHASES) if args.phase == "all" else [args.phase]
         if args.action == "run":
             from flows.workspace import use_project_python
 
@@ -349,7 +349,7 @@ def cmd_owner(args: argparse.Namespace) -> int:
                     print(f"published to {args.store}: {', '.join(publish(ws, args.store.resolve(), phase))}")
             return 0
         if args.action == "publish":
-            for phase in (list(PHASES) if args.phase == "all" else [args.phase]):
+            for phase in phases:
                 print(f"published to {args.store}: {', '.join(publish(ws, args.store.resolve(), phase)) or '(nothing yet)'}")
             return 0
         if args.action == "serve":

@@ -159,8 +159,12 @@ def publish(ws: OwnerWorkspace, store: Path, phase: str) -> list[str]:
     if phase == "train":
         from stages.package import PUBLIC_KEY, verify_package
 
+        package = ws.root / "published" / owner / "expert"
+        if not package.exists():
+            raise OwnerError(f"no expert package in {package.parent} yet: train it first "
+                             f"(consort owner run --workspace {ws.root} --phase train)")
         # The owner checks its own package against its own key before anything leaves the machine.
-        verify_package(ws.root / "published" / owner / "expert", owner, ws.keys / PUBLIC_KEY)
+        verify_package(package, owner, ws.keys / PUBLIC_KEY)
     for store_rel, ws_rel in published_paths(owner, phase).items():
         if (ws.root / ws_rel).exists():
             replace_tree(ws.root / ws_rel, store / store_rel)
