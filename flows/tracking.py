@@ -217,9 +217,7 @@ class Lineage:
 
     def _expert_stages(self) -> list[str]:
         """The expert stages behind the merge: those in dvc.lock, and remote ones recorded this run."""
-        self._lock_entry("")  # loads the lock
-        names = set(self._lock_cache[1]) if self._lock_cache else set()
-        return sorted(n for n in names | set(self.stage_runs) if n.startswith("train_expert@"))
+        return sorted(n for n in set(self._lock_stages()) | set(self.stage_runs) if n.startswith("train_expert@"))
 
     def _producing_run(self, stage_name: str) -> str | None:
         """The latest child run of `stage_name` with the stage hash it has now: the run that made its outputs."""
@@ -230,15 +228,18 @@ class Lineage:
         return found[0].info.run_id if found else None
 
     def _lock_entry(self, stage_name: str) -> dict:
+        return self._lock_stages().get(stage_name, {})
+
+    def _lock_stages(self) -> dict:
+        """dvc.lock's stages, parsed again only when DVC rewrote the file (several reads per stage that ran)."""
         lock = self.ws.root / "dvc.lock"
         if not lock.exists():
             return {}
-        # Parsed again only when DVC rewrote it: a no-op run asks for every stage's entry.
         with self.lock:
             stamp = lock.stat().st_mtime_ns
             if self._lock_cache is None or self._lock_cache[0] != stamp:
                 self._lock_cache = (stamp, (yaml.load(lock.read_text(), Loader=_YAML_LOADER) or {}).get("stages", {}))
-            return self._lock_cache[1].get(stage_name, {})
+            return self._lock_cache[1]
 
     def _register_merged(self, run_id: str, merged_md5: str) -> None:
         """Register the merged model once per distinct model (DVC hash), also if an earlier run died."""

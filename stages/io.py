@@ -106,9 +106,20 @@ def add_upcycling_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
 
 
-def add_expert_arguments(ap: argparse.ArgumentParser) -> None:
-    """The command-line inputs and outputs of a stage that trains one owner's expert and signs its package."""
+def parse_expert_cli(description: str, argv: list[str] | None):
+    """(arguments, params) of a stage that trains one owner's expert and signs its package.
+
+    An owner that params.yaml does not list is refused with the owners it does list.
+    """
+    from stages import params as P
+
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("owner")
     ap.add_argument("--corpus", type=Path, required=True, help="the owner's train.jsonl")
     add_upcycling_arguments(ap)
     ap.add_argument("--signing-key", type=Path, required=True, help="the owner's Ed25519 private key (PEM)")
+    args = ap.parse_args(argv)
+    params = P.load(args.params)
+    if args.owner not in params.owners:
+        raise SystemExit(f"unknown owner {args.owner!r}: params.yaml lists {sorted(params.owners)}")
+    return args, params

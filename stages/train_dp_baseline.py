@@ -7,11 +7,10 @@ never merged. For an owner without DP the stage writes only a stub.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from stages import params as P
-from stages.io import add_expert_arguments, atomic_dir, write_json
+from stages.io import atomic_dir, parse_expert_cli, write_json
 from stages.runtime import use_granted_threads
 
 # torch and the training code are imported only for a DP owner: every other owner's stage just
@@ -37,12 +36,7 @@ def train_dp_baseline(owner: str, corpus_train: Path, public_train: Path, anchor
 
 def main(argv: list[str] | None = None) -> None:
     use_granted_threads()
-    ap = argparse.ArgumentParser(description=__doc__)
-    add_expert_arguments(ap)
-    args = ap.parse_args(argv)
-    params = P.load(args.params)
-    if args.owner not in params.owners:
-        raise SystemExit(f"unknown owner {args.owner!r}: params.yaml lists {sorted(params.owners)}")
+    args, params = parse_expert_cli(__doc__, argv)
     summary = train_dp_baseline(args.owner, args.corpus, args.public_corpus, args.anchor, args.public_embedding, params,
                                 args.out, args.train_log, args.checkpoint, args.signing_key)
     write_json(args.metrics, summary)

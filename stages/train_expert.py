@@ -6,7 +6,6 @@ owner publishes: a 2-expert `FlexOlmoForCausalLM` ([public FFN, owner FFN], rout
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from stages import params as P
 from stages.domain_embedding import load_embedding, router_row
 from stages.distributed import finish, is_main, local_rows, world
 from stages.dp import DPConfigError, check_dp, dp_router_row, train_dp
-from stages.io import add_expert_arguments, atomic_dir, file_digest, read_json, read_jsonl, write_json
+from stages.io import atomic_dir, file_digest, parse_expert_cli, read_json, read_jsonl, write_json
 from stages.moe import blocks, project_bias, upcycle
 from stages.package import WEIGHTS, expert_tensors, sign_package
 from stages.runtime import use_granted_threads
@@ -163,7 +162,6 @@ def _train_expert_dp(owner: str, corpus_train: Path, public_train: Path, anchor,
     summary = train_dp(model, docs, t, dp, log_path, desc=f"expert {owner} (DP)", init_noise=dp.init_noise_multiplier,
                        lr_scale=lambda name: expert.router_lr_scale if "routers" in name else 1.0)
     summary["corpus_tokens"] = int(sum(len(d) for d in docs))
-    summary["router_bias"] = [0.0 for _ in blocks(model)]
     summary["dp"]["router_init"] = init
     publish(model, owner, identity, file_digest(corpus_train), expert, t, summary, out_dir,
             dp=summary["dp"])
@@ -172,12 +170,7 @@ def _train_expert_dp(owner: str, corpus_train: Path, public_train: Path, anchor,
 
 def main(argv: list[str] | None = None) -> None:
     use_granted_threads()
-    ap = argparse.ArgumentParser(description=__doc__)
-    add_expert_arguments(ap)
-    args = ap.parse_args(argv)
-    params = P.load(args.params)
-    if args.owner not in params.owners:
-        raise SystemExit(f"unknown owner {args.owner!r}: params.yaml lists {sorted(params.owners)}")
+    args, params = parse_expert_cli(__doc__, argv)
     summary = train_expert(args.owner, args.corpus, args.public_corpus, args.anchor, args.public_embedding, params.expert,
                            params.expert_train(args.owner), args.out, args.train_log, args.checkpoint, args.signing_key,
                            params.owners[args.owner].dp)
