@@ -4,8 +4,10 @@ import copy
 import pytest
 import torch
 
+from transformers import Olmo2Config, Olmo2ForCausalLM
+
 from conftest import tiny_anchor
-from stages.decode import _filtered, decode
+from stages.decode import _Decoder, _filtered, decode
 from stages.fast_moe import use_fast_experts
 from test_experts import random_merged
 
@@ -20,6 +22,36 @@ def test_greedy_decoding_equals_generate(batch):
             want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, min_new_tokens=20,
                                   do_sample=False, pad_token_id=1)
         assert torch.equal(decode(model, ids, 20), want), name
+
+
+def grouped_query_anchor() -> Olmo2ForCausalLM:
+    torch.manual_seed(3)
+    config = Olmo2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=1, bos_token_id=0, eos_token_id=0)
+    return Olmo2ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("name", ["stock merged", "fast merged", "dense", "grouped-query dense"])
+def test_decoder_logits_equal_the_models_own_forward(name):
+    # Step by step (a prompt, then one token at a time) against the full forward over the same tokens.
+    merged = random_merged(num_experts=6, top_k=3)
+    model = {"stock merged": merged, "fast merged": use_fast_experts(copy.deepcopy(merged)),
+             "dense": tiny_anchor(), "grouped-query dense": grouped_query_anchor()}[name]
+    ids = torch.randint(2, 80, (3, 12), generator=torch.Generator().manual_seed(7))
+    forward = _Decoder(model, batch=3, length=12)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        got = [forward(ids[:, :5])] + [forward(ids[:, i:i + 1]) for i in range(5, 12)]
+    for position, logits in zip(range(4, 12), got):
+        torch.testing.assert_close(logits, want[:, position], rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_refuses_other_architectures():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with pytest.raises(TypeError, match="Olmo2 and FlexOlmo"):
+        decode(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=20)), torch.ones((1, 2), dtype=torch.long), 2)
 
 
 def test_sampling_stays_inside_top_k_and_the_nucleus():
