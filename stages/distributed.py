@@ -1,18 +1,51 @@
-"""Data-parallel training when a stage is launched with `torchrun` (gloo: CPU processes, one machine or many).
+"""Data-parallel training when a stage is launched with `torchrun`, on CPUs or GPUs.
 
 Every process builds the same model and draws the same global batch (batches are a function of
-seed and step); each takes its own rows of it, and the gradients of the trainable parameters are
-averaged across processes after every backward pass, before clipping. That is DDP's arithmetic
-(done by hand because only the trained parameters need syncing, and the expert's frozen half has
-no gradient at all). Only process 0 writes logs, checkpoints and outputs. Launched plainly (no
-torchrun), nothing here does anything. The stages compute on the CPU; GPUs are not used yet.
+seed and step); each takes its own rows of it. Two ways to keep the processes' models equal,
+chosen at launch by `CONSORT_DATA_PARALLEL`:
+
+- `ddp` (the default): every process holds the whole model; the gradients of the trainable
+  parameters are averaged after every backward pass, before clipping. That is DDP's arithmetic,
+  done by hand because only the trained parameters need syncing (the expert's frozen half has no
+  gradient at all).
+- `fsdp`: the model is trained as a copy sharded over the processes (FSDP2's `fully_shard`, one
+  unit per decoder layer): each process holds 1/N of the weights, gradients and optimizer state,
+  for a model too large for one device. The trained weights are gathered back into the stage's
+  model at the end.
+
+The device is the GPU of the process's local rank when CUDA is there (NCCL between processes),
+otherwise the CPU (gloo); `CONSORT_DEVICE=cpu` keeps a GPU machine on the CPU. Only process 0
+writes logs, checkpoints and outputs. Launched plainly (no torchrun), nothing is synced.
 """
 from __future__ import annotations
 
+import copy
+import math
 import os
+from functools import cache
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+MODES = ("ddp", "fsdp")
+
+
+@cache
+def device() -> torch.device:
+    """Where this process trains: CONSORT_DEVICE if set (cpu or cuda), else its GPU if there is one."""
+    wanted = os.environ.get("CONSORT_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
+    if wanted not in ("cpu", "cuda"):
+        raise ValueError(f"CONSORT_DEVICE={wanted!r}: use cpu or cuda")
+    if wanted == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("CONSORT_DEVICE=cuda, but this torch sees no CUDA device "
+                           f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); "
+                           "install a CUDA build of torch or unset CONSORT_DEVICE")
+    index = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def world() -> tuple[int, int]:
@@ -21,12 +54,20 @@ def world() -> tuple[int, int]:
     if size == 1:
         return 0, 1
     if not dist.is_initialized():
-        dist.init_process_group("gloo")  # the tensors are on the CPU
+        dist.init_process_group("nccl" if device().type == "cuda" else "gloo")
     return dist.get_rank(), size
 
 
 def is_main() -> bool:
     return world()[0] == 0
+
+
+def mode() -> str:
+    """How the processes share the model (CONSORT_DATA_PARALLEL); one process is always plain."""
+    chosen = os.environ.get("CONSORT_DATA_PARALLEL", "ddp")
+    if chosen not in MODES:
+        raise ValueError(f"CONSORT_DATA_PARALLEL={chosen!r}: use one of {', '.join(MODES)}")
+    return chosen if world()[1] > 1 else "single"
 
 
 def local_rows(n: int, part: str) -> slice:
@@ -41,12 +82,52 @@ def local_rows(n: int, part: str) -> slice:
     return slice(rank * n // size, (rank + 1) * n // size)
 
 
+def training_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The module to train: `model` itself on the device, or under FSDP a sharded copy of it.
+
+    Sharding units are the decoder layers (`model.model.layers`) and the rest as the root. FSDP2
+    cannot shard 0-dim parameters (the owner's router bias): those stay whole on every process
+    and are synced by `average_gradients`.
+    """
+    if mode() != "fsdp":
+        return model.to(device())
+    from torch.distributed.fsdp import fully_shard
+
+    work = copy.deepcopy(model).to(device())
+    scalars = {q for q in work.parameters() if q.ndim == 0}
+    for layer in work.model.layers:
+        fully_shard(layer, ignored_params=scalars)
+    fully_shard(work, ignored_params=scalars)
+    return work
+
+
+def full(value: torch.Tensor) -> torch.Tensor:
+    """A whole tensor on the CPU (gathered from every process if it is a shard: call on all of them)."""
+    if isinstance(value, DTensor):
+        value = value.full_tensor()
+    return value.detach().to("cpu", copy=True)
+
+
+def copy_back(model: torch.nn.Module, work: torch.nn.Module) -> None:
+    """Leave the trained weights in `model`, on the CPU, whichever module `training_copy` gave."""
+    if work is not model:
+        trained = {n: full(q) for n, q in work.named_parameters() if q.requires_grad}
+        with torch.no_grad():
+            for name, q in model.named_parameters():
+                if name in trained:
+                    q.copy_(trained[name])
+    model.to("cpu")
+
+
 def average_gradients(params: list[torch.nn.Parameter]) -> None:
-    """All-reduce the gradients of `params` to their mean over the processes, in one flat buffer."""
+    """All-reduce the gradients of the whole (unsharded) `params` to their mean, in one flat buffer.
+
+    FSDP averages its shards' gradients itself; those are skipped.
+    """
     _, size = world()
-    if size == 1:
+    grads = [p.grad for p in params if p.grad is not None and not isinstance(p.grad, DTensor)]
+    if size == 1 or not grads:
         return
-    grads = [p.grad for p in params if p.grad is not None]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= size
@@ -54,6 +135,25 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> float:
+    """Scale the gradients to a global L2 norm of at most `max_norm`; returns the norm before.
+
+    `torch.nn.utils.clip_grad_norm_` refuses a mix of shards and whole tensors, which FSDP with
+    an unsharded scalar makes; the norm of a shard's gradient is reduced over the processes.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    squares = torch.zeros((), dtype=torch.float64)
+    for g in grads:
+        square = torch.linalg.vector_norm(g, dtype=torch.float32).pow(2)
+        squares += (square.full_tensor() if isinstance(square, DTensor) else square).to("cpu", torch.float64)
+    total = math.sqrt(float(squares))
+    scale = max_norm / (total + 1e-6)
+    if scale < 1.0:
+        for g in grads:
+            g.mul_(scale)
+    return total
 
 
 def finish() -> None:

@@ -47,8 +47,8 @@ def train_anchor(corpus_train: Path, tokenizer_dir: Path, a: P.AnchorParams, out
     model = Olmo2ForCausalLM(anchor_config(a.model, tokenizer))
     tokens = tokenize_corpus(tokenizer, corpus_train)
 
-    def step_loss(batch):
-        logits = model(input_ids=batch[:, :-1]).logits
+    def step_loss(module, batch):
+        logits = module(input_ids=batch[:, :-1]).logits
         ce, z = lm_losses(logits, batch[:, 1:])
         return ce + 1e-5 * z, {"loss": ce.item()}
 

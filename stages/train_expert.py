@@ -78,16 +78,15 @@ def train_expert(owner: str, corpus_train: Path, public_train: Path, anchor_dir:
             return own
         return torch.cat([own, sample_batch(public_tokens, n_public, t.seq_len, t.seed + 1, step)[public_rows]])
 
-    moe_blocks = blocks(model)
-
     # The first rows of a batch are the owner's text, the rest public text.
     n_own = own_rows.stop - own_rows.start
-    is_owner = torch.arange(n_own + public_rows.stop - public_rows.start) < n_own
+    rows = n_own + public_rows.stop - public_rows.start
 
-    def step_loss(batch):
-        logits = model(input_ids=batch[:, :-1]).logits
+    def step_loss(module, batch):
+        is_owner = torch.arange(rows, device=batch.device) < n_own
+        logits = module(input_ids=batch[:, :-1]).logits
         ce, lm_z = lm_losses(logits[is_owner], batch[is_owner, 1:])
-        router_logits = [b.last_router_logits.float() for b in moe_blocks]
+        router_logits = [b.last_router_logits.float() for b in blocks(module)]
         router_z = torch.stack([torch.logsumexp(r, -1).pow(2).mean() for r in router_logits]).mean()
         loss = ce + expert.lm_z_loss * lm_z + expert.router_z_loss * router_z
         numbers = {"loss": ce.item(), "router_z": router_z.item()}
@@ -107,9 +106,9 @@ def train_expert(owner: str, corpus_train: Path, public_train: Path, anchor_dir:
     ckpt = Checkpointer(checkpoint, fingerprint)
     summary = train(model, step_loss, make_batch, train_params, ckpt, log_path, desc=f"expert {owner}",
                     lr_scale=lambda name: expert.router_lr_scale if ("routers" in name or "owner_bias" in name) else 1.0,
-                    after_step=lambda: project_bias(model))
+                    after_step=project_bias)
     summary["corpus_tokens"] = int(len(tokens))
-    summary["router_bias"] = [b.owner_bias.item() for b in moe_blocks]
+    summary["router_bias"] = [b.owner_bias.item() for b in blocks(model)]
 
     if is_main():
         publish(model, owner, identity, data_digest, expert, train_params, summary, out_dir)

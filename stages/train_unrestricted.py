@@ -99,8 +99,8 @@ def train_unrestricted(owner_corpora: dict[str, Path], public_train: Path, ancho
             parts.append(sample_batch(public_tokens, n_public, t.seq_len, t.seed + 1, step))
         return torch.cat(parts)
 
-    def step_loss(batch):
-        out = model(input_ids=batch[:, :-1], output_router_logits=True)
+    def step_loss(module, batch):
+        out = module(input_ids=batch[:, :-1], output_router_logits=True)
         ce, lm_z = lm_losses(out.logits, batch[:, 1:])
         router_z = torch.stack([torch.logsumexp(r.float(), -1).pow(2).mean() for r in out.router_logits]).mean()
         return ce + expert.lm_z_loss * lm_z + expert.router_z_loss * router_z, {"loss": ce.item(), "router_z": router_z.item()}

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from stages.distributed import average_gradients, world
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+
+from stages.distributed import average_gradients, clip_gradients, copy_back, device, full, training_copy, world
 from stages.io import read_jsonl
 from stages.params import TrainParams
 
@@ -58,6 +60,9 @@ def lm_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor
     return ce, z
 
 
+CHECKPOINT_FORMAT = 2  # 2: the optimizer state keyed by parameter name (the same with and without FSDP)
+
+
 @dataclass
 class Checkpointer:
     """Saves the trainable state, optimizer and step; resumes only a run with the same fingerprint."""
@@ -68,14 +73,14 @@ class Checkpointer:
         if not self.path.exists():
             return None
         state = torch.load(self.path, map_location="cpu", weights_only=False)
-        if state.get("fingerprint") != self.fingerprint:
-            return None  # params, data or anchor changed since: start over
+        if (state.get("fingerprint"), state.get("format")) != (self.fingerprint, CHECKPOINT_FORMAT):
+            return None  # params, data or anchor changed since, or an older format: start over
         return state
 
     def save(self, state: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
-        torch.save({**state, "fingerprint": self.fingerprint}, tmp)
+        torch.save({**state, "fingerprint": self.fingerprint, "format": CHECKPOINT_FORMAT}, tmp)
         os.replace(tmp, self.path)
 
     def clear(self) -> None:
@@ -84,42 +89,48 @@ class Checkpointer:
 
 def train(
     model: torch.nn.Module,
-    step_loss: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, float]]],
+    step_loss: Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, dict[str, float]]],
     make_batch: Callable[[int], torch.Tensor],
     p: TrainParams,
     checkpointer: Checkpointer,
     log_path: Path,
     desc: str,
     lr_scale: Callable[[str], float] = lambda name: 1.0,
-    after_step: Callable[[], None] = lambda: None,
+    after_step: Callable[[torch.nn.Module], None] = lambda module: None,
 ) -> dict:
     """Run AdamW with a cosine schedule over the model's trainable parameters.
 
     `make_batch(step)` returns the batch of a step (a function of the step, so a resumed run sees
-    the same data); `step_loss(batch)` returns the loss to minimise and the numbers to log;
-    `lr_scale(name)` multiplies the learning rate of the parameter of that name; `after_step()`
-    runs after each optimizer step (for constraints on parameters). Under torchrun, `make_batch`
-    returns this process's rows (stages/distributed.py), gradients are averaged across processes
-    and only process 0 writes the log and checkpoints.
+    the same data); `step_loss(module, batch)` returns the loss of the module being trained to
+    minimise and the numbers to log; `lr_scale(name)` multiplies the learning rate of the
+    parameter of that name; `after_step(module)` runs after each optimizer step (for constraints
+    on parameters). The module trained is `model` on the training device, or under FSDP a
+    sharded copy of it (stages/distributed.py); either way the trained weights end in `model`,
+    on the CPU. Under torchrun, `make_batch` returns this process's rows, gradients are averaged
+    across processes and only process 0 writes the log and checkpoints.
     """
     rank, processes = world()
-    named = [(n, q) for n, q in model.named_parameters() if q.requires_grad]
+    start, log = 0, []
+    resumed = checkpointer.load()
+    if resumed:  # into the plain model, before it is copied or moved
+        current = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in resumed["trainable"].items():
+                current[name].copy_(value)
+        start, log = resumed["step"], resumed["log"]
+    work = training_copy(model)
+    named = [(n, q) for n, q in work.named_parameters() if q.requires_grad]
     groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
     for n, q in named:
         groups.setdefault((lr_scale(n), p.weight_decay if q.ndim >= 2 else 0.0), []).append(q)
     opt = torch.optim.AdamW([{"params": qs, "lr_scale": scale, "weight_decay": wd}
                              for (scale, wd), qs in groups.items()], lr=p.lr, betas=(0.9, 0.95))
-    start, log = 0, []
-    resumed = checkpointer.load()
+    # Optimizer state by parameter name and whole (gathered from the shards under FSDP).
+    whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
     if resumed:
-        current = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in resumed["trainable"].items():
-                current[name].copy_(value)
-        opt.load_state_dict(resumed["optimizer"])
-        start, log = resumed["step"], resumed["log"]
+        set_optimizer_state_dict(work, opt, resumed["optimizer"], options=whole)
     torch.manual_seed(p.seed)
-    model.train()
+    work.train()
     tokens_per_step = p.batch_size * p.seq_len
     # In a log file (no terminal) a redraw every second would bury everything else.
     bar = tqdm(range(start, p.steps), initial=start, total=p.steps, desc=desc, unit="step", dynamic_ncols=True,
@@ -128,28 +139,32 @@ def train(
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, p) * group["lr_scale"]
-        batch = make_batch(step)
-        loss, numbers = step_loss(batch)
+        batch = make_batch(step).to(device())
+        loss, numbers = step_loss(work, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients([q for _, q in named])
-        grad_norm = torch.nn.utils.clip_grad_norm_([q for _, q in named], p.grad_clip)
+        grad_norm = clip_gradients([q for _, q in named], p.grad_clip)
         opt.step()
-        after_step()
+        after_step(work)
         timed_steps += 1
         tok_s = timed_steps * tokens_per_step / (time.perf_counter() - t0)
         bar.set_postfix(loss=f"{numbers['loss']:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
         if step % p.log_every == 0 or step == p.steps - 1:
             if processes > 1:  # the logged numbers are the global batch's: the mean over processes
-                values = torch.tensor(list(numbers.values()), dtype=torch.float64)
+                values = torch.tensor(list(numbers.values()), dtype=torch.float64, device=device())
                 torch.distributed.all_reduce(values)
                 numbers = dict(zip(numbers, (values / processes).tolist()))
             log.append({"step": step, "lr": cosine_lr(step, p), "grad_norm": float(grad_norm),
                         "tokens_per_s": tok_s, **numbers})
-        if (step + 1) % p.checkpoint_every == 0 and step + 1 < p.steps and rank == 0:
-            checkpointer.save({"step": step + 1, "log": log, "optimizer": opt.state_dict(),
-                               "trainable": {n: q.detach().clone() for n, q in named}})
+        if (step + 1) % p.checkpoint_every == 0 and step + 1 < p.steps:
+            # Every process takes part in gathering the shards; process 0 writes.
+            state = {"step": step + 1, "log": log, "optimizer": get_optimizer_state_dict(work, opt, options=whole),
+                     "trainable": {n: full(q) for n, q in named}}
+            if rank == 0:
+                checkpointer.save(state)
     bar.close()
+    copy_back(model, work)
     model.eval()
     if rank == 0:
         log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -87,8 +87,8 @@ def tune_router(merged_dir: Path, public_train: Path, params: P.Params, out_dir:
     for name, q in model.named_parameters():
         q.requires_grad_(".mlp.gate." in name)
 
-    def step_loss(batch):
-        ce, _ = lm_losses(model(input_ids=batch[:, :-1]).logits, batch[:, 1:])
+    def step_loss(module, batch):
+        ce, _ = lm_losses(module(input_ids=batch[:, :-1]).logits, batch[:, 1:])
         return ce, {"loss": ce.item()}
 
     log_path = out_dir.with_name(out_dir.name + "_log.jsonl")

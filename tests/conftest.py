@@ -48,6 +48,16 @@ def tiny_anchor_dir(tmp_path_factory):
     return root, anchor, r_pub
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a process and every process it started (torchrun's workers, a Prefect worker's flow runs)."""
+    import psutil
+
+    parent = psutil.Process(proc.pid)
+    for p in [*parent.children(recursive=True), parent]:
+        p.kill()
+    proc.wait(timeout=30)
+
+
 def run_consort(*args: str, cwd: Path, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, CONSORT_CACHE=str(SHARED_CACHE), PYTHONUNBUFFERED="1")
     proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=env, capture_output=True,

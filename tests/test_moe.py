@@ -22,12 +22,12 @@ def train_expert_model(anchor, tmp_path, steps=TRAIN.steps, crash_at=None):
     tokens = np.random.default_rng(0).integers(2, anchor.config.vocab_size, size=2000).astype(np.int32)
     calls = []
 
-    def step_loss(batch):
+    def step_loss(module, batch):
         calls.append(1)
         if crash_at is not None and len(calls) > crash_at:
             raise KeyboardInterrupt("simulated crash")
-        ce, z = lm_losses(model(input_ids=batch[:, :-1]).logits, batch[:, 1:])
-        rz = torch.stack([torch.logsumexp(b.last_router_logits, -1).pow(2).mean() for b in blocks(model)]).mean()
+        ce, z = lm_losses(module(input_ids=batch[:, :-1]).logits, batch[:, 1:])
+        rz = torch.stack([torch.logsumexp(b.last_router_logits, -1).pow(2).mean() for b in blocks(module)]).mean()
         return ce + 1e-5 * z + 1e-3 * rz, {"loss": ce.item()}
 
     p = TRAIN.model_copy(update={"steps": steps})
@@ -90,16 +90,16 @@ def test_projected_bias_stays_trainable(tmp_path):
     tokens = np.random.default_rng(0).integers(2, 96, size=500).astype(np.int32)
     history = []
 
-    def step_loss(batch):
-        model(input_ids=batch[:, :-1])
+    def step_loss(module, batch):
+        module(input_ids=batch[:, :-1])
         # The last layer's owner logit: its bias moves nothing upstream of it.
-        owner_logit = blocks(model)[-1].last_router_logits[..., OWNER].mean()
+        owner_logit = blocks(module)[-1].last_router_logits[..., OWNER].mean()
         loss = -owner_logit if len(history) < 3 else owner_logit  # first up, then down
         return loss, {"loss": loss.item()}
 
-    def after_step():
-        project_bias(model)
-        history.append(blocks(model)[-1].owner_bias.item())
+    def after_step(module):
+        project_bias(module)
+        history.append(blocks(module)[-1].owner_bias.item())
 
     # Adam's momentum keeps pushing up for a few steps after the loss turns: give it 20.
     train(model, step_loss, lambda step: sample_batch(tokens, 2, 16, 0, step), TRAIN.model_copy(update={"steps": 20}),

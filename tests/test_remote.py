@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import PROJECT, SHARED_CACHE
+from conftest import PROJECT, SHARED_CACHE, kill_tree
 from flows.owner import PHASES, OwnerError, OwnerWorkspace, init_owner, owner_dvc_yaml
 from flows.remote import coordinator_dvc_yaml
 
@@ -70,15 +70,6 @@ def _flow_runs(url: str, owner: str) -> list[dict]:
     return resp.json()
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
-    import psutil
-
-    parent = psutil.Process(proc.pid)
-    for p in [*parent.children(recursive=True), parent]:
-        p.kill()
-    proc.wait(timeout=30)
-
-
 @pytest.mark.slow
 def test_owners_on_separate_workers_kill_one_and_resume(tmp_path):
     from flows.remote import start_prefect_server
@@ -118,7 +109,7 @@ def test_owners_on_separate_workers_kill_one_and_resume(tmp_path):
         while not (tmp_path / "math" / "owners" / "math" / "checkpoint.pt").exists():
             assert run.poll() is None and time.monotonic() < deadline, run.stdout.read() if run.poll() is not None else ""
             time.sleep(0.5)
-        _kill_tree(workers["math"])  # the owner's machine goes away: its worker and the run it started
+        kill_tree(workers["math"])  # the owner's machine goes away: its worker and the run it started
         out, _ = run.communicate(timeout=900)
         assert run.returncode == 0, out[-4000:]
         assert "owner math FAILED: the worker of owner math stopped answering" in out, out[-3000:]
