@@ -258,11 +258,15 @@ def cmd_enrol(args: argparse.Namespace) -> int:
     if not args.key.exists():
         print(f"consort: {args.key}: no such key file (the owner's `consort owner init` printed its path)", file=sys.stderr)
         return 2
+    from flows.workspace import init_dvc_repo
+
+    root = args.workspace.resolve()
     try:
-        target = enrol_owner_key(args.key, args.workspace.resolve() / "keyring", args.owner)
+        target = enrol_owner_key(args.key, root / "keyring", args.owner)
     except PackageRefused as err:
         print(f"consort: {err}", file=sys.stderr)
         return 2
+    init_dvc_repo(root)  # from here on `dvc remote add` works in it (a store can be a DVC remote)
     print(f"{args.owner}: key enrolled in {target}")
     return 0
 
@@ -290,17 +294,23 @@ def cmd_coordinate(args: argparse.Namespace) -> int:
               "run `consort enrol OWNER KEY.pub` with the key each owner's `consort owner init` printed",
               file=sys.stderr)
         return 2
-    args.store.mkdir(parents=True, exist_ok=True)
+    from flows.store import Store, StoreError
+
+    try:
+        store = Store.open(args.store, ws.root)
+    except StoreError as err:
+        print(f"consort: {err}", file=sys.stderr)
+        return 2
     use_project_python()
     os.chdir(ws.root)
     from flows.remote import coordinate, stream_stages
 
     t0 = time.perf_counter()
     print(f"consort: coordinating the {args.preset!r} pipeline in {ws.root}; owners {', '.join(owners)} run on "
-          f"their own workers; store {args.store.resolve()}")
+          f"their own workers; store {store}")
     try:
-        summary = coordinate(str(ws.root), str(args.store.resolve()), args.preset, args.allow_missing,
-                             args.lost_after, args.owner_timeout)
+        summary = coordinate(str(ws.root), store.spec, args.preset, args.allow_missing, args.lost_after,
+                             args.owner_timeout)
     except (RuntimeError, ValueError) as err:
         print(f"\nconsort: {err}", file=sys.stderr)
         return 1
@@ -318,6 +328,7 @@ def cmd_coordinate(args: argparse.Namespace) -> int:
 def cmd_owner(args: argparse.Namespace) -> int:
     """An owner's commands, in the owner's workspace on the owner's machine."""
     from flows.owner import PHASES, OwnerError, OwnerWorkspace, fetch_public, init_owner, publish, run_phase
+    from flows.store import Store, StoreError
     from stages.package import PUBLIC_KEY, PackageRefused
     from stages.params import ParamsError
 
@@ -333,6 +344,7 @@ def cmd_owner(args: argparse.Namespace) -> int:
             return 0
         ws = OwnerWorkspace(root)
         owner = ws.owner
+        store = Store.open(args.store, root) if args.store else None
         _prefect_environment(root)
         phases = list(PHASES) if args.phase == "all" else [args.phase]
         if args.action == "run":
@@ -341,16 +353,16 @@ def cmd_owner(args: argparse.Namespace) -> int:
             use_project_python()
             os.chdir(root)
             for phase in phases:
-                if args.store:
-                    fetch_public(ws, args.store.resolve(), phase)
+                if store:
+                    fetch_public(ws, store, phase)
                 for s in run_phase(ws, phase):
                     print(f"  {'ran   ' if s['ran'] else 'cached'} {s['stage']:<28} {s['seconds']:7.1f} s")
-                if args.store:
-                    print(f"published to {args.store}: {', '.join(publish(ws, args.store.resolve(), phase))}")
+                if store:
+                    print(f"published to {store}: {', '.join(publish(ws, store, phase))}")
             return 0
         if args.action == "publish":
             for phase in phases:
-                print(f"published to {args.store}: {', '.join(publish(ws, args.store.resolve(), phase)) or '(nothing yet)'}")
+                print(f"published to {store}: {', '.join(publish(ws, store, phase)) or '(nothing yet)'}")
             return 0
         if args.action == "serve":
             args.owners = owner
@@ -361,11 +373,11 @@ def cmd_owner(args: argparse.Namespace) -> int:
             from flows.remote import register_owner, worker_command
 
             register_owner(owner)
-            cmd, env = worker_command(ws, args.store)
-            print(f"worker of {owner} on pool consort-{owner}, workspace {root}, store {args.store.resolve()} "
+            cmd, env = worker_command(ws, store)
+            print(f"worker of {owner} on pool consort-{owner}, workspace {root}, store {store} "
                   "(Ctrl-C stops it)", flush=True)
             os.execvpe(cmd[0], cmd, env)
-    except (OwnerError, ParamsError, PackageRefused, FileNotFoundError) as err:
+    except (OwnerError, StoreError, ParamsError, PackageRefused, FileNotFoundError) as err:
         print(f"consort: {err}", file=sys.stderr)
         return 2
     return 0
@@ -432,7 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     en.set_defaults(func=cmd_enrol)
     co = sub.add_parser("coordinate", help="run the pipeline with each owner's stages on that owner's worker")
     co.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE, help="the coordinator's workspace")
-    co.add_argument("--store", type=Path, required=True, help="the folder the coordinator and the owners share")
+    co.add_argument("--store", required=True, help="what the coordinator and the owners share: a folder, or "
+                    "dvc:NAME for the DVC remote NAME of the workspace (dvc remote add NAME URL)")
     co.add_argument("--preset", default="default")
     co.add_argument("--params", type=Path, default=None)
     co.add_argument("--allow-missing", action="store_true", help="merge the owners that delivered if some fail")
@@ -442,9 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     ow = sub.add_parser("owner", help="an owner's commands on its own machine: init, run, publish, serve, worker")
     ow.add_argument("action", choices=["init", "run", "publish", "serve", "worker"])
     ow.add_argument("target", nargs="?", metavar="NAME|STORE",
-                    help="init: the owner's name; publish, worker: the shared store (a folder)")
+                    help="init: the owner's name; publish, worker: the shared store (a folder or dvc:NAME)")
     ow.add_argument("--workspace", type=Path, required=True, help="the owner's workspace")
-    ow.add_argument("--store", type=Path, default=None, help="run: fetch the public inputs from it and publish to it")
+    ow.add_argument("--store", default=None, help="run: fetch the public inputs from it and publish to it")
     ow.add_argument("--phase", choices=["train", "evaluate", "all"], default="all")
     ow.add_argument("--preset", default="default")
     ow.add_argument("--params", type=Path, default=None, help="init: the params file the owner's section comes from")
@@ -462,7 +475,7 @@ def main(argv: list[str] | None = None) -> None:
             ap.error("consort owner init needs the owner's name: consort owner init NAME --workspace DIR")
         args.name = args.target if args.action == "init" else None
         if args.action in ("publish", "worker") and args.target:
-            args.store = Path(args.target)
+            args.store = args.target
         if args.action in ("publish", "worker") and not args.store:
             ap.error(f"consort owner {args.action} needs the store: consort owner {args.action} STORE --workspace DIR")
     sys.exit(args.func(args))

@@ -8,22 +8,21 @@ from the shared store. It runs the owner stages of dvc.yaml in two phases:
   trace index; then it publishes the signed expert package and its training numbers;
 - `evaluate` (after the merge): its held-out evaluation and privacy audit; it publishes numbers.
 
-The store is a folder both sides can reach (in production a shared volume or a synced bucket):
-`models/`, `public/` from the coordinator; `experts/<owner>/` and `results/<owner>/` from owners.
-Nothing under the owner's `owners/<name>/` folder is ever copied there.
+The store (flows/store.py: a folder both sides reach, or a DVC remote) holds `models/`, `public/`
+from the coordinator; `experts/<owner>/` and `results/<owner>/` from owners. Nothing under the
+owner's `owners/<name>/` folder is ever copied there.
 """
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from flows.store import Store
 from stages import params as P
 
 OWNER_FILE = "consort_owner.json"
@@ -100,29 +99,13 @@ def init_owner(owner: str, root: Path, preset: str = "default", params_file: Pat
     return ws
 
 
-def replace_tree(source: Path, target: Path) -> None:
-    """Copy a file or folder over `target`: the copy is made beside it and renamed into place, so a
-    reader never sees a half-copied package (a crash leaves the old copy, or the new one)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = (target.with_name(f".{target.name}.{what}-{os.getpid()}") for what in ("incoming", "old"))
-    for leftover in (tmp, old):
-        if leftover.exists():
-            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
-    shutil.copytree(source, tmp) if source.is_dir() else shutil.copy2(source, tmp)
-    if target.is_dir() and not target.is_symlink():
-        os.replace(target, old)  # a folder cannot be replaced in one rename: the old one steps aside
-    os.replace(tmp, target)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def fetch_public(ws: OwnerWorkspace, store: Path, phase: str) -> None:
-    missing = [p for p in PUBLIC_INPUTS[phase] if not (store / p).exists()]
+def fetch_public(ws: OwnerWorkspace, store: Store, phase: str) -> None:
+    missing = [p for p in PUBLIC_INPUTS[phase] if not store.exists(p)]
     if missing:
         raise OwnerError(f"store {store} lacks {', '.join(missing)}: the coordinator publishes them before the "
                          f"{phase!r} phase (consort coordinate)")
     for rel in PUBLIC_INPUTS[phase]:
-        replace_tree(store / rel, ws.root / rel)
+        store.get(rel, ws.root / rel)
 
 
 def run_phase(ws: OwnerWorkspace, phase: str) -> list[dict]:
@@ -153,7 +136,7 @@ def published_paths(owner: str, phase: str) -> dict[str, str]:
             f"results/{owner}/trace.html": f"evaluations/{owner}.trace.html"}
 
 
-def publish(ws: OwnerWorkspace, store: Path, phase: str) -> list[str]:
+def publish(ws: OwnerWorkspace, store: Store, phase: str) -> list[str]:
     """Copy what the phase produced to the store (the expert package is checked for its signature first)."""
     owner, done = ws.owner, []
     if phase == "train":
@@ -167,6 +150,6 @@ def publish(ws: OwnerWorkspace, store: Path, phase: str) -> list[str]:
         verify_package(package, owner, ws.keys / PUBLIC_KEY)
     for store_rel, ws_rel in published_paths(owner, phase).items():
         if (ws.root / ws_rel).exists():
-            replace_tree(ws.root / ws_rel, store / store_rel)
+            store.put(ws.root / ws_rel, store_rel)
             done.append(store_rel)
     return done

@@ -25,7 +25,8 @@ from prefect import flow, get_run_logger
 
 from flows.owner import PHASES, PUBLIC_INPUTS, WORKSPACE_VARIABLE, OwnerWorkspace, fetch_public, pool_name
 from flows.owner import publish as owner_publish
-from flows.owner import published_paths, replace_tree, run_phase
+from flows.owner import published_paths, run_phase
+from flows.store import Store
 from stages.io import write_json
 
 STORE_VARIABLE = "CONSORT_STORE"
@@ -47,14 +48,13 @@ def owner_flow(phase: str) -> dict:
     """
     if phase not in PHASES:
         raise ValueError(f"unknown phase {phase!r}: choose {' or '.join(PHASES)}")
-    ws, store = OwnerWorkspace(Path(os.environ[WORKSPACE_VARIABLE])), Path(os.environ[STORE_VARIABLE])
+    ws = OwnerWorkspace(Path(os.environ[WORKSPACE_VARIABLE]))
+    store = Store.open(os.environ[STORE_VARIABLE], ws.root)
     fetch_public(ws, store, phase)
     stages = run_phase(ws, phase)
     published = owner_publish(ws, store, phase)
     summary = {"owner": ws.owner, "phase": phase, "stages": stages, "published": published}
-    record = store / "runs" / ws.owner / f"{phase}.json"  # what ran, for the coordinator to print
-    record.parent.mkdir(parents=True, exist_ok=True)
-    write_json(record, summary)
+    store.write_json(f"runs/{ws.owner}/{phase}.json", summary)  # what ran, for the coordinator to print
     get_run_logger().info(f"{ws.owner} {phase}: {sum(s['ran'] for s in stages)} of {len(stages)} stages ran")
     return summary
 
@@ -76,10 +76,10 @@ def register_owner(owner: str) -> None:
                              entrypoint_type=EntrypointType.MODULE_PATH).apply()
 
 
-def worker_command(ws: OwnerWorkspace, store: Path) -> tuple[list[str], dict]:
+def worker_command(ws: OwnerWorkspace, store: Store) -> tuple[list[str], dict]:
     """The command and environment of the owner's Prefect worker."""
     env = dict(os.environ, **{
-        WORKSPACE_VARIABLE: str(ws.root), STORE_VARIABLE: str(store.resolve()),
+        WORKSPACE_VARIABLE: str(ws.root), STORE_VARIABLE: store.spec,
         # Results and Prefect's local state stay in the owner's workspace.
         "PREFECT_LOCAL_STORAGE_PATH": str(ws.root / ".prefect" / "results"),
         "PREFECT_HOME": str(ws.root / ".prefect"),
@@ -161,17 +161,17 @@ def dispatch(owners: list[str], phase: str, lost_after_s: float, timeout_s: floa
         return {o: f.result() for o, f in futures.items()}
 
 
-def publish_public(root: Path, store: Path, phase: str) -> None:
+def publish_public(root: Path, store: Store, phase: str) -> None:
     for rel in PUBLIC_INPUTS[phase]:
-        replace_tree(root / rel, store / rel)
+        store.put(root / rel, rel)
 
 
-def collect(root: Path, store: Path, owners: list[str], phase: str) -> None:
+def collect(root: Path, store: Store, owners: list[str], phase: str) -> None:
     """Copy what these owners published into the coordinator's workspace."""
     for owner in owners:
         for store_rel, ws_rel in published_paths(owner, phase).items():
-            if (store / store_rel).exists():
-                replace_tree(store / store_rel, root / ws_rel)
+            if store.exists(store_rel):
+                store.get(store_rel, root / ws_rel)
 
 
 def run_coordinator_stages(root: Path, stages: tuple[str, ...], lineage, params: dict) -> list[dict]:
@@ -194,14 +194,15 @@ def coordinate(workspace: str, store: str, preset: str = "default", allow_missin
     from flows.workspace import Workspace
     from prefect.runtime import flow_run
 
-    root, store_dir = Path(workspace), Path(store)
+    root = Path(workspace)
+    shared = Store.open(store, root)
     params = Workspace(root).params()
     owners, logged = list(params.owners), params.model_dump(mode="json")
     lineage = Lineage(Workspace(root), preset, str(flow_run.id) if flow_run.id else None)
     summary: dict = {"stages": [], "failed": {}}
     try:
         summary["stages"] += run_coordinator_stages(root, BEFORE_OWNERS, lineage, logged)
-        publish_public(root, store_dir, "train")
+        publish_public(root, shared, "train")
         for phase, after in (("train", AFTER_TRAINING), ("evaluate", AFTER_EVALUATION)):
             results = dispatch(owners, phase, lost_after_s, owner_timeout_s)
             failed = {o: r["error"] for o, r in results.items() if not r["ok"]}
@@ -215,8 +216,8 @@ def coordinate(workspace: str, store: str, preset: str = "default", allow_missin
             if phase == "train":
                 _write_present_owners(root, owners)
                 summary["merged_owners"] = list(owners)
-            collect(root, store_dir, owners, phase)
-            summary[f"{phase}_runs"] = {o: _run_record(store_dir, o, phase) for o in owners}
+            collect(root, shared, owners, phase)
+            summary[f"{phase}_runs"] = {o: shared.read_json(f"runs/{o}/{phase}.json") or {} for o in owners}
             if phase == "train":
                 from stages.train_expert import MANIFEST
 
@@ -225,18 +226,13 @@ def coordinate(workspace: str, store: str, preset: str = "default", allow_missin
                     lineage.record_remote_expert(o, manifest, results[o].get("flow_run"))
             summary["stages"] += run_coordinator_stages(root, after, lineage, logged)
             if phase == "train":
-                publish_public(root, store_dir, "evaluate")
+                publish_public(root, shared, "evaluate")
     except BaseException:
         lineage.finish(False)
         raise
     eval_path = root / "metrics" / "eval.json"
     lineage.finish(True, json.loads(eval_path.read_text()) if eval_path.exists() else None, root / "reports")
     return summary
-
-
-def _run_record(store: Path, owner: str, phase: str) -> dict:
-    path = store / "runs" / owner / f"{phase}.json"
-    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _write_present_owners(root: Path, owners: list[str]) -> None:

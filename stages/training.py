@@ -16,9 +16,8 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tqdm import tqdm
-
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+from tqdm import tqdm
 
 from stages.distributed import average_gradients, clip_gradients, copy_back, device, full, training_copy, world
 from stages.io import read_jsonl

@@ -89,8 +89,16 @@ def test_owners_on_separate_workers_kill_one_and_resume(tmp_path):
     workers: dict[str, subprocess.Popen] = {}
     logs = {o: (tmp_path / f"{o}-worker.log") for o in OWNERS}
 
+    # The store is one folder; the coordinator and the math owner reach it as a DVC remote of their
+    # workspaces (`dvc remote add shared FOLDER`), the other owners as the folder itself.
+    store_of = {o: "dvc:shared" if o == "math" else str(store) for o in OWNERS}
+
+    def add_remote(workspace: Path) -> None:
+        subprocess.run([sys.executable, "-m", "dvc", "remote", "add", "shared", str(store)], cwd=workspace, check=True,
+                       capture_output=True)
+
     def start_worker(owner: str) -> None:
-        workers[owner] = _consort("owner", "worker", str(store), "--workspace", str(tmp_path / owner), env=env,
+        workers[owner] = _consort("owner", "worker", store_of[owner], "--workspace", str(tmp_path / owner), env=env,
                                   cwd=tmp_path, stdout=logs[owner].open("a"))
 
     try:
@@ -101,8 +109,11 @@ def test_owners_on_separate_workers_kill_one_and_resume(tmp_path):
             key = init.stdout.split("`consort enrol")[1].split(": ", 1)[1].strip()
             subprocess.run([sys.executable, "-m", "flows.cli", "enrol", o, key, "--workspace", str(coord)], env=env,
                            check=True, capture_output=True)
+            if store_of[o] != str(store):
+                add_remote(tmp_path / o)
             start_worker(o)
-        run = _consort("coordinate", "--workspace", str(coord), "--store", str(store), "--preset", "smoke",
+        add_remote(coord)  # a DVC repository since the first `consort enrol`
+        run = _consort("coordinate", "--workspace", str(coord), "--store", "dvc:shared", "--preset", "smoke",
                        "--params", str(params), "--allow-missing", "--lost-after", "15", env=env, cwd=tmp_path)
         # Kill the math owner's worker (and the flow run it started) while its expert trains.
         deadline = time.monotonic() + 600
@@ -123,7 +134,7 @@ def test_owners_on_separate_workers_kill_one_and_resume(tmp_path):
         assert not any("corpus" in p.parts for p in store.rglob("*") if "experts" in p.parts or "results" in p.parts)
 
         start_worker("math")
-        again = _consort("coordinate", "--workspace", str(coord), "--store", str(store), "--preset", "smoke",
+        again = _consort("coordinate", "--workspace", str(coord), "--store", "dvc:shared", "--preset", "smoke",
                          "--params", str(params), "--lost-after", "15", env=env, cwd=tmp_path)
         out, _ = again.communicate(timeout=900)
         assert again.returncode == 0, out[-4000:]
