@@ -62,7 +62,7 @@ class _Decoder:
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         weight = model.lm_head.weight
         self.layers = []
-        for layer in base.layers:
+        for layer in layers:
             a = layer.self_attn
             cache = torch.empty(2, batch, self.kv_heads, length, self.head_dim, dtype=weight.dtype)
             self.layers.append(_Layer(a.q_proj, a.k_proj, a.v_proj, a.o_proj, a.q_norm.weight, a.k_norm.weight,
@@ -85,6 +85,8 @@ class _Decoder:
         """Logits of the last position after feeding `ids` (batch, new tokens)."""
         b, t = ids.shape
         start, end = self.position, self.position + t
+        if t > 1 and start > 0:  # SDPA's causal mask is aligned for a prompt from position 0 only
+            raise ValueError("feed several tokens only as the prompt, at the start")
         cos, sin = self.cos[start:end], self.sin[start:end]
         h = self.model.model.embed_tokens(ids)
         for layer in self.layers:

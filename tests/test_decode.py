@@ -3,7 +3,6 @@ import copy
 
 import pytest
 import torch
-
 from transformers import Olmo2Config, Olmo2ForCausalLM
 
 from conftest import tiny_anchor
