@@ -20,7 +20,6 @@ writes logs, checkpoints and outputs. Launched plainly (no torchrun), nothing is
 from __future__ import annotations
 
 import copy
-import math
 import os
 from functools import cache
 
@@ -135,25 +134,6 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
-
-
-def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> float:
-    """Scale the gradients to a global L2 norm of at most `max_norm`; returns the norm before.
-
-    `torch.nn.utils.clip_grad_norm_` refuses a mix of shards and whole tensors, which FSDP with
-    an unsharded scalar makes; the norm of a shard's gradient is reduced over the processes.
-    """
-    grads = [p.grad for p in params if p.grad is not None]
-    squares = torch.zeros((), dtype=torch.float64)
-    for g in grads:
-        square = torch.linalg.vector_norm(g, dtype=torch.float32).pow(2)
-        squares += (square.full_tensor() if isinstance(square, DTensor) else square).to("cpu", torch.float64)
-    total = math.sqrt(float(squares))
-    scale = max_norm / (total + 1e-6)
-    if scale < 1.0:
-        for g in grads:
-            g.mul_(scale)
-    return total
 
 
 def finish() -> None:

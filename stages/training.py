@@ -19,7 +19,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 from tqdm import tqdm
 
-from stages.distributed import average_gradients, clip_gradients, copy_back, device, full, training_copy, world
+from stages.distributed import average_gradients, copy_back, device, full, training_copy, world
 from stages.io import read_jsonl
 from stages.params import TrainParams
 
@@ -143,7 +143,7 @@ def train(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients([q for _, q in named])
-        grad_norm = clip_gradients([q for _, q in named], p.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_([q for _, q in named], p.grad_clip)
         opt.step()
         after_step(work)
         timed_steps += 1
@@ -154,7 +154,7 @@ def train(
                 values = torch.tensor(list(numbers.values()), dtype=torch.float64, device=device())
                 torch.distributed.all_reduce(values)
                 numbers = dict(zip(numbers, (values / processes).tolist()))
-            log.append({"step": step, "lr": cosine_lr(step, p), "grad_norm": float(grad_norm),
+            log.append({"step": step, "lr": cosine_lr(step, p), "grad_norm": float(full(grad_norm)),
                         "tokens_per_s": tok_s, **numbers})
         if (step + 1) % p.checkpoint_every == 0 and step + 1 < p.steps:
             # Every process takes part in gathering the shards; process 0 writes.

@@ -19,10 +19,15 @@ from stages import params as P
 from stages.package import create_owner_key
 
 
+GRAD_CLIP = 0.05
+
+
 def _params(tmp_path, **expert_train) -> str:
     raw = P.resolve(read_project_params(), "smoke")
-    raw["anchor"]["train"].update(steps=8, checkpoint_every=100)
-    raw["expert"]["train"].update({"steps": 6, "batch_size": 8, "checkpoint_every": 100, **expert_train})
+    # A clip below the gradients' norm, so that clipping (over shards and whole tensors alike) acts.
+    raw["anchor"]["train"].update(steps=8, checkpoint_every=100, grad_clip=GRAD_CLIP)
+    raw["expert"]["train"].update({"steps": 6, "batch_size": 8, "checkpoint_every": 100, "grad_clip": GRAD_CLIP,
+                                   **expert_train})
     raw["owners"]["code"].pop("dp", None)
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -81,8 +86,10 @@ def test_anchor_and_expert_train_the_same_on_two_processes(tiny_anchor_dir, tmp_
         _run(_expert_args(root, corpus, key, params, tmp_path, name), processes, parallel)
     for model in ("anchor", "expert"):
         one = _weights(tmp_path / f"{model}_one")
-        logs = {name: [json.loads(line)["loss"] for line in (tmp_path / f"{model}_{name}.jsonl").read_text().splitlines()]
+        rows = {name: [json.loads(line) for line in (tmp_path / f"{model}_{name}.jsonl").read_text().splitlines()]
                 for name, _, _ in LAUNCHES}
+        logs = {name: [r["loss"] for r in log] for name, log in rows.items()}
+        assert all(r["grad_norm"] > GRAD_CLIP for log in rows.values() for r in log)  # clipped every step
         for name in ("ddp", "fsdp"):
             other = _weights(tmp_path / f"{model}_{name}")
             assert one.keys() == other.keys()
