@@ -128,6 +128,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _port(text: str) -> int:
+    """A TCP port for argparse: the error names the value and the range."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1024 <= port <= 65000:
+        raise argparse.ArgumentTypeError(f"{port} is outside 1024-65000 (ports below 1024 need root)")
+    return port
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -140,7 +151,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # `kill` or a supervisor's SIGTERM must stop the owners' services too, as Ctrl-C does.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        procs = start_services(args.workspace.resolve(), args.owners.split(",") if args.owners else None)
+        procs = start_services(args.workspace.resolve(), args.owners.split(",") if args.owners else None,
+                               base_port=args.base_port)
     except (FileNotFoundError, RuntimeError, TimeoutError, ValueError) as err:
         print(f"consort: {err}", file=sys.stderr)
         return 2
@@ -424,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="start every owner's trace service on 127.0.0.1 (the demo's owners)")
     serve.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE)
     serve.add_argument("--owners", default=None, help="only these owners, e.g. code,news (default: all)")
+    serve.add_argument("--base-port", type=_port, default=None,
+                       help="owner i listens on 127.0.0.1:(BASE_PORT + i) (default: trace.base_port in params.yaml)")
     serve.set_defaults(func=cmd_serve)
     tr = sub.add_parser("trace", help="trace an output back to the owners' documents (needs `consort serve`)")
     what = tr.add_mutually_exclusive_group(required=True)

@@ -26,7 +26,7 @@ from stages.experts import (
 )
 from stages.fast_moe import use_fast_experts
 from stages.moe import BiasedFlexOlmoForCausalLM
-from stages.io import read_json, read_jsonl, write_json, write_text
+from stages.io import read_json, write_json, write_text
 from stages.package import WEIGHTS
 from stages.runtime import use_granted_threads
 from stages.train_expert import MANIFEST
@@ -140,15 +140,18 @@ def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, 
     return result, use_fast_experts(merged)
 
 
-def write_trace_page(domain: str, val: Path, model, tokenizer, index_dir: Path, params: P.Params, out: Path) -> int:
-    """Trace `trace.samples` outputs of the merged model (prompted with held-out openings) in the owner's index."""
+def write_trace_page(domain: str, model, tokenizer, index_dir: Path, params: P.Params, out: Path) -> int:
+    """Trace the merged model's outputs for `trace.sample_prompts` in the owner's index.
+
+    The page is published with the lineage, so its prompts are generic text from params, never
+    the owner's documents; what it shows of the owner's data is what the owner's policy discloses.
+    """
     from tracing.lineage import trace_page_html, traced_samples
     from tracing.service import OwnerService
 
     # index_dir is <workspace>/owners/<domain>/index: the service's settings and key live beside it.
     service = OwnerService.from_workspace(index_dir.resolve().parents[2], domain, params)
-    prompts = [" ".join(row["text"].split()[:12]) for _, row in zip(range(params.trace.samples), read_jsonl(val))]
-    samples = traced_samples(model, tokenizer, prompts, service)
+    samples = traced_samples(model, tokenizer, params.trace.sample_prompts, service)
     write_text(out, trace_page_html(domain, samples, service.policy))
     return sum(len(s["spans"]) for s in samples)
 
@@ -173,9 +176,9 @@ def main(argv: list[str] | None = None) -> None:
                                      params.inference, args.reference, args.tuned, args.dp_baseline)
     write_json(args.out, result)
     if args.index and args.trace_page:
-        spans = write_trace_page(args.domain, args.val, merged, AutoTokenizer.from_pretrained(args.merged), args.index,
-                                 params, args.trace_page)
-        print(f"traced {params.trace.samples} generated samples in {args.domain}'s index: {spans} spans")
+        spans = write_trace_page(args.domain, merged, AutoTokenizer.from_pretrained(args.merged), args.index, params,
+                                 args.trace_page)
+        print(f"traced {len(params.trace.sample_prompts)} generated samples in {args.domain}'s index: {spans} spans")
     m = result["models"]
     print(f"evaluate {args.domain}: anchor {m['anchor']['loss']:.3f}, merged {m['merged']['loss']:.3f}"
           + (f", soup {m['soup']['loss']:.3f}, btm {m['btm']['loss']:.3f}" if "btm" in m else ""))

@@ -77,9 +77,11 @@ Source = Annotated[
 
 
 class CanaryParams(Strict):
-    """Demo only: random secrets planted in an owner's training documents, to audit what leaks."""
+    """Demo only: random secrets planted in an owner's documents, to audit what leaks."""
     per_repeat: int = Field(default=2, ge=1, description="secrets planted at each repeat count")
     repeats: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 4, 16])
+    held_out: int = Field(default=1, ge=0, description="secrets planted once each in held-out documents: never "
+                                                        "trained on, so they must appear nowhere but the owner's folder")
     seed: int = 0
 
 
@@ -239,7 +241,10 @@ class TraceParams(Strict):
     docs_per_span: int = Field(default=10, ge=1, le=100)
     context_tokens: int = Field(default=40, ge=0, le=1000, description="tokens fetched each side of a span")
     base_port: int = Field(default=8750, ge=1024, le=65000, description="owner i's service listens on base_port + i")
-    samples: int = Field(default=2, ge=0, description="generated samples the evaluation traces for the lineage")
+    # Published with the lineage page: generic text, never an owner's (held-out openings leaked that way).
+    sample_prompts: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=lambda: ["The", "In the"],
+        description="prompts of the samples each owner's evaluation traces for the lineage (public text only)")
 
 
 class Params(Strict):

@@ -68,9 +68,11 @@ def prepare_corpus(corpus: P.CorpusParams, data: P.DataParams, name: str, out_di
     seen: set[str] = set()
     docs: list[dict] = []
     per_source: dict[str, int] = {}
+    skipped: dict[str, list[str]] = {}
     for source in corpus.sources:
         count = 0
-        for text in to_documents(read_records(source, cache_dir), data.doc_chars):
+        not_text: list[str] = []
+        for text in to_documents(read_records(source, cache_dir, not_text), data.doc_chars):
             if len(text) < data.min_doc_chars:
                 continue
             digest = text_digest(text)
@@ -80,6 +82,8 @@ def prepare_corpus(corpus: P.CorpusParams, data: P.DataParams, name: str, out_di
             docs.append({"id": f"{name}-{digest[:16]}", "text": text})
             count += 1
         per_source[describe(source)] = count
+        if not_text:
+            skipped[describe(source)] = not_text
         if count == 0:
             raise ValueError(f"corpus {name}: source {describe(source)} yielded no document of at least "
                              f"{data.min_doc_chars} characters; check its `files` and `format`")
@@ -97,7 +101,7 @@ def prepare_corpus(corpus: P.CorpusParams, data: P.DataParams, name: str, out_di
     if len(kept) < 2:
         raise ValueError(f"corpus {name}: only {len(kept)} document(s); need at least 2 to split train/val")
     val, train = kept[:n_val], kept[n_val:]
-    canaries = plant_canaries(train, corpus.canaries, name) if corpus.canaries else []
+    canaries = plant_canaries(train, val, corpus.canaries, name) if corpus.canaries else []
     stats = {
         "corpus": name,
         "documents": {"train": len(train), "val": len(val)},
@@ -105,6 +109,8 @@ def prepare_corpus(corpus: P.CorpusParams, data: P.DataParams, name: str, out_di
         "documents_per_source": per_source,
         "documents_available": len(docs),
     }
+    if skipped:  # private, like the corpus: file names of the owner's folder
+        stats["files_not_text"] = skipped
     if canaries:
         stats["canaries"] = len(canaries)
     with atomic_dir(out_dir) as tmp:
@@ -119,23 +125,28 @@ def prepare_corpus(corpus: P.CorpusParams, data: P.DataParams, name: str, out_di
 CANARIES = "canaries.json"
 
 
-def plant_canaries(train: list[dict], c: P.CanaryParams, name: str) -> list[dict]:
-    """Append random secrets to training documents, each secret to `repeats` distinct documents.
+def plant_canaries(train: list[dict], val: list[dict], c: P.CanaryParams, name: str) -> list[dict]:
+    """Append random secrets to documents: each training secret to `repeats` distinct training
+    documents, and `held_out` secrets once each to held-out documents (recorded with repeats 0).
 
-    A secret is 8 random lowercase letters in 4 groups after a fixed phrase, so it appears nowhere
-    else and its exposure can be measured against every other secret of the same shape.
+    A secret is 16 random lowercase letters in 4 groups after a fixed phrase, so it appears nowhere
+    else and its exposure can be measured against every other secret of the same shape. Held-out
+    secrets are never trained on: they are the audit's control, and the boundary test's proof
+    that held-out text stays with the owner too.
     """
     rng = random.Random(f"canaries-{c.seed}-{name}")
+    prefix = f"The access code of the {name} archive is"
     planted = []
-    for repeats in c.repeats:
-        if repeats > len(train):
-            raise ValueError(f"corpus {name}: canaries.repeats {repeats} exceeds its {len(train)} training documents")
-        for _ in range(c.per_repeat):
-            secret = " ".join("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(4)) for _ in range(4))
-            sentence = f"The access code of the {name} archive is {secret}."
-            for doc in rng.sample(train, repeats):
-                doc["text"] = f"{doc['text']}\n\n{sentence}"
-            planted.append({"prefix": f"The access code of the {name} archive is", "secret": secret, "repeats": repeats})
+    plan = [(train, r) for r in c.repeats for _ in range(c.per_repeat)] + [(val, 0)] * c.held_out
+    for docs, repeats in plan:
+        split = "train" if repeats else "val"
+        if max(repeats, 1) > len(docs):
+            raise ValueError(f"corpus {name}: canaries need {max(repeats, 1)} {split} documents, it has {len(docs)}; "
+                             "lower canaries.repeats (or canaries.held_out) or add documents")
+        secret = " ".join("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(4)) for _ in range(4))
+        for doc in rng.sample(docs, max(repeats, 1)):
+            doc["text"] = f"{doc['text']}\n\n{prefix} {secret}."
+        planted.append({"prefix": prefix, "secret": secret, "repeats": repeats, "split": split})
     return planted
 
 
@@ -156,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     stats = prepare_corpus(corpus, params.data, args.corpus, args.out, args.cache)
     print(f"prepare {args.corpus}: {stats['documents']['train']} train / {stats['documents']['val']} val documents, "
           f"{stats['chars']['train'] / 1e6:.2f}M train characters")
+    for source, names in stats.get("files_not_text", {}).items():
+        print(f"prepare {args.corpus}: skipped {len(names)} file(s) of {source} that are not text: {', '.join(names)}")
 
 
 if __name__ == "__main__":

@@ -150,7 +150,8 @@ def audit_markdown(audits: list[dict]) -> str:
     repeats = sorted({r for a in audits for m in a["models"].values() for r in m.get("canaries", {})}, key=int)
     lines = ["| owner | model | greedy extraction: train | held-out | sampled extraction: train | held-out | "
              "MIA AUC loss | zlib | Min-K% | vs anchor | TPR@1%FPR loss | "
-             + " | ".join(f"canaries {r}x found, exposure" for r in repeats) + " |",
+             + " | ".join("held-out canaries found, exposure" if r == "0" else f"canaries {r}x found, exposure"
+                          for r in repeats) + " |",
              "|---|---|" + "---:|" * (9 + len(repeats))]
     for a in audits:
         for name, m in a["models"].items():

@@ -208,6 +208,11 @@ def test_bad_input_gets_a_clear_4xx_and_is_audited(ids_server):
         (dict(body=None, raw=b'{"output": "caf\xc3\x28"}', token=token), 400, "UTF-8"),
         (dict(body=None, raw=b"{not json", token=token), 400, "not JSON"),
         (dict(body=None, raw=b"[" * 100000, token=token), 400, "nested"),
+        (dict(body=None, raw=b'{"output": ' + b"7" * 5000 + b"}", token=token), 400, "5000 digits"),
+        (dict(body=None, raw=b'{"output": "a", "prompt": -' + b"9" * 100000 + b"}", token=token), 400, "digits"),
+        (dict(body=None, raw=b'{"output": NaN}', token=token), 400, "NaN"),
+        (dict(body=None, raw=b'{"output": "the", "prompt": -Infinity}', token=token), 400, "Infinity"),
+        (dict(body=None, raw=b'{"output": 1e999999}', token=token), 400, "out of range"),
         (dict(body={"output": "the", "output_ids": [1, 99999999]}, token=token), 422, "unknown field"),
         (dict(body={"output": 42}, token=token), 422, "strings"),
         (dict(body=["output"], token=token), 422, "JSON object"),
@@ -217,11 +222,14 @@ def test_bad_input_gets_a_clear_4xx_and_is_audited(ids_server):
     for kwargs, status, words in cases:
         r = post(server, **kwargs)
         assert r.status_code == status and words in r.json()["error"], (kwargs.get("body"), r.status_code, r.text)
-    rows = [json.loads(line) for line in audit.read_text().splitlines()[before:]]
-    assert [row["status"] for row in rows] == [status for _, status, _ in cases]
-    for path, method in [("/docs", "GET"), ("/openapi.json", "GET"), ("/count", "POST"), ("/ntd", "POST"),
-                         ("/search", "POST"), ("/trace", "GET")]:
+    others = [("/docs", "GET"), ("/openapi.json", "GET"), ("/count", "POST"), ("/ntd", "POST"), ("/search", "POST"),
+              ("/trace", "GET")]
+    for path, method in others:
         assert httpx.request(method, f"{server.url}{path}").status_code in (404, 405), path
+    # One audit line per request, refused ones and other routes included, in order.
+    rows = [json.loads(line) for line in audit.read_text().splitlines()[before:]]
+    assert [row["status"] for row in rows[:len(cases)]] == [status for _, status, _ in cases]
+    assert [row["detail"] for row in rows[len(cases):]] == [f"{m} {p}" for p, m in others]
 
 
 def test_rate_limit_per_client(corpus, tmp_path):
@@ -256,11 +264,19 @@ def test_fuzz_thousands_of_random_requests_leave_the_service_up(ids_server):
     token = service.client_tokens()["fuzzer"]
     rng = random.Random(7)
     words = ["the", "company", "said", "shares", ".", "\n", "\x00", "é", "🙂", "\ud800", "{", "\"", "\\"]
+    # Bodies that attack the parser rather than the policy.
+    hostile = [b'{"output": ' + b"1" * 5000 + b"}", b'{"output": ' + b"1" * 100000 + b"}", b"[" * 50000 + b"]" * 50000,
+               b'{"output": ' * 20000, b'{"output": NaN}', b'{"output": 1e999999}', b'{"output": -Infinity}',
+               b'{"output": "x", "prompt": 1e999999}', b'{"output": "the", "x": 12345678901234567890123}']
+    audit = service.state_dir / AUDIT_LOG
+    before = len(audit.read_text().splitlines()) if audit.exists() else 0
     statuses = {}
     with httpx.Client(timeout=30) as client:
         for i in range(2000):
-            kind = i % 4
-            if kind == 0:
+            kind = i % 5
+            if kind == 4:
+                content = hostile[(i // 5) % len(hostile)]
+            elif kind == 0:
                 content = rng.randbytes(rng.randrange(0, 200))
             elif kind == 1:
                 text = " ".join(rng.choice(words) for _ in range(rng.randrange(0, 60)))
@@ -273,7 +289,8 @@ def test_fuzz_thousands_of_random_requests_leave_the_service_up(ids_server):
             r = client.post(f"{server.url}/trace", content=content, headers={"Authorization": f"Bearer {token}"})
             assert r.status_code < 500, (content[:200], r.status_code, r.text)
             statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
-    assert statuses.get(200, 0) > 300 and sum(statuses.values()) == 2000
+    assert statuses.get(200, 0) > 300 and statuses.get(400, 0) >= 400 and sum(statuses.values()) == 2000
+    assert len(audit.read_text().splitlines()) - before == 2000  # exactly one audit line per request
     assert post(server, {"output": "the company said"}, token).status_code == 200
 
 

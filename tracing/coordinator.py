@@ -36,8 +36,12 @@ def load_registry(workspace: Path) -> dict[str, dict]:
     return json.loads(path.read_text())
 
 
-def start_services(workspace: Path, owners: list[str] | None = None, wait_s: float = 120.0) -> dict[str, subprocess.Popen]:
-    """Start each owner's service (a process per owner, 127.0.0.1) and record them for the coordinator."""
+def start_services(workspace: Path, owners: list[str] | None = None, wait_s: float = 120.0,
+                   base_port: int | None = None) -> dict[str, subprocess.Popen]:
+    """Start each owner's service (a process per owner, 127.0.0.1) and record them for the coordinator.
+
+    Owner i (in params order) listens on base_port + i; base_port defaults to `trace.base_port`.
+    """
     from tracing.service import OwnerService
 
     workspace = Path(workspace).resolve()
@@ -52,11 +56,11 @@ def start_services(workspace: Path, owners: list[str] | None = None, wait_s: flo
     for i, owner in enumerate(params.owners):
         if owner not in owners:
             continue
-        port = params.trace.base_port + i
+        port = (params.trace.base_port if base_port is None else base_port) + i
         if not _port_free(port):
             stop_services(procs)
             raise RuntimeError(f"port {port} on 127.0.0.1 (owner {owner}) is in use: is `consort serve` already "
-                               "running? Stop it, or set trace.base_port")
+                               "running? Stop it, or choose other ports (--base-port, or trace.base_port)")
         service = OwnerService.from_workspace(workspace, owner)
         # The owner hands the coordinator its token; in the demo that is this file.
         registry[owner] = {"url": f"http://127.0.0.1:{port}", "token": service.client_tokens()["coordinator"]

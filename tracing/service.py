@@ -4,7 +4,7 @@ The index is the owner's raw text, so the service answers only "trace this outpu
 sections 4 and 8): span offsets in the output, bucketed counts, keyed-hash document ids, a BM25
 score, and snippets only if the owner's policy says so. There is no endpoint for counts, n-gram
 probabilities or search (each is an extraction oracle), and no API docs endpoint either. Every
-request, answered or refused, is appended to the owner's audit log.
+request, answered, refused or failed, is appended to the owner's audit log before it is answered.
 
 The infini-gram engine crashes the process on some inputs (its C++ asserts are compiled out), so
 it runs in a worker process: a crash costs one request a 503, and the worker is started again.
@@ -172,6 +172,45 @@ def snippet(doc: dict, limit: int) -> tuple[str, int, int]:
     return text[lo:lo + limit], a - lo, b - lo
 
 
+class BadBody(ValueError):
+    pass
+
+
+def _refuse_constant(name: str):
+    raise BadBody(f"request body is not JSON ({name} is not a JSON number)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise BadBody(f"request body holds a number out of range ({text[:20]}...)")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > 18:  # no field takes a number: a huge one is an attack on the parser
+        raise BadBody(f"request body holds an integer of {len(text)} digits")
+    return int(text)
+
+
+def parse_body(body: bytes):
+    """The request's JSON, strictly: BadBody (a 400) for anything that is not plain, finite JSON."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadBody("request body is not valid UTF-8") from None
+    try:
+        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float, parse_int=_bounded_int)
+    except BadBody:
+        raise
+    except json.JSONDecodeError as err:
+        raise BadBody(f"request body is not JSON ({err.msg})") from None
+    except RecursionError:
+        raise BadBody("request body is nested too deeply") from None
+    except (ValueError, OverflowError) as err:  # any other parser limit
+        raise BadBody(f"request body is not acceptable JSON ({err})") from None
+
+
 class RateLimiter:
     """At most n requests per client in any 60 s window."""
 
@@ -214,10 +253,25 @@ def create_app(service: OwnerService, engine=None):
         audit(client, status, detail=detail)
         return JSONResponse({"error": detail}, status_code=status, headers=headers)
 
+    @app.middleware("http")
+    async def audit_other_routes(request: Request, call_next):
+        """Requests for anything but POST /trace get their 404/405 and a line in the audit log too."""
+        response = await call_next(request)
+        if (request.method, request.url.path) != ("POST", "/trace"):
+            audit(None, response.status_code, detail=f"{request.method} {request.url.path[:200]}")
+        return response
+
     @app.post("/trace")
     async def trace(request: Request):
         auth = request.headers.get("authorization", "")
         client = tokens.get(auth.removeprefix("Bearer ").strip()) if auth.startswith("Bearer ") else None
+        try:
+            return await answer_trace(request, client)
+        except Exception as err:  # the audit log holds every request, the ones that fail too
+            audit(client, 500, detail=f"internal error: {type(err).__name__}")
+            return JSONResponse({"error": "internal error; the owner's audit log records it"}, status_code=500)
+
+    async def answer_trace(request: Request, client: str | None):
         if client is None:
             return refuse(None, 401, "missing or unknown client token (send 'Authorization: Bearer <token>')")
         if not limiter.allow(client, time.monotonic()):
@@ -227,13 +281,9 @@ def create_app(service: OwnerService, engine=None):
         if len(body) > MAX_BODY_BYTES:
             return refuse(client, 413, f"request body over {MAX_BODY_BYTES} bytes")
         try:
-            payload = json.loads(body.decode("utf-8"))
-        except UnicodeDecodeError:
-            return refuse(client, 400, "request body is not valid UTF-8")
-        except json.JSONDecodeError as err:
-            return refuse(client, 400, f"request body is not JSON ({err.msg})")
-        except RecursionError:
-            return refuse(client, 400, "request body is nested too deeply")
+            payload = parse_body(body)
+        except BadBody as err:
+            return refuse(client, 400, str(err))
         if not isinstance(payload, dict):
             return refuse(client, 422, "body must be a JSON object with 'output' (text) and optionally 'prompt' (text)")
         extra = sorted(set(payload) - {"prompt", "output"})
