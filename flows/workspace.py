@@ -5,8 +5,8 @@ DVC sees exactly the values a run uses and re-runs only the stages whose inputs 
 """
 from __future__ import annotations
 
-import io
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -52,36 +52,91 @@ def read_project_params(path: Path | None = None) -> dict:
 
 
 def set_expert_enabled(owner: str, enabled: bool, params_file: Path | None = None) -> bool:
-    """Opt an owner's expert in or out in the params file (comments kept); True if the file changed.
+    """Opt an owner's expert in or out in the params file; True if the file changed.
 
-    The result is validated before it is written, so a typo in the owner's name changes nothing.
+    Only the value of `inference.disabled` is rewritten, in place: every other byte of the user's
+    file (comments, layout, flow mappings) stays, so disable then enable gives the file back. The
+    result is validated before it is written, so a typo in the owner's name changes nothing.
     """
-    from ruamel.yaml import YAML
-
     from stages.io import write_text
 
     path = params_file or PROJECT_ROOT / "params.yaml"
-    rt = YAML()
-    rt.preserve_quotes = True
-    doc = rt.load(path.read_text())
+    text = path.read_text()
+    doc = yaml.safe_load(text) or {}
     owners = list((doc.get("owners") or {}).keys())
     if owner not in owners:
         raise P.ParamsError(f"{path}: no owner {owner!r}; owners are {', '.join(owners)}")
-    inference = doc.setdefault("inference", {})
-    disabled = inference.get("disabled") or []
+    disabled = (doc.get("inference") or {}).get("disabled") or []
     wanted = [o for o in owners if (o in disabled and o != owner) or (o == owner and not enabled)]
     if list(disabled) == wanted:
         return False
-    inference["disabled"] = wanted
-    P.resolve(yaml.safe_load(_dump(rt, doc)), origin=str(path))
-    write_text(path, _dump(rt, doc))
+    new_text = replace_yaml_value(text, ("inference", "disabled"), "[" + ", ".join(wanted) + "]")
+    P.resolve(yaml.safe_load(new_text), origin=str(path))
+    write_text(path, new_text)
     return True
 
 
-def _dump(rt, doc) -> str:
-    buf = io.StringIO()
-    rt.dump(doc, buf)
-    return buf.getvalue()
+def replace_yaml_value(text: str, keys: tuple[str, str], flow_value: str) -> str:
+    """`text` with the value of the mapping entry keys[0].keys[1] replaced by `flow_value`.
+
+    The node positions come from ruamel's round-trip parser; the edit itself is on the text, so
+    nothing outside the value moves. A missing entry is added (a missing section at the end).
+    """
+    from ruamel.yaml import YAML
+
+    top, key = keys
+    doc = YAML().load(text) or {}
+    lines = text.splitlines(keepends=True)
+    section = doc.get(top)
+    if section is None:
+        if top in doc:  # `inference:` with nothing under it
+            line = doc.lc.key(top)[0]
+            lines.insert(line + 1, f"  {key}: {flow_value}\n")
+            return "".join(lines)
+        return text + ("" if not text or text.endswith("\n") else "\n") + f"{top}:\n  {key}: {flow_value}\n"
+    if key not in section:
+        line, col = section.lc.key(next(iter(section)))
+        lines.insert(line, " " * col + f"{key}: {flow_value}\n")
+        return "".join(lines)
+    key_line, key_col = section.lc.key(key)
+    value_line, value_col = section.lc.value(key)
+    if value_line != key_line or lines[key_line][value_col:value_col + 1] not in ("[", "{"):
+        # Empty, or a block list over several lines: it becomes one flow list on the key's line.
+        end = key_line + 1
+        while end < len(lines) and (not lines[end].strip() or lines[end].lstrip().startswith("#")
+                                     or len(lines[end]) - len(lines[end].lstrip()) > key_col):
+            end += 1
+        while end > key_line + 1 and not lines[end - 1].strip():
+            end -= 1  # blank lines after the list belong to the layout, not to the value
+        head = lines[key_line]
+        colon = head.index(":", key_col)
+        comment = re.match(r"\s*(#.*)?", head[colon + 1:]).group(1)  # a comment after `key:` stays
+        tail = f"  {comment.rstrip()}" if comment else ""
+        lines[key_line:end] = [head[:colon + 1] + " " + flow_value + tail + "\n"]
+        return "".join(lines)
+    line = lines[key_line]
+    close = _flow_end(line, value_col)
+    lines[key_line] = line[:value_col] + flow_value + line[close:]
+    return "".join(lines)
+
+
+def _flow_end(line: str, start: int) -> int:
+    """Index just past the flow collection that opens at line[start] (quotes and nesting respected)."""
+    depth, quote = 0, None
+    for i in range(start, len(line)):
+        ch = line[i]
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+    raise P.ParamsError(f"a flow list that does not close on its line: {line.strip()!r}")
 
 
 def prepare_workspace(root: Path, preset: str, params_file: Path | None = None, owners_remote: bool = False) -> Workspace:

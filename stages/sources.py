@@ -287,7 +287,23 @@ def read_stdlib(_: StdlibSource) -> Iterator[str]:
         yield path.read_text(encoding="utf-8", errors="replace")
 
 
-def read_folder(source: FolderSource) -> Iterator[str]:
+def text_or_none(data: bytes) -> str | None:
+    """The bytes as text, or None where they are not text: NUL bytes, not UTF-8, or mostly control codes.
+
+    A stray invalid byte in a long text is tolerated (replaced); a binary file renamed `.md` is not
+    (it would become documents of U+FFFD that train an expert on noise).
+    """
+    if b"\x00" in data[:65536]:
+        return None
+    text = data.decode("utf-8", errors="replace")
+    if text.count("\ufffd") > 0.01 * max(len(text), 1):
+        return None
+    controls = sum(1 for ch in text[:65536] if ch < " " and ch not in "\n\r\t\f")
+    return None if controls > 0.05 * max(min(len(text), 65536), 1) else text
+
+
+def read_folder(source: FolderSource, skipped: list[str] | None = None) -> Iterator[str]:
+    """Documents of a folder's text files; files that are not text are skipped and named in `skipped`."""
     root = Path(source.path).expanduser()
     if not root.is_dir():
         raise SourceError(f"folder source {source.path}: not a folder; point `path` at a folder of "
@@ -295,11 +311,19 @@ def read_folder(source: FolderSource) -> Iterator[str]:
     files = sorted(p for p in root.rglob("*") if p.suffix in {".txt", ".md", ".jsonl", ".parquet"} and p.is_file())
     if not files:
         raise SourceError(f"folder source {source.path}: holds no .txt, .md, .jsonl or .parquet file")
+    not_text = []
     for path in files:
+        if path.suffix != ".parquet":
+            text = text_or_none(path.read_bytes())
+            if text is None:
+                not_text.append(str(path.relative_to(root)))
+                print(f"folder source {source.path}: skipping {path.relative_to(root)}: not text (binary or not UTF-8)",
+                      file=sys.stderr)
+                continue
         if path.suffix in {".txt", ".md"}:
-            yield path.read_text(encoding="utf-8", errors="replace")
+            yield text
         elif path.suffix == ".jsonl":
-            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            for n, line in enumerate(text.splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
@@ -317,6 +341,12 @@ def read_folder(source: FolderSource) -> Iterator[str]:
                 raise SourceError(f"{path}: no column {source.text_field!r} (columns: {table.column_names}); "
                                   "set `text_field`")
             yield from (t for t in table.column(source.text_field).to_pylist() if isinstance(t, str))
+    if skipped is not None:
+        skipped.extend(not_text)
+    if len(not_text) == len(files):
+        raise SourceError(f"folder source {source.path}: none of its {len(files)} file(s) is text "
+                          f"({', '.join(not_text[:5])}{', ...' if len(not_text) > 5 else ''}); "
+                          "point `path` at a folder of text files")
 
 
 def read_hf_dataset(source: HFDatasetSource) -> Iterator[str]:
@@ -338,7 +368,8 @@ def read_hf_dataset(source: HFDatasetSource) -> Iterator[str]:
     yield from (t for t in ds[source.text_field] if isinstance(t, str))
 
 
-def read_records(source: Source, cache: Path) -> Iterator[str]:
+def read_records(source: Source, cache: Path, skipped: list[str] | None = None) -> Iterator[str]:
+    """The source's texts; files skipped as not text are appended to `skipped` (folder sources)."""
     if isinstance(source, DebianSource):
         return read_debian(source, cache)
     if isinstance(source, WheelSource):
@@ -346,5 +377,5 @@ def read_records(source: Source, cache: Path) -> Iterator[str]:
     if isinstance(source, StdlibSource):
         return read_stdlib(source)
     if isinstance(source, FolderSource):
-        return read_folder(source)
+        return read_folder(source, skipped)
     return read_hf_dataset(source)

@@ -1,7 +1,10 @@
 import pytest
 import yaml
 
+from conftest import run_consort
 from flows.workspace import PROJECT_ROOT
+
+PROJECT = PROJECT_ROOT
 from stages import params as P
 
 
@@ -62,3 +65,35 @@ def test_owner_train_overrides_apply_only_to_that_owner():
     params = P.parse(P.resolve(raw))
     assert params.expert_train("news").steps == 7
     assert params.expert_train("code").steps == params.expert.train.steps
+
+
+def test_disable_then_enable_gives_back_the_identical_file(tmp_path):
+    """`consort experts disable` edits one line of the user's file; `enable` restores it byte for byte."""
+    import difflib
+
+    from flows.workspace import set_expert_enabled
+
+    original = (PROJECT / "params.yaml").read_text()
+    path = tmp_path / "params.yaml"
+    path.write_text(original)
+    run_consort("experts", "disable", "news", "--params", str(path), cwd=tmp_path)
+    assert set_expert_enabled("math", False, path)
+    changed = [d for d in difflib.unified_diff(original.splitlines(), path.read_text().splitlines(), lineterm="", n=0)
+               if d[:1] in "+-" and d[:3] not in ("+++", "---")]
+    assert len(changed) == 2 and changed[1].lstrip("+ ").startswith("disabled: [math, news]"), changed
+    assert P.resolve(yaml.safe_load(path.read_text()))["inference"]["disabled"] == ["math", "news"]
+    run_consort("experts", "enable", "news", "--params", str(path), cwd=tmp_path)
+    assert set_expert_enabled("math", True, path)
+    assert path.read_text() == original
+
+
+def test_opting_out_rewrites_a_block_list_in_place(tmp_path):
+    from flows.workspace import set_expert_enabled
+
+    text = (PROJECT / "params.yaml").read_text()
+    line = next(l for l in text.splitlines(keepends=True) if l.startswith("  disabled:"))
+    path = tmp_path / "params.yaml"
+    path.write_text(text.replace(line, "  disabled:   # opted out\n    - news\n\n"))
+    assert set_expert_enabled("code", False, path)
+    assert "  disabled: [code, news]  # opted out\n\n" in path.read_text()
+    assert P.resolve(yaml.safe_load(path.read_text()))["inference"]["disabled"] == ["code", "news"]

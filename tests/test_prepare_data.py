@@ -78,3 +78,26 @@ def test_missing_wheel_member_is_reported(tmp_path):
     source = P.WheelSource(kind="wheel", package="gensim", version="4.4.0", files=["gensim/no/such/file.txt"])
     with pytest.raises(SourceError, match=r"wheel gensim==4.4.0: no member .* matches"):
         prepare_corpus(P.CorpusParams(max_chars=100, sources=[source]), DATA, "x", tmp_path / "o", SHARED_CACHE)
+
+
+def test_files_that_are_not_text_are_skipped_and_named(tmp_path):
+    folder = make_folder(tmp_path / "mine")
+    elf = (b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 40)
+    (folder / "program.md").write_bytes(elf)  # a binary renamed .md
+    (folder / "noise.txt").write_bytes(bytes((i * 7919) % 251 + 1 for i in range(20000)))  # random bytes, no NUL
+    (folder / "rows.jsonl").write_bytes(b'{"body": "' + bytes(range(128, 256)) * 50 + b'"}\n')  # not UTF-8
+    corpus = P.CorpusParams(max_chars=10**6, sources=[P.FolderSource(kind="folder", path=str(folder), text_field="body")])
+    stats = prepare_corpus(corpus, DATA, "clinic", tmp_path / "out", tmp_path / "cache")
+    texts = [d["text"] for split in ("train", "val") for d in read_jsonl(tmp_path / "out" / f"{split}.jsonl")]
+    assert len(texts) == 14 and not any("\ufffd" in t for t in texts)
+    assert sorted(next(iter(stats["files_not_text"].values()))) == ["noise.txt", "program.md", "rows.jsonl"]
+
+
+def test_a_folder_of_only_binary_files_is_refused_by_name(tmp_path):
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "a.txt").write_bytes(b"\x00\x01\x02" * 1000)
+    corpus = P.CorpusParams(max_chars=10**6, sources=[P.FolderSource(kind="folder", path=str(folder))])
+    with pytest.raises(SourceError, match=r"none of its 1 file\(s\) is text \(a.txt\)"):
+        prepare_corpus(corpus, DATA, "clinic", tmp_path / "out", tmp_path / "cache")
+    assert not (tmp_path / "out").exists()
