@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -69,23 +70,36 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if not (ws.root / "mlflow.db").exists():
         print(f"consort: no MLflow store in {ws.root}; run `consort run` first", file=sys.stderr)
         return 2
-    # The trace page reads opt-outs from the project's params, as `consort generate` does.
-    page = subprocess.Popen([sys.executable, "-m", "tracing.page", "--workspace", str(ws.root),
-                             "--port", str(args.page_port), "--params", str(args.params or PROJECT_ROOT / "params.yaml"),
-                             "--preset", args.preset])
-    print(f"MLflow UI for {ws.root}: http://127.0.0.1:{args.port}", flush=True)
-    print(f"trace page: http://127.0.0.1:{args.page_port}  (needs `consort serve --workspace {args.workspace}`)"
-          "  (Ctrl-C stops both)", flush=True)
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", ws.tracking_uri,
-           "--default-artifact-root", ws.artifacts.as_uri(), "--host", "127.0.0.1", "--port", str(args.port),
-           "--workers", "1"]
+    import signal
+
+    from tracing.coordinator import stop_services
+
+    # `kill` (SIGTERM) must stop both servers, as Ctrl-C does: each runs in a process group of its
+    # own (mlflow starts workers of its own), and both groups are ended on the way out.
+    signal.signal(signal.SIGTERM, _interrupt)
+    procs = {}
     try:
-        return subprocess.call(cmd)
+        # The trace page reads opt-outs from the project's params, as `consort generate` does.
+        procs["trace page"] = subprocess.Popen(
+            [sys.executable, "-m", "tracing.page", "--workspace", str(ws.root), "--port", str(args.page_port),
+             "--params", str(args.params or PROJECT_ROOT / "params.yaml"), "--preset", args.preset],
+            start_new_session=True)
+        print(f"MLflow UI for {ws.root}: http://127.0.0.1:{args.port}", flush=True)
+        print(f"trace page: http://127.0.0.1:{args.page_port}  (needs `consort serve --workspace {args.workspace}`)"
+              "  (Ctrl-C stops both)", flush=True)
+        procs["MLflow UI"] = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", ws.tracking_uri,
+             "--default-artifact-root", ws.artifacts.as_uri(), "--host", "127.0.0.1", "--port", str(args.port),
+             "--workers", "1"], start_new_session=True)
+        while all(p.poll() is None for p in procs.values()):
+            time.sleep(0.5)
+        dead = [name for name, p in procs.items() if p.poll() is not None]
+        print(f"consort: the {' and the '.join(dead)} stopped (is its port taken?)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 0
     finally:
-        page.terminate()
-        page.wait(timeout=10)
+        stop_services(procs)
 
 
 def cmd_experts(args: argparse.Namespace) -> int:
@@ -117,6 +131,32 @@ def cmd_experts(args: argparse.Namespace) -> int:
         state = "always" if e["index"] == 0 else "disabled" if e["owner"] in disabled else "enabled"
         print(f"  {e['index']:>2}  {e['owner']:<14} {state:<9} {e.get('data_digest', '-')[:12]:<14} "
               f"{e.get('anchor_hash', info['anchor_hash'])[:12]}")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Remove for good what a workspace holds of owners no longer in params.yaml."""
+    from flows.workspace import removed_owner_paths
+    from stages import params as P
+
+    ws_root = args.workspace.resolve()
+    if not (ws_root / "params.yaml").exists():
+        print(f"consort: {ws_root} is no workspace (no params.yaml); run `consort run` first", file=sys.stderr)
+        return 2
+    stale = removed_owner_paths(ws_root, list(P.load(ws_root / "params.yaml").owners))
+    if not stale:
+        print(f"nothing to remove: every owner in {ws_root} is in its params.yaml")
+        return 0
+    for owner, paths in stale.items():
+        print(f"{owner}: " + ", ".join(str(p.relative_to(ws_root)) for p in paths))
+    if not args.yes:
+        print("consort: these hold the removed owners' private data, keys and results; "
+              "run again with --yes to delete them", file=sys.stderr)
+        return 1
+    for paths in stale.values():
+        for path in paths:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    print(f"removed {', '.join(stale)}")
     return 0
 
 
@@ -177,6 +217,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_trace(args: argparse.Namespace) -> int:
     import json
 
+    from stages import params as P
     from tracing.coordinator import format_trace, load_registry, trace_everywhere
 
     ws_root = args.workspace.resolve()
@@ -190,8 +231,17 @@ def cmd_trace(args: argparse.Namespace) -> int:
         text = _generate(args)
         if text is None:
             return 2
-    result = trace_everywhere(registry, prompt, text)
+    owners = list(P.load(ws_root / "params.yaml").owners) if (ws_root / "params.yaml").exists() else list(registry)
+    result = trace_everywhere({o: e for o, e in registry.items() if o in owners}, prompt, text)
+    for owner in owners:
+        if owner not in registry:  # added after `consort serve` started
+            result["owners"][owner] = {"status": "unavailable", "error": "no trace service recorded for it"}
     print(json.dumps(result, indent=2) if args.json else format_trace(result))
+    down = [o for o, a in result["owners"].items() if a["status"] != "ok"]
+    if down:
+        print(f"consort: not searched: {', '.join(down)} (trace service unreachable or refusing); start the services "
+              f"with `consort serve --workspace {args.workspace}` (restart it after adding an owner)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -405,9 +455,28 @@ def _add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="default")
 
 
+class DefaultsShown(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless it has none or its help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
+                or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        own_version = version("consort")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        own_version = "unknown (not installed: run `make install`)"
     ap = argparse.ArgumentParser(prog="consort", description=__doc__)
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap.add_argument("--version", action="version", version=f"consort {own_version}")
+    sub = ap.add_subparsers(dest="command", required=True,
+                            parser_class=lambda **kw: argparse.ArgumentParser(formatter_class=DefaultsShown, **kw))
     run = sub.add_parser("run", help="run the whole pipeline (only what changed runs again)")
     run.add_argument("--preset", default="default", help="a preset of params.yaml: default, smoke, ...")
     run.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE, help="where data, models and runs go")
@@ -429,6 +498,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--params", type=Path, default=None, help="params file to edit (default: the project's)")
     ex.add_argument("--preset", default="default")
     ex.set_defaults(func=cmd_experts)
+    pr = sub.add_parser("prune", help="delete what the workspace holds of owners removed from params.yaml")
+    pr.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE)
+    pr.add_argument("--yes", action="store_true", help="delete (without it, only list)")
+    pr.set_defaults(func=cmd_prune)
     gen = sub.add_parser("generate", help="continue a prompt with the merged model")
     gen.add_argument("--prompt", required=True)
     _add_generation_arguments(gen)
@@ -476,6 +549,11 @@ def build_parser() -> argparse.ArgumentParser:
     ow.add_argument("--preset", default="default")
     ow.add_argument("--params", type=Path, default=None, help="init: the params file the owner's section comes from")
     ow.set_defaults(func=cmd_owner)
+    for parser in sub.choices.values():  # options with no help text still show their default
+        for action in parser._actions:
+            if action.help is None and action.option_strings and action.default is not None \
+                    and action.default is not False:
+                action.help = "(default: %(default)s)"
     return ap
 
 

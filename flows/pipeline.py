@@ -26,7 +26,7 @@ from flows.workspace import Workspace
 
 if TYPE_CHECKING:
     from flows.tracking import Lineage
-from stages.runtime import threads_variable
+from stages.runtime import failure_file, threads_variable
 
 # DVC prints its own progress; Prefect's root console handler would print every line again.
 logging.getLogger("dvc").propagate = False
@@ -160,6 +160,7 @@ def reproduce_stage(workspace: Path, stage: str, force: bool = False) -> tuple[b
         if threads:
             # DVC passes the environment on to the stage's command; each stage has its own variable.
             os.environ[threads_variable(stage)] = str(threads)
+        failure_file(workspace, stage).unlink(missing_ok=True)  # a cause left by an earlier run is not this one's
         t0 = time.perf_counter()
         # DVC holds its repo lock only for bookkeeping (not while the command runs); concurrent
         # stages wait for it instead of failing after DVC's default 3 s.
@@ -223,9 +224,15 @@ def pipeline(workspace: str, preset: str = "default", track: bool = True, force:
     if lineage is not None:
         summary_path = ws.root / "metrics" / "eval.json"
         summary = json.loads(summary_path.read_text()) if summary_path.exists() and not failed else None
-        lineage.finish(not failed, summary, ws.root / "reports")
+        # A failed run carries no report: the one on disk is an earlier run's, not this one's.
+        lineage.finish(not failed, summary, None if failed else ws.root / "reports")
     if failed:
         names = ", ".join(s for s, _ in failed)
-        raise RuntimeError(f"pipeline failed at stage(s) {names} (their output is above); "
-                           f"stages depending on them did not run. First error: {failed[0][1]}")
+        # The root causes come last, where a reader looks: the stage's own message, not DVC's wrapper.
+        causes = []
+        for stage, err in failed:
+            cause = failure_file(ws.root, stage)
+            causes.append(f"  {stage}: {cause.read_text().strip() if cause.exists() else err}")
+        raise RuntimeError(f"pipeline failed at stage(s) {names}; stages depending on them did not run "
+                           f"(full output above). Cause:\n" + "\n".join(causes))
     return results

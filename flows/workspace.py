@@ -139,6 +139,35 @@ def _flow_end(line: str, start: int) -> int:
     raise P.ParamsError(f"a flow list that does not close on its line: {line.strip()!r}")
 
 
+def check_local_sources(params: P.Params, origin: str) -> None:
+    """Refuse, naming the key, an owner source that points at a folder that is not there or is empty."""
+    for owner, o in params.owners.items():
+        for i, source in enumerate(o.data.sources):
+            if not isinstance(source, (P.FolderSource, P.HFDatasetSource)):
+                continue
+            path = Path(source.path).expanduser()
+            key = f"owners.{owner}.data.sources[{i}].path"
+            if not path.is_dir():
+                raise P.ParamsError(f"{origin}: {key}: {source.path} is not a folder; point it at the owner's "
+                                    "folder of documents (nothing was changed)")
+            if not any(path.iterdir()):
+                raise P.ParamsError(f"{origin}: {key}: {source.path} is empty; put the owner's documents "
+                                    "in it (nothing was changed)")
+
+
+def removed_owner_paths(root: Path, owners: list[str]) -> dict[str, list[Path]]:
+    """Per owner no longer in params: what the workspace still holds of it (private data included)."""
+    root = Path(root)
+    found: dict[str, set[str]] = {}
+    for pattern in ("owners/*", "published/*", "keyring/*.pub", "evaluations/*.json", "evaluations/*.trace.html",
+                    "audits/*.json"):
+        for path in root.glob(pattern):
+            name = path.name.split(".")[0]
+            if name not in owners and name != "public" and not path.name.startswith("."):
+                found.setdefault(name, set()).add(str(path))
+    return {o: sorted(map(Path, paths)) for o, paths in sorted(found.items())}
+
+
 def prepare_workspace(root: Path, preset: str, params_file: Path | None = None, owners_remote: bool = False) -> Workspace:
     """Create or update the workspace: dvc.yaml, resolved params.yaml and a DVC repo (no Git needed).
 
@@ -148,6 +177,7 @@ def prepare_workspace(root: Path, preset: str, params_file: Path | None = None, 
     root = root.resolve()
     source = params_file or PROJECT_ROOT / "params.yaml"
     resolved = P.resolve(read_project_params(source), preset, origin=str(source))
+    check_local_sources(P.parse(resolved, origin=str(source)), str(source))  # before the workspace is touched
     root.mkdir(parents=True, exist_ok=True)
     if owners_remote:
         from flows.remote import coordinator_dvc_yaml, write_reference_stub

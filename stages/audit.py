@@ -28,7 +28,7 @@ import numpy as np
 from stages import params as P
 from stages.io import read_json, read_jsonl, write_json
 from stages.prepare_data import CANARIES
-from stages.runtime import use_granted_threads
+from stages.runtime import start_stage
 
 # torch, transformers and the models are imported where they are used: off (the default), the
 # stage only writes its stub and should not spend seconds importing them.
@@ -204,7 +204,7 @@ def audit_owner(owner: str, corpus_dir: Path, anchor_dir: Path, merged_dir: Path
 
 
 def main(argv: list[str] | None = None) -> None:
-    use_granted_threads()
+    start_stage()
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("owner")
     ap.add_argument("--corpus", type=Path, required=True, help="the owner's corpus folder (train/val, canaries)")

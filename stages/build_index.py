@@ -11,6 +11,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from stages.io import read_jsonl
+from stages.runtime import start_stage
 from tracing.index import IndexStats, bow_token_ids, write_index
 
 
@@ -25,6 +26,7 @@ def build_index(corpus_train: Path, tokenizer_dir: Path, out_dir: Path) -> Index
 
 
 def main(argv: list[str] | None = None) -> None:
+    start_stage()
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--corpus", type=Path, required=True, help="the owner's train.jsonl")
     ap.add_argument("--tokenizer", type=Path, required=True)

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer, Olmo2ForCausalLM
 
 from stages import params as P
 from stages.io import atomic_dir, read_jsonl
-from stages.runtime import use_granted_threads
+from stages.runtime import start_stage
 
 EMBEDDING_FILE = "embedding.safetensors"
 
@@ -122,7 +122,7 @@ def load_embedding(path: Path) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> None:
-    use_granted_threads()
+    start_stage()
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--corpus", type=Path, required=True)
     ap.add_argument("--anchor", type=Path, required=True)

@@ -28,7 +28,7 @@ from stages.fast_moe import use_fast_experts
 from stages.moe import BiasedFlexOlmoForCausalLM
 from stages.io import read_json, write_json, write_text
 from stages.package import WEIGHTS
-from stages.runtime import use_granted_threads
+from stages.runtime import start_stage
 from stages.train_expert import MANIFEST
 from stages.training import tokenize_corpus
 
@@ -157,7 +157,7 @@ def write_trace_page(domain: str, model, tokenizer, index_dir: Path, params: P.P
 
 
 def main(argv: list[str] | None = None) -> None:
-    use_granted_threads()
+    start_stage()
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("domain")
     ap.add_argument("--val", type=Path, required=True)

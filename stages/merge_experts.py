@@ -21,7 +21,7 @@ from stages.experts import MERGED_INFO
 from stages.io import atomic_dir, file_digest, read_json, write_json
 from stages.moe import BiasedFlexOlmoConfig, BiasedFlexOlmoForCausalLM, flexolmo_config, shared_state
 from stages.package import PackageRefused, enrolled_key, read_expert_tensors, verify_package
-from stages.runtime import use_granted_threads
+from stages.runtime import start_stage
 from stages.train_anchor import ANCHOR_INFO
 from stages.train_expert import MANIFEST, MANIFEST_VERSION
 
@@ -116,7 +116,7 @@ def merge_experts(anchor_dir: Path, public_embedding: Path, experts: dict[str, P
 
 
 def main(argv: list[str] | None = None) -> None:
-    use_granted_threads()
+    start_stage()
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--anchor", type=Path, required=True)
     ap.add_argument("--public-embedding", type=Path, required=True)

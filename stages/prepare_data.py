@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from stages import params as P
+from stages.runtime import start_stage
 from stages.io import atomic_dir, text_digest, write_json, write_jsonl
 from stages.sources import describe, read_records
 
@@ -151,6 +152,7 @@ def plant_canaries(train: list[dict], val: list[dict], c: P.CanaryParams, name: 
 
 
 def main(argv: list[str] | None = None) -> None:
+    start_stage()
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("corpus", help="'public' or an owner's name")
     ap.add_argument("--out", type=Path, required=True)

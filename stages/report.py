@@ -14,6 +14,8 @@ from pathlib import Path
 
 import markdown_it
 
+from stages import params as P
+from stages.runtime import start_stage
 from stages.io import read_json, temp_path, write_json, write_text
 
 COMPARED = ("anchor", "own expert", "soup", "btm", "merged", "unrestricted")  # main table columns, in order
@@ -23,8 +25,9 @@ OPTOUT_OTHERS_LIMIT = 1.0  # % a domain may move when another owner's expert is 
 UNRESTRICTED_GAP_LIMIT = 3.0  # % the merged model may trail the unrestricted reference
 
 
-def collect(evaluations: Path) -> list[dict]:
-    rows = [read_json(p) for p in sorted(evaluations.glob("*.json"))]
+def collect(evaluations: Path, domains: set[str] | None = None) -> list[dict]:
+    """The evaluations of `domains` (all when None): a removed owner's stale file is not one of them."""
+    rows = [read_json(p) for p in sorted(evaluations.glob("*.json")) if domains is None or p.stem in domains]
     if not rows:
         raise SystemExit(f"report: no evaluation found under {evaluations}; run the evaluate stages first")
     # Public first, then owners in name order: the table reads the same way every run.
@@ -340,10 +343,13 @@ BTM mixes the owners' models by how well each predicted the text so far.</p>
 
 
 def report(evaluations: Path, out_dir: Path, metrics: Path, training_logs: dict[str, Path] | None = None,
-           audits_dir: Path | None = None, published: Path | None = None) -> dict:
-    rows = collect(evaluations)
+           audits_dir: Path | None = None, published: Path | None = None, owners: list[str] | None = None) -> dict:
+    """The report over the public domain and `owners` (default: every evaluation found)."""
+    domains = None if owners is None else {"public", *owners}
+    rows = collect(evaluations, domains)
     dp_table = dp_markdown(rows, published)
-    audits = [read_json(p) for p in sorted(audits_dir.glob("*.json"))] if audits_dir and audits_dir.exists() else []
+    audits = [read_json(p) for p in sorted(audits_dir.glob("*.json")) if owners is None or p.stem in owners] \
+        if audits_dir and audits_dir.exists() else []
     out_dir.mkdir(parents=True, exist_ok=True)
     images = ["loss_by_domain.png"]
     plot_losses(rows, out_dir / "loss_by_domain.png")
@@ -364,6 +370,7 @@ def report(evaluations: Path, out_dir: Path, metrics: Path, training_logs: dict[
 
 
 def main(argv: list[str] | None = None) -> None:
+    start_stage()
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--evaluations", type=Path, required=True)
     ap.add_argument("--anchor-log", type=Path, help="the anchor's training log (JSON lines)")
@@ -372,13 +379,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--audits", type=Path, help="folder of the owners' audit results (JSON)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--metrics", type=Path, required=True, help="where the loss of every model goes (JSON)")
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="its `owners` are the report's")
     args = ap.parse_args(argv)
+    owners = list(P.load(args.params).owners)  # outputs of owners no longer in params must not feed it
     logs = {"anchor": args.anchor_log} if args.anchor_log else {}
     if args.published:
-        logs |= {p.parent.name: p for p in sorted(args.published.glob("*/train_log.jsonl"))}
+        logs |= {o: args.published / o / "train_log.jsonl" for o in owners
+                 if (args.published / o / "train_log.jsonl").exists()}
     if args.reference_log and args.reference_log.exists() and args.reference_log.stat().st_size:
         logs["unrestricted"] = args.reference_log
-    report(args.evaluations, args.out, args.metrics, logs, args.audits, args.published)
+    report(args.evaluations, args.out, args.metrics, logs, args.audits, args.published, owners)
     print((args.out / "eval_table.md").read_text(), end="")
     print(f"report: {args.out / 'report.html'}")
 

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer, Olmo2Config, Olmo2ForCausalLM
 from stages import params as P
 from stages.distributed import finish, is_main, local_rows
 from stages.io import atomic_dir, tensors_digest, write_json
-from stages.runtime import use_granted_threads
+from stages.runtime import start_stage
 from stages.training import (
     Checkpointer,
     lm_losses,
@@ -71,7 +71,7 @@ def train_anchor(corpus_train: Path, tokenizer_dir: Path, a: P.AnchorParams, out
 
 
 def main(argv: list[str] | None = None) -> None:
-    use_granted_threads()
+    start_stage()
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--corpus", type=Path, required=True)
     ap.add_argument("--tokenizer", type=Path, required=True)

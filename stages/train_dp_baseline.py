@@ -11,7 +11,7 @@ from pathlib import Path
 
 from stages import params as P
 from stages.io import atomic_dir, parse_expert_cli, write_json
-from stages.runtime import use_granted_threads
+from stages.runtime import start_stage
 
 # torch and the training code are imported only for a DP owner: every other owner's stage just
 # writes its stub and should not spend seconds importing them.
@@ -35,7 +35,7 @@ def train_dp_baseline(owner: str, corpus_train: Path, public_train: Path, anchor
 
 
 def main(argv: list[str] | None = None) -> None:
-    use_granted_threads()
+    start_stage()
     args, params = parse_expert_cli(__doc__, argv)
     summary = train_dp_baseline(args.owner, args.corpus, args.public_corpus, args.anchor, args.public_embedding, params,
                                 args.out, args.train_log, args.checkpoint, args.signing_key)

@@ -20,7 +20,7 @@ from stages.dp import DPConfigError, check_dp, dp_router_row, train_dp
 from stages.io import atomic_dir, file_digest, parse_expert_cli, read_json, read_jsonl, write_json
 from stages.moe import blocks, project_bias, upcycle
 from stages.package import WEIGHTS, expert_tensors, sign_package
-from stages.runtime import use_granted_threads
+from stages.runtime import start_stage
 from stages.train_anchor import ANCHOR_INFO
 from stages.training import (
     Checkpointer,
@@ -168,7 +168,7 @@ def _train_expert_dp(owner: str, corpus_train: Path, public_train: Path, anchor,
 
 
 def main(argv: list[str] | None = None) -> None:
-    use_granted_threads()
+    start_stage()
     args, params = parse_expert_cli(__doc__, argv)
     summary = train_expert(args.owner, args.corpus, args.public_corpus, args.anchor, args.public_embedding, params.expert,
                            params.expert_train(args.owner), args.out, args.train_log, args.checkpoint, args.signing_key,

@@ -11,6 +11,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 from stages import params as P
+from stages.runtime import start_stage
 from stages.io import atomic_dir, read_jsonl
 
 EOS = "<|endoftext|>"
@@ -45,6 +46,7 @@ def train_tokenizer(corpus_train: Path, tok: P.TokenizerParams, out_dir: Path) -
 
 
 def main(argv: list[str] | None = None) -> None:
+    start_stage()
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--corpus", type=Path, required=True, help="the public train.jsonl")
     ap.add_argument("--out", type=Path, required=True)

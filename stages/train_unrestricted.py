@@ -18,7 +18,7 @@ from pathlib import Path
 
 from stages import params as P
 from stages.io import add_upcycling_arguments, atomic_dir, file_digest, read_json, read_jsonl, write_json
-from stages.runtime import use_granted_threads
+from stages.runtime import start_stage
 
 # torch, transformers and the stage helpers that need them are imported where they are used: off
 # (the default), the stage only writes its stub and should not spend seconds importing them.
@@ -125,7 +125,7 @@ def train_unrestricted(owner_corpora: dict[str, Path], public_train: Path, ancho
 
 
 def main(argv: list[str] | None = None) -> None:
-    use_granted_threads()
+    start_stage()
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--owners-root", type=Path, required=True, help="folder of <owner>/corpus/train.jsonl")
     add_upcycling_arguments(ap)

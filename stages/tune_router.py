@@ -21,7 +21,7 @@ import numpy as np
 
 from stages import params as P
 from stages.io import atomic_dir, read_jsonl, write_json
-from stages.runtime import use_granted_threads
+from stages.runtime import start_stage
 
 TUNING_INFO = "consort_tuning.json"
 
@@ -108,7 +108,7 @@ def tune_router(merged_dir: Path, public_train: Path, params: P.Params, out_dir:
 
 
 def main(argv: list[str] | None = None) -> None:
-    use_granted_threads()
+    start_stage()
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--merged", type=Path, required=True)
     ap.add_argument("--public-corpus", type=Path, required=True, help="the public train.jsonl")

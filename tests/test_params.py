@@ -97,3 +97,9 @@ def test_opting_out_rewrites_a_block_list_in_place(tmp_path):
     assert set_expert_enabled("code", False, path)
     assert "  disabled: [code, news]  # opted out\n\n" in path.read_text()
     assert P.resolve(yaml.safe_load(path.read_text()))["inference"]["disabled"] == ["code", "news"]
+
+
+def test_cli_version_and_help_with_defaults(tmp_path):
+    assert run_consort("--version", cwd=tmp_path).stdout.startswith("consort 0.")
+    text = run_consort("generate", "--help", cwd=tmp_path).stdout
+    assert "(default: 40)" in text and "(default: 0)" in text and "(default: None)" not in text

@@ -1,5 +1,6 @@
 """The DVC graph as Prefect runs it, and real smoke runs of the whole flow."""
 import json
+import shutil
 import sqlite3
 import threading
 import time
@@ -318,3 +319,70 @@ def test_cpu_scheduler_serves_the_costliest_ready_stage_first():
         assert n_anchor == 2 and two.free == 0
     with two.hold("prepare_public") as n_light:
         assert n_light == 0 and two.free == 2
+
+
+def test_a_removed_owner_feeds_no_report_and_prune_deletes_what_is_left(smoke_workspace, tmp_path):
+    """An owner dropped from params leaves files behind: the report ignores them, `consort prune` removes them."""
+    from stages.report import main as report_main
+
+    ws, _ = smoke_workspace
+    copy = tmp_path / "ws"
+    for part in ("evaluations", "audits", "published", "keyring", "metrics"):
+        shutil.copytree(ws / part, copy / part)
+    shutil.copy(ws / "params.yaml", copy / "params.yaml")
+    stale = json.loads((copy / "evaluations" / "news.json").read_text()) | {"domain": "clinic"}
+    (copy / "evaluations" / "clinic.json").write_text(json.dumps(stale))
+    shutil.copy(copy / "audits" / "news.json", copy / "audits" / "clinic.json")
+    shutil.copytree(copy / "published" / "news", copy / "published" / "clinic")
+    (copy / "owners" / "clinic" / "corpus").mkdir(parents=True)
+    shutil.copy(copy / "keyring" / "news.pub", copy / "keyring" / "clinic.pub")
+    report_main(["--evaluations", str(copy / "evaluations"), "--published", str(copy / "published"),
+                 "--audits", str(copy / "audits"), "--out", str(copy / "reports"),
+                 "--metrics", str(copy / "metrics" / "eval.json"), "--params", str(copy / "params.yaml")])
+    assert "clinic" not in (copy / "reports" / "eval_table.md").read_text()
+    assert "clinic" not in (copy / "reports" / "report.html").read_text()
+    assert "news" in (copy / "reports" / "eval_table.md").read_text()
+    listed = run_consort("prune", "--workspace", str(copy), cwd=tmp_path, check=False)
+    assert listed.returncode == 1 and listed.stdout.startswith("clinic: ") and "--yes" in listed.stderr
+    assert (copy / "owners" / "clinic").exists()  # listing deletes nothing
+    run_consort("prune", "--workspace", str(copy), "--yes", cwd=tmp_path)
+    assert not list(copy.rglob("clinic*")) and (copy / "published" / "news").exists()
+    assert "nothing to remove" in run_consort("prune", "--workspace", str(copy), cwd=tmp_path).stdout
+
+
+def clinic_params(tmp_path: Path, folder: Path) -> Path:
+    """The project's params with one owner, `clinic`, reading `folder` (smoke preset budgets)."""
+    raw = read_project_params()
+    raw["owners"] = {"clinic": {"data": {"sources": [{"kind": "folder", "path": str(folder)}], "max_chars": 100000}}}
+    raw["presets"]["smoke"].pop("owners", None)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def test_a_missing_data_folder_is_refused_before_anything_is_written(tmp_path):
+    ws = tmp_path / "ws"
+    proc = run_consort("run", "--preset", "smoke", "--workspace", str(ws), "--params",
+                       str(clinic_params(tmp_path, tmp_path / "no-such-folder")), cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "owners.clinic.data.sources[0].path" in last and "not a folder" in last, proc.stderr
+    assert not ws.exists()  # no params, dvc.yaml, keys or MLflow run of a run that never started
+
+
+def test_a_failing_stage_ends_the_run_with_its_root_cause(tmp_path):
+    folder = tmp_path / "clinic"
+    folder.mkdir()
+    (folder / "scan.txt").write_bytes(b"\x00\x01\x02" * 1000)  # not text: prepare_owner@clinic refuses it
+    ws = tmp_path / "ws"
+    proc = run_consort("run", "--preset", "smoke", "--workspace", str(ws), "--params", str(clinic_params(tmp_path, folder)),
+                       cwd=tmp_path, check=False)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-2:]
+    assert last[0].endswith("Cause:") and last[1].startswith("  prepare_owner@clinic: SourceError: folder source"), last
+    assert "none of its 1 file(s) is text (scan.txt)" in last[1]
+    runs = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}").search_runs(
+        [MlflowClient(f"sqlite:///{ws / 'mlflow.db'}").get_experiment_by_name("consort").experiment_id],
+        "tags.`consort.kind` = 'pipeline'")
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert not [a for a in MlflowClient(f"sqlite:///{ws / 'mlflow.db'}").list_artifacts(runs[0].info.run_id)]

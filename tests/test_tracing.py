@@ -303,18 +303,28 @@ def test_serve_trace_and_an_owner_that_is_down(corpus):
     procs = start_services(ws, ["news", "code"])
     try:
         output, passage = planted_output(docs, random.Random(4))
-        cli = run_consort("trace", "--text", output, "--json", "--workspace", str(ws), cwd=ws.parent)
+        # Three of the five owners are not served: the answer says so and the command fails.
+        cli = run_consort("trace", "--text", output, "--json", "--workspace", str(ws), cwd=ws.parent, check=False)
+        assert cli.returncode == 1, cli.stderr
+        named = cli.stderr.split("not searched: ")[1].split(" (")[0]
+        assert sorted(named.split(", ")) == ["literature", "manuals", "math"], cli.stderr
         result = json.loads(cli.stdout)
         assert result["owners"]["news"]["status"] == "ok" and result["owners"]["code"]["status"] == "ok"
+        assert result["owners"]["math"]["status"] == "unavailable"
         news_spans = [sp for seg in result["segments"] for sp in seg["spans"] if sp["owner"] == "news"]
         assert any(output[sp["start"]:sp["end"]] == passage for sp in news_spans)
         assert all(0 <= sp["relevance"] <= 1 for seg in result["segments"] for sp in seg["spans"])
-        text = run_consort("trace", "--text", output, "--workspace", str(ws), cwd=ws.parent).stdout
+        text = run_consort("trace", "--text", output, "--workspace", str(ws), cwd=ws.parent, check=False).stdout
         assert "[news]" in text and passage in text
         stop_services({"news": procs.pop("news")})
         partial = trace_everywhere(load_registry(ws), "", output)
         assert partial["owners"]["news"]["status"] == "unavailable"
         assert partial["owners"]["code"]["status"] == "ok"
+        stop_services({"code": procs.pop("code")})
+        # Every service down: a failure naming them, never "no span was found".
+        down = run_consort("trace", "--text", output, "--workspace", str(ws), cwd=ws.parent, check=False)
+        assert down.returncode == 1 and "no span" not in down.stdout
+        assert "code, news" in down.stderr and "consort serve" in down.stderr
     finally:
         stop_services(procs)
 

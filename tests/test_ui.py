@@ -19,8 +19,9 @@ def free_port() -> int:
 
 def test_ui_serves_the_pipeline_runs(smoke_workspace):
     ws, _ = smoke_workspace
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "--workspace", str(ws), "--port", str(port)],
+    port, page_port = free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "--workspace", str(ws), "--port", str(port),
+                             "--page-port", str(page_port)],
                             cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -41,8 +42,12 @@ def test_ui_serves_the_pipeline_runs(smoke_workspace):
         page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10).read().decode()
         assert "<html" in page.lower()
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        # SIGTERM to `consort ui` alone (as `kill PID` sends it): it must end both of its servers.
+        os.kill(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+    for p in (port, page_port):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))  # raises if a server of `consort ui` still holds the port
 
 
 def test_ui_without_a_store_says_what_to_do(tmp_path):

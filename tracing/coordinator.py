@@ -159,6 +159,8 @@ def format_trace(result: dict) -> str:
             for d in sp["documents"][:3]:
                 extra = f"  {d['snippet']!r}" if "snippet" in d else ""
                 lines.append(f"    doc {d['id']}  bm25 {d['score']:.2f}{extra}")
-    if not result["segments"]:
-        lines.append("no span of the output was found in any owner's data")
+    answered = [o for o, a in result["owners"].items() if a["status"] == "ok"]
+    if not result["segments"] and answered:
+        # Only the owners that answered were searched: say so, never "any owner's data".
+        lines.append(f"no span of the output was found in the data of {', '.join(answered)}")
     return "\n".join(lines)
