@@ -87,7 +87,12 @@ class Lineage:
         self.stage_files: dict[str, tuple[list[str], list[str], list[str]]] | None = None
         self._lock_cache: tuple[int, dict] | None = None
         self.cached: list[str] = []  # stages DVC found up to date: no child run of their own
-        self.parent = self.client.create_run(self.experiment_id, run_name=f"pipeline-{preset}", tags={
+        # Opened in the model-training view (MLflow 3 otherwise guesses GenAI, where it looks empty).
+        self.client.set_experiment_tag(self.experiment_id, "mlflow.experimentKind", "custom_model_development")
+        disabled = ws.params().inference.disabled if ws.params_path.exists() else []
+        self.run_name = (f"{preset}" + (f" without {','.join(disabled)}" if disabled else "")
+                         + time.strftime(" %Y-%m-%d %H:%M"))
+        self.parent = self.client.create_run(self.experiment_id, run_name=self.run_name, tags={
             "consort.kind": "pipeline", "consort.preset": preset, "consort.git_commit": self.commit,
             "prefect.flow_run_id": self.flow_run_id,
         }).info.run_id
@@ -164,7 +169,9 @@ class Lineage:
         }
         datasets = list(by_path.values())
         with self.lock:
-            run_id = self.client.create_run(self.experiment_id, run_name=stage_name, tags=tags).info.run_id
+            # The stage's real span: it ended now and took `seconds` (not the few ms of recording it).
+            run_id = self.client.create_run(self.experiment_id, run_name=stage_name, tags=tags,
+                                            start_time=int((time.time() - seconds) * 1000)).info.run_id
             for i in range(0, len(metrics), 900):
                 self.client.log_batch(run_id, metrics=metrics[i:i + 900])
             items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
@@ -180,7 +187,8 @@ class Lineage:
             self.client.log_artifacts(run_id, str(self.ws.root / "reports"), "report")
         if stage_name == "merge_experts":
             merged_md5 = next((o.get("md5", "") for o in lock_entry.get("outs", []) if o["path"] == "models/merged"), "")
-            self._register_merged(run_id, merged_md5)
+            experts = {k.rsplit(".", 1)[1]: v for k, v in tags.items() if k.startswith("consort.expert_run.")}
+            self._register_merged(run_id, merged_md5, experts)
         self.client.set_terminated(run_id, "FINISHED")
         return run_id
 
@@ -241,8 +249,36 @@ class Lineage:
                 self._lock_cache = (stamp, (yaml.load(lock.read_text(), Loader=_YAML_LOADER) or {}).get("stages", {}))
             return self._lock_cache[1]
 
-    def _register_merged(self, run_id: str, merged_md5: str) -> None:
+    def _run_link(self, run_id: str) -> str:
+        return f"#/experiments/{self.experiment_id}/runs/{run_id}"
+
+    def _merged_lineage(self, expert_runs: dict[str, str]) -> tuple[dict[str, str], str]:
+        """Tags and a markdown note saying which anchor and which experts the merged model holds."""
+        from stages.experts import MERGED_INFO
+
+        info = json.loads((self.ws.merged_model / MERGED_INFO).read_text())
+        tags = {"anchor.hash": info["anchor_hash"], "top_k": str(info["top_k"])}
+        rows = ["| owner | data digest (SHA-256) | package hash (SHA-256 of its signature file) | run |",
+                "|---|---|---|---|"]
+        for e in info["experts"]:
+            owner = e["owner"]
+            if e["index"] == 0:
+                continue
+            signature = self.ws.root / "published" / owner / "expert" / "consort_signature.json"
+            package = hashlib.sha256(signature.read_bytes()).hexdigest() if signature.exists() else ""
+            run = expert_runs.get(owner, "")
+            tags |= {f"expert.{owner}.data_digest": e.get("data_digest", ""), f"expert.{owner}.package_hash": package,
+                     f"expert.{owner}.run_id": run}
+            rows.append(f"| {owner} | `{e.get('data_digest', '')[:16]}` | `{package[:16]}` | "
+                        + (f"[{run[:8]}]({self._run_link(run)})" if run else "") + " |")
+        note = (f"Merged FlexOlmo model: the public anchor `{info['anchor_hash'][:16]}` and the experts below, "
+                f"top-{info['top_k']} routing.\n\n" + "\n".join(rows) + "\n")
+        return tags, note
+
+    def _register_merged(self, run_id: str, merged_md5: str, expert_runs: dict[str, str]) -> None:
         """Register the merged model once per distinct model (DVC hash), also if an earlier run died."""
+        tags, note = self._merged_lineage(expert_runs)
+        self.client.set_tag(run_id, "mlflow.note.content", note)  # rendered as the run's description
         known = self.client.search_model_versions(f"name='{REGISTERED_MODEL}' and tag.dvc_md5='{merged_md5}'")
         if known:
             self.client.set_tag(run_id, "consort.registered_version", known[0].version)
@@ -256,7 +292,7 @@ class Lineage:
         # A plain transformers checkpoint, not an MLflow "logged model": register its artifact folder.
         source = f"{self.client.get_run(run_id).info.artifact_uri}/merged_model"
         version = self.client.create_model_version(REGISTERED_MODEL, source, run_id=run_id,
-                                                   tags={"dvc_md5": merged_md5})
+                                                   tags={"dvc_md5": merged_md5} | tags, description=note)
         self.client.set_tag(run_id, "consort.registered_version", version.version)
 
     # -- end of the pipeline ----------------------------------------------------------------
@@ -269,4 +305,6 @@ class Lineage:
             self.client.log_batch(self.parent, metrics=metrics)
         if report_dir and report_dir.exists():
             self.client.log_artifacts(self.parent, str(report_dir), "report")
+        if not ok:
+            self.client.set_tag(self.parent, MLFLOW_RUN_NAME, f"{self.run_name} (failed)")
         self.client.set_terminated(self.parent, "FINISHED" if ok else "FAILED")

@@ -1,5 +1,6 @@
 """The DVC graph as Prefect runs it, and real smoke runs of the whole flow."""
 import json
+import re
 import shutil
 import sqlite3
 import threading
@@ -223,7 +224,7 @@ def test_report_shows_every_baseline_and_the_optout_matrix(smoke_workspace):
     for o in OWNERS:
         audit = json.loads((ws / "audits" / f"{o}.json").read_text())
         assert set(audit["models"]) == {"merged", "opted_out", "anchor"}
-        assert set(audit["models"]["merged"]["canaries"]) == {"1", "4", "16"}
+        assert set(audit["models"]["merged"]["canaries"]) == {"0", "1", "4", "16"}  # 0: the held-out control
         assert 0 <= audit["models"]["merged"]["mia"]["loss"]["auc"] <= 1
         # Opted out, every extraction and canary rate falls back to the anchor's, within its interval.
         out, anchor = audit["models"]["opted_out"], audit["models"]["anchor"]
@@ -370,6 +371,7 @@ def test_a_missing_data_folder_is_refused_before_anything_is_written(tmp_path):
     assert not ws.exists()  # no params, dvc.yaml, keys or MLflow run of a run that never started
 
 
+@pytest.mark.slow  # a pipeline of its own (about a minute)
 def test_a_failing_stage_ends_the_run_with_its_root_cause(tmp_path):
     folder = tmp_path / "clinic"
     folder.mkdir()
@@ -386,3 +388,27 @@ def test_a_failing_stage_ends_the_run_with_its_root_cause(tmp_path):
         "tags.`consort.kind` = 'pipeline'")
     assert [r.info.status for r in runs] == ["FAILED"]
     assert not [a for a in MlflowClient(f"sqlite:///{ws / 'mlflow.db'}").list_artifacts(runs[0].info.run_id)]
+
+
+def test_mlflow_says_which_experts_and_anchor_the_model_holds(smoke_workspace):
+    ws, _ = smoke_workspace
+    client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("consort")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    version = client.search_model_versions("name='consort-merged'")[0]
+    info = json.loads((ws / "models" / "merged" / "consort_merged.json").read_text())
+    assert version.tags["anchor.hash"] == info["anchor_hash"]
+    for e in info["experts"][1:]:
+        o = e["owner"]
+        assert version.tags[f"expert.{o}.data_digest"] == e["data_digest"]
+        assert len(version.tags[f"expert.{o}.package_hash"]) == 64
+        run = client.get_run(version.tags[f"expert.{o}.run_id"])
+        assert run.data.tags["consort.stage"] == f"train_expert@{o}"
+        assert f"#/experiments/{exp.experiment_id}/runs/{run.info.run_id}" in version.description
+    # Stage runs span the stage's own time, not the moment of recording it.
+    for run in client.search_runs([exp.experiment_id], "tags.`consort.kind` = 'stage'"):
+        took = run.info.end_time - run.info.start_time
+        assert took >= 0.9 * run.data.metrics["stage_seconds"] * 1000, (run.data.tags["consort.stage"], took)
+    parents = client.search_runs([exp.experiment_id], "tags.`consort.kind` = 'pipeline'")
+    named = re.compile(r"smoke( without [\w,]+)? \d{4}-\d\d-\d\d \d\d:\d\d( \(failed\))?")
+    assert parents and all(named.fullmatch(r.info.run_name) for r in parents), [r.info.run_name for r in parents]
