@@ -177,7 +177,8 @@ def prepare_workspace(root: Path, preset: str, params_file: Path | None = None, 
     root = root.resolve()
     source = params_file or PROJECT_ROOT / "params.yaml"
     resolved = P.resolve(read_project_params(source), preset, origin=str(source))
-    check_local_sources(P.parse(resolved, origin=str(source)), str(source))  # before the workspace is touched
+    if not owners_remote:  # a coordinator's owners keep their folders on their own machines
+        check_local_sources(P.parse(resolved, origin=str(source)), str(source))  # before the workspace is touched
     root.mkdir(parents=True, exist_ok=True)
     if owners_remote:
         from flows.remote import coordinator_dvc_yaml, write_reference_stub
