@@ -455,17 +455,6 @@ def _add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="default")
 
 
-class DefaultsShown(argparse.HelpFormatter):
-    """Every option's help ends with its default, unless it has none or its help already says it."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
-                or "default" in text:
-            return text
-        return f"{text} (default: %(default)s)"
-
-
 def build_parser() -> argparse.ArgumentParser:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -475,8 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
         own_version = "unknown (not installed: run `make install`)"
     ap = argparse.ArgumentParser(prog="consort", description=__doc__)
     ap.add_argument("--version", action="version", version=f"consort {own_version}")
-    sub = ap.add_subparsers(dest="command", required=True,
-                            parser_class=lambda **kw: argparse.ArgumentParser(formatter_class=DefaultsShown, **kw))
+    sub = ap.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the whole pipeline (only what changed runs again)")
     run.add_argument("--preset", default="default", help="a preset of params.yaml: default, smoke, ...")
     run.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE, help="where data, models and runs go")
@@ -549,11 +537,11 @@ def build_parser() -> argparse.ArgumentParser:
     ow.add_argument("--preset", default="default")
     ow.add_argument("--params", type=Path, default=None, help="init: the params file the owner's section comes from")
     ow.set_defaults(func=cmd_owner)
-    for parser in sub.choices.values():  # options with no help text still show their default
+    for parser in sub.choices.values():  # every option's help ends with its default, unless it says it already
         for action in parser._actions:
-            if action.help is None and action.option_strings and action.default is not None \
-                    and action.default is not False:
-                action.help = "(default: %(default)s)"
+            shown = action.default is not None and action.default is not False and action.default != argparse.SUPPRESS
+            if action.option_strings and shown and "default" not in (action.help or ""):
+                action.help = f"{action.help} (default: %(default)s)" if action.help else "(default: %(default)s)"
     return ap
 
 

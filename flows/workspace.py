@@ -88,12 +88,14 @@ def replace_yaml_value(text: str, keys: tuple[str, str], flow_value: str) -> str
     doc = YAML().load(text) or {}
     lines = text.splitlines(keepends=True)
     section = doc.get(top)
-    if section is None:
-        if top in doc:  # `inference:` with nothing under it
-            line = doc.lc.key(top)[0]
-            lines.insert(line + 1, f"  {key}: {flow_value}\n")
-            return "".join(lines)
-        return text + ("" if not text or text.endswith("\n") else "\n") + f"{top}:\n  {key}: {flow_value}\n"
+    if not section:  # no section, `top:` with nothing under it, or `top: {}`
+        if top not in doc:
+            return text + ("" if not text or text.endswith("\n") else "\n") + f"{top}:\n  {key}: {flow_value}\n"
+        line = doc.lc.key(top)[0]
+        if section is not None:  # the empty flow mapping gives way to a block one (a comment stays)
+            lines[line] = re.sub(r"\{\s*\}", "", lines[line], count=1)
+        lines.insert(line + 1, f"  {key}: {flow_value}\n")
+        return "".join(lines)
     if key not in section:
         line, col = section.lc.key(next(iter(section)))
         lines.insert(line, " " * col + f"{key}: {flow_value}\n")
@@ -157,15 +159,14 @@ def check_local_sources(params: P.Params, origin: str) -> None:
 
 def removed_owner_paths(root: Path, owners: list[str]) -> dict[str, list[Path]]:
     """Per owner no longer in params: what the workspace still holds of it (private data included)."""
-    root = Path(root)
-    found: dict[str, set[str]] = {}
+    found: dict[str, list[Path]] = {}
     for pattern in ("owners/*", "published/*", "keyring/*.pub", "evaluations/*.json", "evaluations/*.trace.html",
                     "audits/*.json"):
-        for path in root.glob(pattern):
+        for path in sorted(Path(root).glob(pattern)):
             name = path.name.split(".")[0]
             if name not in owners and name != "public" and not path.name.startswith("."):
-                found.setdefault(name, set()).add(str(path))
-    return {o: sorted(map(Path, paths)) for o, paths in sorted(found.items())}
+                found.setdefault(name, []).append(path)
+    return dict(sorted(found.items()))
 
 
 def prepare_workspace(root: Path, preset: str, params_file: Path | None = None, owners_remote: bool = False) -> Workspace:

@@ -311,7 +311,8 @@ def read_folder(source: FolderSource, skipped: list[str] | None = None) -> Itera
     files = sorted(p for p in root.rglob("*") if p.suffix in {".txt", ".md", ".jsonl", ".parquet"} and p.is_file())
     if not files:
         raise SourceError(f"folder source {source.path}: holds no .txt, .md, .jsonl or .parquet file")
-    not_text = []
+    not_text = [] if skipped is None else skipped
+    start = len(not_text)
     for path in files:
         if path.suffix != ".parquet":
             text = text_or_none(path.read_bytes())
@@ -341,11 +342,10 @@ def read_folder(source: FolderSource, skipped: list[str] | None = None) -> Itera
                 raise SourceError(f"{path}: no column {source.text_field!r} (columns: {table.column_names}); "
                                   "set `text_field`")
             yield from (t for t in table.column(source.text_field).to_pylist() if isinstance(t, str))
-    if skipped is not None:
-        skipped.extend(not_text)
-    if len(not_text) == len(files):
+    names = not_text[start:]
+    if len(names) == len(files):
         raise SourceError(f"folder source {source.path}: none of its {len(files)} file(s) is text "
-                          f"({', '.join(not_text[:5])}{', ...' if len(not_text) > 5 else ''}); "
+                          f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}); "
                           "point `path` at a folder of text files")
 
 

@@ -103,3 +103,17 @@ def test_cli_version_and_help_with_defaults(tmp_path):
     assert run_consort("--version", cwd=tmp_path).stdout.startswith("consort 0.")
     text = run_consort("generate", "--help", cwd=tmp_path).stdout
     assert "(default: 40)" in text and "(default: 0)" in text and "(default: None)" not in text
+
+
+@pytest.mark.parametrize("section", ["inference: {}   # opt-outs\n", "inference:   # opt-outs\n", ""])
+def test_opting_out_where_the_list_is_missing_adds_it(tmp_path, section):
+    from flows.workspace import set_expert_enabled
+
+    text = (PROJECT / "params.yaml").read_text()
+    start = text.index("inference:")
+    end = text.index("\n\n", start) + 1
+    path = tmp_path / "params.yaml"
+    path.write_text(text[:start] + section + text[end:])
+    assert set_expert_enabled("news", False, path)
+    assert P.resolve(yaml.safe_load(path.read_text()))["inference"]["disabled"] == ["news"]
+    assert ("# opt-outs" in path.read_text()) == bool(section)

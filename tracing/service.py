@@ -189,7 +189,7 @@ def _finite_float(text: str) -> float:
 
 def _bounded_int(text: str) -> int:
     if len(text.lstrip("-")) > 18:  # no field takes a number: a huge one is an attack on the parser
-        raise BadBody(f"request body holds an integer of {len(text)} digits")
+        raise BadBody(f"request body holds an integer of {len(text.lstrip('-'))} digits")
     return int(text)
 
 
