@@ -260,6 +260,10 @@ def test_opting_an_expert_out_reruns_only_what_follows_the_merge(smoke_workspace
                    | {f"audit@{o}" for o in OWNERS}), proc.stdout[-3000:]
     running = proc.stdout.split("experts of:")[1].splitlines()[0]
     assert "news" not in running and "code" in running
+    client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+    latest = client.search_runs([client.get_experiment_by_name("consort").experiment_id],
+                                "tags.`consort.kind` = 'pipeline'", order_by=["attributes.start_time DESC"])[0]
+    assert latest.info.run_name.startswith("default without news "), latest.info.run_name
     news = json.loads((ws / "evaluations" / "news.json").read_text())
     assert "news" not in news["experts"] and "without/news" not in news["models"] and "without/code" in news["models"]
     bad = run_consort("generate", "--prompt", "The", "--experts", "news,legal", "--workspace", str(ws),
@@ -410,5 +414,9 @@ def test_mlflow_says_which_experts_and_anchor_the_model_holds(smoke_workspace):
         took = run.info.end_time - run.info.start_time
         assert took >= 0.9 * run.data.metrics["stage_seconds"] * 1000, (run.data.tags["consort.stage"], took)
     parents = client.search_runs([exp.experiment_id], "tags.`consort.kind` = 'pipeline'")
-    named = re.compile(r"smoke( without [\w,]+)? \d{4}-\d\d-\d\d \d\d:\d\d( \(failed\))?")
-    assert parents and all(named.fullmatch(r.info.run_name) for r in parents), [r.info.run_name for r in parents]
+    # Named by the preset the run was given (an earlier test re-runs with a resolved params file,
+    # so under the default preset), then its opt-outs and the time.
+    named = re.compile(r"(?P<preset>[\w-]+)( without [\w,]+)? \d{4}-\d\d-\d\d \d\d:\d\d( \(failed\))?")
+    names = [(named.fullmatch(r.info.run_name), r.data.tags["consort.preset"]) for r in parents]
+    assert names and all(m and m["preset"] == preset for m, preset in names), [r.info.run_name for r in parents]
+    assert any(m["preset"] == "smoke" for m, _ in names)
