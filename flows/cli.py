@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 DEFAULT_WORKSPACE = Path("workspace")
@@ -18,6 +19,10 @@ def _prefect_environment(ws_root: Path) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # The ephemeral server, stopped as the command exits, cancels its event recorder mid-flush
+    # and logs that as an ERROR with tracebacks (~150 lines after a run with nothing to do); the
+    # flow's own failures reach the console through the client, not the server's log.
+    os.environ.setdefault("PREFECT_LOGGING_SERVER_LEVEL", "CRITICAL")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -45,13 +50,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (RuntimeError, ValueError) as err:
         print(f"\nconsort: {err}", file=sys.stderr)
         return 1
-    print("\nstages:")
-    for r in results:
-        print(f"  {'ran   ' if r['ran'] else 'cached'} {r['stage']:<28} {r['seconds']:7.1f} s")
-    ran = sum(r["ran"] for r in results)
-    print(f"\npipeline finished in {time.perf_counter() - t0:.0f} s ({ran} of {len(results)} stages ran)"
+    # Each stage that ran or was restored had its line as it ended; the rest are counted here.
+    counts = Counter(r["outcome"] for r in results)
+    print(f"\npipeline finished in {time.perf_counter() - t0:.0f} s: {counts['ran']} stages ran, "
+          f"{counts['restored']} restored from DVC's run cache, {counts['cached']} up to date"
           + ("; nothing was out of date, so MLflow holds no new run (the runs that made these outputs are there)"
-             if not ran else ""))
+             if counts["cached"] == len(results) else ""))
     print(f"\nmerged model: {ws.merged_model}")
     table = ws.root / "reports" / "eval_table.md"
     if table.exists():
@@ -410,6 +414,7 @@ def cmd_owner(args: argparse.Namespace) -> int:
         _prefect_environment(root)
         phases = list(PHASES) if args.phase == "all" else [args.phase]
         if args.action == "run":
+            from flows.console import stage_line
             from flows.workspace import use_project_python
 
             use_project_python()
@@ -418,7 +423,7 @@ def cmd_owner(args: argparse.Namespace) -> int:
                 if store:
                     fetch_public(ws, store, phase)
                 for s in run_phase(ws, phase):
-                    print(f"  {'ran   ' if s['ran'] else 'cached'} {s['stage']:<28} {s['seconds']:7.1f} s")
+                    print(stage_line(s))
                 if store:
                     print(f"published to {store}: {', '.join(publish(ws, store, phase))}")
             return 0
@@ -548,6 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     ap = build_parser()
     args = ap.parse_args(argv)
+    # transformers draws a "Loading weights" bar for every model it loads: a bar for a step that
+    # takes a second says nothing (read at its import, so set before any command imports it).
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if getattr(args, "action", None) in ("enable", "disable") and not args.owner:
         ap.error(f"consort experts {args.action} needs an owner name")
     if args.command == "owner":

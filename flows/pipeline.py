@@ -26,10 +26,18 @@ from flows.workspace import Workspace
 
 if TYPE_CHECKING:
     from flows.tracking import Lineage
-from stages.runtime import failure_file, threads_variable
+from flows.console import StageConsole
+from stages.runtime import LOGS_VARIABLE, failure_file, log_file, threads_variable
 
-# DVC prints its own progress; Prefect's root console handler would print every line again.
-logging.getLogger("dvc").propagate = False
+# Importing DVC installs its console handlers; turned down here, so that the console shows
+# consort's line per stage, not DVC's "Running stage" lines and its warnings (such as "'x' is
+# empty" for a stub's file, once per stage reading it). A failing stage raises, and its cause and
+# log are printed at the end of the run. Not propagated: Prefect's root handler would print again.
+import dvc  # noqa: E402  (for its import-time logging set-up, changed right after)
+
+for _name in ("dvc", "dvc_objects", "dvc_data"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+    logging.getLogger(_name).propagate = False
 
 HEAVY_PREFIXES = ("train_", "embed_", "evaluate_", "merge_", "audit")
 # Stages that come in groups which can run side by side: experts, one evaluation or audit per domain.
@@ -119,6 +127,7 @@ _lineage: Lineage | None = None
 _params: dict = {}
 _cpu: CpuScheduler | None = None
 _changed: set[str] = set()
+_console: StageConsole | None = None
 
 
 def stage_graph(workspace: Path) -> dict[str, list[str]]:
@@ -152,8 +161,12 @@ def topological_order(graph: dict[str, list[str]]) -> list[str]:
     return order
 
 
-def reproduce_stage(workspace: Path, stage: str, force: bool = False) -> tuple[bool, float]:
-    """Run one stage if DVC finds it changed: (whether it ran, seconds it took once its turn came)."""
+def reproduce_stage(workspace: Path, stage: str, force: bool = False) -> tuple[str, float]:
+    """Run one stage if DVC finds it changed: (what happened, seconds it took once its turn came).
+
+    What happened is "ran", "restored" (DVC had these inputs' outputs in its run cache and checked
+    them out: the stage's command never started, so it left no log) or "cached" (up to date).
+    """
     from dvc.repo import Repo
 
     with _cpu.hold(stage) if _cpu else contextlib.nullcontext(0) as threads:
@@ -161,28 +174,41 @@ def reproduce_stage(workspace: Path, stage: str, force: bool = False) -> tuple[b
             # DVC passes the environment on to the stage's command; each stage has its own variable.
             os.environ[threads_variable(stage)] = str(threads)
         failure_file(workspace, stage).unlink(missing_ok=True)  # a cause left by an earlier run is not this one's
+        log_file(workspace, stage).unlink(missing_ok=True)
+        if _console:
+            _console.started(stage)
         t0 = time.perf_counter()
-        # DVC holds its repo lock only for bookkeeping (not while the command runs); concurrent
-        # stages wait for it instead of failing after DVC's default 3 s.
-        with Repo(str(workspace), _wait_for_lock=True) as repo:
-            ran = repo.reproduce(f"{Path(workspace).resolve() / 'dvc.yaml'}:{stage}", single_item=True, force=force)
-    return bool(ran), time.perf_counter() - t0
+        try:
+            # DVC holds its repo lock only for bookkeeping (not while the command runs); concurrent
+            # stages wait for it instead of failing after DVC's default 3 s.
+            with Repo(str(workspace), _wait_for_lock=True) as repo:
+                ran = repo.reproduce(f"{Path(workspace).resolve() / 'dvc.yaml'}:{stage}", single_item=True, force=force)
+        except Exception:
+            if _console:
+                _console.finished(stage, "failed", time.perf_counter() - t0)
+            raise
+    restored = os.environ.get(LOGS_VARIABLE) and not log_file(workspace, stage).exists()
+    outcome = ("restored" if restored else "ran") if ran else "cached"
+    if _console:
+        _console.finished(stage, outcome, time.perf_counter() - t0)
+    return outcome, time.perf_counter() - t0
 
 
 @task(task_run_name="{stage}", retries=0, cache_policy=NO_CACHE)
 def run_stage(workspace: str, stage: str, force: bool = False, upstream: list[dict] | None = None) -> dict:
     logger = get_run_logger()
     if force or stage in _changed or any(u["ran"] for u in upstream or []):
-        ran, seconds = reproduce_stage(Path(workspace), stage, force)
+        outcome, seconds = reproduce_stage(Path(workspace), stage, force)
     else:
         # Up to date before the run and nothing it depends on ran: no need to ask DVC again.
-        ran, seconds = False, 0.0
+        outcome, seconds = "cached", 0.0
+    ran = outcome != "cached"  # restored outputs are new to what follows, as if the stage ran
     if _cpu:
         _cpu.finished(stage)
     if _lineage is not None:
         _lineage.record_stage(stage, ran, seconds, _params)
-    logger.info(f"{'ran   ' if ran else 'cached'} {stage} ({seconds:.1f} s)")
-    return {"stage": stage, "ran": ran, "seconds": seconds}
+    logger.info(f"{outcome} {stage} ({seconds:.1f} s)")
+    return {"stage": stage, "ran": ran, "outcome": outcome, "seconds": seconds}
 
 
 # A thread per stage: a task waiting for its cores must never keep a ready stage from starting.
@@ -193,7 +219,7 @@ def pipeline(workspace: str, preset: str = "default", track: bool = True, force:
     `force` names stages to run even though DVC finds them up to date (DVC does not track the
     stage code, so this is how a code change reaches the outputs); their dependants follow.
     """
-    global _lineage, _params, _cpu, _changed
+    global _lineage, _params, _cpu, _changed, _console
     ws = Workspace(Path(workspace))
     params = ws.params()
     _params = params.model_dump(mode="json")
@@ -208,19 +234,22 @@ def pipeline(workspace: str, preset: str = "default", track: bool = True, force:
     # (and not even imported, which alone takes seconds).
     lineage = _lineage = open_lineage(ws, preset, str(flow_run.id) if flow_run.id else None) \
         if track and (changed or force) else None
+    os.environ[LOGS_VARIABLE] = "1"  # each stage's output to its own log (stages/runtime.py)
     futures = {}
-    for stage in topological_order(graph):
-        # Passing the dependencies' futures as an argument makes Prefect wait for them and hand
-        # over their results: whether any of them ran.
-        futures[stage] = run_stage.submit(workspace, stage, stage in (force or []),
-                                          upstream=[futures[d] for d in graph[stage]])
-    results, failed = [], []
-    for stage, fut in futures.items():
-        state = fut.wait() or fut.state
-        if state.is_completed():
-            results.append(fut.result())
-        elif state.is_failed():  # stages skipped because of it are not failures of their own
-            failed.append((stage, fut.result(raise_on_failure=False)))
+    with StageConsole(ws.root) as _console:
+        for stage in topological_order(graph):
+            # Passing the dependencies' futures as an argument makes Prefect wait for them and hand
+            # over their results: whether any of them ran.
+            futures[stage] = run_stage.submit(workspace, stage, stage in (force or []),
+                                              upstream=[futures[d] for d in graph[stage]])
+        results, failed = [], []
+        for stage, fut in futures.items():
+            state = fut.wait() or fut.state
+            if state.is_completed():
+                results.append(fut.result())
+            elif state.is_failed():  # stages skipped because of it are not failures of their own
+                failed.append((stage, fut.result(raise_on_failure=False)))
+    _console = None
     if lineage is not None:
         summary_path = ws.root / "metrics" / "eval.json"
         summary = json.loads(summary_path.read_text()) if summary_path.exists() and not failed else None

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from flows.console import stage_line
 from flows.owner import PHASES, PUBLIC_INPUTS, WORKSPACE_VARIABLE, OwnerWorkspace, fetch_public, pool_name
 from flows.owner import publish as owner_publish
 from flows.owner import published_paths, run_phase
@@ -180,9 +181,9 @@ def run_coordinator_stages(root: Path, stages: tuple[str, ...], lineage, params:
 
     out = []
     for stage in stages:
-        ran, seconds = reproduce_stage(root, stage)
-        lineage.record_stage(stage, ran, seconds, params)
-        out.append({"stage": stage, "ran": ran, "seconds": seconds})
+        outcome, seconds = reproduce_stage(root, stage)
+        lineage.record_stage(stage, outcome != "cached", seconds, params)
+        out.append({"stage": stage, "ran": outcome != "cached", "outcome": outcome, "seconds": seconds})
     return out
 
 
@@ -270,11 +271,9 @@ def start_prefect_server(home: Path, port: int, wait_s: float = 180.0) -> tuple[
 
 
 def stream_stages(summary: dict) -> str:
-    lines = [f"  {'ran   ' if s['ran'] else 'cached'} {s['stage']:<28} {s['seconds']:7.1f} s" for s in summary["stages"]]
+    lines = [stage_line(s) for s in summary["stages"]]
     for phase in PHASES:
         for owner, rec in summary.get(f"{phase}_runs", {}).items():
-            for s in rec.get("stages", []):
-                lines.append(f"  {'ran   ' if s['ran'] else 'cached'} {s['stage']:<28} {s['seconds']:7.1f} s  "
-                             f"(on {owner}'s worker)")
+            lines += [stage_line(s, f"  (on {owner}'s worker)") for s in rec.get("stages", [])]
     return "\n".join(lines)
 

@@ -4,7 +4,7 @@ One parent run per pipeline run and one child run per stage that ran (stages DVC
 are listed on the parent, `consort.cached_stages`; their outputs are those of the earlier child
 run with the same DVC stage hash, which the merge run links to). A child run carries the stage's
 params (from the stage's params sections), its metrics and per-step curves (from the files the
-stage declares as metrics and plots), the DVC hashes of its inputs as metadata-only datasets
+stage declares as metrics and plots), the SHA-256 of its input files as metadata-only datasets
 (a digest and a logical name: never text, never a filesystem path), and tags linking it to the
 git commit, the DVC stage and the Prefect flow run.
 """
@@ -27,11 +27,12 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from flows.workspace import PROJECT_ROOT, Workspace
+from stages.io import file_digest
 
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser where PyYAML has it
 EXPERIMENT = "consort"
 REGISTERED_MODEL = "consort-merged"
-# Stage outputs that are datasets; their DVC hash is what lineage records.
+# Stage outputs that are datasets; lineage records the SHA-256 of each of their files.
 DATASET_PREFIXES = ("public/corpus", "owners/")
 
 
@@ -65,6 +66,12 @@ def _stage_hash(lock_entry: dict) -> str:
     return hashlib.md5(json.dumps(lock_entry, sort_keys=True).encode()).hexdigest()
 
 
+def _dataset_input(name: str, sha256: str, context: str) -> DatasetInput:
+    # MLflow keeps 36 characters of a digest: the start of the SHA-256.
+    return DatasetInput(MetaDataset(CodeDatasetSource({"dvc_path": name}), name=name, digest=sha256[:36])._to_mlflow_entity(),
+                        [InputTag("mlflow.data.context", context)])
+
+
 def _dataset_name(path: str) -> str:
     # owners/code/corpus -> code/corpus: a logical name, not where the owner keeps it.
     return path.removeprefix("owners/")
@@ -86,6 +93,7 @@ class Lineage:
         self.stage_runs: dict[str, str] = {}
         self.stage_files: dict[str, tuple[list[str], list[str], list[str]]] | None = None
         self._lock_cache: tuple[int, dict] | None = None
+        self._digests: dict[tuple[str, int, int], str] = {}
         self.cached: list[str] = []  # stages DVC found up to date: no child run of their own
         # Opened in the model-training view (MLflow 3 otherwise guesses GenAI, where it looks empty).
         self.client.set_experiment_tag(self.experiment_id, "mlflow.experimentKind", "custom_model_development")
@@ -161,13 +169,12 @@ class Lineage:
             # The merge reads no corpus, but lineage should show which data made each expert.
             deps += [d for other in self._expert_stages() for d in self._lock_entry(other).get("deps", [])]
         context = "training" if stage_name.startswith(("train", "merge")) else "evaluation"
-        by_path = {  # a corpus behind several experts is recorded once
-            d["path"]: DatasetInput(MetaDataset(CodeDatasetSource({"dvc_path": _dataset_name(d["path"])}),
-                                                name=_dataset_name(d["path"]), digest=d.get("md5", ""))._to_mlflow_entity(),
-                                    [InputTag("mlflow.data.context", context)])
+        by_name = {  # a corpus behind several experts is recorded once
+            name: _dataset_input(name, digest, context)
             for d in deps if d["path"].startswith(DATASET_PREFIXES)
+            for name, digest in self._dataset_files(d["path"])
         }
-        datasets = list(by_path.values())
+        datasets = list(by_name.values())
         with self.lock:
             # The stage's real span: it ended now and took `seconds` (not the few ms of recording it).
             run_id = self.client.create_run(self.experiment_id, run_name=stage_name, tags=tags,
@@ -211,10 +218,7 @@ class Lineage:
         metrics = [Metric(k, float(v), now, 0) for k, v in numbers.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
         params = [Param(k, str(v)[:6000]) for k, v in _flatten("expert.train", manifest.get("training", {}), {}).items()]
-        name = f"{owner}/corpus"  # MLflow keeps 36 characters of a digest: the start of the SHA-256
-        dataset = DatasetInput(MetaDataset(CodeDatasetSource({"dvc_path": name}), name=name,
-                                           digest=manifest["data_digest"][:36])._to_mlflow_entity(),
-                               [InputTag("mlflow.data.context", "training")])
+        dataset = _dataset_input(f"{owner}/corpus/train.jsonl", manifest["data_digest"], "training")
         with self.lock:
             run_id = self.client.create_run(self.experiment_id, run_name=stage_name, tags=tags).info.run_id
             self.client.log_batch(run_id, metrics=metrics, params=params)
@@ -222,6 +226,19 @@ class Lineage:
             self.stage_runs[stage_name] = run_id
         self.client.set_terminated(run_id, "FINISHED")
         return run_id
+
+    def _dataset_files(self, path: str) -> list[tuple[str, str]]:
+        """(logical name, SHA-256) of each file of a dataset: the digest `consort experts` prints."""
+        top = self.ws.root / path
+        files = sorted(top.glob("*.jsonl")) if top.is_dir() else [top] if top.is_file() else []
+        found = []
+        for f in files:
+            stat = f.stat()
+            key = (str(f), stat.st_mtime_ns, stat.st_size)
+            if key not in self._digests:
+                self._digests[key] = file_digest(f)
+            found.append((_dataset_name(f.relative_to(self.ws.root).as_posix()), self._digests[key]))
+        return found
 
     def _expert_stages(self) -> list[str]:
         """The expert stages behind the merge: those in dvc.lock, and remote ones recorded this run."""

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from stages import params as P
 from stages.domain_embedding import as_router_row, hidden_sums
+from stages.runtime import step_bar
 from stages.training import cosine_lr
 
 
@@ -128,7 +128,7 @@ def train_dp(model: torch.nn.Module, docs: list[np.ndarray], t: P.TrainParams, d
     torch.manual_seed(t.seed)
     gsm.train()
     log, t0, skipped = [], time.perf_counter(), 0
-    bar = tqdm(range(t.steps), desc=desc, unit="step", dynamic_ncols=True, mininterval=20.0)
+    bar = step_bar(range(t.steps), desc, t.steps)
     for step in bar:
         try:
             batch = next(batches)

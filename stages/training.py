@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +16,11 @@ from typing import Callable
 import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
-from tqdm import tqdm
 
 from stages.distributed import average_gradients, copy_back, device, full, training_copy, world
 from stages.io import read_jsonl
 from stages.params import TrainParams
+from stages.runtime import step_bar
 
 
 def tokenize_corpus(tokenizer, jsonl: Path, max_docs: int | None = None) -> np.ndarray:
@@ -131,9 +130,7 @@ def train(
     torch.manual_seed(p.seed)
     work.train()
     tokens_per_step = p.batch_size * p.seq_len
-    # In a log file (no terminal) a redraw every second would bury everything else.
-    bar = tqdm(range(start, p.steps), initial=start, total=p.steps, desc=desc, unit="step", dynamic_ncols=True,
-               mininterval=1.0 if sys.stderr.isatty() else 20.0, disable=rank != 0)
+    bar = step_bar(range(start, p.steps), desc, p.steps, disable=rank != 0)
     t0, timed_steps = time.perf_counter(), 0
     for step in bar:
         for group in opt.param_groups:

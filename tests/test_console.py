@@ -1,0 +1,70 @@
+"""The pipeline's console: what a stage did (ran, restored from DVC's run cache, up to date) and
+its output kept in its own log, on a real DVC repo whose stage calls the stages' start-up."""
+import io
+import os
+import sys
+from pathlib import Path
+
+from dvc.repo import Repo
+
+from conftest import PROJECT
+from flows import pipeline as pipeline_module
+from flows.console import StageConsole, last_line, log_tail
+from stages.runtime import LOGS_VARIABLE, log_file
+
+STAGE_SCRIPT = """
+import sys
+from stages.runtime import start_stage
+start_stage()
+text = open("in.txt").read()
+print("copying", text, file=sys.stderr)
+if text == "fail":
+    raise SystemExit("in.txt says fail")
+open("out.txt", "w").write(text)
+"""
+
+
+def _repo(tmp_path: Path) -> Path:
+    (tmp_path / "copy.py").write_text(STAGE_SCRIPT)
+    (tmp_path / "in.txt").write_text("A")
+    (tmp_path / "dvc.yaml").write_text(
+        f"stages:\n  copy:\n    cmd: {sys.executable} copy.py\n    deps: [in.txt, copy.py]\n    outs: [out.txt]\n")
+    Repo.init(str(tmp_path), no_scm=True)
+    return tmp_path
+
+
+def test_a_stage_that_ran_restored_or_was_up_to_date_says_which(tmp_path, monkeypatch):
+    root = _repo(tmp_path)
+    monkeypatch.chdir(root)
+    monkeypatch.setenv(LOGS_VARIABLE, "1")
+    monkeypatch.setenv("PYTHONPATH", str(PROJECT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    shown = io.StringIO()
+    monkeypatch.setattr(pipeline_module, "_console", StageConsole(root, shown))
+    assert pipeline_module.reproduce_stage(root, "copy")[0] == "ran"
+    assert "copying A" in log_file(root, "copy").read_text()  # the stage's output went to its log
+    (root / "in.txt").write_text("B")
+    assert pipeline_module.reproduce_stage(root, "copy")[0] == "ran"
+    (root / "in.txt").write_text("A")  # outputs for these inputs are in DVC's run cache
+    assert pipeline_module.reproduce_stage(root, "copy")[0] == "restored"
+    assert (root / "out.txt").read_text() == "A"
+    assert pipeline_module.reproduce_stage(root, "copy")[0] == "cached"
+    lines = [line.split() for line in shown.getvalue().splitlines()]
+    assert [w[0] for w in lines if w[0] != "started"] == ["ran", "ran", "restored"]  # up to date: no line
+
+    (root / "in.txt").write_text("fail")
+    try:
+        pipeline_module.reproduce_stage(root, "copy")
+    except Exception:
+        pass
+    else:
+        raise AssertionError("a failing stage must raise")
+    failed = shown.getvalue().split("FAILED")[1]
+    assert "in.txt says fail" in failed and str(log_file(root, "copy")) in failed
+
+
+def test_the_newest_progress_line_is_read_through_carriage_returns(tmp_path):
+    log = tmp_path / "x.log"
+    log.write_bytes(b"loading\nexpert code:  10%|#   | 1/10\rexpert code:  50%|##  | 5/10\r")
+    assert last_line(log) == "expert code:  50%|##  | 5/10"
+    assert log_tail(log).splitlines() == ["loading", "expert code:  50%|##  | 5/10"]
+    assert last_line(tmp_path / "missing.log") == ""
