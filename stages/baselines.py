@@ -8,17 +8,16 @@ FFN, and BTM mixes the owners' models token by token.
 from __future__ import annotations
 
 import numpy as np
-from transformers import FlexOlmoForCausalLM, Olmo2Config, Olmo2ForCausalLM
+from transformers import PreTrainedModel
 
-from stages.moe import architecture
+from stages.moe import dense_model
 
 
-def soup_model(merged: FlexOlmoForCausalLM) -> Olmo2ForCausalLM:
-    """A dense model whose FFN in every layer is the uniform average of the merged model's experts."""
-    config = Olmo2Config(**architecture(merged.config))
+def soup_model(merged: PreTrainedModel) -> PreTrainedModel:
+    """A dense model (the anchor's family) whose FFN in every layer is the uniform average of the merged model's experts."""
     state = {}
     for key, value in merged.state_dict().items():
-        if ".mlp.gate." in key:  # router rows and biases: a dense FFN has no router
+        if ".mlp.gate." in key or ".mlp.shared_expert" in key:  # a dense FFN has no router (nor an empty shared expert)
             continue
         if key.endswith("mlp.experts.gate_up_proj"):
             prefix = key.removesuffix("experts.gate_up_proj")
@@ -28,7 +27,7 @@ def soup_model(merged: FlexOlmoForCausalLM) -> Olmo2ForCausalLM:
             state[key.removesuffix("experts.down_proj") + "down_proj.weight"] = value.mean(dim=0).clone()
         else:
             state[key] = value
-    soup = Olmo2ForCausalLM(config)
+    soup = dense_model(merged.config)
     soup.load_state_dict(state, strict=True)
     return soup.eval()
 

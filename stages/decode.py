@@ -5,8 +5,8 @@ every step, and each forward pass builds a causal mask, rotary tables, a growing
 `torch.cat` per layer and step) and output records. For a model this small that costs as much as
 the arithmetic (measured: half of a batch-1 step of the dense anchor). This loop does only what
 our uses need: a rectangular batch of prompts (no padding), greedy or sampled (top-k, top-p)
-continuation of a fixed number of tokens, over Olmo2 and FlexOlmo models (the anchor and the
-merged model). It runs the model's own weights and feed-forward blocks (for the merged model the
+continuation of a fixed number of tokens, over the anchor and merged model of both families:
+Olmo2 / FlexOlmo (norms after attention and FFN, q/k norms) and Llama / Qwen2Moe (norms before). It runs the model's own weights and feed-forward blocks (for the merged model the
 experts of stages/fast_moe.py) and does the attention itself, over a cache allocated once.
 Greedy output is token for token the one of `generate(do_sample=False)` and the logits agree to
 1e-5 (tested).
@@ -40,23 +40,27 @@ class _Layer(NamedTuple):
     k: nn.Linear
     v: nn.Linear
     o: nn.Linear
-    q_norm: torch.Tensor
-    k_norm: torch.Tensor
-    post_attention_norm: torch.Tensor
+    q_norm: torch.Tensor | None     # Olmo2 family: q/k norms, norms after attention and FFN
+    k_norm: torch.Tensor | None
+    post_attention_norm: torch.Tensor | None
     feed_forward: nn.Module
-    post_feed_forward_norm: torch.Tensor
+    post_feed_forward_norm: torch.Tensor | None
+    input_norm: torch.Tensor | None  # Llama family: norms before attention and FFN
+    pre_feed_forward_norm: torch.Tensor | None
     keys: torch.Tensor      # (batch, kv heads, length, head dim), filled as decoding goes
     values: torch.Tensor
 
 
 class _Decoder:
-    """The forward pass of an Olmo2 or FlexOlmo model (post-norm layers, q/k norms, rotary) for decoding."""
+    """The forward pass of a model of either family (rotary attention over a KV cache) for decoding."""
 
     def __init__(self, model: nn.Module, batch: int, length: int) -> None:
         base, c = getattr(model, "model", None), model.config
         layers = getattr(base, "layers", None)
-        if layers is None or not all(hasattr(layer, "post_feedforward_layernorm") for layer in layers):
-            raise TypeError(f"decode runs Olmo2 and FlexOlmo models, not {type(model).__name__}")
+        post_norm = layers is not None and all(hasattr(layer, "post_feedforward_layernorm") for layer in layers)
+        pre_norm = layers is not None and all(hasattr(layer, "input_layernorm") for layer in layers)
+        if not (post_norm or pre_norm):
+            raise TypeError(f"decode runs Olmo2, FlexOlmo, Llama and Qwen2Moe models, not {type(model).__name__}")
         self.model, self.eps = model, c.rms_norm_eps
         self.heads, self.kv_heads = c.num_attention_heads, c.num_key_value_heads
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -65,17 +69,21 @@ class _Decoder:
         for layer in layers:
             a = layer.self_attn
             cache = torch.empty(2, batch, self.kv_heads, length, self.head_dim, dtype=weight.dtype)
-            self.layers.append(_Layer(a.q_proj, a.k_proj, a.v_proj, a.o_proj, a.q_norm.weight, a.k_norm.weight,
-                                      layer.post_attention_layernorm.weight, layer.mlp,
-                                      layer.post_feedforward_layernorm.weight, cache[0], cache[1]))
+            if post_norm:
+                norms = (a.q_norm.weight, a.k_norm.weight, layer.post_attention_layernorm.weight, layer.mlp,
+                         layer.post_feedforward_layernorm.weight, None, None)
+            else:
+                norms = (None, None, None, layer.mlp, None, layer.input_layernorm.weight,
+                         layer.post_attention_layernorm.weight)
+            self.layers.append(_Layer(a.q_proj, a.k_proj, a.v_proj, a.o_proj, *norms, cache[0], cache[1]))
         # The model's own rotary tables for every position (what it computes step by step).
         positions = torch.arange(length)[None]
         cos, sin = base.rotary_emb(weight, positions)
         self.cos, self.sin = cos[0, :, None, :], sin[0, :, None, :]  # (length, 1, head dim)
         self.position = 0
 
-    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, weight.shape, weight, self.eps)
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        return x if weight is None else F.rms_norm(x, weight.shape, weight, self.eps)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2
@@ -90,16 +98,17 @@ class _Decoder:
         cos, sin = self.cos[start:end], self.sin[start:end]
         h = self.model.model.embed_tokens(ids)
         for layer in self.layers:
-            q = self._norm(layer.q(h), layer.q_norm).view(b, t, self.heads, self.head_dim)
-            k = self._norm(layer.k(h), layer.k_norm).view(b, t, self.kv_heads, self.head_dim)
-            v = layer.v(h).view(b, t, self.kv_heads, self.head_dim)
+            x = self._norm(h, layer.input_norm)
+            q = self._norm(layer.q(x), layer.q_norm).view(b, t, self.heads, self.head_dim)
+            k = self._norm(layer.k(x), layer.k_norm).view(b, t, self.kv_heads, self.head_dim)
+            v = layer.v(x).view(b, t, self.kv_heads, self.head_dim)
             layer.keys[:, :, start:end] = self._rotate(k, cos, sin).transpose(1, 2)
             layer.values[:, :, start:end] = v.transpose(1, 2)
             attended = F.scaled_dot_product_attention(
                 self._rotate(q, cos, sin).transpose(1, 2), layer.keys[:, :, :end], layer.values[:, :, :end],
                 is_causal=t > 1, enable_gqa=self.heads != self.kv_heads)
             h = h + self._norm(layer.o(attended.transpose(1, 2).reshape(b, t, -1)), layer.post_attention_norm)
-            h = h + self._norm(layer.feed_forward(h), layer.post_feed_forward_norm)
+            h = h + self._norm(layer.feed_forward(self._norm(h, layer.pre_feed_forward_norm)), layer.post_feed_forward_norm)
         self.position = end
         return self.model.lm_head(self.model.model.norm(h[:, -1]))
 

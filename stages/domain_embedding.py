@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer, Olmo2ForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stages import params as P
 from stages.io import atomic_dir, read_jsonl
@@ -107,7 +107,7 @@ def router_row(anchor, tokenizer, texts: list[str], seq_len: int, method: str) -
 
 def domain_embedding(corpus_train: Path, anchor_dir: Path, n_docs: int, seq_len: int, method: str) -> torch.Tensor:
     tokenizer = AutoTokenizer.from_pretrained(anchor_dir)
-    model = Olmo2ForCausalLM.from_pretrained(anchor_dir)
+    model = AutoModelForCausalLM.from_pretrained(anchor_dir)
     texts = [row["text"] for _, row in zip(range(n_docs), read_jsonl(corpus_train))]
     return router_row(model, tokenizer, texts, seq_len, method)
 

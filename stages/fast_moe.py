@@ -1,6 +1,6 @@
-"""A faster CPU path for the merged model's experts, numerically the stock FlexOlmo computation.
+"""A faster CPU path for the merged model's experts, numerically the stock computation.
 
-The stock `FlexOlmoExperts.forward` builds a one-hot mask of (tokens, k, experts), finds the
+The stock `FlexOlmoExperts.forward` (and `Qwen2MoeExperts.forward`, the same code) builds a one-hot mask of (tokens, k, experts), finds the
 experts hit and loops over them with `torch.where` and `index_add_`. Measured per layer on 2
 cores (hidden 384, 6 experts, top-3; benchmarks/generation.py has the end-to-end figures):
 
@@ -18,11 +18,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers.models.flex_olmo.modeling_flex_olmo import FlexOlmoExperts
+from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeExperts
 
 GROUPED_MIN_TOKENS = 512  # measured: below, sorting costs what it saves
 
 
-class FastFlexOlmoExperts(FlexOlmoExperts):
+class _FastExperts:
+    """Mixed in before a stock experts class (same weights and attributes), replacing its forward."""
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         n = hidden_states.shape[0]
         if n == 1:
@@ -59,9 +62,20 @@ class FastFlexOlmoExperts(FlexOlmoExperts):
         return out
 
 
+class FastFlexOlmoExperts(_FastExperts, FlexOlmoExperts):
+    pass
+
+
+class FastQwen2MoeExperts(_FastExperts, Qwen2MoeExperts):
+    pass
+
+
+FAST = {FlexOlmoExperts: FastFlexOlmoExperts, Qwen2MoeExperts: FastQwen2MoeExperts}
+
+
 def use_fast_experts(model: nn.Module) -> nn.Module:
-    """Switch every FlexOlmo experts module of `model` to the fast path, in place (weights untouched)."""
+    """Switch every experts module of `model` to the fast path, in place (weights untouched)."""
     for module in model.modules():
-        if type(module) is FlexOlmoExperts:
-            module.__class__ = FastFlexOlmoExperts
+        if type(module) in FAST:
+            module.__class__ = FAST[type(module)]
     return model

@@ -13,13 +13,13 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, FlexOlmoConfig, FlexOlmoForCausalLM, Olmo2ForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from stages import params as P
 from stages.domain_embedding import load_embedding
 from stages.experts import MERGED_INFO
 from stages.io import atomic_dir, file_digest, read_json, write_json
-from stages.moe import BiasedFlexOlmoConfig, BiasedFlexOlmoForCausalLM, flexolmo_config, shared_state
+from stages.moe import moe_config, moe_extra_state, moe_model, shared_state
 from stages.package import PackageRefused, enrolled_key, read_expert_tensors, verify_package
 from stages.runtime import start_stage
 from stages.train_anchor import ANCHOR_INFO
@@ -48,7 +48,7 @@ def check_manifest(name: str, manifest: dict, anchor_hash: str, tokenizer_hash: 
                            f"but this pipeline's is {tokenizer_hash[:12]}; retrain the expert with this anchor's tokenizer")
 
 
-def load_package(owner: str, package: Path, keyring: Path, anchor: Olmo2ForCausalLM, anchor_hash: str,
+def load_package(owner: str, package: Path, keyring: Path, anchor: PreTrainedModel, anchor_hash: str,
                  tokenizer_hash: str) -> tuple[dict, dict]:
     """(manifest, tensors) of a package whose signature, manifest and shapes all hold."""
     manifest_path = package / MANIFEST
@@ -69,7 +69,7 @@ def merge_experts(anchor_dir: Path, public_embedding: Path, experts: dict[str, P
                   out_dir: Path, keyring: Path) -> dict:
     if not experts:
         raise MergeRefused("no expert to merge: params.yaml lists no owner")
-    anchor = Olmo2ForCausalLM.from_pretrained(anchor_dir)
+    anchor = AutoModelForCausalLM.from_pretrained(anchor_dir)
     anchor_state = anchor.state_dict()
     anchor_hash = read_json(anchor_dir / ANCHOR_INFO)["anchor_hash"]
     tokenizer_hash = file_digest(anchor_dir / "tokenizer.json")
@@ -79,9 +79,11 @@ def merge_experts(anchor_dir: Path, public_embedding: Path, experts: dict[str, P
     num_experts = 1 + len(experts)
     top_k = min(m.top_k or num_experts, num_experts)
     keep_bias = m.router_bias == "keep"
-    config = flexolmo_config(anchor, num_experts=num_experts, top_k=top_k,
-                             config_class=BiasedFlexOlmoConfig if keep_bias else FlexOlmoConfig)
-    merged_state = shared_state(anchor_state)
+    try:
+        config = moe_config(anchor.config, num_experts=num_experts, top_k=top_k, keep_bias=keep_bias)
+    except ValueError as err:
+        raise MergeRefused(f"{anchor_dir}: {err}") from None
+    merged_state = shared_state(anchor_state) | moe_extra_state(config)
     biases = {o: [min(float(t[f"layers.{i}.bias"]), 0.0) for i in range(anchor.config.num_hidden_layers)]
               for o, (_, t) in packages.items()}
     for i in range(anchor.config.num_hidden_layers):
@@ -95,7 +97,7 @@ def merge_experts(anchor_dir: Path, public_embedding: Path, experts: dict[str, P
             [r_pub.view(-1)] + [t[layer + "router"] for _, t in packages.values()])
         if keep_bias:  # the public expert has no bias; an owner's is min(b, 0) as trained
             merged_state[dense + "gate.bias"] = torch.tensor([0.0] + [biases[o][i] for o in experts])
-    model = (BiasedFlexOlmoForCausalLM if keep_bias else FlexOlmoForCausalLM)(config)
+    model = moe_model(config)
     model.load_state_dict(merged_state, strict=True)
     info = {
         "anchor_hash": anchor_hash,

@@ -14,7 +14,18 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, FlexOlmoConfig, FlexOlmoForCausalLM, Olmo2ForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    FlexOlmoConfig,
+    FlexOlmoForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+)
 from transformers.models.flex_olmo.modeling_flex_olmo import FlexOlmoTopKRouter
 
 PUBLIC, OWNER = 0, 1
@@ -103,23 +114,94 @@ def project_bias(model: nn.Module) -> None:
         block.owner_bias.clamp_(max=0.0)
 
 
+# --- families: the dense anchor and the stock MoE class its experts merge into --------------
+#
+# Olmo2 anchors merge into FlexOlmoForCausalLM. Llama-family anchors merge into
+# Qwen2MoeForCausalLM set up to compute FlexOlmo's routing exactly: softmax over all experts,
+# top-k, no renormalisation; no shared expert (its width is 0, so it adds 0), no q/k/v biases.
+# Its attention, norms and RoPE are Llama's, so with every expert equal to the anchor's FFN it
+# computes the anchor.
+MOE_FAMILIES = {"olmo2": "FlexOlmoForCausalLM", "llama": "Qwen2MoeForCausalLM", "mistral": "Qwen2MoeForCausalLM"}
+
+
+def check_family(config, origin: str) -> str:
+    """The anchor's family (a key of MOE_FAMILIES), or a ValueError naming `origin` and what is supported."""
+    family = getattr(config, "model_type", "?")
+    supported = ", ".join(f"{f} (merged into {c})" for f, c in MOE_FAMILIES.items())
+    if family not in MOE_FAMILIES:
+        raise ValueError(f"{origin}: a {family!r} model; consort merges anchors of these families: {supported}")
+    if family != "olmo2":
+        if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+            raise ValueError(f"{origin}: a {family} model with attention or MLP biases, which the merged "
+                             f"{MOE_FAMILIES[family]} cannot hold; supported: {supported}")
+        if getattr(config, "sliding_window", None):
+            raise ValueError(f"{origin}: a {family} model with sliding-window attention; only full attention "
+                             f"is merged (sliding_window: null)")
+    return family
+
+
 def architecture(config) -> dict:
-    """The fields a dense Olmo2 model and a FlexOlmo model of the same shape have in common."""
+    """The fields a dense anchor and its MoE model of the same shape have in common."""
     c = config
     return dict(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
         num_key_value_heads=c.num_key_value_heads, hidden_act=c.hidden_act,
         max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
-        rope_parameters=dict(c.rope_parameters), attention_bias=c.attention_bias,
-        tie_word_embeddings=c.tie_word_embeddings, pad_token_id=c.pad_token_id,
-        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
+        rope_parameters=dict(c.rope_parameters), tie_word_embeddings=c.tie_word_embeddings,
+        pad_token_id=c.pad_token_id, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
     )
 
 
-def flexolmo_config(dense: Olmo2ForCausalLM, num_experts: int, top_k: int, config_class=FlexOlmoConfig) -> FlexOlmoConfig:
-    return config_class(**architecture(dense.config), num_experts=num_experts, num_experts_per_tok=top_k,
-                        norm_topk_prob=False)
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def moe_config(dense_config, num_experts: int, top_k: int, keep_bias: bool = False):
+    """The config of the MoE model with `num_experts` experts of the anchor's shape, routed FlexOlmo's way."""
+    family = check_family(dense_config, "the anchor")
+    if family == "olmo2":
+        config_class = BiasedFlexOlmoConfig if keep_bias else FlexOlmoConfig
+        return config_class(**architecture(dense_config), attention_bias=dense_config.attention_bias,
+                            num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=False)
+    if keep_bias:
+        raise ValueError("merge.router_bias: keep is supported for Olmo2 anchors only (a biased FlexOlmo "
+                         "router); with this Llama-family anchor use router_bias: drop")
+    return Qwen2MoeConfig(**architecture(dense_config), head_dim=head_dim(dense_config),
+                          moe_intermediate_size=dense_config.intermediate_size, shared_expert_intermediate_size=0,
+                          num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=False,
+                          qkv_bias=False, decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False)
+
+
+def moe_model(config) -> nn.Module:
+    """An empty model of the MoE class that `config` is for."""
+    if isinstance(config, BiasedFlexOlmoConfig):
+        return BiasedFlexOlmoForCausalLM(config)
+    if isinstance(config, FlexOlmoConfig):
+        return FlexOlmoForCausalLM(config)
+    return Qwen2MoeForCausalLM(config)
+
+
+def moe_extra_state(config) -> dict[str, torch.Tensor]:
+    """Tensors the MoE class holds beyond the anchor's and the experts': Qwen2Moe's empty shared expert."""
+    if isinstance(config, FlexOlmoConfig):
+        return {}
+    h, state = config.hidden_size, {}
+    for i in range(config.num_hidden_layers):
+        prefix = f"model.layers.{i}.mlp.shared_expert"
+        state[f"{prefix}.gate_proj.weight"] = torch.zeros(0, h)
+        state[f"{prefix}.up_proj.weight"] = torch.zeros(0, h)
+        state[f"{prefix}.down_proj.weight"] = torch.zeros(h, 0)
+        state[f"{prefix}_gate.weight"] = torch.zeros(1, h)
+    return state
+
+
+def dense_model(config) -> nn.Module:
+    """An empty dense model of the family of a MoE config (the soup baseline averages into it)."""
+    if isinstance(config, FlexOlmoConfig):
+        return Olmo2ForCausalLM(Olmo2Config(**architecture(config), attention_bias=config.attention_bias))
+    return LlamaForCausalLM(LlamaConfig(**{**architecture(config), "intermediate_size": config.moe_intermediate_size},
+                                        head_dim=head_dim(config), attention_bias=False, mlp_bias=False))
 
 
 def shared_state(dense_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

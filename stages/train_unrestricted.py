@@ -33,21 +33,21 @@ def joint_train_params(params: P.Params) -> P.TrainParams:
 
 
 def upcycle_all(anchor, rows: list, top_k: int):
-    """A FlexOlmo model whose every expert is a copy of the anchor's FFN, router rows as given."""
+    """The anchor's MoE model whose every expert is a copy of the anchor's FFN, router rows as given."""
     import torch
-    from transformers import FlexOlmoForCausalLM
 
-    from stages.moe import flexolmo_config, shared_state
+    from stages.moe import moe_config, moe_extra_state, moe_model, shared_state
 
-    state = shared_state(anchor.state_dict())
     n = len(rows)
+    config = moe_config(anchor.config, num_experts=n, top_k=min(top_k, n))
+    state = shared_state(anchor.state_dict()) | moe_extra_state(config)
     for i, layer in enumerate(anchor.model.layers):
         mlp, prefix = layer.mlp, f"model.layers.{i}.mlp."
         gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
         state[prefix + "experts.gate_up_proj"] = gate_up.unsqueeze(0).repeat(n, 1, 1)
         state[prefix + "experts.down_proj"] = mlp.down_proj.weight.detach().unsqueeze(0).repeat(n, 1, 1)
         state[prefix + "gate.weight"] = torch.stack([r.view(-1) for r in rows])
-    model = FlexOlmoForCausalLM(flexolmo_config(anchor, num_experts=n, top_k=min(top_k, n)))
+    model = moe_model(config)
     model.load_state_dict(state, strict=True)
     for name, q in model.named_parameters():
         q.requires_grad_(".mlp." in name)  # experts and router rows learn, as in expert training
@@ -64,7 +64,7 @@ def train_unrestricted(owner_corpora: dict[str, Path], public_train: Path, ancho
         return {"enabled": False}
     import numpy as np
     import torch
-    from transformers import AutoTokenizer, Olmo2ForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from stages.domain_embedding import load_embedding, router_row
     from stages.experts import MERGED_INFO
@@ -74,7 +74,7 @@ def train_unrestricted(owner_corpora: dict[str, Path], public_train: Path, ancho
     expert, t = params.expert, joint_train_params(params)
     owners = list(owner_corpora)
     tokenizer = AutoTokenizer.from_pretrained(anchor_dir)
-    anchor = Olmo2ForCausalLM.from_pretrained(anchor_dir)
+    anchor = AutoModelForCausalLM.from_pretrained(anchor_dir)
     anchor_hash = read_json(anchor_dir / ANCHOR_INFO)["anchor_hash"]
     rows = [load_embedding(public_embedding)]
     for o in owners:  # each owner's row starts where that owner's expert training starts it

@@ -49,7 +49,7 @@ def test_decoder_logits_equal_the_models_own_forward(name):
 def test_decoder_refuses_other_architectures():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    with pytest.raises(TypeError, match="Olmo2 and FlexOlmo"):
+    with pytest.raises(TypeError, match="Olmo2, FlexOlmo, Llama and Qwen2Moe"):
         decode(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=20)), torch.ones((1, 2), dtype=torch.long), 2)
 
 

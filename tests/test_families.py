@@ -1,0 +1,116 @@
+"""Llama-family anchors: their experts merge into the stock Qwen2MoeForCausalLM with FlexOlmo's
+routing, and every equivalence the Olmo2 path holds holds there too (on tiny random models)."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, LlamaForCausalLM, Qwen2MoeForCausalLM
+
+from stages.baselines import soup_model
+from stages.decode import decode
+from stages.experts import slice_experts
+from stages.fast_moe import use_fast_experts
+from stages.moe import blocks, check_family, moe_config, moe_extra_state, moe_model, shared_state, upcycle
+from test_experts import logits_with_masked_expert
+
+IDS = torch.randint(3, 90, (2, 10), generator=torch.Generator().manual_seed(1))
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True, pad_token_id=1, bos_token_id=0, eos_token_id=0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)  # norms away from 1, so that a norm put in the wrong place shows
+    return model
+
+
+def merged_from(anchor, experts: list[dict[str, torch.Tensor]], top_k: int, seed: int = 0):
+    """The MoE model of `anchor` with the given experts (per layer: gate_up, down), random router rows."""
+    config = moe_config(anchor.config, num_experts=len(experts), top_k=top_k)
+    state = shared_state(anchor.state_dict()) | moe_extra_state(config)
+    g = torch.Generator().manual_seed(seed)
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}.mlp."
+        state[p + "experts.gate_up_proj"] = torch.stack([e[i][0] for e in experts])
+        state[p + "experts.down_proj"] = torch.stack([e[i][1] for e in experts])
+        state[p + "gate.weight"] = torch.randn(len(experts), config.hidden_size, generator=g)
+    model = moe_model(config)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def anchor_ffn(anchor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    return {i: (torch.cat([l.mlp.gate_proj.weight, l.mlp.up_proj.weight]).detach(), l.mlp.down_proj.weight.detach())
+            for i, l in enumerate(anchor.model.layers)}
+
+
+def random_ffn(anchor, seed: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return {i: (gu + 0.2 * torch.randn(gu.shape, generator=g),
+                d + 0.2 * torch.randn(d.shape, generator=g)) for i, (gu, d) in anchor_ffn(anchor).items()}
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_a_one_expert_merge_and_equal_experts_compute_the_anchor():
+    anchor = tiny_llama()
+    one = merged_from(anchor, [anchor_ffn(anchor)], top_k=1)
+    assert type(one) is Qwen2MoeForCausalLM
+    torch.testing.assert_close(logits(one), logits(anchor), rtol=1e-5, atol=1e-5)
+    # Softmax weights of equal experts sum to 1 (no renormalisation needed at top-k = all).
+    three = merged_from(anchor, [anchor_ffn(anchor)] * 3, top_k=3)
+    torch.testing.assert_close(logits(three), logits(anchor), rtol=1e-5, atol=1e-5)
+
+
+def test_an_upcycled_llama_with_equal_experts_is_the_anchor_and_trains_only_the_owner_half():
+    anchor = tiny_llama()
+    upcycled = upcycle(anchor, torch.randn(32), torch.randn(32)).eval()
+    torch.testing.assert_close(logits(upcycled), logits(anchor), rtol=1e-5, atol=1e-5)
+    trainable = {n for n, p in upcycled.named_parameters() if p.requires_grad}
+    assert trainable and all(".mlp.experts.1." in n or ".mlp.routers.1." in n or n.endswith("owner_bias") for n in trainable)
+    assert len(blocks(upcycled)) == 2
+
+
+def test_slicing_an_expert_out_of_a_qwen2moe_equals_masking_its_logit():
+    anchor = tiny_llama()
+    model = merged_from(anchor, [anchor_ffn(anchor), random_ffn(anchor, 1), random_ffn(anchor, 2), random_ffn(anchor, 3)], top_k=2)
+    sliced = slice_experts(model, [0, 1, 3])
+    assert type(sliced) is Qwen2MoeForCausalLM and sliced.config.num_experts == 3
+    torch.testing.assert_close(logits(sliced), logits_with_masked_expert(model, 2, IDS, float("-inf")), rtol=1e-5, atol=1e-5)
+    assert (logits_with_masked_expert(model, 2, IDS, 0.0) - logits(sliced)).abs().max() > 1e-3
+
+
+def test_the_merged_llama_moe_loads_with_stock_transformers_and_decodes_as_generate(tmp_path):
+    anchor = tiny_llama()
+    model = merged_from(anchor, [anchor_ffn(anchor), random_ffn(anchor, 1), random_ffn(anchor, 2)], top_k=2)
+    model.save_pretrained(tmp_path / "merged")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert type(loaded) is Qwen2MoeForCausalLM
+    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
+    for m in (anchor, loaded, use_fast_experts(merged_from(anchor, [anchor_ffn(anchor), random_ffn(anchor, 1), random_ffn(anchor, 2)], top_k=2))):
+        ours = decode(m, IDS[:, :4], 8)
+        stock = m.generate(IDS[:, :4], max_new_tokens=8, do_sample=False, pad_token_id=1)
+        assert torch.equal(ours, stock), type(m).__name__
+
+
+def test_the_soup_of_a_llama_moe_is_a_llama_with_the_averaged_ffn():
+    anchor = tiny_llama()
+    model = merged_from(anchor, [anchor_ffn(anchor)] * 2, top_k=2)
+    soup = soup_model(model)
+    assert type(soup) is LlamaForCausalLM
+    torch.testing.assert_close(logits(soup), logits(anchor), rtol=1e-5, atol=1e-5)
+
+
+def test_other_families_are_refused_with_the_supported_ones():
+    with pytest.raises(ValueError, match="gpt2.*olmo2.*llama"):
+        check_family(GPT2Config(), "models/anchor")
+    biased = LlamaConfig(attention_bias=True)
+    with pytest.raises(ValueError, match="biases"):
+        check_family(biased, "models/anchor")
+    with pytest.raises(ValueError, match="router_bias"):
+        moe_config(tiny_llama().config, 2, 2, keep_bias=True)
