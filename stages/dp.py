@@ -108,6 +108,10 @@ def train_dp(model: torch.nn.Module, docs: list[np.ndarray], t: P.TrainParams, d
     from opacus.data_loader import DPDataLoader
     from opacus.optimizers import DPOptimizer
 
+    if t.precision == "bf16":
+        # Opacus computes per-document gradients in hooks on each layer's fp32 activations and
+        # gradients; under autocast they arrive in bfloat16 and its clipping norms lose precision.
+        print(f"{desc}: DP-SGD trains in fp32 (precision bf16 does not apply to Opacus's per-document gradients)")
     sample_rate = min(1.0, t.batch_size / len(docs))
     sigma = training_noise(dp, sample_rate, t.steps)
     accountant = accountant_for(dp.accountant)

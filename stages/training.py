@@ -50,6 +50,13 @@ def cosine_lr(step: int, p: TrainParams) -> float:
     return p.lr * (p.min_lr_ratio + (1 - p.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def autocast(precision: str):
+    """Matmuls in bfloat16 where asked (CPUs with AVX-512 BF16 and GPUs run them about 2x faster);
+    weights, gradients and optimizer state stay fp32, so the frozen public half stays bit-identical."""
+    kind = device().type
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def lm_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy and the mean squared log-partition (for the z-loss)."""
     flat = logits.reshape(-1, logits.size(-1)).float()
@@ -136,7 +143,8 @@ def train(
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, p) * group["lr_scale"]
         batch = make_batch(step).to(device())
-        loss, numbers = step_loss(work, batch)
+        with autocast(p.precision):
+            loss, numbers = step_loss(work, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients([q for _, q in named])

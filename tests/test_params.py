@@ -41,7 +41,7 @@ def test_bad_value_is_named_with_its_path():
 
 
 def test_unknown_preset_lists_the_known_ones():
-    with pytest.raises(P.ParamsError, match="unknown preset 'fast'.*default, smoke, study"):
+    with pytest.raises(P.ParamsError, match="unknown preset 'fast'.*default, scratch, smoke, study"):
         P.resolve(project_params(), "fast")
 
 
