@@ -6,6 +6,7 @@ publishes only the numbers; for the public domain it runs at the coordinator.
 from __future__ import annotations
 
 import argparse
+import lzma
 import math
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, FlexOlmoForCausalL
 from stages import params as P
 from stages.baselines import btm_token_nll, soup_model
 from stages.experts import (
+    continue_text,
     has_model,
     merged_owners,
     resolve_experts,
@@ -79,6 +81,20 @@ def routing_share(model, rows: np.ndarray, batch_size: int, precision: str = "fp
     return (total / total.sum()).tolist()
 
 
+def xz_bits_per_byte(tokenizer, rows: np.ndarray) -> float:
+    """What `xz -9e` spends per byte of the scored text: a model compressing worse has learned nothing."""
+    data = tokenizer.decode(rows[:, 1:].reshape(-1).tolist()).encode("utf-8")
+    return 8 * len(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)) / max(len(data), 1)
+
+
+def side_by_side(prompt: str, tokenizer, models: dict[str, torch.nn.Module], max_new_tokens: int) -> dict:
+    """Each model's greedy continuation of one prompt (the prompt comes from params, never an owner's text)."""
+    out = {"prompt": prompt}
+    for name, model in models.items():
+        out[name] = continue_text(use_fast_experts(model), tokenizer, prompt, max_new_tokens)
+    return out
+
+
 def summarise(nll: np.ndarray, rows: np.ndarray, sizes: np.ndarray) -> dict:
     n_bytes = int(sizes[rows[:, 1:]].sum())
     return {"loss": float(nll.mean()), "bits_per_byte": float(nll.sum() / math.log(2) / max(n_bytes, 1)),
@@ -126,7 +142,14 @@ def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, 
         score("unrestricted", AutoModelForCausalLM.from_pretrained(reference_dir))
     if tuned_dir is not None and has_model(tuned_dir):
         score("merged_tuned", slice_experts(AutoModelForCausalLM.from_pretrained(tuned_dir), list(index.values())))
-    result = {"domain": domain, "experts": experts, "models": models, "routing": routing}
+    result = {"domain": domain, "experts": experts, "models": models, "routing": routing,
+              "xz_bits_per_byte": xz_bits_per_byte(tokenizer, rows)}
+    if e.continuation_tokens:
+        compared = {"anchor": AutoModelForCausalLM.from_pretrained(anchor_dir), "merged": merged}
+        if domain in index:
+            compared[f"without/{domain}"] = slice_experts(full, [index[k] for k in experts if k != domain])
+        result["generations"] = side_by_side(e.prompts.get(domain, e.prompts.get("default", "The")), tokenizer,
+                                             compared, e.continuation_tokens)
     if dp_baseline_dir is not None and (dp_baseline_dir / WEIGHTS).exists() and domain in index:
         from safetensors.torch import load_file
 

@@ -236,6 +236,11 @@ class EvaluateParams(Strict):
     ablations: bool = Field(default=False, description="also score the merged model at other top-k and bias settings")
     ablation_top_k: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 2], description="top-k values scored by the ablations")
     precision: Literal["fp32", "bf16"] = Field(default="fp32", description="bf16: score with matmuls autocast to bfloat16")
+    continuation_tokens: int = Field(default=32, ge=0, description="tokens the anchor, merged and opted-out models "
+                                                                   "continue each domain's prompt with (0: none)")
+    prompts: dict[str, str] = Field(default_factory=lambda: {"default": "The"},
+                                    description="the report's side-by-side prompt per domain (key default for the rest); "
+                                                "published, so generic text, never an owner's")
 
 
 class AuditParams(Strict):
