@@ -141,6 +141,8 @@ class Lineage:
         }
         if "@" in stage_name:
             tags["consort.owner"] = stage_name.split("@", 1)[1]
+        if stage_name == "train_anchor":
+            tags |= self._anchor_source_tags()
         if stage_name == "merge_experts":
             for other in self._expert_stages():
                 run_id = self.stage_runs.get(other) or self._producing_run(other)
@@ -269,12 +271,23 @@ class Lineage:
     def _run_link(self, run_id: str) -> str:
         return f"#/experiments/{self.experiment_id}/runs/{run_id}"
 
+    def _anchor_source_tags(self) -> dict[str, str]:
+        """Where the anchor came from: kind, location, licence, SHA-256 of the original weights."""
+        from stages.train_anchor import ANCHOR_INFO
+
+        path = self.ws.root / "models" / "anchor" / ANCHOR_INFO
+        source = json.loads(path.read_text()).get("source") if path.exists() else None
+        if not source:
+            return {"anchor.source.kind": "scratch"}
+        return {"anchor.source.kind": source["kind"], "anchor.source.where": source["where"],
+                "anchor.licence": source["licence"], "anchor.source.sha256": source["sha256"]}
+
     def _merged_lineage(self, expert_runs: dict[str, str]) -> tuple[dict[str, str], str]:
         """Tags and a markdown note saying which anchor and which experts the merged model holds."""
         from stages.experts import MERGED_INFO
 
         info = json.loads((self.ws.merged_model / MERGED_INFO).read_text())
-        tags = {"anchor.hash": info["anchor_hash"], "top_k": str(info["top_k"])}
+        tags = {"anchor.hash": info["anchor_hash"], "top_k": str(info["top_k"])} | self._anchor_source_tags()
         rows = ["| owner | data digest (SHA-256) | package hash (SHA-256 of its signature file) | run |",
                 "|---|---|---|---|"]
         for e in info["experts"]:
@@ -288,8 +301,9 @@ class Lineage:
                      f"expert.{owner}.run_id": run}
             rows.append(f"| {owner} | `{e.get('data_digest', '')[:16]}` | `{package[:16]}` | "
                         + (f"[{run[:8]}]({self._run_link(run)})" if run else "") + " |")
-        note = (f"Merged FlexOlmo model: the public anchor `{info['anchor_hash'][:16]}` and the experts below, "
-                f"top-{info['top_k']} routing.\n\n" + "\n".join(rows) + "\n")
+        where = tags.get("anchor.source.where", "trained from scratch on the public corpus")
+        note = (f"Merged model (FlexOlmo routing): the public anchor `{info['anchor_hash'][:16]}` ({where}) and "
+                f"the experts below, top-{info['top_k']} routing.\n\n" + "\n".join(rows) + "\n")
         return tags, note
 
     def _register_merged(self, run_id: str, merged_md5: str, expert_runs: dict[str, str]) -> None:

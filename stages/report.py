@@ -19,6 +19,8 @@ from stages.runtime import start_stage
 from stages.io import read_json, temp_path, write_json, write_text
 
 COMPARED = ("anchor", "own expert", "soup", "btm", "merged", "unrestricted")  # main table columns, in order
+COLORS = {"anchor": "#9aa5b1", "own expert": "#f2a541", "soup": "#7fb77e", "btm": "#b07cc6", "merged": "#2f6fdf",
+          "unrestricted": "#444444"}
 # Rows of the ablation table: the merged model as run, and each variant the evaluation scored.
 ABLATION_PREFIXES = ("merged_tuned", "top_k/", "router_bias/")
 OPTOUT_OTHERS_LIMIT = 1.0  # % a domain may move when another owner's expert is removed (issue target)
@@ -34,12 +36,44 @@ def collect(evaluations: Path, domains: set[str] | None = None) -> list[dict]:
     return sorted(rows, key=lambda r: (r["domain"] != "public", r["domain"]))
 
 
-def compared_losses(row: dict) -> dict[str, float]:
+def compared_losses(row: dict, field: str = "loss") -> dict[str, float]:
     """The main table's models for one domain; 'own expert' is the domain owner's model alone."""
     m = row["models"]
     picked = {"own expert": m.get(f"alone/{row['domain']}")}
     picked.update({k: m.get(k) for k in ("anchor", "soup", "btm", "merged", "unrestricted")})
-    return {k: picked[k]["loss"] for k in COMPARED if picked.get(k)}
+    return {k: picked[k][field] for k in COMPARED if picked.get(k)}
+
+
+def bpb_markdown(rows: list[dict]) -> str:
+    """Bits per byte of every compared model beside xz -9e on the same text (worse than xz: nothing learned)."""
+    rows = [r for r in rows if "xz_bits_per_byte" in r]
+    if not rows:
+        return ""
+    cols = [c for c in COMPARED if any(c in compared_losses(r) for r in rows)]
+    lines = ["| domain | " + " | ".join(f"{c} bpb" for c in cols) + " | xz -9e bpb | merged vs xz |",
+             "|---|" + "---:|" * (len(cols) + 2)]
+    for r in rows:
+        bpb = compared_losses(r, "bits_per_byte")
+        cells = [f"{bpb[c]:.3f}" if c in bpb else "" for c in cols]
+        xz = r["xz_bits_per_byte"]
+        lines.append(f"| {r['domain']} | " + " | ".join(cells) + f" | {xz:.3f} | {_pct(bpb['merged'], xz)} |")
+    return "\n".join(lines) + "\n"
+
+
+def generations_html(rows: list[dict]) -> str:
+    """Per domain, one prompt continued by the anchor, the merged model and the merged model without its owner."""
+    rows = [r for r in rows if r.get("generations")]
+    if not rows:
+        return ""
+    out = ["<h2>Side by side: one prompt per domain</h2><p>Greedy continuations of a prompt written in "
+           "params.yaml (evaluate.prompts), never taken from an owner's data.</p>"]
+    for r in rows:
+        g = r["generations"]
+        names = [k for k in g if k != "prompt"]
+        out.append(f"<h3>{html.escape(r['domain'])}: <code>{html.escape(g['prompt'])}</code></h3><table class=gen><tr>"
+                   + "".join(f"<th>{html.escape(n)}</th>" for n in names) + "</tr><tr>"
+                   + "".join(f"<td><pre>{html.escape(g[n])}</pre></td>" for n in names) + "</tr></table>")
+    return "\n".join(out)
 
 
 def _pct(new: float, old: float) -> str:
@@ -106,6 +140,12 @@ def targets(rows: list[dict]) -> list[tuple[str, bool, str]]:
             out.append((name, met, f"merged {merged:.3f} vs {other:.3f}"))
 
     versus("merged beats the anchor", "anchor")
+    scored = [r for r in rows if "xz_bits_per_byte" in r and r["domain"] != "public"]
+    if scored:
+        worse = [r["domain"] for r in scored if r["models"]["merged"]["bits_per_byte"] >= r["xz_bits_per_byte"]]
+        out.append(("merged compresses every owner's text better than xz -9e", not worse,
+                    f"worse than xz on {', '.join(worse)}" if worse else
+                    "merged bpb below xz's on " + ", ".join(r["domain"] for r in scored)))
     singles = sorted(k for k in rows[0]["models"] if k.startswith("alone/"))
     if singles:
         means = {k.split("/", 1)[1]: owners_mean(rows, k) for k in singles}
@@ -220,20 +260,43 @@ def plot_losses(rows: list[dict], path: Path) -> None:
 
     domains = [r["domain"] for r in rows]
     cols = [c for c in COMPARED if any(c in compared_losses(r) for r in rows)]
-    colors = {"anchor": "#9aa5b1", "own expert": "#f2a541", "soup": "#7fb77e", "btm": "#b07cc6", "merged": "#2f6fdf",
-              "unrestricted": "#444444"}
     width = 0.8 / len(cols)
     fig, ax = plt.subplots(figsize=(1.6 * len(domains) + 2, 3.8))
     for j, c in enumerate(cols):
         xs = [i - 0.4 + width * (j + 0.5) for i, r in enumerate(rows) if c in compared_losses(r)]
         ys = [compared_losses(r)[c] for r in rows if c in compared_losses(r)]
-        ax.bar(xs, ys, width=width, label=c, color=colors[c])
+        ax.bar(xs, ys, width=width, label=c, color=COLORS[c])
     ax.set_xticks(range(len(domains)), domains)
     ax.set_ylim(min(min(compared_losses(r).values()) for r in rows) * 0.95, None)
     ax.set_ylabel("held-out loss (nats/token)")
     ax.set_title("Held-out loss per domain")
     ax.legend(ncol=len(cols), fontsize=8)
     _save(fig, path)
+
+
+def plot_bpb(rows: list[dict], path: Path) -> bool:
+    """Bits per byte per domain and model, with xz -9e on the same text as a black line per domain."""
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if "xz_bits_per_byte" in r]
+    if not rows:
+        return False
+    cols = [c for c in COMPARED if any(c in compared_losses(r) for r in rows)]
+    width = 0.8 / len(cols)
+    fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 2, 3.8))
+    for j, c in enumerate(cols):
+        xs = [i - 0.4 + width * (j + 0.5) for i, r in enumerate(rows) if c in compared_losses(r)]
+        ys = [compared_losses(r, "bits_per_byte")[c] for r in rows if c in compared_losses(r)]
+        ax.bar(xs, ys, width=width, label=c, color=COLORS[c])
+    for i, r in enumerate(rows):
+        ax.hlines(r["xz_bits_per_byte"], i - 0.45, i + 0.45, color="black", linewidth=2,
+                  label="xz -9e" if i == 0 else None)
+    ax.set_xticks(range(len(rows)), [r["domain"] for r in rows])
+    ax.set_ylabel("held-out bits per byte")
+    ax.set_title("Bits per byte per domain (lower is better); black: xz -9e on the same text")
+    ax.legend(ncol=len(cols) + 1, fontsize=8)
+    _save(fig, path)
+    return True
 
 
 def plot_optout(rows: list[dict], path: Path) -> bool:
@@ -282,7 +345,9 @@ def plot_routing(rows: list[dict], path: Path) -> bool:
 def plot_curves(logs: dict[str, Path], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
-    curves = {name: [json.loads(line) for line in p.read_text().splitlines()] for name, p in logs.items() if p.exists()}
+    # A pretrained anchor's log is empty: it was not trained here.
+    curves = {name: [json.loads(line) for line in p.read_text().splitlines()] for name, p in logs.items()
+              if p.exists() and p.stat().st_size}
     if not curves:
         return False
     fig, ax = plt.subplots(figsize=(7, 3.8))
@@ -305,6 +370,9 @@ def page_html(rows: list[dict], images: list[str], audits: list[dict] | None = N
         + "</tr>" for r in rows)
     md = markdown_it.MarkdownIt().enable("table")
     main_table = md.render(table_markdown(rows))
+    bpb = bpb_markdown(rows)
+    bpb_html = ("<h2>Bits per byte, and xz -9e as the floor</h2><p>A model that compresses the held-out text worse "
+                "than xz -9e has learned nothing about it.</p>" + md.render(bpb)) if bpb else ""
     goals = targets_markdown(rows)
     goals_html = ("<h2>Targets (the FlexOlmo paper's ordering)</h2><p>Averages over the owners' domains. "
                   "A target not met is reported, not tuned away.</p>" + md.render(goals)) if goals else ""
@@ -323,15 +391,18 @@ def page_html(rows: list[dict], images: list[str], audits: list[dict] | None = N
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>consort report</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:right}}td:first-child{{text-align:left}}img{{max-width:100%}}</style>
+td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:right}}td:first-child{{text-align:left}}img{{max-width:100%}}
+table.gen td{{text-align:left;vertical-align:top;width:33%}}table.gen pre{{white-space:pre-wrap;margin:0}}</style>
 </head><body>
 <h1>consort: merged model vs baselines</h1>
 <p>Held-out loss in nats per token (lower is better) on each owner's validation split and on public text.
 "own expert" is the domain owner's 2-expert model alone; soup averages all experts into one dense FFN;
 BTM mixes the owners' models by how well each predicted the text so far.</p>
 {main_table}
+{bpb_html}
 {goals_html}
 {figures}
+{generations_html(rows)}
 {ablations_html}
 {dp_html}
 {privacy_html}
@@ -353,6 +424,8 @@ def report(evaluations: Path, out_dir: Path, metrics: Path, training_logs: dict[
     out_dir.mkdir(parents=True, exist_ok=True)
     images = ["loss_by_domain.png"]
     plot_losses(rows, out_dir / "loss_by_domain.png")
+    if plot_bpb(rows, out_dir / "bpb_by_domain.png"):
+        images.append("bpb_by_domain.png")
     if plot_optout(rows, out_dir / "optout_heatmap.png"):
         images.append("optout_heatmap.png")
     if plot_routing(rows, out_dir / "routing.png"):
@@ -360,8 +433,9 @@ def report(evaluations: Path, out_dir: Path, metrics: Path, training_logs: dict[
     if training_logs and plot_curves(training_logs, out_dir / "loss_curves.png"):
         images.append("loss_curves.png")
     summary = {r["domain"]: {m: {k: v[k] for k in ("loss", "bits_per_byte")} for m, v in r["models"].items()}
+               | ({"xz": {"bits_per_byte": r["xz_bits_per_byte"]}} if "xz_bits_per_byte" in r else {})
                for r in rows}
-    write_text(out_dir / "eval_table.md", "\n".join(t for t in (table_markdown(rows), targets_markdown(rows),
+    write_text(out_dir / "eval_table.md", "\n".join(t for t in (table_markdown(rows), bpb_markdown(rows), targets_markdown(rows),
                                                                   ablation_markdown(rows), dp_table,
                                                                   audit_markdown(audits)) if t))
     write_text(out_dir / "report.html", page_html(rows, images, audits, dp_table))

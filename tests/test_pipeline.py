@@ -225,11 +225,21 @@ def test_a_param_change_reruns_only_its_branch(smoke_workspace, tmp_path):
 def test_report_shows_every_baseline_and_the_optout_matrix(smoke_workspace):
     ws, _ = smoke_workspace
     reports = ws / "reports"
-    for name in ("report.html", "loss_by_domain.png", "optout_heatmap.png", "loss_curves.png", "routing.png",
-                 "eval_table.md"):
+    for name in ("report.html", "loss_by_domain.png", "bpb_by_domain.png", "optout_heatmap.png", "loss_curves.png",
+                 "routing.png", "eval_table.md"):
         assert (reports / name).stat().st_size > 500, name
     summary = json.loads((ws / "metrics" / "eval.json").read_text())
     assert set(summary) == {"public", *OWNERS}
+    # xz -9e of the same held-out text, the floor a model must beat; the side-by-side continuations.
+    html = (reports / "report.html").read_text()
+    assert "xz -9e bpb" in html and "compresses every owner's text better than xz -9e" in html
+    for domain in summary:
+        xz = summary[domain].pop("xz")["bits_per_byte"]
+        evaluation = json.loads((ws / "evaluations" / f"{domain}.json").read_text())
+        assert 0.5 < xz < 8 and evaluation["xz_bits_per_byte"] == xz
+        g = evaluation["generations"]
+        assert set(g) == {"prompt", "anchor", "merged"} | ({f"without/{domain}"} if domain != "public" else set())
+        assert f"<code>{g['prompt']}</code>" in html and all(isinstance(v, str) for v in g.values())
     # The smoke preset turns on everything the study has: reference, router tuning, ablations.
     expected = ({"anchor", "merged", "soup", "btm", "unrestricted", "merged_tuned", "top_k/1", "top_k/2", "top_k/6",
                  "router_bias/keep"} | {f"alone/{o}" for o in OWNERS} | {f"without/{o}" for o in OWNERS})
@@ -422,7 +432,7 @@ def test_mlflow_says_which_experts_and_anchor_the_model_holds(smoke_workspace):
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     version = client.search_model_versions("name='consort-merged'")[0]
     info = json.loads((ws / "models" / "merged" / "consort_merged.json").read_text())
-    assert version.tags["anchor.hash"] == info["anchor_hash"]
+    assert version.tags["anchor.hash"] == info["anchor_hash"] and version.tags["anchor.source.kind"] == "scratch"
     for e in info["experts"][1:]:
         o = e["owner"]
         assert version.tags[f"expert.{o}.data_digest"] == e["data_digest"]
