@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from transformers import PreTrainedModel
 
-from stages.moe import dense_model
+from stages.moe import assemble, dense_model
 
 
 def soup_model(merged: PreTrainedModel) -> PreTrainedModel:
@@ -27,9 +27,7 @@ def soup_model(merged: PreTrainedModel) -> PreTrainedModel:
             state[key.removesuffix("experts.down_proj") + "down_proj.weight"] = value.mean(dim=0).clone()
         else:
             state[key] = value
-    soup = dense_model(merged.config)
-    soup.load_state_dict(state, strict=True)
-    return soup.eval()
+    return assemble(lambda: dense_model(merged.config), state, merged)
 
 
 def btm_weights(token_nll: np.ndarray, temperature: float, top_k: int | None = None) -> np.ndarray:

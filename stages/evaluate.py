@@ -128,7 +128,8 @@ def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, 
         models[name] = summarise(nll, rows, sizes)
         return nll
 
-    score("anchor", AutoModelForCausalLM.from_pretrained(anchor_dir))
+    anchor = AutoModelForCausalLM.from_pretrained(anchor_dir)
+    score("anchor", anchor)
     score("merged", merged)
     # Where this domain's tokens go: the diagnosis when the merged model trails BTM or opt-outs spill over.
     routing = dict(zip(["public", *experts], routing_share(merged, rows, e.batch_size, e.precision)))
@@ -145,7 +146,7 @@ def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, 
     result = {"domain": domain, "experts": experts, "models": models, "routing": routing,
               "xz_bits_per_byte": xz_bits_per_byte(tokenizer, rows)}
     if e.continuation_tokens:
-        compared = {"anchor": AutoModelForCausalLM.from_pretrained(anchor_dir), "merged": merged}
+        compared = {"anchor": anchor, "merged": merged}
         if domain in index:
             compared[f"without/{domain}"] = slice_experts(full, [index[k] for k in experts if k != domain])
         result["generations"] = side_by_side(e.prompts.get(domain, e.prompts.get("default", "The")), tokenizer,

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, FlexOlmoConfig, FlexOlmoForCausal
 from stages.decode import decode
 from stages.fast_moe import use_fast_experts
 from stages.io import read_json
-from stages.moe import BiasedFlexOlmoConfig, BiasedFlexOlmoForCausalLM
+from stages.moe import BiasedFlexOlmoConfig, BiasedFlexOlmoForCausalLM, assemble
 
 MERGED_INFO = "consort_merged.json"
 
@@ -67,9 +67,7 @@ def slice_experts(model: FlexOlmoForCausalLM, keep: list[int]) -> FlexOlmoForCau
     for key, value in model.state_dict().items():
         sliced = key.endswith(("mlp.gate.weight", "mlp.gate.bias", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"))
         state[key] = value.index_select(0, index).clone() if sliced else value
-    small = type(model)(config)
-    small.load_state_dict(state, strict=True)
-    return small.eval()
+    return assemble(lambda: type(model)(config), state, model)
 
 
 def with_expert_from(model: FlexOlmoForCausalLM, index: int, tensors: dict[str, torch.Tensor]) -> FlexOlmoForCausalLM:
@@ -85,9 +83,7 @@ def with_expert_from(model: FlexOlmoForCausalLM, index: int, tensors: dict[str, 
             key = f"model.layers.{i}.mlp.{ours}"
             state[key] = state[key].clone()
             state[key][index] = tensors[f"layers.{i}.{theirs}"]
-    other = type(model)(model.config)
-    other.load_state_dict(state, strict=True)
-    return other.eval()
+    return assemble(lambda: type(model)(model.config), state, model)
 
 
 def load_merged(merged_dir: Path, experts: list[str] | None = None) -> FlexOlmoForCausalLM:
@@ -103,9 +99,7 @@ def with_top_k(model: FlexOlmoForCausalLM, top_k: int) -> FlexOlmoForCausalLM:
     """The same weights routed to `top_k` experts per token (capped to the experts there are)."""
     k = min(top_k, model.config.num_experts)
     config = model.config.__class__(**{**model.config.to_dict(), "num_experts_per_tok": k})
-    other = type(model)(config)
-    other.load_state_dict(model.state_dict(), strict=True)
-    return other.eval()
+    return assemble(lambda: type(model)(config), model.state_dict(), model)
 
 
 def toggled_router_bias(model: FlexOlmoForCausalLM, merged_dir: Path) -> FlexOlmoForCausalLM:
@@ -116,18 +110,17 @@ def toggled_router_bias(model: FlexOlmoForCausalLM, merged_dir: Path) -> FlexOlm
     state = model.state_dict()
     if isinstance(model, BiasedFlexOlmoForCausalLM):
         config = FlexOlmoConfig(**{k: v for k, v in model.config.to_dict().items() if k != "model_type"})
-        other = FlexOlmoForCausalLM(config)
+        model_class = FlexOlmoForCausalLM
         state = {k: v for k, v in state.items() if not k.endswith("mlp.gate.bias")}
     else:
         experts = read_json(merged_dir / MERGED_INFO)["experts"]
         if any("router_bias" not in e for e in experts[1:]):
             raise ValueError(f"{merged_dir / MERGED_INFO} holds no router biases: re-run merge_experts with this version")
         config = BiasedFlexOlmoConfig(**{k: v for k, v in model.config.to_dict().items() if k != "model_type"})
-        other = BiasedFlexOlmoForCausalLM(config)
+        model_class = BiasedFlexOlmoForCausalLM
         for i in range(config.num_hidden_layers):
             state[f"model.layers.{i}.mlp.gate.bias"] = torch.tensor([0.0] + [e["router_bias"][i] for e in experts[1:]])
-    other.load_state_dict(state, strict=True)
-    return other.eval()
+    return assemble(lambda: model_class(config), state, model)
 
 
 def continue_text(model, tokenizer, prompt: str, max_new_tokens: int = 40, temperature: float = 0.0,
