@@ -29,7 +29,8 @@ def stage_line(result: dict, suffix: str = "") -> str:
 
 
 def last_line(path: Path, limit: int = 4096) -> str:
-    """The newest line of a log, where progress bars redraw with carriage returns."""
+    """The newest progress-bar line of a log (bars redraw with carriage returns), else its newest line:
+    a warning printed after the bar's last redraw says less about where the stage is."""
     try:
         with path.open("rb") as fh:
             fh.seek(max(0, path.stat().st_size - limit))
@@ -37,7 +38,8 @@ def last_line(path: Path, limit: int = 4096) -> str:
     except OSError:
         return ""
     lines = [ln.strip() for ln in tail.replace("\r", "\n").splitlines() if ln.strip()]
-    return lines[-1] if lines else ""
+    bars = [ln for ln in lines if "%|" in ln]
+    return (bars or lines or [""])[-1]
 
 
 def log_tail(path: Path, lines: int = 25) -> str:

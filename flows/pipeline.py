@@ -195,6 +195,17 @@ def reproduce_stage(workspace: Path, stage: str, force: bool = False) -> tuple[s
     return outcome, time.perf_counter() - t0
 
 
+def failure_cause(workspace: Path, stage: str, err: BaseException) -> str:
+    """What made a stage fail: its own message if its command failed, else the innermost error
+    DVC met before running it (a missing param, a missing input), not DVC's "failed to reproduce"."""
+    recorded = failure_file(workspace, stage)
+    if recorded.exists():
+        return recorded.read_text().strip()
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return f"{type(err).__name__}: {err}"
+
+
 @task(task_run_name="{stage}", retries=0, cache_policy=NO_CACHE)
 def run_stage(workspace: str, stage: str, force: bool = False, upstream: list[dict] | None = None) -> dict:
     logger = get_run_logger()
@@ -259,10 +270,7 @@ def pipeline(workspace: str, preset: str = "default", track: bool = True, force:
     if failed:
         names = ", ".join(s for s, _ in failed)
         # The root causes come last, where a reader looks: the stage's own message, not DVC's wrapper.
-        causes = []
-        for stage, err in failed:
-            cause = failure_file(ws.root, stage)
-            causes.append(f"  {stage}: {cause.read_text().strip() if cause.exists() else err}")
+        causes = [f"  {stage}: {failure_cause(ws.root, stage, err)}" for stage, err in failed]
         raise RuntimeError(f"pipeline failed at stage(s) {names}; stages depending on them did not run "
                            f"(full output above). Cause:\n" + "\n".join(causes))
     return results

@@ -377,10 +377,10 @@ def resolve(raw: dict[str, Any], preset: str = "default", origin: str = "params.
         raw = _deep_merge(raw, presets[preset])
     # Dump the validated model, so every default is spelled out for DVC to track.
     resolved = parse(raw, origin=f"{origin} (preset {preset})").model_dump(mode="json", exclude_none=True)
+    # Kept when null: stages track these keys, and DVC refuses a params key that is missing.
     for owner in resolved["owners"].values():
-        # Kept when off (null): the expert stages track owners.<name>.dp, and DVC refuses a
-        # params key that is missing.
         owner.setdefault("dp", None)
+    resolved["merge"].setdefault("top_k", None)
     return resolved
 
 

@@ -62,9 +62,26 @@ def test_a_stage_that_ran_restored_or_was_up_to_date_says_which(tmp_path, monkey
     assert "in.txt says fail" in failed and str(log_file(root, "copy")) in failed
 
 
+def test_a_stage_dvc_cannot_start_names_the_root_cause(tmp_path, monkeypatch):
+    root = _repo(tmp_path)
+    monkeypatch.chdir(root)
+    (root / "params.yaml").write_text("merge: {}\n")  # the stage tracks merge.top_k, which is not there
+    text = (root / "dvc.yaml").read_text().replace("    outs:", "    params: [merge.top_k]\n    outs:")
+    (root / "dvc.yaml").write_text(text)
+    try:
+        pipeline_module.reproduce_stage(root, "copy")
+    except Exception as err:
+        cause = pipeline_module.failure_cause(root, "copy", err)
+    else:
+        raise AssertionError("a stage with a missing param must fail")
+    assert cause.startswith("MissingParamsError") and "merge.top_k" in cause, cause
+
+
 def test_the_newest_progress_line_is_read_through_carriage_returns(tmp_path):
     log = tmp_path / "x.log"
     log.write_bytes(b"loading\nexpert code:  10%|#   | 1/10\rexpert code:  50%|##  | 5/10\r")
     assert last_line(log) == "expert code:  50%|##  | 5/10"
     assert log_tail(log).splitlines() == ["loading", "expert code:  50%|##  | 5/10"]
     assert last_line(tmp_path / "missing.log") == ""
+    log.write_bytes(b"expert code:  50%|##  | 5/10\r\nUserWarning: a warning after the bar\n")
+    assert last_line(log) == "expert code:  50%|##  | 5/10"

@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from conftest import run_consort
-from flows.workspace import PROJECT_ROOT
+from flows.workspace import PROJECT_ROOT, read_project_params
 
 PROJECT = PROJECT_ROOT
 from stages import params as P
@@ -117,3 +117,18 @@ def test_opting_out_where_the_list_is_missing_adds_it(tmp_path, section):
     assert set_expert_enabled("news", False, path)
     assert P.resolve(yaml.safe_load(path.read_text()))["inference"]["disabled"] == ["news"]
     assert ("# opt-outs" in path.read_text()) == bool(section)
+
+
+@pytest.mark.parametrize("preset", ["default", "scratch", "smoke", "study"])
+def test_every_param_a_stage_tracks_is_in_the_resolved_params(preset):
+    """DVC refuses a stage whose params key is missing: a key whose value is null must be kept."""
+    resolved = P.resolve(read_project_params(PROJECT_ROOT / "params.yaml"), preset)
+    stages = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        body = stage.get("do", stage)
+        for owner in resolved["owners"] if "foreach" in stage else [None]:
+            for key in body.get("params", []):
+                node = resolved
+                for part in key.replace("${key}", owner or "").split("."):
+                    assert isinstance(node, dict) and part in node, (preset, name, key)
+                    node = node[part]
