@@ -294,7 +294,7 @@ def plot_bpb(rows: list[dict], path: Path) -> bool:
     ax.set_xticks(range(len(rows)), [r["domain"] for r in rows])
     ax.set_ylabel("held-out bits per byte")
     ax.set_title("Bits per byte per domain (lower is better); black: xz -9e on the same text")
-    ax.legend(ncol=len(cols) + 1, fontsize=8)
+    ax.legend(ncol=len(cols) + 1, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1))  # below: clear of the lines
     _save(fig, path)
     return True
 
