@@ -124,6 +124,8 @@ def train(
                 current[name].copy_(value)
         start, log = resumed["step"], resumed["log"]
     work = training_copy(model)
+    if p.activation_checkpointing:
+        work.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     named = [(n, q) for n, q in work.named_parameters() if q.requires_grad]
     groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
     for n, q in named:

@@ -114,3 +114,56 @@ def test_other_families_are_refused_with_the_supported_ones():
         check_family(biased, "models/anchor")
     with pytest.raises(ValueError, match="router_bias"):
         moe_config(tiny_llama().config, 2, 2, keep_bias=True)
+
+
+@pytest.mark.parametrize("setting", [{"activation_checkpointing": True}, {"precision": "bf16"}])
+def test_expert_training_on_a_llama_with_checkpointing_or_bf16(tmp_path, setting):
+    """Checkpointing recomputes the same numbers (weights as without it); bf16 trains near them,
+    and either way the frozen half stays bit-identical to the anchor."""
+    import numpy as np
+
+    from stages import params as P
+    from stages.training import Checkpointer, lm_losses, sample_batch, train
+
+    anchor = tiny_llama()
+    tokens = np.random.default_rng(0).integers(2, 96, size=2000).astype(np.int32)
+    p = P.TrainParams(steps=3, batch_size=2, seq_len=16, lr=0.01, min_lr_ratio=0.1, warmup_steps=1, weight_decay=0.1,
+                      grad_clip=1.0, seed=0, log_every=1, checkpoint_every=10)
+
+    def trained(params, folder):
+        model = upcycle(anchor, torch.randn(32, generator=torch.Generator().manual_seed(1)),
+                        torch.randn(32, generator=torch.Generator().manual_seed(2)))
+
+        def step_loss(module, batch):
+            ce, _ = lm_losses(module(input_ids=batch[:, :-1]).logits, batch[:, 1:])
+            return ce, {"loss": ce.item()}
+
+        train(model, step_loss, lambda step: sample_batch(tokens, 2, 16, 0, step), params,
+              Checkpointer(folder / "ckpt.pt", "fp"), folder / "log.jsonl", "t")
+        return model
+
+    def saved_for_backward(model) -> int:
+        """Elements the forward pass keeps for the backward pass (what checkpointing saves)."""
+        kept = [0]
+
+        def pack(t):
+            kept[0] += t.numel()
+            return t
+
+        model.train()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=torch.from_numpy(tokens[:32].astype(np.int64)).view(2, 16))
+        return kept[0]
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    plain, other = trained(p, tmp_path / "a"), trained(p.model_copy(update=setting), tmp_path / "b")
+    if "activation_checkpointing" in setting:
+        assert saved_for_backward(other) < saved_for_backward(plain) / 4
+    tolerance = 0 if "activation_checkpointing" in setting else 2e-2
+    for (name, a), (_, b) in zip(plain.named_parameters(), other.named_parameters()):
+        torch.testing.assert_close(b, a, rtol=tolerance, atol=tolerance, msg=name)
+    frozen = {k: v for k, v in other.state_dict().items() if ".mlp." not in k}
+    assert all(torch.equal(v, anchor.state_dict()[k]) for k, v in frozen.items())
+    assert all(torch.equal(b.experts[0].down_proj.weight, l.mlp.down_proj.weight)
+               for b, l in zip(blocks(other), anchor.model.layers))
