@@ -276,6 +276,7 @@ def test_report_shows_every_baseline_and_the_optout_matrix(smoke_workspace):
     assert "traced in news" in (ws / "evaluations" / "news.trace.html").read_text()
 
 
+@pytest.mark.slow  # re-runs every evaluation and audit (about 3 minutes); slicing itself is tested in test_experts
 def test_opting_an_expert_out_reruns_only_what_follows_the_merge(smoke_workspace, tmp_path):
     ws, _ = smoke_workspace
     # The workspace's own resolved params (whatever earlier tests changed): only the opt-out differs.
