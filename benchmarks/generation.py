@@ -1,11 +1,12 @@
-"""Merged-model generation speed: our generate path vs the stock FlexOlmoForCausalLM eager path.
+"""Merged-model generation speed: our generate path vs the stock eager path of the merged class.
 
     .venv/bin/python benchmarks/generation.py --workspace workspace [--new-tokens 64] [--repeats 3]
 
 Greedy generation with the KV cache at batch 1 and batch 8 (8 different held-out openings), same
 model, same prompts, measured side by side in one run (alternating, best of --repeats):
 
-- stock: `FlexOlmoForCausalLM.generate()` with the stock eager experts (the baseline);
+- stock: `generate()` of the merged class (FlexOlmoForCausalLM or Qwen2MoeForCausalLM) with its
+  stock eager experts (the baseline);
 - ours: what `consort generate`, the trace page and the audit run: stages/decode.py's decoder
   (its own attention over a preallocated cache, no generate()) with stages/fast_moe.py's experts;
 - the two halves apart (fast experts under generate(), stock experts under our decoder), and the
