@@ -50,7 +50,8 @@ def upcycle_all(anchor, rows: list, top_k: int):
     model = moe_model(config)
     model.load_state_dict(state, strict=True)
     for name, q in model.named_parameters():
-        q.requires_grad_(".mlp." in name)  # experts and router rows learn, as in expert training
+        # Experts and router rows learn, as in expert training (Qwen2Moe's empty shared expert does not).
+        q.requires_grad_(".mlp." in name and ".shared_expert" not in name)
     return model
 
 
