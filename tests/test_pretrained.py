@@ -1,6 +1,7 @@
 """Pretrained anchors: a Hugging Face folder and a GGUF file (written here with the gguf package,
 never downloaded) become models/anchor through the tokenizer and anchor stages, computing what
 the original model computes; bad sources are refused by name."""
+import hashlib
 import json
 import zipfile
 
@@ -55,6 +56,7 @@ def test_a_checkpoint_folder_becomes_the_anchor_and_its_tokenizer_everyone_s(lla
     assert info["anchor_hash"] == anchor_hash(anchor) == summary["anchor_hash"]
     assert info["source"]["licence"] == "test" and len(info["source"]["sha256"]) == 64
     assert info["source"]["files"] == ["model.safetensors"]
+    assert info["source"]["sha256"] == hashlib.sha256((root / "llama" / "model.safetensors").read_bytes()).hexdigest()
 
 
 def write_gguf(model: LlamaForCausalLM, tokenizer, path):
