@@ -19,7 +19,7 @@ from stages import params as P
 from stages.domain_embedding import load_embedding
 from stages.experts import MERGED_INFO
 from stages.io import atomic_dir, file_digest, read_json, write_json
-from stages.moe import moe_config, moe_extra_state, moe_model, shared_state
+from stages.moe import assemble, moe_config, moe_extra_state, moe_model, shared_state
 from stages.package import PackageRefused, enrolled_key, read_expert_tensors, verify_package
 from stages.runtime import start_stage
 from stages.train_anchor import ANCHOR_INFO
@@ -97,8 +97,7 @@ def merge_experts(anchor_dir: Path, public_embedding: Path, experts: dict[str, P
             [r_pub.view(-1)] + [t[layer + "router"] for _, t in packages.values()])
         if keep_bias:  # the public expert has no bias; an owner's is min(b, 0) as trained
             merged_state[dense + "gate.bias"] = torch.tensor([0.0] + [biases[o][i] for o in experts])
-    model = moe_model(config)
-    model.load_state_dict(merged_state, strict=True)
+    model = assemble(lambda: moe_model(config), merged_state, anchor)
     info = {
         "anchor_hash": anchor_hash,
         "top_k": top_k,

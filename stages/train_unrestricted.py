@@ -36,7 +36,7 @@ def upcycle_all(anchor, rows: list, top_k: int):
     """The anchor's MoE model whose every expert is a copy of the anchor's FFN, router rows as given."""
     import torch
 
-    from stages.moe import moe_config, moe_extra_state, moe_model, shared_state
+    from stages.moe import assemble, moe_config, moe_extra_state, moe_model, shared_state
 
     n = len(rows)
     config = moe_config(anchor.config, num_experts=n, top_k=min(top_k, n))
@@ -47,8 +47,7 @@ def upcycle_all(anchor, rows: list, top_k: int):
         state[prefix + "experts.gate_up_proj"] = gate_up.unsqueeze(0).repeat(n, 1, 1)
         state[prefix + "experts.down_proj"] = mlp.down_proj.weight.detach().unsqueeze(0).repeat(n, 1, 1)
         state[prefix + "gate.weight"] = torch.stack([r.view(-1) for r in rows])
-    model = moe_model(config)
-    model.load_state_dict(state, strict=True)
+    model = assemble(lambda: moe_model(config), state, anchor).train()
     for name, q in model.named_parameters():
         # Experts and router rows learn, as in expert training (Qwen2Moe's empty shared expert does not).
         q.requires_grad_(".mlp." in name and ".shared_expert" not in name)
