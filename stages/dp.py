@@ -144,19 +144,27 @@ def train_dp(model: torch.nn.Module, docs: list[np.ndarray], t: P.TrainParams, d
         if batch.numel() == 0:  # Poisson sampling can draw no document: nothing is released
             skipped += 1
             continue
-        inputs, targets = batch[:, :-1].clamp_min(0), batch[:, 1:]
-        logits = gsm(input_ids=inputs).logits.float()
-        per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-1, reduction="none")
-        valid = (targets >= 0).float()
-        per_doc = (per_token * valid).sum(1) / valid.sum(1).clamp_min(1)  # one loss per document
-        loss = per_doc.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        # Micro-batches (train.grad_accumulation) clip each document's gradient and add it up;
+        # only the last one adds the noise and steps, so the release is the same as in one pass.
+        micro = [m for m in batch.tensor_split(t.grad_accumulation) if len(m)]
+        loss = 0.0
+        for i, rows in enumerate(micro):
+            inputs, targets = rows[:, :-1].clamp_min(0), rows[:, 1:]
+            logits = gsm(input_ids=inputs).logits.float()
+            per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-1,
+                                                          reduction="none")
+            valid = (targets >= 0).float()
+            per_doc = (per_token * valid).sum(1) / valid.sum(1).clamp_min(1)  # one loss per document
+            opt.zero_grad(set_to_none=True)
+            per_doc.mean().backward()
+            if i < len(micro) - 1:
+                opt.signal_skip_step(do_skip=True)
+            opt.step()
+            loss += per_doc.sum().item() / len(batch)
         if step % t.log_every == 0 or step == t.steps - 1:
-            log.append({"step": step, "loss": loss.item(), "documents": int(batch.shape[0]),
+            log.append({"step": step, "loss": loss, "documents": int(batch.shape[0]),
                         "epsilon": float(accountant.get_epsilon(delta=dp.delta))})
-            bar.set_postfix(loss=f"{loss.item():.3f}", eps=f"{log[-1]['epsilon']:.2f}", refresh=False)
+            bar.set_postfix(loss=f"{loss:.3f}", eps=f"{log[-1]['epsilon']:.2f}", refresh=False)
     bar.close()
     model.eval()
     elapsed = time.perf_counter() - t0

@@ -137,6 +137,9 @@ class TrainParams(Strict):
     activation_checkpointing: bool = Field(
         default=False, description="recompute each decoder layer's activations in the backward pass instead of "
                                    "keeping them: less memory (a 1B anchor's expert), about a third more compute")
+    grad_accumulation: int = Field(
+        default=1, ge=1, description="forward/backward passes per optimizer step: batch_size rows are split into "
+                                     "this many micro-batches (the same update, memory of batch_size / this)")
 
 
 class TrainOverrides(Strict):

@@ -72,18 +72,23 @@ def train_expert(owner: str, corpus_train: Path, public_train: Path, anchor_dir:
     own_rows = local_rows(t.batch_size - n_public, f"owners.{owner}: the owner rows of expert.train.batch_size")
     public_rows = local_rows(n_public, "the public rows of expert.train.batch_size (expert.public_mix)")
 
-    def make_batch(step: int) -> torch.Tensor:
+    n_own = own_rows.stop - own_rows.start
+    if n_own % t.grad_accumulation:
+        raise ValueError(f"owners.{owner}: {n_own} owner rows per step do not split evenly into "
+                         f"{t.grad_accumulation} micro-batches (train.grad_accumulation); choose a batch_size "
+                         f"and public_mix whose owner rows divide by it")
+    # The first rows of a batch are the owner's text, the rest public text; the labels travel with
+    # the rows, so a micro-batch knows which of its rows are the owner's.
+    is_owner = torch.arange(n_own + public_rows.stop - public_rows.start) < n_own
+
+    def make_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
         own = sample_batch(tokens, t.batch_size - n_public, t.seq_len, t.seed, step)[own_rows]
         if not n_public:
-            return own
-        return torch.cat([own, sample_batch(public_tokens, n_public, t.seq_len, t.seed + 1, step)[public_rows]])
+            return own, is_owner
+        return torch.cat([own, sample_batch(public_tokens, n_public, t.seq_len, t.seed + 1, step)[public_rows]]), is_owner
 
-    # The first rows of a batch are the owner's text, the rest public text.
-    n_own = own_rows.stop - own_rows.start
-    rows = n_own + public_rows.stop - public_rows.start
-
-    def step_loss(module, batch):
-        is_owner = torch.arange(rows, device=batch.device) < n_own
+    def step_loss(module, rows_and_labels):
+        batch, is_owner = rows_and_labels
         logits = module(input_ids=batch[:, :-1]).logits
         ce, lm_z = lm_losses(logits[is_owner], batch[is_owner, 1:])
         router_logits = [b.last_router_logits.float() for b in blocks(module)]

@@ -57,6 +57,29 @@ def autocast(precision: str):
     return torch.autocast(kind, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+Batch = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+def micro_batches(batch: Batch, parts: int) -> list[Batch]:
+    """A step's rows in `parts` micro-batches of equal size, row i in micro-batch i % parts.
+
+    Strided rather than contiguous, so a batch laid out in blocks (an expert's owner rows, then
+    public rows) gives every micro-batch the same mix; a tuple's tensors (rows and their labels)
+    are split alike.
+    """
+    tensors = batch if isinstance(batch, tuple) else (batch,)
+    rows = tensors[0].size(0)
+    if rows % parts:
+        raise ValueError(f"train.grad_accumulation: {rows} rows of a step do not split into {parts} equal "
+                         f"micro-batches; choose a batch_size (per process) that divides by {parts}")
+    split = [tuple(t[i::parts] for t in tensors) for i in range(parts)]
+    return split if isinstance(batch, tuple) else [m[0] for m in split]
+
+
+def to_device(batch: Batch) -> Batch:
+    return tuple(t.to(device()) for t in batch) if isinstance(batch, tuple) else batch.to(device())
+
+
 def lm_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy and the mean squared log-partition (for the z-loss)."""
     flat = logits.reshape(-1, logits.size(-1)).float()
@@ -94,8 +117,8 @@ class Checkpointer:
 
 def train(
     model: torch.nn.Module,
-    step_loss: Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, dict[str, float]]],
-    make_batch: Callable[[int], torch.Tensor],
+    step_loss: Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]],
+    make_batch: Callable[[int], Batch],
     p: TrainParams,
     checkpointer: Checkpointer,
     log_path: Path,
@@ -106,8 +129,10 @@ def train(
     """Run AdamW with a cosine schedule over the model's trainable parameters.
 
     `make_batch(step)` returns the batch of a step (a function of the step, so a resumed run sees
-    the same data); `step_loss(module, batch)` returns the loss of the module being trained to
-    minimise and the numbers to log; `lr_scale(name)` multiplies the learning rate of the
+    the same data): a tensor of rows, or a tuple of tensors with a row each (rows and their
+    labels); `step_loss(module, batch)` returns the mean loss over the rows it is given, which the
+    module being trained minimises, and the numbers to log. With `p.grad_accumulation` > 1 it is
+    called once per micro-batch (see micro_batches) and the gradients add up to the step's; `lr_scale(name)` multiplies the learning rate of the
     parameter of that name; `after_step(module)` runs after each optimizer step (for constraints
     on parameters). The module trained is `model` on the training device, or under FSDP a
     sharded copy of it (stages/distributed.py); either way the trained weights end in `model`,
@@ -144,11 +169,14 @@ def train(
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, p) * group["lr_scale"]
-        batch = make_batch(step).to(device())
-        with autocast(p.precision):
-            loss, numbers = step_loss(work, batch)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        numbers: dict[str, float] = {}
+        for micro in micro_batches(make_batch(step), p.grad_accumulation):
+            with autocast(p.precision):
+                loss, micro_numbers = step_loss(work, to_device(micro))
+            (loss / p.grad_accumulation).backward()
+            for k, v in micro_numbers.items():
+                numbers[k] = numbers.get(k, 0.0) + v / p.grad_accumulation
         average_gradients([q for _, q in named])
         grad_norm = torch.nn.utils.clip_grad_norm_([q for _, q in named], p.grad_clip)
         opt.step()
