@@ -393,8 +393,9 @@ def cmd_coordinate(args: argparse.Namespace) -> int:
 
 def cmd_owner(args: argparse.Namespace) -> int:
     """An owner's commands, in the owner's workspace on the owner's machine."""
-    from flows.owner import PHASES, OwnerError, OwnerWorkspace, fetch_public, init_owner, publish, run_phase
+    from flows.owner import OwnerError, OwnerWorkspace, fetch_public, init_owner, publish, run_phase
     from flows.store import Store, StoreError
+    from stages import registry
     from stages.package import PUBLIC_KEY, PackageRefused
     from stages.params import ParamsError
 
@@ -412,7 +413,7 @@ def cmd_owner(args: argparse.Namespace) -> int:
         owner = ws.owner
         store = Store.open(args.store, root) if args.store else None
         _prefect_environment(root)
-        phases = list(PHASES) if args.phase == "all" else [args.phase]
+        phases = list(registry.OWNER_PHASES) if args.phase == "all" else [args.phase]
         if args.action == "run":
             from flows.console import stage_line
             from flows.workspace import use_project_python

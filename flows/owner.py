@@ -23,19 +23,12 @@ from pathlib import Path
 import yaml
 
 from flows.store import Store
+from flows.workspace import PROJECT_ROOT, init_dvc_repo, read_project_params, side_dvc_yaml
 from stages import params as P
+from stages import registry
 
 OWNER_FILE = "consort_owner.json"
 WORKSPACE_VARIABLE = "CONSORT_OWNER_WORKSPACE"  # how a worker tells the owner flow where its workspace is
-PHASES = {
-    "train": ("prepare_owner", "train_expert", "train_dp_baseline", "build_index"),
-    "evaluate": ("evaluate_owner", "audit"),
-}
-# What each phase needs from the coordinator, as paths in both the store and the workspace.
-PUBLIC_INPUTS = {
-    "train": ("public/corpus", "models/anchor", "models/tokenizer", "models/public_embedding"),
-    "evaluate": ("models/merged", "models/merged_tuned", "models/unrestricted"),
-}
 
 
 class OwnerError(RuntimeError):
@@ -63,19 +56,11 @@ class OwnerWorkspace:
         return self.root / "owners" / self.owner / "keys"
 
 
-def owner_dvc_yaml(project_dvc: Path) -> dict:
-    """The project's dvc.yaml with only the per-owner stages the owner phases run."""
-    wanted = {s for stages in PHASES.values() for s in stages}
-    dvc = yaml.safe_load(project_dvc.read_text())
-    return {"stages": {name: stage for name, stage in dvc["stages"].items() if name in wanted}}
-
-
 def init_owner(owner: str, root: Path, preset: str = "default", params_file: Path | None = None) -> OwnerWorkspace:
     """Create an owner's workspace (params for that owner only, its stages, a DVC repo, its key pair).
 
     Running it again keeps the key and updates the params and stages.
     """
-    from flows.workspace import PROJECT_ROOT, init_dvc_repo, read_project_params
     from stages.package import create_owner_key
 
     source = params_file or PROJECT_ROOT / "params.yaml"
@@ -91,7 +76,7 @@ def init_owner(owner: str, root: Path, preset: str = "default", params_file: Pat
     root.mkdir(parents=True, exist_ok=True)
     (root / "params.yaml").write_text(f"# Owner {owner}'s params (preset {preset}, from {source.name}).\n"
                                       + yaml.safe_dump(resolved, sort_keys=False))
-    (root / "dvc.yaml").write_text(yaml.safe_dump(owner_dvc_yaml(PROJECT_ROOT / "dvc.yaml"), sort_keys=False))
+    (root / "dvc.yaml").write_text(yaml.safe_dump(side_dvc_yaml("owner"), sort_keys=False))
     init_dvc_repo(root)
     (root / OWNER_FILE).write_text(json.dumps({"owner": owner}) + "\n")
     ws = OwnerWorkspace(root)
@@ -99,12 +84,18 @@ def init_owner(owner: str, root: Path, preset: str = "default", params_file: Pat
     return ws
 
 
+def check_phase(phase: str) -> None:
+    if phase not in registry.OWNER_PHASES:
+        raise OwnerError(f"unknown phase {phase!r}: choose {' or '.join(registry.OWNER_PHASES)}")
+
+
 def fetch_public(ws: OwnerWorkspace, store: Store, phase: str) -> None:
-    missing = [p for p in PUBLIC_INPUTS[phase] if not store.exists(p)]
+    check_phase(phase)
+    missing = [p for p in registry.public_inputs(phase) if not store.exists(p)]
     if missing:
         raise OwnerError(f"store {store} lacks {', '.join(missing)}: the coordinator publishes them before the "
                          f"{phase!r} phase (consort coordinate)")
-    for rel in PUBLIC_INPUTS[phase]:
+    for rel in registry.public_inputs(phase):
         store.get(rel, ws.root / rel)
 
 
@@ -112,28 +103,16 @@ def run_phase(ws: OwnerWorkspace, phase: str) -> list[dict]:
     """Run the phase's stages in the workspace (DVC skips those up to date): [{stage, ran, seconds}]."""
     from dvc.repo import Repo
 
-    if phase not in PHASES:
-        raise OwnerError(f"unknown phase {phase!r}: choose {' or '.join(PHASES)}")
+    check_phase(phase)
     out = []
     # DVC resolves stage paths against the working directory (a Prefect worker runs flows elsewhere).
     with contextlib.chdir(ws.root), Repo(str(ws.root)) as repo:
-        for stage in PHASES[phase]:
+        for stage in registry.in_phase(phase, "owner"):
             target = f"{ws.root / 'dvc.yaml'}:{stage}@{ws.owner}"
             t0 = time.perf_counter()
             ran = repo.reproduce(target, single_item=True)
             out.append({"stage": f"{stage}@{ws.owner}", "ran": bool(ran), "seconds": round(time.perf_counter() - t0, 1)})
     return out
-
-
-def published_paths(owner: str, phase: str) -> dict[str, str]:
-    """What a phase publishes: store path -> workspace path. Signed weights and numbers only."""
-    if phase == "train":
-        return {f"experts/{owner}/expert": f"published/{owner}/expert",
-                f"experts/{owner}/train_metrics.json": f"published/{owner}/train_metrics.json",
-                f"experts/{owner}/train_log.jsonl": f"published/{owner}/train_log.jsonl"}
-    return {f"results/{owner}/evaluation.json": f"evaluations/{owner}.json",
-            f"results/{owner}/audit.json": f"audits/{owner}.json",
-            f"results/{owner}/trace.html": f"evaluations/{owner}.trace.html"}
 
 
 def publish(ws: OwnerWorkspace, store: Store, phase: str) -> list[str]:
@@ -148,7 +127,7 @@ def publish(ws: OwnerWorkspace, store: Store, phase: str) -> list[str]:
                              f"(consort owner run --workspace {ws.root} --phase train)")
         # The owner checks its own package against its own key before anything leaves the machine.
         verify_package(package, owner, ws.keys / PUBLIC_KEY)
-    for store_rel, ws_rel in published_paths(owner, phase).items():
+    for store_rel, ws_rel in registry.published_paths(owner, phase).items():
         if (ws.root / ws_rel).exists():
             store.put(ws.root / ws_rel, store_rel)
             done.append(store_rel)

@@ -27,6 +27,7 @@ from flows.workspace import Workspace
 if TYPE_CHECKING:
     from flows.tracking import Lineage
 from flows.console import StageConsole
+from stages import registry
 from stages.runtime import LOGS_VARIABLE, failure_file, log_file, threads_variable
 
 # Importing DVC installs its console handlers; turned down here, so that the console shows
@@ -39,13 +40,9 @@ for _name in ("dvc", "dvc_objects", "dvc_data"):
     logging.getLogger(_name).setLevel(logging.ERROR)
     logging.getLogger(_name).propagate = False
 
-HEAVY_PREFIXES = ("train_", "embed_", "evaluate_", "merge_", "audit")
-# Stages that come in groups which can run side by side: experts, one evaluation or audit per domain.
-ONE_CORE_PREFIXES = ("train_expert", "train_dp_baseline", "evaluate_", "audit")
-
 
 class CpuScheduler:
-    """Hands the cores to CPU-heavy stages: one core to an expert or an evaluation, all to the rest.
+    """Hands the cores to CPU-heavy stages, as many as stages/registry.py says (one or all).
 
     When cores free up, the costliest stage that is ready goes first (a stage is ready when the
     stages it depends on are done, even if its task has not asked yet), so the longest training
@@ -69,7 +66,7 @@ class CpuScheduler:
         if stage not in self.cost:
             yield 0
             return
-        n = 1 if stage.startswith(ONE_CORE_PREFIXES) else self.cores
+        n = 1 if registry.spec(stage).cores == "one" else self.cores
         with self.cond:
             self.cond.wait_for(lambda: self.free >= n and self._first_in_line(stage))
             self.free -= n
@@ -97,7 +94,7 @@ def stage_costs(graph: dict[str, list[str]], params) -> dict[str, float]:
 
     costs = {}
     for stage in graph:
-        if not stage.startswith(HEAVY_PREFIXES):
+        if registry.spec(stage).cores == "none":
             continue
         name, _, owner = stage.partition("@")
         if name == "train_expert" and owner in params.owners:

@@ -24,19 +24,16 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from flows.console import stage_line
-from flows.owner import PHASES, PUBLIC_INPUTS, WORKSPACE_VARIABLE, OwnerWorkspace, fetch_public, pool_name
+from flows.owner import WORKSPACE_VARIABLE, OwnerWorkspace, check_phase, fetch_public, pool_name
 from flows.owner import publish as owner_publish
-from flows.owner import published_paths, run_phase
+from flows.owner import run_phase
 from flows.store import Store
+from stages import registry
 from stages.io import write_json
 
 STORE_VARIABLE = "CONSORT_STORE"
 DEPLOYMENT_FLOW = "consort-owner"
 WORKER_HEARTBEAT_S = 5  # our workers beat this often, so a dead one is noticed in seconds, not minutes
-# Coordinator stages before the owners train, between the two owner phases, and after them.
-BEFORE_OWNERS = ("prepare_public", "train_tokenizer", "train_anchor", "embed_public")
-AFTER_TRAINING = ("merge_experts", "tune_router")
-AFTER_EVALUATION = ("evaluate_public", "report")
 
 
 # --- the owner's side ---------------------------------------------------------------------------
@@ -47,8 +44,7 @@ def owner_flow(phase: str) -> dict:
 
     Its result is persisted where the worker keeps results: the owner's workspace.
     """
-    if phase not in PHASES:
-        raise ValueError(f"unknown phase {phase!r}: choose {' or '.join(PHASES)}")
+    check_phase(phase)
     ws = OwnerWorkspace(Path(os.environ[WORKSPACE_VARIABLE]))
     store = Store.open(os.environ[STORE_VARIABLE], ws.root)
     fetch_public(ws, store, phase)
@@ -97,26 +93,6 @@ def worker_command(ws: OwnerWorkspace, store: Store) -> tuple[list[str], dict]:
 
 # --- the coordinator's side ---------------------------------------------------------------------
 
-def coordinator_dvc_yaml(project_dvc: Path) -> dict:
-    """The coordinator's stages: no per-owner stage, and no reference trained on all owners' data."""
-    import yaml
-
-    dvc = yaml.safe_load(project_dvc.read_text())
-    return {"stages": {n: s for n, s in dvc["stages"].items() if "foreach" not in s and n != "train_unrestricted"}}
-
-
-def write_reference_stub(root: Path) -> None:
-    """The unrestricted reference needs every owner's data in one place, so a coordinator never trains it:
-    its stub stands where the evaluation and the report look for it."""
-    from stages.train_unrestricted import REFERENCE_INFO
-
-    if not (root / "models" / "unrestricted" / REFERENCE_INFO).exists():
-        (root / "models" / "unrestricted").mkdir(parents=True, exist_ok=True)
-        write_json(root / "models" / "unrestricted" / REFERENCE_INFO, {"enabled": False})
-    (root / "metrics").mkdir(parents=True, exist_ok=True)
-    (root / "metrics" / "unrestricted_log.jsonl").touch()
-
-
 def _worker_alive(client, owner: str, grace_s: float) -> bool:
     workers = client.read_workers_for_work_pool(pool_name(owner))
     now = datetime.now(timezone.utc)
@@ -163,14 +139,14 @@ def dispatch(owners: list[str], phase: str, lost_after_s: float, timeout_s: floa
 
 
 def publish_public(root: Path, store: Store, phase: str) -> None:
-    for rel in PUBLIC_INPUTS[phase]:
+    for rel in registry.public_inputs(phase):
         store.put(root / rel, rel)
 
 
 def collect(root: Path, store: Store, owners: list[str], phase: str) -> None:
     """Copy what these owners published into the coordinator's workspace."""
     for owner in owners:
-        for store_rel, ws_rel in published_paths(owner, phase).items():
+        for store_rel, ws_rel in registry.published_paths(owner, phase).items():
             if store.exists(store_rel):
                 store.get(store_rel, root / ws_rel)
 
@@ -202,9 +178,10 @@ def coordinate(workspace: str, store: str, preset: str = "default", allow_missin
     lineage = Lineage(Workspace(root), preset, str(flow_run.id) if flow_run.id else None)
     summary: dict = {"stages": [], "failed": {}}
     try:
-        summary["stages"] += run_coordinator_stages(root, BEFORE_OWNERS, lineage, logged)
+        summary["stages"] += run_coordinator_stages(root, registry.in_phase("before_owners", "coordinator"), lineage,
+                                                    logged)
         publish_public(root, shared, "train")
-        for phase, after in (("train", AFTER_TRAINING), ("evaluate", AFTER_EVALUATION)):
+        for phase, after in (("train", "after_training"), ("evaluate", "after_evaluation")):
             results = dispatch(owners, phase, lost_after_s, owner_timeout_s)
             failed = {o: r["error"] for o, r in results.items() if not r["ok"]}
             for o, err in failed.items():
@@ -225,7 +202,7 @@ def coordinate(workspace: str, store: str, preset: str = "default", allow_missin
                 for o in owners:
                     manifest = json.loads((root / "published" / o / "expert" / MANIFEST).read_text())
                     lineage.record_remote_expert(o, manifest, results[o].get("flow_run"))
-            summary["stages"] += run_coordinator_stages(root, after, lineage, logged)
+            summary["stages"] += run_coordinator_stages(root, registry.in_phase(after, "coordinator"), lineage, logged)
             if phase == "train":
                 publish_public(root, shared, "evaluate")
     except BaseException:
@@ -272,7 +249,7 @@ def start_prefect_server(home: Path, port: int, wait_s: float = 180.0) -> tuple[
 
 def stream_stages(summary: dict) -> str:
     lines = [stage_line(s) for s in summary["stages"]]
-    for phase in PHASES:
+    for phase in registry.OWNER_PHASES:
         for owner, rec in summary.get(f"{phase}_runs", {}).items():
             lines += [stage_line(s, f"  (on {owner}'s worker)") for s in rec.get("stages", [])]
     return "\n".join(lines)

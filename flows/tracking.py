@@ -27,6 +27,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from flows.workspace import PROJECT_ROOT, Workspace
+from stages import registry
 from stages.io import file_digest
 
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser where PyYAML has it
@@ -141,9 +142,10 @@ class Lineage:
         }
         if "@" in stage_name:
             tags["consort.owner"] = stage_name.split("@", 1)[1]
-        if stage_name == "train_anchor":
+        entry = registry.spec(stage_name)
+        if "anchor_source" in entry.lineage:
             tags |= self._anchor_source_tags()
-        if stage_name == "merge_experts":
+        if "expert_links" in entry.lineage:
             for other in self._expert_stages():
                 run_id = self.stage_runs.get(other) or self._producing_run(other)
                 if run_id:
@@ -167,12 +169,11 @@ class Lineage:
                         if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                             metrics.append(Metric(f"curve/{k}", float(v), 0, int(row["step"])))
         deps = list(lock_entry.get("deps", []))
-        if stage_name == "merge_experts":
+        if "expert_links" in entry.lineage:
             # The merge reads no corpus, but lineage should show which data made each expert.
             deps += [d for other in self._expert_stages() for d in self._lock_entry(other).get("deps", [])]
-        context = "training" if stage_name.startswith(("train", "merge")) else "evaluation"
         by_name = {  # a corpus behind several experts is recorded once
-            name: _dataset_input(name, digest, context)
+            name: _dataset_input(name, digest, entry.context)
             for d in deps if d["path"].startswith(DATASET_PREFIXES)
             for name, digest in self._dataset_files(d["path"])
         }
@@ -190,11 +191,11 @@ class Lineage:
                 self.client.log_inputs(run_id, datasets=datasets)
             self.stage_runs[stage_name] = run_id
         trace_page = self.ws.root / "evaluations" / f"{stage_name.partition('@')[2]}.trace.html"
-        if stage_name.startswith("evaluate_owner@") and trace_page.exists():
+        if "trace_page" in entry.lineage and trace_page.exists():
             self.client.log_artifact(run_id, str(trace_page), "trace")
-        if stage_name == "report" and (self.ws.root / "reports").exists():
+        if "report_files" in entry.lineage and (self.ws.root / "reports").exists():
             self.client.log_artifacts(run_id, str(self.ws.root / "reports"), "report")
-        if stage_name == "merge_experts":
+        if "expert_links" in entry.lineage:
             merged_md5 = next((o.get("md5", "") for o in lock_entry.get("outs", []) if o["path"] == "models/merged"), "")
             experts = {k.rsplit(".", 1)[1]: v for k, v in tags.items() if k.startswith("consort.expert_run.")}
             self._register_merged(run_id, merged_md5, experts)

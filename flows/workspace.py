@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from stages import params as P
+from stages import registry
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -169,6 +170,27 @@ def removed_owner_paths(root: Path, owners: list[str]) -> dict[str, list[Path]]:
     return dict(sorted(found.items()))
 
 
+def side_dvc_yaml(side: registry.Side, project_dvc: Path = PROJECT_ROOT / "dvc.yaml") -> dict:
+    """The project's dvc.yaml with one side's stages (stages/registry.py): an owner's workspace runs
+    the per-owner stages; a coordinator's runs none of them, nor the reference trained on all
+    owners' data."""
+    dvc = yaml.safe_load(project_dvc.read_text())
+    return {"stages": {n: stage for n, stage in dvc["stages"].items() if registry.spec(n).side == side}}
+
+
+def write_reference_stub(root: Path) -> None:
+    """The unrestricted reference needs every owner's data in one place, so a coordinator never trains it:
+    its stub stands where the evaluation and the report look for it."""
+    from stages.io import write_json
+    from stages.train_unrestricted import REFERENCE_INFO
+
+    if not (root / "models" / "unrestricted" / REFERENCE_INFO).exists():
+        (root / "models" / "unrestricted").mkdir(parents=True, exist_ok=True)
+        write_json(root / "models" / "unrestricted" / REFERENCE_INFO, {"enabled": False})
+    (root / "metrics").mkdir(parents=True, exist_ok=True)
+    (root / "metrics" / "unrestricted_log.jsonl").touch()
+
+
 def prepare_workspace(root: Path, preset: str, params_file: Path | None = None, owners_remote: bool = False) -> Workspace:
     """Create or update the workspace: dvc.yaml, resolved params.yaml and a DVC repo (no Git needed).
 
@@ -182,9 +204,7 @@ def prepare_workspace(root: Path, preset: str, params_file: Path | None = None, 
         check_local_sources(P.parse(resolved, origin=str(source)), str(source))  # before the workspace is touched
     root.mkdir(parents=True, exist_ok=True)
     if owners_remote:
-        from flows.remote import coordinator_dvc_yaml, write_reference_stub
-
-        (root / "dvc.yaml").write_text(yaml.safe_dump(coordinator_dvc_yaml(PROJECT_ROOT / "dvc.yaml"), sort_keys=False))
+        (root / "dvc.yaml").write_text(yaml.safe_dump(side_dvc_yaml("coordinator"), sort_keys=False))
         write_reference_stub(root)
     else:
         shutil.copyfile(PROJECT_ROOT / "dvc.yaml", root / "dvc.yaml")
@@ -204,11 +224,12 @@ def init_dvc_repo(root: Path) -> None:
 
     With CONSORT_CACHE set, its `cache/` of fetched packages is that shared folder.
     """
-    # An expert's resumable checkpoint comes and goes while it trains, a trace service keeps its
-    # key, tokens and audit log, and the owner's signing key is an identity, not data: a stage
-    # reading the whole owners/ folder (the unrestricted reference) must see none as input.
-    (root / ".dvcignore").write_text("owners/*/checkpoint.pt*\nowners/*/dp_baseline_checkpoint.pt*\n"
-                                     "owners/*/trace/\nowners/*/keys/\n")
+    # An expert's resumable checkpoint comes and goes while it trains (the stages' scratch files
+    # in stages/registry.py), a trace service keeps its key, tokens and audit log, and the owner's
+    # signing key is an identity, not data: a stage reading the whole owners/ folder (the
+    # unrestricted reference) must see none as input.
+    ignored = (*registry.scratch_files(), "owners/*/trace/", "owners/*/keys/")
+    (root / ".dvcignore").write_text("".join(f"{path}\n" for path in ignored))
     shared_cache = os.environ.get("CONSORT_CACHE")
     if shared_cache and not (root / "cache").exists():
         # Several workspaces (tests, presets) can share one folder of fetched packages.

@@ -20,17 +20,17 @@ import pytest
 import yaml
 
 from conftest import PROJECT, SHARED_CACHE, kill_tree
-from flows.owner import PHASES, OwnerError, OwnerWorkspace, init_owner, owner_dvc_yaml
-from flows.remote import coordinator_dvc_yaml
+from flows.owner import OwnerError, OwnerWorkspace, init_owner
+from flows.workspace import side_dvc_yaml
 
 OWNERS = ["code", "math", "news"]
 
 
 def test_owner_and_coordinator_stages_split_the_dag():
-    owner = owner_dvc_yaml(PROJECT / "dvc.yaml")["stages"]
-    assert set(owner) == {s for stages in PHASES.values() for s in stages}
+    owner = side_dvc_yaml("owner", PROJECT / "dvc.yaml")["stages"]
+    assert set(owner) == {"prepare_owner", "train_expert", "train_dp_baseline", "build_index", "evaluate_owner", "audit"}
     assert all("foreach" in s for s in owner.values())
-    coordinator = coordinator_dvc_yaml(PROJECT / "dvc.yaml")["stages"]
+    coordinator = side_dvc_yaml("coordinator", PROJECT / "dvc.yaml")["stages"]
     assert "merge_experts" in coordinator and "train_unrestricted" not in coordinator
     deps = [str(d) for s in coordinator.values() for d in s.get("deps", [])]
     assert deps and not [d for d in deps if d.startswith("owners")]

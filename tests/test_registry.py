@@ -1,0 +1,64 @@
+"""stages/registry.py against dvc.yaml: one entry per stage, and what it says agrees with the DAG."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages import registry
+
+DVC = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())["stages"]
+
+
+def paths(entries) -> set[str]:
+    """dvc.yaml's deps or outs as plain paths, an owner's `${key}` written `{owner}`."""
+    return {(next(iter(e)) if isinstance(e, dict) else e).replace("${key}", "{owner}") for e in entries or []}
+
+
+def body(name: str) -> dict:
+    stage = DVC[name]
+    return stage["do"] if "foreach" in stage else stage
+
+
+def test_every_dvc_stage_has_one_entry():
+    assert len(registry.STAGES) == len(registry.BY_NAME)
+    assert set(registry.BY_NAME) == set(DVC)
+    with pytest.raises(KeyError, match="stages/registry.py"):
+        registry.spec("no_such_stage@news")
+
+
+@pytest.mark.parametrize("name", list(DVC))
+def test_an_entry_agrees_with_its_dvc_stage(name):
+    entry, stage = registry.spec(name), body(name)
+    deps, outs = paths(stage.get("deps")), paths(stage.get("outs")) | paths(stage.get("metrics")) | paths(stage.get("plots"))
+    per_owner = "foreach" in DVC[name]
+    assert (entry.side == "owner") == per_owner, "owner stages are exactly the per-owner (foreach) ones"
+    if entry.side == "coordinator":  # the boundary: a coordinator stage reads nothing of an owner's
+        assert not any(d.startswith("owners") for d in deps), deps
+    if entry.side == "owner":
+        assert set(entry.public_inputs) == {d for d in deps if not d.startswith("owners/")}
+        published = {ws for _, ws in entry.published}
+        assert published == {o for o in outs if not o.startswith("owners/")}, "what leaves the owner is published"
+    else:
+        assert not entry.public_inputs and not entry.published
+
+
+def test_a_stage_reads_only_what_an_earlier_phase_or_an_earlier_entry_of_its_own_makes():
+    """Phases run in order, and the stages of a phase in table order."""
+    order = {p: i for i, p in enumerate(("before_owners", "train", "after_training", "evaluate", "after_evaluation"))}
+    made_by = {o: n for n in DVC
+               for o in paths(body(n).get("outs")) | paths(body(n).get("metrics")) | paths(body(n).get("plots"))}
+    for name in DVC:
+        for dep in paths(body(name).get("deps")):
+            producers = {p for out, p in made_by.items()
+                         if out == dep or out.startswith(dep.rstrip("/") + "/") or dep.startswith(out + "/")}
+            for producer in producers - {name}:
+                before, after = registry.spec(producer), registry.spec(name)
+                assert (order[before.phase], registry.STAGES.index(before)) < \
+                    (order[after.phase], registry.STAGES.index(after)), (name, dep, producer)
+
+
+def test_owner_phases_fetch_each_public_input_once_and_publish_numbers_and_signed_weights():
+    assert set(registry.public_inputs("train")).isdisjoint(registry.public_inputs("evaluate"))
+    assert "models/anchor" in registry.public_inputs("train")
+    published = {**registry.published_paths("news", "train"), **registry.published_paths("news", "evaluate")}
+    assert all(p.startswith(("published/news/", "evaluations/news", "audits/news")) for p in published.values())
