@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PRESET ?= default
 WORKSPACE ?= workspace
 
-.PHONY: run test test-slow install browser clean
+.PHONY: run test test-slow lint install browser clean
 
 $(BIN)/consort: pyproject.toml requirements/overrides.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,8 +28,13 @@ browser:
 	  echo "installing Debian's chromium and chromium-driver for the page test"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
 
+# Lint and import order (ruff), and the import contract of pyproject.toml (import-linter).
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
 # pytest exits 5 when it collected no test: that is a failure, never a pass.
-test: install browser
+test: install browser lint
 	$(BIN)/python -m pytest -q; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$status
 

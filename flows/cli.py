@@ -10,6 +10,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from stages.artifacts import MERGED_INFO, PUBLIC_KEY
+
 DEFAULT_WORKSPACE = Path("workspace")
 
 
@@ -108,7 +110,6 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 def cmd_experts(args: argparse.Namespace) -> int:
     from flows.workspace import Workspace, read_project_params, set_expert_enabled
-    from stages.experts import MERGED_INFO
     from stages.io import read_json
     from stages.params import ParamsError, resolve
 
@@ -396,7 +397,7 @@ def cmd_owner(args: argparse.Namespace) -> int:
     from flows.owner import OwnerError, OwnerWorkspace, fetch_public, init_owner, publish, run_phase
     from flows.store import Store, StoreError
     from stages import registry
-    from stages.package import PUBLIC_KEY, PackageRefused
+    from stages.package import PackageRefused
     from stages.params import ParamsError
 
     root = args.workspace.resolve()

@@ -26,6 +26,7 @@ from flows.store import Store
 from flows.workspace import PROJECT_ROOT, init_dvc_repo, read_project_params, side_dvc_yaml
 from stages import params as P
 from stages import registry
+from stages.artifacts import PUBLIC_KEY
 
 OWNER_FILE = "consort_owner.json"
 WORKSPACE_VARIABLE = "CONSORT_OWNER_WORKSPACE"  # how a worker tells the owner flow where its workspace is
@@ -119,7 +120,7 @@ def publish(ws: OwnerWorkspace, store: Store, phase: str) -> list[str]:
     """Copy what the phase produced to the store (the expert package is checked for its signature first)."""
     owner, done = ws.owner, []
     if phase == "train":
-        from stages.package import PUBLIC_KEY, verify_package
+        from stages.package import verify_package
 
         package = ws.root / "published" / owner / "expert"
         if not package.exists():

@@ -18,17 +18,17 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 
 from flows.console import stage_line
-from flows.owner import WORKSPACE_VARIABLE, OwnerWorkspace, check_phase, fetch_public, pool_name
+from flows.owner import WORKSPACE_VARIABLE, OwnerWorkspace, check_phase, fetch_public, pool_name, run_phase
 from flows.owner import publish as owner_publish
-from flows.owner import run_phase
 from flows.store import Store
 from stages import registry
+from stages.artifacts import MANIFEST, PRESENT_OWNERS
 from stages.io import write_json
 
 STORE_VARIABLE = "CONSORT_STORE"
@@ -95,7 +95,7 @@ def worker_command(ws: OwnerWorkspace, store: Store) -> tuple[list[str], dict]:
 
 def _worker_alive(client, owner: str, grace_s: float) -> bool:
     workers = client.read_workers_for_work_pool(pool_name(owner))
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     return any(w.last_heartbeat_time and (now - w.last_heartbeat_time).total_seconds() < grace_s for w in workers)
 
 
@@ -167,9 +167,10 @@ def run_coordinator_stages(root: Path, stages: tuple[str, ...], lineage, params:
 def coordinate(workspace: str, store: str, preset: str = "default", allow_missing: bool = False,
                lost_after_s: float = 20.0, owner_timeout_s: float = 3600.0) -> dict:
     """The whole pipeline with every owner's stages on that owner's worker."""
+    from prefect.runtime import flow_run
+
     from flows.tracking import Lineage
     from flows.workspace import Workspace
-    from prefect.runtime import flow_run
 
     root = Path(workspace)
     shared = Store.open(store, root)
@@ -197,7 +198,6 @@ def coordinate(workspace: str, store: str, preset: str = "default", allow_missin
             collect(root, shared, owners, phase)
             summary[f"{phase}_runs"] = {o: shared.read_json(f"runs/{o}/{phase}.json") or {} for o in owners}
             if phase == "train":
-                from stages.train_expert import MANIFEST
 
                 for o in owners:
                     manifest = json.loads((root / "published" / o / "expert" / MANIFEST).read_text())
@@ -215,7 +215,6 @@ def coordinate(workspace: str, store: str, preset: str = "default", allow_missin
 
 def _write_present_owners(root: Path, owners: list[str]) -> None:
     """The owners whose packages the merge takes: the ones that delivered."""
-    from stages.merge_experts import PRESENT_OWNERS  # imports torch: not at the worker's start
 
     write_json(root / "published" / PRESENT_OWNERS, {"owners": owners})
 

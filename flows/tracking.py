@@ -28,6 +28,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from flows.workspace import PROJECT_ROOT, Workspace
 from stages import registry
+from stages.artifacts import ANCHOR_INFO, MERGED_INFO
 from stages.io import file_digest
 
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser where PyYAML has it
@@ -69,7 +70,8 @@ def _stage_hash(lock_entry: dict) -> str:
 
 def _dataset_input(name: str, sha256: str, context: str) -> DatasetInput:
     # MLflow keeps 36 characters of a digest: the start of the SHA-256.
-    return DatasetInput(MetaDataset(CodeDatasetSource({"dvc_path": name}), name=name, digest=sha256[:36])._to_mlflow_entity(),
+    dataset = MetaDataset(CodeDatasetSource({"dvc_path": name}), name=name, digest=sha256[:36])
+    return DatasetInput(dataset._to_mlflow_entity(),
                         [InputTag("mlflow.data.context", context)])
 
 
@@ -274,7 +276,6 @@ class Lineage:
 
     def _anchor_source_tags(self) -> dict[str, str]:
         """Where the anchor came from: kind, location, licence, SHA-256 of the original weights."""
-        from stages.train_anchor import ANCHOR_INFO
 
         path = self.ws.root / "models" / "anchor" / ANCHOR_INFO
         source = json.loads(path.read_text()).get("source") if path.exists() else None
@@ -285,7 +286,6 @@ class Lineage:
 
     def _merged_lineage(self, expert_runs: dict[str, str]) -> tuple[dict[str, str], str]:
         """Tags and a markdown note saying which anchor and which experts the merged model holds."""
-        from stages.experts import MERGED_INFO
 
         info = json.loads((self.ws.merged_model / MERGED_INFO).read_text())
         tags = {"anchor.hash": info["anchor_hash"], "top_k": str(info["top_k"])} | self._anchor_source_tags()

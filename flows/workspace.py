@@ -5,9 +5,9 @@ DVC sees exactly the values a run uses and re-runs only the stages whose inputs 
 """
 from __future__ import annotations
 
+import ast
 import os
 import re
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +16,7 @@ import yaml
 
 from stages import params as P
 from stages import registry
+from stages.artifacts import REFERENCE_INFO
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -170,19 +171,50 @@ def removed_owner_paths(root: Path, owners: list[str]) -> dict[str, list[Path]]:
     return dict(sorted(found.items()))
 
 
-def side_dvc_yaml(side: registry.Side, project_dvc: Path = PROJECT_ROOT / "dvc.yaml") -> dict:
-    """The project's dvc.yaml with one side's stages (stages/registry.py): an owner's workspace runs
-    the per-owner stages; a coordinator's runs none of them, nor the reference trained on all
-    owners' data."""
+def code_files(module: str) -> list[Path]:
+    """The source files of a stage module and of every project module it imports, transitively
+    (imports inside functions too): the code whose change changes the stage's outputs."""
+    seen: dict[str, Path] = {}
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        path = PROJECT_ROOT / Path(*name.split(".")).with_suffix(".py")
+        if name in seen or not path.exists():
+            continue
+        seen[name] = path
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                # `from stages import params` names a module; `from stages.io import x` a package member.
+                todo += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                todo += [a.name for a in node.names]
+    return sorted(seen.values())
+
+
+def with_code_deps(dvc: dict) -> dict:
+    """Each stage's source files added to its deps (DVC's own convention), so a change to the code
+    re-runs exactly the stages that run it, and what depends on them."""
+    for stage in dvc["stages"].values():
+        body = stage.get("do", stage)
+        module = re.search(r"python -m ([\w.]+)", body["cmd"])
+        if module:
+            body["deps"] = [*body.get("deps", []), *(str(f) for f in code_files(module.group(1)))]
+    return dvc
+
+
+def side_dvc_yaml(side: registry.Side | None, project_dvc: Path = PROJECT_ROOT / "dvc.yaml") -> dict:
+    """The project's dvc.yaml with its stages' code as deps, and only one side's stages
+    (stages/registry.py) if `side` is given: an owner's workspace runs the per-owner stages; a
+    coordinator's runs none of them, nor the reference trained on all owners' data."""
     dvc = yaml.safe_load(project_dvc.read_text())
-    return {"stages": {n: stage for n, stage in dvc["stages"].items() if registry.spec(n).side == side}}
+    return with_code_deps({"stages": {n: stage for n, stage in dvc["stages"].items()
+                                      if side is None or registry.spec(n).side == side}})
 
 
 def write_reference_stub(root: Path) -> None:
     """The unrestricted reference needs every owner's data in one place, so a coordinator never trains it:
     its stub stands where the evaluation and the report look for it."""
     from stages.io import write_json
-    from stages.train_unrestricted import REFERENCE_INFO
 
     if not (root / "models" / "unrestricted" / REFERENCE_INFO).exists():
         (root / "models" / "unrestricted").mkdir(parents=True, exist_ok=True)
@@ -207,7 +239,7 @@ def prepare_workspace(root: Path, preset: str, params_file: Path | None = None, 
         (root / "dvc.yaml").write_text(yaml.safe_dump(side_dvc_yaml("coordinator"), sort_keys=False))
         write_reference_stub(root)
     else:
-        shutil.copyfile(PROJECT_ROOT / "dvc.yaml", root / "dvc.yaml")
+        (root / "dvc.yaml").write_text(yaml.safe_dump(side_dvc_yaml(None), sort_keys=False))
     text = (f"# Written by `consort run --preset {preset}` from {source.name}; edit that file, not this one.\n"
             + yaml.safe_dump(resolved, sort_keys=False))
     if not owners_remote:

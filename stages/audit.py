@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from stages import params as P
+from stages.artifacts import CANARIES
 from stages.io import read_json, read_jsonl, write_json
-from stages.prepare_data import CANARIES
 from stages.runtime import start_stage
 
 # torch, transformers and the models are imported where they are used: off (the default), the
@@ -124,7 +124,8 @@ def canary_audit(model, tokenizer, canaries: list[dict], candidates: int, seed: 
         texts = [c["secret"]] + [random_secret(rng) for _ in range(candidates - 1)]
         losses = []
         for start in range(0, len(texts), 128):
-            enc = [prefix + tokenizer(" " + t + ".", add_special_tokens=False)["input_ids"] for t in texts[start:start + 128]]
+            enc = [prefix + tokenizer(" " + t + ".", add_special_tokens=False)["input_ids"]
+                   for t in texts[start:start + 128]]
             width = max(map(len, enc))
             ids = torch.tensor([e + [0] * (width - len(e)) for e in enc])
             logits = model(input_ids=ids[:, :-1]).logits.float()

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from stages import params as P
-from stages.domain_embedding import as_router_row, hidden_sums
+from stages.router_rows import as_router_row, hidden_sums
 from stages.runtime import step_bar
 from stages.training import cosine_lr
 
@@ -79,7 +79,8 @@ def dp_router_row(anchor, tokenizer, private_texts: list[str], public_texts: lis
     sums, counts = hidden_sums(anchor, tokenizer, private_texts, seq_len)
     per_doc = sums / counts[:, None]
     per_doc = per_doc * torch.clamp(clip / per_doc.norm(dim=1, keepdim=True).clamp_min(1e-12), max=1.0)
-    noisy = per_doc.sum(0) + torch.randn(per_doc.shape[1], generator=generator, dtype=per_doc.dtype) * noise_multiplier * clip
+    noise = torch.randn(per_doc.shape[1], generator=generator, dtype=per_doc.dtype)
+    noisy = per_doc.sum(0) + noise * noise_multiplier * clip
     return as_router_row(noisy / len(private_texts)), {"clip": clip, "documents": len(private_texts)}
 
 

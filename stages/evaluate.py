@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, FlexOlmoForCausalLM
 
 from stages import params as P
+from stages.artifacts import MANIFEST, WEIGHTS
 from stages.baselines import btm_token_nll, soup_model
 from stages.experts import (
     continue_text,
@@ -27,11 +28,9 @@ from stages.experts import (
     with_top_k,
 )
 from stages.fast_moe import use_fast_experts
-from stages.moe import BiasedFlexOlmoForCausalLM
 from stages.io import read_json, write_json, write_text
-from stages.package import WEIGHTS
+from stages.moe import BiasedFlexOlmoForCausalLM
 from stages.runtime import start_stage
-from stages.train_expert import MANIFEST
 from stages.training import autocast, tokenize_corpus
 
 

@@ -12,12 +12,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, FlexOlmoConfig, FlexOlmoForCausalLM
 
+from stages.artifacts import MERGED_INFO
 from stages.decode import decode
 from stages.fast_moe import use_fast_experts
 from stages.io import read_json
 from stages.moe import BiasedFlexOlmoConfig, BiasedFlexOlmoForCausalLM, assemble
-
-MERGED_INFO = "consort_merged.json"
 
 
 def has_model(model_dir: Path) -> bool:

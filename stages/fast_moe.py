@@ -1,8 +1,9 @@
 """A faster CPU path for the merged model's experts, numerically the stock computation.
 
-The stock `FlexOlmoExperts.forward` (and `Qwen2MoeExperts.forward`, the same code) builds a one-hot mask of (tokens, k, experts), finds the
-experts hit and loops over them with `torch.where` and `index_add_`. Measured per layer on 2
-cores (hidden 384, 6 experts, top-3; benchmarks/generation.py has the end-to-end figures):
+The stock `FlexOlmoExperts.forward` (and `Qwen2MoeExperts.forward`, the same code) builds a
+one-hot mask of (tokens, k, experts), finds the experts hit and loops over them with
+`torch.where` and `index_add_`. Measured per layer on 2 cores (hidden 384, 6 experts, top-3;
+benchmarks/generation.py has the end-to-end figures):
 
 - one token (a generation step at batch 1): 342 us here against 463 us stock. The top-k experts
   are read off in Python and each multiplies the token directly; the three experts' weights must

@@ -16,16 +16,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from stages import params as P
-from stages.domain_embedding import load_embedding
-from stages.experts import MERGED_INFO
+from stages.artifacts import ANCHOR_INFO, MANIFEST, MANIFEST_VERSION, MERGED_INFO, PRESENT_OWNERS
 from stages.io import atomic_dir, file_digest, read_json, write_json
 from stages.moe import assemble, moe_config, moe_extra_state, moe_model, shared_state
 from stages.package import PackageRefused, enrolled_key, read_expert_tensors, verify_package
+from stages.router_rows import load_embedding
 from stages.runtime import start_stage
-from stages.train_anchor import ANCHOR_INFO
-from stages.train_expert import MANIFEST, MANIFEST_VERSION
 
-PRESENT_OWNERS = "owners.json"  # in the published folder: the owners to merge, when not all of params.yaml's
 READABLE_MANIFESTS = (MANIFEST_VERSION,)  # earlier packages were unsigned (3: whole 2-expert models)
 
 

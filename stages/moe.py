@@ -41,7 +41,7 @@ class ExpertFFN(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     @classmethod
-    def from_dense(cls, mlp: nn.Module) -> "ExpertFFN":
+    def from_dense(cls, mlp: nn.Module) -> ExpertFFN:
         ffn = cls(mlp.gate_proj.in_features, mlp.gate_proj.out_features)
         ffn.load_state_dict({k: v.detach().clone() for k, v in mlp.state_dict().items()})
         return ffn

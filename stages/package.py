@@ -20,12 +20,8 @@ import json
 import os
 from pathlib import Path
 
+from stages.artifacts import PRIVATE_KEY, PUBLIC_KEY, SIGNATURE, WEIGHTS
 from stages.io import file_digest
-
-SIGNATURE = "consort_signature.json"
-WEIGHTS = "expert.safetensors"
-PRIVATE_KEY = "signing_key.pem"
-PUBLIC_KEY = "signing_key.pub"
 
 
 class PackageRefused(ValueError):
@@ -162,5 +158,6 @@ def read_expert_tensors(package: Path, owner: str, num_layers: int, hidden: int,
                                  f"needs {shape}: the expert was built for another architecture")
     extra = sorted(set(tensors) - set(expected))
     if extra:
-        raise PackageRefused(f"expert {owner}: its package holds tensors this anchor has no place for: {', '.join(extra[:3])}")
+        raise PackageRefused(f"expert {owner}: its package holds tensors this anchor has no place for: "
+                             f"{', '.join(extra[:3])}")
     return tensors

@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -71,7 +71,7 @@ class HFDatasetSource(Strict):
 
 
 Source = Annotated[
-    Union[DebianSource, WheelSource, StdlibSource, FolderSource, HFDatasetSource],
+    DebianSource | WheelSource | StdlibSource | FolderSource | HFDatasetSource,
     Field(discriminator="kind"),
 ]
 
@@ -97,7 +97,8 @@ class CorpusParams(Strict):
 class DataParams(Strict):
     seed: int = 0
     val_fraction: float = Field(gt=0, lt=0.5)
-    doc_chars: int = Field(ge=200, description="short records are packed into documents of about this size; longer ones are cut")
+    doc_chars: int = Field(ge=200, description="short records are packed into documents of about this size; "
+                                               "longer ones are cut")
     min_doc_chars: int = Field(ge=1)
 
 
@@ -114,7 +115,7 @@ class ModelParams(Strict):
     max_position_embeddings: int = Field(ge=16)
 
     @model_validator(mode="after")
-    def _heads_divide_width(self) -> "ModelParams":
+    def _heads_divide_width(self) -> ModelParams:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         return self
@@ -173,7 +174,7 @@ class GGUFAnchorSource(Strict):
     licence: str = ""
 
     @model_validator(mode="after")
-    def _one_place(self) -> "GGUFAnchorSource":
+    def _one_place(self) -> GGUFAnchorSource:
         from_wheel = (self.package, self.version, self.file)
         if self.path is None and None in from_wheel:
             raise ValueError("a gguf anchor needs `path`, or `package`, `version` and `file` of the wheel holding it")
@@ -182,7 +183,7 @@ class GGUFAnchorSource(Strict):
         return self
 
 
-AnchorSource = Annotated[Union[ScratchAnchorSource, HFFolderAnchorSource, GGUFAnchorSource], Field(discriminator="kind")]
+AnchorSource = Annotated[ScratchAnchorSource | HFFolderAnchorSource | GGUFAnchorSource, Field(discriminator="kind")]
 
 
 class AnchorParams(Strict):
@@ -191,7 +192,7 @@ class AnchorParams(Strict):
     train: TrainParams | None = Field(default=None, description="the from-scratch anchor's training (source: scratch)")
 
     @model_validator(mode="after")
-    def _scratch_needs_shape(self) -> "AnchorParams":
+    def _scratch_needs_shape(self) -> AnchorParams:
         if self.source.kind == "scratch" and (self.model is None or self.train is None):
             raise ValueError("anchor.source kind scratch needs anchor.model and anchor.train")
         return self
@@ -226,7 +227,8 @@ class UnrestrictedParams(Strict):
 class RouterTuningParams(Strict):
     """Router tuning after the merge: only router rows (and biases) learn, on public proxy text."""
     enabled: bool = False
-    token_fraction: float = Field(default=0.01, gt=0, le=1, description="proxy tokens per owner / its expert-training tokens")
+    token_fraction: float = Field(default=0.01, gt=0, le=1,
+                                  description="proxy tokens per owner / its expert-training tokens")
     candidate_docs: int = Field(default=400, ge=1, description="public documents scored to pick each owner's proxy set")
     lr: float = Field(default=1.0e-2, gt=0)
     epochs: int = Field(default=1, ge=1)
@@ -240,7 +242,8 @@ class EvaluateParams(Strict):
     btm_temperature: float = Field(default=1.0, gt=0)
     btm_top_k: int | None = Field(default=None, ge=1, description="BTM mixes only the k best models so far")
     ablations: bool = Field(default=False, description="also score the merged model at other top-k and bias settings")
-    ablation_top_k: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 2], description="top-k values scored by the ablations")
+    ablation_top_k: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 2],
+                                                              description="top-k values scored by the ablations")
     precision: Literal["fp32", "bf16"] = Field(default="fp32", description="bf16: score with matmuls autocast to bfloat16")
     continuation_tokens: int = Field(default=32, ge=0, description="tokens the anchor, merged and opted-out models "
                                                                    "continue each domain's prompt with (0: none)")
@@ -283,7 +286,8 @@ class DPParams(Strict):
     delta: float = Field(default=1.0e-5, gt=0, lt=1)
     max_grad_norm: float = Field(default=1.0, gt=0, description="per-document gradient clip")
     accountant: Literal["prv", "rdp"] = "prv"
-    sampling: Literal["poisson", "shuffle"] = Field(default="poisson", description="shuffle is refused: it voids the accounting")
+    sampling: Literal["poisson", "shuffle"] = Field(default="poisson",
+                                                    description="shuffle is refused: it voids the accounting")
     init_noise_multiplier: float = Field(default=4.0, gt=0, description="Gaussian noise of the router-row mean")
 
 
@@ -333,7 +337,7 @@ class Params(Strict):
         return owners
 
     @model_validator(mode="after")
-    def _disabled_are_owners(self) -> "Params":
+    def _disabled_are_owners(self) -> Params:
         unknown = [o for o in self.inference.disabled if o not in self.owners]
         if unknown:
             raise ValueError(f"inference.disabled names {', '.join(unknown)}, not in owners ({', '.join(self.owners)})")
@@ -360,11 +364,15 @@ def _deep_merge(base: dict, override: dict, path: str = "") -> dict:
     return merged
 
 
+# The `kind` values of data and anchor sources: pydantic puts them in an error's path.
+SOURCE_KINDS = ("debian", "wheel", "python_stdlib", "folder", "hf_dataset", "scratch", "hf_folder", "gguf")
+
+
 def _format_errors(err: ValidationError, origin: str) -> str:
     lines = [f"{origin}: {len(err.errors())} invalid setting(s):"]
     for e in err.errors():
         # Drop pydantic's discriminator tags (e.g. 'debian') so the path reads like the YAML.
-        loc = ".".join(str(p) for p in e["loc"] if p not in ("debian", "wheel", "python_stdlib", "folder", "hf_dataset", "scratch", "hf_folder", "gguf"))
+        loc = ".".join(str(p) for p in e["loc"] if p not in SOURCE_KINDS)
         msg = "unknown key (remove it or check its spelling)" if e["type"] == "extra_forbidden" else e["msg"]
         lines.append(f"  {loc or '<top level>'}: {msg}")
     return "\n".join(lines)

@@ -9,14 +9,14 @@ import argparse
 import random
 import re
 import unicodedata
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from stages import params as P
-from stages.runtime import start_stage
+from stages.artifacts import CANARIES
 from stages.io import atomic_dir, text_digest, write_json, write_jsonl
+from stages.runtime import start_stage
 from stages.sources import describe, read_records
-
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200f\ufeff]")
 
@@ -123,7 +123,6 @@ def prepare_corpus(corpus: P.CorpusParams, data: P.DataParams, name: str, out_di
     return stats
 
 
-CANARIES = "canaries.json"
 
 
 def plant_canaries(train: list[dict], val: list[dict], c: P.CanaryParams, name: str) -> list[dict]:

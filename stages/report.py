@@ -15,8 +15,8 @@ from pathlib import Path
 import markdown_it
 
 from stages import params as P
-from stages.runtime import start_stage
 from stages.io import read_json, temp_path, write_json, write_text
+from stages.runtime import start_stage
 
 COMPARED = ("anchor", "own expert", "soup", "btm", "merged", "unrestricted")  # main table columns, in order
 COLORS = {"anchor": "#9aa5b1", "own expert": "#f2a541", "soup": "#7fb77e", "btm": "#b07cc6", "merged": "#2f6fdf",
@@ -435,9 +435,9 @@ def report(evaluations: Path, out_dir: Path, metrics: Path, training_logs: dict[
     summary = {r["domain"]: {m: {k: v[k] for k in ("loss", "bits_per_byte")} for m, v in r["models"].items()}
                | ({"xz": {"bits_per_byte": r["xz_bits_per_byte"]}} if "xz_bits_per_byte" in r else {})
                for r in rows}
-    write_text(out_dir / "eval_table.md", "\n".join(t for t in (table_markdown(rows), bpb_markdown(rows), targets_markdown(rows),
-                                                                  ablation_markdown(rows), dp_table,
-                                                                  audit_markdown(audits)) if t))
+    tables = (table_markdown(rows), bpb_markdown(rows), targets_markdown(rows), ablation_markdown(rows), dp_table,
+              audit_markdown(audits))
+    write_text(out_dir / "eval_table.md", "\n".join(t for t in tables if t))
     write_text(out_dir / "report.html", page_html(rows, images, audits, dp_table))
     write_json(metrics, summary)
     return summary

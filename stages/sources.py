@@ -21,9 +21,9 @@ import sys
 import sysconfig
 import xml.etree.ElementTree as ET
 import zipfile
+from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Iterator
 
 from stages.params import DebianSource, FolderSource, HFDatasetSource, Source, StdlibSource, WheelSource
 

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoTokenizer, Olmo2Config, Olmo2ForCausalLM
 
 from stages import params as P
+from stages.artifacts import ANCHOR_INFO
 from stages.distributed import finish, is_main, local_rows
 from stages.io import atomic_dir, tensors_digest, write_json
 from stages.runtime import start_stage
@@ -25,8 +26,6 @@ from stages.training import (
     tokenize_corpus,
     train,
 )
-
-ANCHOR_INFO = "consort_anchor.json"
 
 
 def anchor_config(m: P.ModelParams, tokenizer) -> Olmo2Config:

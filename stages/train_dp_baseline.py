@@ -10,13 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from stages import params as P
+from stages.artifacts import BASELINE_INFO
 from stages.io import atomic_dir, parse_expert_cli, write_json
 from stages.runtime import start_stage
 
 # torch and the training code are imported only for a DP owner: every other owner's stage just
 # writes its stub and should not spend seconds importing them.
 
-BASELINE_INFO = "consort_dp_baseline.json"
 
 
 def train_dp_baseline(owner: str, corpus_train: Path, public_train: Path, anchor_dir: Path, public_embedding: Path,

@@ -14,14 +14,14 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stages import params as P
-from stages.domain_embedding import load_embedding, router_row
+from stages.artifacts import ANCHOR_INFO, MANIFEST, MANIFEST_VERSION, WEIGHTS
 from stages.distributed import finish, is_main, local_rows, world
 from stages.dp import DPConfigError, check_dp, dp_router_row, train_dp
 from stages.io import atomic_dir, file_digest, parse_expert_cli, read_json, read_jsonl, write_json
 from stages.moe import blocks, project_bias, upcycle
-from stages.package import WEIGHTS, expert_tensors, sign_package
+from stages.package import expert_tensors, sign_package
+from stages.router_rows import load_embedding, router_row
 from stages.runtime import start_stage
-from stages.train_anchor import ANCHOR_INFO
 from stages.training import (
     Checkpointer,
     lm_losses,
@@ -29,9 +29,6 @@ from stages.training import (
     tokenize_corpus,
     train,
 )
-
-MANIFEST = "consort_expert.json"
-MANIFEST_VERSION = 4  # 3: tokenizer_hash, signed; 4: only the owner's tensors (expert.safetensors)
 
 
 def train_expert(owner: str, corpus_train: Path, public_train: Path, anchor_dir: Path, public_embedding: Path,

@@ -12,8 +12,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 from stages import params as P
-from stages.runtime import start_stage
 from stages.io import atomic_dir, read_jsonl
+from stages.runtime import start_stage
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"

@@ -17,13 +17,13 @@ import argparse
 from pathlib import Path
 
 from stages import params as P
+from stages.artifacts import ANCHOR_INFO, MERGED_INFO, REFERENCE_INFO
 from stages.io import add_upcycling_arguments, atomic_dir, file_digest, read_json, read_jsonl, write_json
 from stages.runtime import start_stage
 
 # torch, transformers and the stage helpers that need them are imported where they are used: off
 # (the default), the stage only writes its stub and should not spend seconds importing them.
 
-REFERENCE_INFO = "consort_reference.json"
 
 
 def joint_train_params(params: P.Params) -> P.TrainParams:
@@ -66,9 +66,7 @@ def train_unrestricted(owner_corpora: dict[str, Path], public_train: Path, ancho
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.domain_embedding import load_embedding, router_row
-    from stages.experts import MERGED_INFO
-    from stages.train_anchor import ANCHOR_INFO
+    from stages.router_rows import load_embedding, router_row
     from stages.training import Checkpointer, lm_losses, sample_batch, tokenize_corpus, train
 
     expert, t = params.expert, joint_train_params(params)
@@ -103,7 +101,8 @@ def train_unrestricted(owner_corpora: dict[str, Path], public_train: Path, ancho
         out = module(input_ids=batch[:, :-1], output_router_logits=True)
         ce, lm_z = lm_losses(out.logits, batch[:, 1:])
         router_z = torch.stack([torch.logsumexp(r.float(), -1).pow(2).mean() for r in out.router_logits]).mean()
-        return ce + expert.lm_z_loss * lm_z + expert.router_z_loss * router_z, {"loss": ce.item(), "router_z": router_z.item()}
+        loss = ce + expert.lm_z_loss * lm_z + expert.router_z_loss * router_z
+        return loss, {"loss": ce.item(), "router_z": router_z.item()}
 
     digests = {o: file_digest(owner_corpora[o]) for o in owners}
     fingerprint = f"unrestricted|{anchor_hash}|{digests}|{t.model_dump_json()}|{expert.model_dump_json()}|{top_k}"

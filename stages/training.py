@@ -9,9 +9,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -132,11 +132,12 @@ def train(
     the same data): a tensor of rows, or a tuple of tensors with a row each (rows and their
     labels); `step_loss(module, batch)` returns the mean loss over the rows it is given, which the
     module being trained minimises, and the numbers to log. With `p.grad_accumulation` > 1 it is
-    called once per micro-batch (see micro_batches) and the gradients add up to the step's; `lr_scale(name)` multiplies the learning rate of the
-    parameter of that name; `after_step(module)` runs after each optimizer step (for constraints
-    on parameters). The module trained is `model` on the training device, or under FSDP a
-    sharded copy of it (stages/distributed.py); either way the trained weights end in `model`,
-    on the CPU. Under torchrun, `make_batch` returns this process's rows, gradients are averaged
+    called once per micro-batch (see micro_batches) and the gradients add up to the step's.
+    `lr_scale(name)` multiplies the learning rate of the parameter of that name;
+    `after_step(module)` runs after each optimizer step (for constraints on parameters). The
+    module trained is `model` on the training device, or under FSDP a sharded copy of it
+    (stages/distributed.py); either way the trained weights end in `model`, on the CPU. Under
+    torchrun, `make_batch` returns this process's rows, gradients are averaged
     across processes and only process 0 writes the log and checkpoints.
     """
     rank, processes = world()

@@ -20,10 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from stages import params as P
+from stages.artifacts import MERGED_INFO, TUNING_INFO
 from stages.io import atomic_dir, read_jsonl, write_json
 from stages.runtime import start_stage
-
-TUNING_INFO = "consort_tuning.json"
 
 
 def routing_share(model, docs: list[np.ndarray]) -> np.ndarray:
@@ -63,7 +62,7 @@ def tune_router(merged_dir: Path, public_train: Path, params: P.Params, out_dir:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.experts import MERGED_INFO, merged_owners
+    from stages.experts import merged_owners
     from stages.training import Checkpointer, lm_losses, train
 
     t = params.expert.train

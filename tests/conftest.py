@@ -11,6 +11,8 @@ import pytest
 import torch
 from transformers import Olmo2Config, Olmo2ForCausalLM
 
+from stages.artifacts import ANCHOR_INFO
+
 PROJECT = Path(__file__).resolve().parents[1]
 # Fetched Debian packages and wheels are shared by every workspace the tests create.
 SHARED_CACHE = Path(os.environ.get("CONSORT_TEST_CACHE", Path.home() / ".cache" / "consort-test"))
@@ -30,9 +32,9 @@ def tiny_anchor_dir(tmp_path_factory):
     from transformers import AutoTokenizer
 
     from stages import params as P
-    from stages.domain_embedding import save_embedding
     from stages.io import write_json
-    from stages.train_anchor import ANCHOR_INFO, anchor_hash
+    from stages.router_rows import save_embedding
+    from stages.train_anchor import anchor_hash
     from stages.train_tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("tiny")
@@ -63,7 +65,8 @@ def run_consort(*args: str, cwd: Path, check: bool = True, timeout: int = 600) -
     proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"consort {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(f"consort {' '.join(args)} exited {proc.returncode}:\n"
+                             f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
 
 

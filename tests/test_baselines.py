@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 import torch
+from test_experts import random_merged
 
 from stages.baselines import btm_token_nll, btm_weights, soup_model
 from stages.experts import slice_experts
-from test_experts import random_merged
 
 
 def test_soup_ffn_is_the_mean_of_the_experts():
@@ -65,4 +65,5 @@ def test_an_owner_alone_is_a_two_expert_model():
     merged = random_merged(num_experts=4, top_k=2)
     alone = slice_experts(merged, [2])
     assert alone.config.num_experts == 2
-    torch.testing.assert_close(alone.model.layers[1].mlp.experts.down_proj[1], merged.model.layers[1].mlp.experts.down_proj[2])
+    torch.testing.assert_close(alone.model.layers[1].mlp.experts.down_proj[1],
+                               merged.model.layers[1].mlp.experts.down_proj[2])

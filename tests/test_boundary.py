@@ -18,9 +18,9 @@ from collections import Counter
 from pathlib import Path
 
 import yaml
+from conftest import PROJECT
 from mlflow.tracking import MlflowClient
 
-from conftest import PROJECT
 from stages import params as P
 from stages.io import read_jsonl
 
@@ -172,8 +172,8 @@ def test_owners_signing_keys_stay_with_the_owners(smoke_workspace):
 
     ws, _ = smoke_workspace
     private = sorted(ws.glob("owners/*/keys/signing_key.pem"))
-    assert len(private) == 5 and sorted(p.name for p in (ws / "keyring").iterdir()) == [f"{o}.pub" for o in
-                                                                                           sorted(p.parts[-3] for p in private)]
+    owners = sorted(p.parts[-3] for p in private)
+    assert len(private) == 5 and sorted(p.name for p in (ws / "keyring").iterdir()) == [f"{o}.pub" for o in owners]
     # The PEM body and the raw key bytes inside it: neither may appear in any coordinator-visible file.
     needles = []
     for p in private:

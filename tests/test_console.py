@@ -5,9 +5,9 @@ import os
 import sys
 from pathlib import Path
 
+from conftest import PROJECT
 from dvc.repo import Repo
 
-from conftest import PROJECT
 from flows import pipeline as pipeline_module
 from flows.console import StageConsole, last_line, log_tail
 from stages.runtime import LOGS_VARIABLE, log_file

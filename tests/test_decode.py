@@ -3,12 +3,12 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_anchor
+from test_experts import random_merged
 from transformers import Olmo2Config, Olmo2ForCausalLM
 
-from conftest import tiny_anchor
 from stages.decode import _Decoder, _filtered, decode
 from stages.fast_moe import use_fast_experts
-from test_experts import random_merged
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -50,7 +50,8 @@ def test_decoder_refuses_other_architectures():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     with pytest.raises(TypeError, match="Olmo2, FlexOlmo, Llama and Qwen2Moe"):
-        decode(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=20)), torch.ones((1, 2), dtype=torch.long), 2)
+        gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=20))
+        decode(gpt2, torch.ones((1, 2), dtype=torch.long), 2)
 
 
 def test_sampling_stays_inside_top_k_and_the_nucleus():

@@ -10,14 +10,13 @@ import time
 import pytest
 import torch
 import yaml
+from conftest import PROJECT, kill_tree
 from safetensors.torch import load_file
 
-from conftest import PROJECT, kill_tree
 from flows.workspace import read_project_params
 from stages import distributed
 from stages import params as P
 from stages.package import create_owner_key
-
 
 GRAD_CLIP = 0.05
 

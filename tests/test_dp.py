@@ -4,13 +4,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_reference import tiny_params
 
 from stages import params as P
+from stages.artifacts import MANIFEST, WEIGHTS
 from stages.dp import DPConfigError, spent_epsilon, training_noise
-from stages.package import create_owner_key
 from stages.moe import blocks, upcycle
-from stages.train_expert import MANIFEST, train_expert
-from test_reference import tiny_params
+from stages.package import create_owner_key
+from stages.train_expert import train_expert
 
 DP = P.DPParams(target_epsilon=8.0, delta=1e-5)
 
@@ -62,12 +63,12 @@ def test_dp_expert_trains_and_its_package_states_the_epsilon(tiny_anchor_dir, tm
     assert 0 < manifest["dp"]["epsilon"] <= DP.target_epsilon + 1e-6
     from safetensors.torch import load_file
 
-    from stages.package import WEIGHTS
 
     biases = [v for k, v in load_file(tmp_path / "pkg" / WEIGHTS).items() if k.endswith(".bias")]
     assert biases and all(float(b) == 0.0 for b in biases)  # under DP the bias is not trained
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert rows and all(np.isfinite(r["loss"]) for r in rows) and rows[-1]["epsilon"] == pytest.approx(summary["dp"]["epsilon"])
+    assert rows and all(np.isfinite(r["loss"]) for r in rows)
+    assert rows[-1]["epsilon"] == pytest.approx(summary["dp"]["epsilon"])
 
 
 def test_shuffled_batches_are_refused_before_any_work(tiny_anchor_dir, tmp_path):

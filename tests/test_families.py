@@ -2,6 +2,7 @@
 routing, and every equivalence the Olmo2 path holds holds there too (on tiny random models)."""
 import pytest
 import torch
+from test_experts import logits_with_masked_expert
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, LlamaForCausalLM, Qwen2MoeForCausalLM
 
 from stages.baselines import soup_model
@@ -9,7 +10,6 @@ from stages.decode import decode
 from stages.experts import slice_experts
 from stages.fast_moe import use_fast_experts
 from stages.moe import blocks, check_family, moe_config, moe_extra_state, moe_model, shared_state, upcycle
-from test_experts import logits_with_masked_expert
 
 IDS = torch.randint(3, 90, (2, 10), generator=torch.Generator().manual_seed(1))
 
@@ -42,8 +42,9 @@ def merged_from(anchor, experts: list[dict[str, torch.Tensor]], top_k: int, seed
 
 
 def anchor_ffn(anchor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    return {i: (torch.cat([l.mlp.gate_proj.weight, l.mlp.up_proj.weight]).detach(), l.mlp.down_proj.weight.detach())
-            for i, l in enumerate(anchor.model.layers)}
+    return {i: (torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]).detach(),
+                layer.mlp.down_proj.weight.detach())
+            for i, layer in enumerate(anchor.model.layers)}
 
 
 def random_ffn(anchor, seed: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -78,7 +79,8 @@ def test_an_upcycled_llama_with_equal_experts_is_the_anchor_and_trains_only_the_
 
 def test_slicing_an_expert_out_of_a_qwen2moe_equals_masking_its_logit():
     anchor = tiny_llama()
-    model = merged_from(anchor, [anchor_ffn(anchor), random_ffn(anchor, 1), random_ffn(anchor, 2), random_ffn(anchor, 3)], top_k=2)
+    ffns = [anchor_ffn(anchor), random_ffn(anchor, 1), random_ffn(anchor, 2), random_ffn(anchor, 3)]
+    model = merged_from(anchor, ffns, top_k=2)
     sliced = slice_experts(model, [0, 1, 3])
     assert type(sliced) is Qwen2MoeForCausalLM and sliced.config.num_experts == 3
     torch.testing.assert_close(logits(sliced), logits_with_masked_expert(model, 2, IDS, float("-inf")), rtol=1e-5, atol=1e-5)
@@ -92,7 +94,8 @@ def test_the_merged_llama_moe_loads_with_stock_transformers_and_decodes_as_gener
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert type(loaded) is Qwen2MoeForCausalLM
     torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
-    for m in (anchor, loaded, use_fast_experts(merged_from(anchor, [anchor_ffn(anchor), random_ffn(anchor, 1), random_ffn(anchor, 2)], top_k=2))):
+    three = merged_from(anchor, [anchor_ffn(anchor), random_ffn(anchor, 1), random_ffn(anchor, 2)], top_k=2)
+    for m in (anchor, loaded, use_fast_experts(three)):
         ours = decode(m, IDS[:, :4], 8)
         stock = m.generate(IDS[:, :4], max_new_tokens=8, do_sample=False, pad_token_id=1)
         assert torch.equal(ours, stock), type(m).__name__
@@ -165,5 +168,5 @@ def test_expert_training_on_a_llama_with_checkpointing_or_bf16(tmp_path, setting
         torch.testing.assert_close(b, a, rtol=tolerance, atol=tolerance, msg=name)
     frozen = {k: v for k, v in other.state_dict().items() if ".mlp." not in k}
     assert all(torch.equal(v, anchor.state_dict()[k]) for k, v in frozen.items())
-    assert all(torch.equal(b.experts[0].down_proj.weight, l.mlp.down_proj.weight)
-               for b, l in zip(blocks(other), anchor.model.layers))
+    assert all(torch.equal(b.experts[0].down_proj.weight, layer.mlp.down_proj.weight)
+               for b, layer in zip(blocks(other), anchor.model.layers))

@@ -3,9 +3,9 @@ import copy
 
 import pytest
 import torch
+from test_experts import random_merged
 
 from stages.fast_moe import GROUPED_MIN_TOKENS, FastFlexOlmoExperts, use_fast_experts
-from test_experts import random_merged
 
 # One token (the one-token path: a prompt of one token), a few (the stock loop), many (grouped).
 SHAPES = [(1, 1), (1, 7), (2, 12), (2, 300)]

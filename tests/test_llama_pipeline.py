@@ -4,9 +4,9 @@ import json
 
 import torch
 import yaml
+from conftest import PROJECT, run_consort
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from conftest import PROJECT, run_consort
 from stages import params as P
 from stages.train_tokenizer import train_tokenizer
 

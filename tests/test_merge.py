@@ -3,19 +3,19 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_anchor
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, FlexOlmoForCausalLM
 
-from conftest import tiny_anchor
 from stages import params as P
+from stages.artifacts import MANIFEST, MANIFEST_VERSION, SIGNATURE, WEIGHTS
 from stages.experts import toggled_router_bias
 from stages.io import file_digest, write_json
 from stages.merge_experts import MERGED_INFO, MergeRefused
 from stages.merge_experts import merge_experts as merge_with_keyring
 from stages.moe import OWNER, BiasedFlexOlmoForCausalLM, blocks, upcycle
-from stages.package import SIGNATURE, WEIGHTS, create_owner_key, enrol_owner_key, expert_tensors, sign_package
+from stages.package import create_owner_key, enrol_owner_key, expert_tensors, sign_package
 from stages.train_anchor import anchor_hash
-from stages.train_expert import MANIFEST, MANIFEST_VERSION
 
 H = 32
 
@@ -163,7 +163,8 @@ def test_a_package_holds_only_the_owners_tensors(setup):
     model, out = publish(root, "slim", anchor, r_pub, seed=4)
     tensors = load_file(out / WEIGHTS)
     layers = anchor.config.num_hidden_layers
-    assert set(tensors) == {f"layers.{i}.{n}" for i in range(layers) for n in ("gate_up_proj", "down_proj", "router", "bias")}
+    kinds = ("gate_up_proj", "down_proj", "router", "bias")
+    assert set(tensors) == {f"layers.{i}.{n}" for i in range(layers) for n in kinds}
     owner = blocks(model)[0].experts[OWNER]
     assert torch.equal(tensors["layers.0.gate_up_proj"], torch.cat([owner.gate_proj.weight, owner.up_proj.weight]))
     assert sorted(p.name for p in out.iterdir()) == sorted([WEIGHTS, MANIFEST, SIGNATURE])

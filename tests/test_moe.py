@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_anchor
+
 from stages import params as P
 from stages.moe import OWNER, PUBLIC, blocks, project_bias, upcycle
 from stages.training import Checkpointer, lm_losses, sample_batch, train

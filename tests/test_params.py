@@ -1,11 +1,11 @@
 import pytest
 import yaml
-
 from conftest import run_consort
+
 from flows.workspace import PROJECT_ROOT, read_project_params
+from stages import params as P
 
 PROJECT = PROJECT_ROOT
-from stages import params as P
 
 
 def project_params() -> dict:
@@ -91,7 +91,7 @@ def test_opting_out_rewrites_a_block_list_in_place(tmp_path):
     from flows.workspace import set_expert_enabled
 
     text = (PROJECT / "params.yaml").read_text()
-    line = next(l for l in text.splitlines(keepends=True) if l.startswith("  disabled:"))
+    line = next(row for row in text.splitlines(keepends=True) if row.startswith("  disabled:"))
     path = tmp_path / "params.yaml"
     path.write_text(text.replace(line, "  disabled:   # opted out\n    - news\n\n"))
     assert set_expert_enabled("code", False, path)

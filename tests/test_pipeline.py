@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import PROJECT, run_consort
 from mlflow.tracking import MlflowClient
 
-from conftest import PROJECT, run_consort
 from flows.pipeline import CpuScheduler, stage_graph, topological_order
 from flows.workspace import prepare_workspace, read_project_params
 from stages import params as P
@@ -268,7 +268,8 @@ def test_report_shows_every_baseline_and_the_optout_matrix(smoke_workspace):
     client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
     report_run = client.search_runs([client.get_experiment_by_name("consort").experiment_id],
                                     filter_string="tags.`consort.stage` = 'report'")[0]
-    assert {"report/report.html", "report/optout_heatmap.png"} <= {a.path for a in client.list_artifacts(report_run.info.run_id, "report")}
+    logged = {a.path for a in client.list_artifacts(report_run.info.run_id, "report")}
+    assert {"report/report.html", "report/optout_heatmap.png"} <= logged
     # Each owner's evaluation traced generated samples in its own index; the page is in its run.
     news_run = client.search_runs([client.get_experiment_by_name("consort").experiment_id],
                                   filter_string="tags.`consort.stage` = 'evaluate_owner@news'")[0]

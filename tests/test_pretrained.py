@@ -8,13 +8,14 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from test_families import tiny_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from stages import params as P
+from stages.artifacts import ANCHOR_INFO
 from stages.pretrained import AnchorSourceError, load_anchor
-from stages.train_anchor import ANCHOR_INFO, anchor_hash, make_anchor
+from stages.train_anchor import anchor_hash, make_anchor
 from stages.train_tokenizer import make_tokenizer, train_tokenizer
-from test_families import tiny_llama
 
 IDS = torch.tensor([[5, 17, 42, 9, 77, 3]])
 

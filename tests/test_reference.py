@@ -8,7 +8,8 @@ from transformers import AutoModelForCausalLM, FlexOlmoForCausalLM
 
 from flows.workspace import read_project_params
 from stages import params as P
-from stages.experts import MERGED_INFO, has_model
+from stages.artifacts import MERGED_INFO
+from stages.experts import has_model
 from stages.io import write_json
 from stages.report import targets
 from stages.train_unrestricted import train_unrestricted
@@ -61,7 +62,8 @@ def test_unrestricted_reference_trains_every_expert_on_all_owners_data(tiny_anch
 
 def test_unrestricted_reference_off_writes_only_a_stub(tiny_anchor_dir, corpora, tmp_path):
     root, _, _ = tiny_anchor_dir
-    summary = train_unrestricted(corpora, root / "public.jsonl", root / "anchor", root / "emb", tiny_params(unrestricted={"enabled": False}),
+    summary = train_unrestricted(corpora, root / "public.jsonl", root / "anchor", root / "emb",
+                                 tiny_params(unrestricted={"enabled": False}),
                                  tmp_path / "ref", tmp_path / "log.jsonl", tmp_path / "ckpt.pt")
     assert summary == {"enabled": False} and not has_model(tmp_path / "ref")
     assert (tmp_path / "log.jsonl").read_text() == ""
@@ -111,8 +113,9 @@ def test_targets_are_judged_on_the_numbers():
 
 
 def test_evaluation_record_of_an_old_merge_has_no_bias_to_toggle(tmp_path):
-    from stages.experts import toggled_router_bias
     from test_experts import random_merged
+
+    from stages.experts import toggled_router_bias
 
     write_json(tmp_path / MERGED_INFO, {"experts": [{"owner": "public"}, {"owner": "a"}, {"owner": "b"}, {"owner": "c"}]})
     with pytest.raises(ValueError, match="re-run merge_experts"):

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import PROJECT, SHARED_CACHE, kill_tree
+
 from flows.owner import OwnerError, OwnerWorkspace, init_owner
 from flows.workspace import side_dvc_yaml
 
@@ -49,7 +49,7 @@ def test_owner_init_makes_a_one_owner_workspace_with_a_key(tmp_path):
     with pytest.raises(OwnerError, match="no owner 'clinic'"):
         init_owner("clinic", tmp_path / "clinic")
     with pytest.raises(OwnerError, match="is not an owner workspace"):
-        OwnerWorkspace(tmp_path).owner
+        _ = OwnerWorkspace(tmp_path).owner
 
 
 def _free_port() -> int:

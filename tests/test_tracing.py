@@ -9,9 +9,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import run_consort
 from transformers import AutoTokenizer
 
-from conftest import run_consort
 from stages.io import read_jsonl
 from tracing.attribution import TraceSettings, attribute
 from tracing.index import IndexBuildError, bow_token_ids, open_engine, write_index
@@ -282,7 +282,8 @@ def test_fuzz_thousands_of_random_requests_leave_the_service_up(ids_server):
                 text = " ".join(rng.choice(words) for _ in range(rng.randrange(0, 60)))
                 content = json.dumps({"output": text}).encode()
             elif kind == 2:
-                content = json.dumps({rng.choice(["output", "prompt", "x"]): rng.choice([None, 1, [], {}, "a" * rng.randrange(50)])}).encode()
+                value = rng.choice([None, 1, [], {}, "a" * rng.randrange(50)])
+                content = json.dumps({rng.choice(["output", "prompt", "x"]): value}).encode()
             else:
                 text = "".join(chr(rng.randrange(1, 0x2FFF)) for _ in range(rng.randrange(1, 80)))
                 content = json.dumps({"prompt": text, "output": text}).encode()

@@ -71,8 +71,8 @@ def count_bucket(count: int) -> str:
     return "100+"
 
 
-def _char_span(offsets: list[tuple[int, int]], text: str, l: int, r: int) -> tuple[int, int]:
-    start, end = offsets[l][0], offsets[r - 1][1]
+def _char_span(offsets: list[tuple[int, int]], text: str, first: int, stop: int) -> tuple[int, int]:
+    start, end = offsets[first][0], offsets[stop - 1][1]
     while start < end and text[start].isspace():  # byte-level tokens carry the space before a word
         start += 1
     while end > start and text[end - 1].isspace():
@@ -122,7 +122,8 @@ def _decode_window(tokenizer, token_ids: list[int], needle_offset: int, needle_l
     return before + needle + after, len(before), len(before) + len(needle)
 
 
-def attribute(engine, tokenizer, prompt: str, output: str, s: TraceSettings, delims: list[int] | None = None) -> list[TracedSpan]:
+def attribute(engine, tokenizer, prompt: str, output: str, s: TraceSettings,
+              delims: list[int] | None = None) -> list[TracedSpan]:
     """The rarest maximal spans of `output` found in the index, each with its ranked documents."""
     enc = tokenizer(output, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]

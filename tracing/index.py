@@ -18,9 +18,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -100,7 +100,8 @@ def write_index(docs: Iterable[tuple[str, list[int]]], vocab_size: int, bow_ids:
             for doc_id, ids in docs:
                 arr = np.asarray(ids, dtype=np.int64)
                 if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
-                    raise IndexBuildError(f"document {doc_id!r}: token id {int(arr.max() if arr.max() >= vocab_size else arr.min())} "
+                    bad = int(arr.max() if arr.max() >= vocab_size else arr.min())
+                    raise IndexBuildError(f"document {doc_id!r}: token id {bad} "
                                       f"outside the vocabulary [0, {vocab_size})")
                 body = sep + arr.astype(dtype).tobytes()
                 od.write(np.uint64(ds_pos).tobytes())

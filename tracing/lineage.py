@@ -39,7 +39,8 @@ def trace_page_html(owner: str, samples: list[dict], policy: P.TracePolicy) -> s
             if sp["start"] < pos:
                 continue
             marked.append(html.escape(text[pos:sp["start"]]))
-            marked.append(f'<mark title="{html.escape(sp["count"])} occurrences">{html.escape(text[sp["start"]:sp["end"]])}</mark>')
+            span = html.escape(text[sp["start"]:sp["end"]])
+            marked.append(f'<mark title="{html.escape(sp["count"])} occurrences">{span}</mark>')
             pos = sp["end"]
         marked.append(html.escape(text[pos:]))
         docs = "".join(
@@ -51,7 +52,8 @@ def trace_page_html(owner: str, samples: list[dict], policy: P.TracePolicy) -> s
                      f"<ul>{docs or '<li>no span found in this owner&#39;s data</li>'}</ul></section>")
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>traced samples: {html.escape(owner)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:60em}}mark{{background:#9cc3f0}}
-.prompt{{color:#555}}.out{{white-space:pre-wrap;border:1px solid #ddd;padding:.6em}}.snip{{font-family:monospace;color:#444}}</style>
+.prompt{{color:#555}}.out{{white-space:pre-wrap;border:1px solid #ddd;padding:.6em}}
+.snip{{font-family:monospace;color:#444}}</style>
 </head><body><h1>Generated samples traced in {html.escape(owner)}'s data</h1>
 <p>Disclosure: {html.escape(policy.disclosure)}. Document ids are keyed hashes; counts are bucketed.</p>
 {''.join(parts)}</body></html>

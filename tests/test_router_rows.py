@@ -1,10 +1,10 @@
 """Router rows start from a domain embedding, at a scale where routing is not saturated."""
 import pytest
 import torch
+from conftest import tiny_anchor
 from transformers import Olmo2Config, Olmo2ForCausalLM
 
-from conftest import tiny_anchor
-from stages.domain_embedding import mean_hidden_state, router_row, sentence_embedding
+from stages.router_rows import mean_hidden_state, router_row, sentence_embedding
 
 
 class WordTokenizer:
