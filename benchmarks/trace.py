@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stages.io import read_jsonl  # noqa: E402
-from tracing.attribution import TraceSettings, attribute, delimiter_ids  # noqa: E402
+from tracing.attribution import attribute, delimiter_ids  # noqa: E402
 from tracing.index import bow_token_ids, open_engine, write_index  # noqa: E402
 
 
@@ -85,7 +85,8 @@ def main() -> None:
             outputs.append(tokenizer.decode(ids[start:start + args.output_tokens]))
         engine = open_engine(index_dir)
         delims = delimiter_ids(tokenizer)
-        settings = TraceSettings()
+        # The first owner's settings, as its service uses them (params.yaml's trace and its policy).
+        settings = first_owner_service(ws).settings
         attribute(engine, tokenizer, "", outputs[0], settings, delims)  # warm the page cache
         in_process, spans = [], 0
         for out in outputs:
@@ -99,16 +100,22 @@ def main() -> None:
         print(f"ratio p50 HTTP / in-process: {np.percentile(over_http, 50) / np.percentile(in_process, 50):.2f}x")
 
 
+def first_owner_service(ws: Path):
+    from stages import params as P
+    from tracing.service import OwnerService
+
+    return OwnerService.from_workspace(ws, next(iter(P.load(ws / "params.yaml").owners)))
+
+
 def http_latency(index_dir: Path, ws: Path, outputs: list[str]) -> list[float]:
     import threading
 
     import httpx
     import uvicorn
 
-    from stages import params as P
     from tracing.service import OwnerService, create_app
 
-    base = OwnerService.from_workspace(ws, next(iter(P.load(ws / "params.yaml").owners)))
+    base = first_owner_service(ws)
     with tempfile.TemporaryDirectory(prefix="consort-bench-state-") as state:
         service = OwnerService("bench", index_dir, base.tokenizer_dir, Path(state),
                                base.policy.model_copy(update={"requests_per_minute": 10**6}), base.settings)

@@ -12,6 +12,7 @@ import pytest
 from conftest import run_consort
 from transformers import AutoTokenizer
 
+from stages import params as P
 from stages.io import read_jsonl
 from tracing.attribution import TraceSettings, attribute
 from tracing.index import IndexBuildError, bow_token_ids, open_engine, write_index
@@ -49,7 +50,7 @@ def test_spans_occur_verbatim_and_every_document_contains_them(corpus):
     ws, tok, docs, ids = corpus
     engine = open_engine(ws / "owners" / OWNER / "index")
     rng = random.Random(0)
-    settings = TraceSettings(span_fraction=1.0, max_count=1000, docs_per_span=10, min_span_tokens=1)
+    settings = TraceSettings.of(P.TraceParams(span_fraction=1.0), P.TracePolicy(min_span_tokens=1))
     checked = 0
     for _ in range(5):
         output, _ = planted_output(docs, rng)
@@ -73,7 +74,7 @@ def test_planted_passages_are_found_whole(corpus):
     rng = random.Random(1)
     for _ in range(8):
         output, passage = planted_output(docs, rng)
-        spans = attribute(engine, tok, "", output, TraceSettings(span_fraction=0.05, min_span_tokens=1))
+        spans = attribute(engine, tok, "", output, TraceSettings.of(P.TraceParams(), P.TracePolicy(min_span_tokens=1)))
         texts = [output[sp.start:sp.end] for sp in spans]
         assert passage in texts, (passage, texts)  # the rarest span: kept by the 5 % cut
 

@@ -17,16 +17,26 @@ from dataclasses import dataclass, field
 
 import bm25s
 
+from stages import params as P
+
 DELIMITERS = (".", "\n")
 
 
 @dataclass(frozen=True)
 class TraceSettings:
-    span_fraction: float = 0.05   # keep ceil(span_fraction * output tokens) spans, the rarest
-    max_count: int = 1000         # spans occurring more often are dropped (and the engine stays fast)
-    docs_per_span: int = 10
-    min_span_tokens: int = 1
-    context_tokens: int = 40      # tokens fetched on each side of a span for a snippet
+    """What one owner's attribution runs with: params.yaml's `trace` section, shared by every
+    owner, and the owner's own `min_span_tokens` (its policy). No defaults of its own: they are
+    params.py's, through `of`."""
+    span_fraction: float          # keep ceil(span_fraction * output tokens) spans, the rarest
+    max_count: int                # spans occurring more often are dropped (and the engine stays fast)
+    docs_per_span: int
+    min_span_tokens: int
+    context_tokens: int           # tokens fetched on each side of a span for a snippet
+
+    @classmethod
+    def of(cls, trace: P.TraceParams, policy: P.TracePolicy) -> TraceSettings:
+        return cls(span_fraction=trace.span_fraction, max_count=trace.max_count, docs_per_span=trace.docs_per_span,
+                   min_span_tokens=policy.min_span_tokens, context_tokens=trace.context_tokens)
 
 
 @dataclass

@@ -50,11 +50,9 @@ class OwnerService:
         params = params or P.load(root / "params.yaml")
         if owner not in params.owners:
             raise ValueError(f"unknown owner {owner!r}: params.yaml lists {', '.join(params.owners)}")
-        t, policy = params.trace, params.owners[owner].trace
-        settings = TraceSettings(span_fraction=t.span_fraction, max_count=t.max_count, docs_per_span=t.docs_per_span,
-                                 min_span_tokens=policy.min_span_tokens, context_tokens=t.context_tokens)
+        policy = params.owners[owner].trace
         return cls(owner, root / "owners" / owner / "index", root / "models" / "tokenizer",
-                   root / "owners" / owner / STATE_DIR, policy, settings)
+                   root / "owners" / owner / STATE_DIR, policy, TraceSettings.of(params.trace, policy))
 
     def key(self) -> bytes:
         """The owner's secret for document ids, made on first use."""
