@@ -27,14 +27,12 @@ import numpy as np
 
 from stages import params as P
 from stages.artifacts import CANARIES
+from stages.canaries import random_secret
 from stages.io import read_json, read_jsonl, write_json
 from stages.runtime import start_stage
 
 # torch, transformers and the models are imported where they are used: off (the default), the
 # stage only writes its stub and should not spend seconds importing them.
-
-ALPHABET = "abcdefghijklmnopqrstuvwxyz"
-
 
 def wilson(k: int, n: int, z: float = 1.96) -> dict:
     """A rate with its Wilson score interval (sound at 0 and at small n, unlike the normal one)."""
@@ -102,10 +100,6 @@ def extraction(model, docs: list[list[int]], a: P.AuditParams, seed: int) -> tup
         tries = sampled[i * a.samples:(i + 1) * a.samples]
         near += any(Levenshtein.normalized_similarity(s, t) >= 0.9 for s in tries)
     return exact, near
-
-
-def random_secret(rng: random.Random) -> str:
-    return " ".join("".join(rng.choice(ALPHABET) for _ in range(4)) for _ in range(4))
 
 
 def canary_audit(model, tokenizer, canaries: list[dict], candidates: int, seed: int) -> list[dict]:

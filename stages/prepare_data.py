@@ -14,6 +14,7 @@ from pathlib import Path
 
 from stages import params as P
 from stages.artifacts import CANARIES
+from stages.canaries import plant_canaries
 from stages.io import atomic_dir, text_digest, write_json, write_jsonl
 from stages.runtime import start_stage
 from stages.sources import describe, read_records
@@ -121,33 +122,6 @@ def prepare_corpus(corpus: P.CorpusParams, data: P.DataParams, name: str, out_di
         if canaries:  # private, like the corpus: the audit needs them, nobody else may see them
             write_json(tmp / CANARIES, canaries)
     return stats
-
-
-
-
-def plant_canaries(train: list[dict], val: list[dict], c: P.CanaryParams, name: str) -> list[dict]:
-    """Append random secrets to documents: each training secret to `repeats` distinct training
-    documents, and `held_out` secrets once each to held-out documents (recorded with repeats 0).
-
-    A secret is 16 random lowercase letters in 4 groups after a fixed phrase, so it appears nowhere
-    else and its exposure can be measured against every other secret of the same shape. Held-out
-    secrets are never trained on: they are the audit's control, and the boundary test's proof
-    that held-out text stays with the owner too.
-    """
-    rng = random.Random(f"canaries-{c.seed}-{name}")
-    prefix = f"The access code of the {name} archive is"
-    planted = []
-    plan = [(train, r) for r in c.repeats for _ in range(c.per_repeat)] + [(val, 0)] * c.held_out
-    for docs, repeats in plan:
-        split = "train" if repeats else "val"
-        if max(repeats, 1) > len(docs):
-            raise ValueError(f"corpus {name}: canaries need {max(repeats, 1)} {split} documents, it has {len(docs)}; "
-                             "lower canaries.repeats (or canaries.held_out) or add documents")
-        secret = " ".join("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(4)) for _ in range(4))
-        for doc in rng.sample(docs, max(repeats, 1)):
-            doc["text"] = f"{doc['text']}\n\n{prefix} {secret}."
-        planted.append({"prefix": prefix, "secret": secret, "repeats": repeats, "split": split})
-    return planted
 
 
 def main(argv: list[str] | None = None) -> None:
