@@ -109,9 +109,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_experts(args: argparse.Namespace) -> int:
-    from flows.workspace import Workspace, read_project_params, set_expert_enabled
+    from flows.workspace import PROJECT_ROOT, Workspace, set_expert_enabled
     from stages.io import read_json
-    from stages.params import ParamsError, resolve
+    from stages.params import ParamsError, disabled_owners
 
     try:
         if args.action in ("enable", "disable"):
@@ -120,7 +120,7 @@ def cmd_experts(args: argparse.Namespace) -> int:
             print(f"{args.owner}: {state}" + ("" if changed else " already") +
                   ("; `consort run` re-runs what depends on the merged model" if changed else ""))
             return 0
-        disabled = resolve(read_project_params(args.params), args.preset)["inference"]["disabled"]
+        disabled = disabled_owners(args.params or PROJECT_ROOT / "params.yaml", args.preset)
     except ParamsError as err:
         print(f"consort: {err}", file=sys.stderr)
         return 2
@@ -252,7 +252,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> str | None:
     """The merged model's continuation of args.prompt with the experts args allow (None on a bad input)."""
-    from flows.workspace import Workspace, read_project_params
+    from flows.workspace import PROJECT_ROOT, Workspace
+    from stages.params import disabled_owners
 
     ws = Workspace(args.workspace.resolve())
     if not ws.merged_model.exists():
@@ -262,10 +263,9 @@ def _generate(args: argparse.Namespace) -> str | None:
     from transformers import AutoTokenizer
 
     from stages.experts import continue_text, load_merged, merged_owners, resolve_experts
-    from stages.params import resolve
 
     try:
-        disabled = resolve(read_project_params(args.params), args.preset)["inference"]["disabled"]
+        disabled = disabled_owners(args.params or PROJECT_ROOT / "params.yaml", args.preset)
         experts = resolve_experts(args.experts, merged_owners(ws.merged_model), disabled)
     except ValueError as err:
         print(f"consort: {err}", file=sys.stderr)

@@ -415,3 +415,13 @@ def load(path: str | Path = "params.yaml") -> Params:
     if isinstance(raw, dict) and "presets" in raw:
         raw = resolve(raw, origin=str(path))
     return parse(raw, origin=str(path))
+
+
+def disabled_owners(path: Path, preset: str) -> list[str]:
+    """The owners a params file opts out (`inference.disabled`): the project's file under a
+    preset, or a workspace's resolved one (which has no presets left)."""
+    if not path.exists():
+        raise ParamsError(f"{path}: no such params file")
+    raw = yaml.safe_load(path.read_text())
+    resolved = resolve(raw, preset, origin=str(path)) if isinstance(raw, dict) and "presets" in raw else raw
+    return list(resolved["inference"]["disabled"])

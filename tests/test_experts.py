@@ -1,6 +1,7 @@
 """Opt-in/opt-out: slicing an expert out, choosing experts, and recording the choice in params."""
 import pytest
 import torch
+import yaml
 from transformers import FlexOlmoConfig, FlexOlmoForCausalLM
 
 from flows.workspace import PROJECT_ROOT, read_project_params, set_expert_enabled
@@ -112,3 +113,16 @@ def test_params_refuse_disabling_an_unknown_owner():
     raw["inference"] = {"disabled": ["legal"]}
     with pytest.raises(P.ParamsError, match="inference.disabled names legal"):
         P.resolve(raw)
+
+
+def test_disabled_owners_reads_the_project_file_under_a_preset_or_a_workspace_file(tmp_path):
+    project = tmp_path / "params.yaml"
+    project.write_text((PROJECT_ROOT / "params.yaml").read_text())
+    assert P.disabled_owners(project, "smoke") == []
+    set_expert_enabled("math", False, project)
+    assert P.disabled_owners(project, "smoke") == ["math"]
+    resolved = tmp_path / "workspace_params.yaml"  # what a workspace holds: no presets left
+    resolved.write_text(yaml.safe_dump(P.resolve(read_project_params(project), "smoke")))
+    assert P.disabled_owners(resolved, "ignored: already resolved") == ["math"]
+    with pytest.raises(P.ParamsError, match="no such params file"):
+        P.disabled_owners(tmp_path / "missing.yaml", "smoke")

@@ -11,7 +11,6 @@ import argparse
 import threading
 from pathlib import Path
 
-import yaml
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -38,9 +37,7 @@ class Generator:
     def experts(self) -> list[str]:
         from stages.experts import merged_owners, resolve_experts
 
-        source = self.params_file or self.workspace / "params.yaml"
-        raw = yaml.safe_load(source.read_text())
-        disabled = (P.resolve(raw, self.preset, origin=str(source)) if "presets" in raw else raw)["inference"]["disabled"]
+        disabled = P.disabled_owners(self.params_file or self.workspace / "params.yaml", self.preset)
         return resolve_experts(None, merged_owners(self.workspace / "models" / "merged"), disabled)
 
     def __call__(self, prompt: str, max_new_tokens: int) -> tuple[str, list[str]]:
