@@ -30,6 +30,16 @@ from stages.experts import (
 from stages.fast_moe import use_fast_experts
 from stages.io import read_json, write_json, write_text
 from stages.moe import BiasedFlexOlmoForCausalLM
+from stages.results import (
+    DP_ALONE,
+    DP_MERGED,
+    DomainEvaluation,
+    Score,
+    alone,
+    router_bias,
+    top_k,
+    without,
+)
 from stages.runtime import start_stage
 from stages.training import autocast, tokenize_corpus
 
@@ -94,15 +104,16 @@ def side_by_side(prompt: str, tokenizer, models: dict[str, torch.nn.Module], max
     return out
 
 
-def summarise(nll: np.ndarray, rows: np.ndarray, sizes: np.ndarray) -> dict:
+def summarise(nll: np.ndarray, rows: np.ndarray, sizes: np.ndarray) -> Score:
     n_bytes = int(sizes[rows[:, 1:]].sum())
-    return {"loss": float(nll.mean()), "bits_per_byte": float(nll.sum() / math.log(2) / max(n_bytes, 1)),
-            "tokens": int(nll.size)}
+    return Score(loss=float(nll.mean()), bits_per_byte=float(nll.sum() / math.log(2) / max(n_bytes, 1)),
+                 tokens=int(nll.size))
 
 
 def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, e: P.EvaluateParams,
                     inference: P.InferenceParams, reference_dir: Path | None = None,
-                    tuned_dir: Path | None = None, dp_baseline_dir: Path | None = None) -> tuple[dict, torch.nn.Module]:
+                    tuned_dir: Path | None = None, dp_baseline_dir: Path | None = None
+                    ) -> tuple[DomainEvaluation, torch.nn.Module]:
     """Loss of the anchor, of the merged model (experts not opted out) and of its baselines.
 
     Baselines (with `e.baselines`): each owner's model alone, the uniform soup, BTM over the
@@ -120,7 +131,7 @@ def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, 
     index = {o: 1 + owners.index(o) for o in experts}
     full = AutoModelForCausalLM.from_pretrained(merged_dir)  # the stock class, or the one keeping biases
     merged = slice_experts(full, list(index.values()))
-    models: dict[str, dict] = {}
+    models: dict[str, Score] = {}
 
     def score(name: str, model) -> np.ndarray:
         nll = token_nll(use_fast_experts(model), rows, e.batch_size, e.precision)
@@ -134,36 +145,36 @@ def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, 
     routing = dict(zip(["public", *experts], routing_share(merged, rows, e.batch_size, e.precision)))
     if e.baselines and experts:
         score("soup", soup_model(merged))
-        alone = np.stack([score(f"alone/{o}", slice_experts(full, [index[o]])) for o in experts])
-        models["btm"] = summarise(btm_token_nll(alone, e.btm_temperature, e.btm_top_k), rows, sizes)
+        singles = np.stack([score(alone(o), slice_experts(full, [index[o]])) for o in experts])
+        models["btm"] = summarise(btm_token_nll(singles, e.btm_temperature, e.btm_top_k), rows, sizes)
         for o in experts:
-            score(f"without/{o}", slice_experts(full, [index[k] for k in experts if k != o]))
+            score(without(o), slice_experts(full, [index[k] for k in experts if k != o]))
     if reference_dir is not None and has_model(reference_dir):
         score("unrestricted", AutoModelForCausalLM.from_pretrained(reference_dir))
     if tuned_dir is not None and has_model(tuned_dir):
         score("merged_tuned", slice_experts(AutoModelForCausalLM.from_pretrained(tuned_dir), list(index.values())))
-    result = {"domain": domain, "experts": experts, "models": models, "routing": routing,
-              "xz_bits_per_byte": xz_bits_per_byte(tokenizer, rows)}
+    result = DomainEvaluation(domain=domain, experts=experts, models=models, routing=routing,
+                              xz_bits_per_byte=xz_bits_per_byte(tokenizer, rows))
     if e.continuation_tokens:
         compared = {"anchor": anchor, "merged": merged}
         if domain in index:
-            compared[f"without/{domain}"] = slice_experts(full, [index[k] for k in experts if k != domain])
-        result["generations"] = side_by_side(e.prompts.get(domain, e.prompts.get("default", "The")), tokenizer,
+            compared[without(domain)] = slice_experts(full, [index[k] for k in experts if k != domain])
+        result.generations = side_by_side(e.prompts.get(domain, e.prompts.get("default", "The")), tokenizer,
                                              compared, e.continuation_tokens)
     if dp_baseline_dir is not None and (dp_baseline_dir / WEIGHTS).exists() and domain in index:
         from safetensors.torch import load_file
 
         twin = with_expert_from(full, index[domain], load_file(dp_baseline_dir / WEIGHTS))
-        score("dp_baseline/alone", slice_experts(twin, [index[domain]]))
-        score("dp_baseline/merged", slice_experts(twin, list(index.values())))
-        result["dp_baseline"] = read_json(dp_baseline_dir / MANIFEST)["metrics"]
+        score(DP_ALONE, slice_experts(twin, [index[domain]]))
+        score(DP_MERGED, slice_experts(twin, list(index.values())))
+        result.dp_baseline = read_json(dp_baseline_dir / MANIFEST)["metrics"]
     if e.ablations:
         n, current = merged.config.num_experts, merged.config.num_experts_per_tok
         for k in sorted(({min(k, n) for k in e.ablation_top_k} | {n}) - {current}):
-            score(f"top_k/{k}", with_top_k(merged, k))
+            score(top_k(k), with_top_k(merged, k))
         if isinstance(full, FlexOlmoForCausalLM):  # router biases are kept in a FlexOlmo router only
             toggled = "keep" if not isinstance(full, BiasedFlexOlmoForCausalLM) else "drop"
-            score(f"router_bias/{toggled}", slice_experts(toggled_router_bias(full, merged_dir), list(index.values())))
+            score(router_bias(toggled), slice_experts(toggled_router_bias(full, merged_dir), list(index.values())))
     return result, use_fast_experts(merged)
 
 
@@ -201,14 +212,14 @@ def main(argv: list[str] | None = None) -> None:
     params = P.load(args.params)
     result, merged = evaluate_domain(args.domain, args.val, args.anchor, args.merged, params.evaluate,
                                      params.inference, args.reference, args.tuned, args.dp_baseline)
-    write_json(args.out, result)
+    write_json(args.out, result.model_dump(exclude_none=True))
     if args.index and args.trace_page:
         spans = write_trace_page(args.domain, merged, AutoTokenizer.from_pretrained(args.merged), args.index, params,
                                  args.trace_page)
         print(f"traced {len(params.trace.sample_prompts)} generated samples in {args.domain}'s index: {spans} spans")
-    m = result["models"]
-    print(f"evaluate {args.domain}: anchor {m['anchor']['loss']:.3f}, merged {m['merged']['loss']:.3f}"
-          + (f", soup {m['soup']['loss']:.3f}, btm {m['btm']['loss']:.3f}" if "btm" in m else ""))
+    m = result.models
+    print(f"evaluate {args.domain}: anchor {m['anchor'].loss:.3f}, merged {m['merged'].loss:.3f}"
+          + (f", soup {m['soup'].loss:.3f}, btm {m['btm'].loss:.3f}" if "btm" in m else ""))
 
 
 if __name__ == "__main__":

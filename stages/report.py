@@ -16,37 +16,47 @@ import markdown_it
 
 from stages import params as P
 from stages.io import read_json, temp_path, write_json, write_text
+from stages.results import (
+    ABLATION_PREFIXES,
+    ALONE,
+    DP_ALONE,
+    DP_MERGED,
+    WITHOUT,
+    DomainEvaluation,
+    alone,
+    read_evaluation,
+    without,
+)
 from stages.runtime import start_stage
 
 COMPARED = ("anchor", "own expert", "soup", "btm", "merged", "unrestricted")  # main table columns, in order
 COLORS = {"anchor": "#9aa5b1", "own expert": "#f2a541", "soup": "#7fb77e", "btm": "#b07cc6", "merged": "#2f6fdf",
           "unrestricted": "#444444"}
 # Rows of the ablation table: the merged model as run, and each variant the evaluation scored.
-ABLATION_PREFIXES = ("merged_tuned", "top_k/", "router_bias/")
+VARIANT_PREFIXES = ("merged_tuned", *ABLATION_PREFIXES)  # the merged model's variants in the ablation table
 OPTOUT_OTHERS_LIMIT = 1.0  # % a domain may move when another owner's expert is removed (issue target)
 UNRESTRICTED_GAP_LIMIT = 3.0  # % the merged model may trail the unrestricted reference
 
 
-def collect(evaluations: Path, domains: set[str] | None = None) -> list[dict]:
+def collect(evaluations: Path, domains: set[str] | None = None) -> list[DomainEvaluation]:
     """The evaluations of `domains` (all when None): a removed owner's stale file is not one of them."""
-    rows = [read_json(p) for p in sorted(evaluations.glob("*.json")) if domains is None or p.stem in domains]
+    rows = [read_evaluation(p) for p in sorted(evaluations.glob("*.json")) if domains is None or p.stem in domains]
     if not rows:
-        raise SystemExit(f"report: no evaluation found under {evaluations}; run the evaluate stages first")
+        raise FileNotFoundError(f"report: no evaluation found under {evaluations}; run the evaluate stages first")
     # Public first, then owners in name order: the table reads the same way every run.
-    return sorted(rows, key=lambda r: (r["domain"] != "public", r["domain"]))
+    return sorted(rows, key=lambda r: (not r.is_public, r.domain))
 
 
-def compared_losses(row: dict, field: str = "loss") -> dict[str, float]:
+def compared_losses(row: DomainEvaluation, field: str = "loss") -> dict[str, float]:
     """The main table's models for one domain; 'own expert' is the domain owner's model alone."""
-    m = row["models"]
-    picked = {"own expert": m.get(f"alone/{row['domain']}")}
-    picked.update({k: m.get(k) for k in ("anchor", "soup", "btm", "merged", "unrestricted")})
-    return {k: picked[k][field] for k in COMPARED if picked.get(k)}
+    picked = {"own expert": row.score(alone(row.domain))}
+    picked.update({k: row.score(k) for k in ("anchor", "soup", "btm", "merged", "unrestricted")})
+    return {k: getattr(picked[k], field) for k in COMPARED if picked.get(k)}
 
 
-def bpb_markdown(rows: list[dict]) -> str:
+def bpb_markdown(rows: list[DomainEvaluation]) -> str:
     """Bits per byte of every compared model beside xz -9e on the same text (worse than xz: nothing learned)."""
-    rows = [r for r in rows if "xz_bits_per_byte" in r]
+    rows = [r for r in rows if r.xz_bits_per_byte is not None]
     if not rows:
         return ""
     cols = [c for c in COMPARED if any(c in compared_losses(r) for r in rows)]
@@ -55,22 +65,22 @@ def bpb_markdown(rows: list[dict]) -> str:
     for r in rows:
         bpb = compared_losses(r, "bits_per_byte")
         cells = [f"{bpb[c]:.3f}" if c in bpb else "" for c in cols]
-        xz = r["xz_bits_per_byte"]
-        lines.append(f"| {r['domain']} | " + " | ".join(cells) + f" | {xz:.3f} | {_pct(bpb['merged'], xz)} |")
+        xz = r.xz_bits_per_byte
+        lines.append(f"| {r.domain} | " + " | ".join(cells) + f" | {xz:.3f} | {_pct(bpb['merged'], xz)} |")
     return "\n".join(lines) + "\n"
 
 
-def generations_html(rows: list[dict]) -> str:
+def generations_html(rows: list[DomainEvaluation]) -> str:
     """Per domain, one prompt continued by the anchor, the merged model and the merged model without its owner."""
-    rows = [r for r in rows if r.get("generations")]
+    rows = [r for r in rows if r.generations]
     if not rows:
         return ""
     out = ["<h2>Side by side: one prompt per domain</h2><p>Greedy continuations of a prompt written in "
            "params.yaml (evaluate.prompts), never taken from an owner's data.</p>"]
     for r in rows:
-        g = r["generations"]
+        g = r.generations
         names = [k for k in g if k != "prompt"]
-        out.append(f"<h3>{html.escape(r['domain'])}: <code>{html.escape(g['prompt'])}</code></h3><table class=gen><tr>"
+        out.append(f"<h3>{html.escape(r.domain)}: <code>{html.escape(g['prompt'])}</code></h3><table class=gen><tr>"
                    + "".join(f"<th>{html.escape(n)}</th>" for n in names) + "</tr><tr>"
                    + "".join(f"<td><pre>{html.escape(g[n])}</pre></td>" for n in names) + "</tr></table>")
     return "\n".join(out)
@@ -80,18 +90,18 @@ def _pct(new: float, old: float) -> str:
     return f"{(new - old) / old * 100:+.1f}%"
 
 
-def table_markdown(rows: list[dict]) -> str:
+def table_markdown(rows: list[DomainEvaluation]) -> str:
     cols = [c for c in COMPARED if any(c in compared_losses(r) for r in rows)]
-    lines = [f"Merged model with the experts of: public, {', '.join(rows[0]['experts']) or '(no owner)'}.", "",
+    lines = [f"Merged model with the experts of: public, {', '.join(rows[0].experts) or '(no owner)'}.", "",
              "| domain | " + " | ".join(f"{c} loss" for c in cols) + " | merged vs anchor | anchor bpb | merged bpb |",
              "|---|" + "---:|" * (len(cols) + 3)]
     for r in rows:
         losses = compared_losses(r)
         cells = [f"{losses[c]:.3f}" if c in losses else "" for c in cols]
-        a, m = r["models"]["anchor"], r["models"]["merged"]
-        lines.append(f"| {r['domain']} | " + " | ".join(cells) + f" | {_pct(m['loss'], a['loss'])} | "
-                     f"{a['bits_per_byte']:.3f} | {m['bits_per_byte']:.3f} |")
-    owners = [compared_losses(r) for r in rows if r["domain"] != "public"]
+        a, m = r.models["anchor"], r.models["merged"]
+        lines.append(f"| {r.domain} | " + " | ".join(cells) + f" | {_pct(m.loss, a.loss)} | "
+                     f"{a.bits_per_byte:.3f} | {m.bits_per_byte:.3f} |")
+    owners = [compared_losses(r) for r in rows if not r.is_public]
     if owners:
         mean = {c: sum(o[c] for o in owners) / len(owners) for c in cols if all(c in o for o in owners)}
         lines.append("| owners' average | " + " | ".join(f"{mean[c]:.3f}" if c in mean else "" for c in cols)
@@ -99,23 +109,23 @@ def table_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def owners_mean(rows: list[dict], model: str) -> float | None:
+def owners_mean(rows: list[DomainEvaluation], model: str) -> float | None:
     """A model's held-out loss averaged over the owners' domains (None if not scored on all)."""
-    owners = [r for r in rows if r["domain"] != "public"]
-    if not owners or any(model not in r["models"] for r in owners):
+    owners = [r for r in rows if not r.is_public]
+    if not owners or any(model not in r.models for r in owners):
         return None
-    return sum(r["models"][model]["loss"] for r in owners) / len(owners)
+    return sum(r.models[model].loss for r in owners) / len(owners)
 
 
-def ablation_markdown(rows: list[dict]) -> str:
+def ablation_markdown(rows: list[DomainEvaluation]) -> str:
     """Each scored variant of the merged model against the merged model as run, per domain."""
-    variants = sorted({k for r in rows for k in r["models"] if k.startswith(ABLATION_PREFIXES)})
+    variants = sorted({k for r in rows for k in r.models if k.startswith(VARIANT_PREFIXES)})
     if not variants:
         return ""
-    lines = ["| model | " + " | ".join(r["domain"] for r in rows) + " | owners' average |",
+    lines = ["| model | " + " | ".join(r.domain for r in rows) + " | owners' average |",
              "|---|" + "---:|" * (len(rows) + 1)]
     for v in ["merged", *variants]:
-        cells = [f"{r['models'][v]['loss']:.3f}" if v in r["models"] else "" for r in rows]
+        cells = [f"{r.models[v].loss:.3f}" if v in r.models else "" for r in rows]
         mean = owners_mean(rows, v)
         base = owners_mean(rows, "merged")
         avg = f"{mean:.3f} ({_pct(mean, base)})" if mean is not None and v != "merged" else (f"{mean:.3f}" if mean else "")
@@ -123,7 +133,7 @@ def ablation_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def targets(rows: list[dict]) -> list[tuple[str, bool, str]]:
+def targets(rows: list[DomainEvaluation]) -> list[tuple[str, bool, str]]:
     """The FlexOlmo paper's ordering, checked on these numbers: (target, met, the numbers behind it).
 
     Averages are over the owners' domains; a target whose models were not scored is left out.
@@ -140,15 +150,15 @@ def targets(rows: list[dict]) -> list[tuple[str, bool, str]]:
             out.append((name, met, f"merged {merged:.3f} vs {other:.3f}"))
 
     versus("merged beats the anchor", "anchor")
-    scored = [r for r in rows if "xz_bits_per_byte" in r and r["domain"] != "public"]
+    scored = [r for r in rows if r.xz_bits_per_byte is not None and not r.is_public]
     if scored:
-        worse = [r["domain"] for r in scored if r["models"]["merged"]["bits_per_byte"] >= r["xz_bits_per_byte"]]
+        worse = [r.domain for r in scored if r.models["merged"].bits_per_byte >= r.xz_bits_per_byte]
         out.append(("merged compresses every owner's text better than xz -9e", not worse,
                     f"worse than xz on {', '.join(worse)}" if worse else
-                    "merged bpb below xz's on " + ", ".join(r["domain"] for r in scored)))
-    singles = sorted(k for k in rows[0]["models"] if k.startswith("alone/"))
+                    "merged bpb below xz's on " + ", ".join(r.domain for r in scored)))
+    singles = sorted(rows[0].owners_with(ALONE))
     if singles:
-        means = {k.split("/", 1)[1]: owners_mean(rows, k) for k in singles}
+        means = {o: owners_mean(rows, alone(o)) for o in singles}
         best = min(means, key=means.get)
         out.append(("merged beats every single expert", all(merged < v for v in means.values()),
                     f"merged {merged:.3f} vs best single ({best}) {means[best]:.3f}"))
@@ -210,23 +220,23 @@ def audit_markdown(audits: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def dp_markdown(rows: list[dict], published: Path | None) -> str:
+def dp_markdown(rows: list[DomainEvaluation], published: Path | None) -> str:
     """Per DP owner: the epsilon spent, and its domain loss and step time next to its non-DP twin's."""
     lines = []
     for r in rows:
-        twin = r.get("dp_baseline")
-        metrics_path = published / r["domain"] / "train_metrics.json" if published else None
+        twin = r.dp_baseline
+        metrics_path = published / r.domain / "train_metrics.json" if published else None
         if not twin or not metrics_path or not metrics_path.exists():
             continue
         trained = read_json(metrics_path)
-        dp, m = trained.get("dp"), r["models"]
+        dp, m = trained.get("dp"), r.models
         if not dp:
             continue
-        own, own_twin = m[f"alone/{r['domain']}"]["loss"], m["dp_baseline/alone"]["loss"]
-        merged, merged_twin = m["merged"]["loss"], m["dp_baseline/merged"]["loss"]
+        own, own_twin = m[alone(r.domain)].loss, m[DP_ALONE].loss
+        merged, merged_twin = m["merged"].loss, m[DP_MERGED].loss
         step, step_twin = trained["train_seconds"] / trained["steps"], twin["train_seconds"] / twin["steps"]
-        lines.append(f"| {r['domain']} | {dp['epsilon']:.2f} at {dp['delta']:g} ({dp['accountant']}) | "
-                     f"{dp['noise_multiplier']:.3f} | {m['anchor']['loss']:.3f} | {own:.3f} | {own_twin:.3f} "
+        lines.append(f"| {r.domain} | {dp['epsilon']:.2f} at {dp['delta']:g} ({dp['accountant']}) | "
+                     f"{dp['noise_multiplier']:.3f} | {m['anchor'].loss:.3f} | {own:.3f} | {own_twin:.3f} "
                      f"({_pct(own, own_twin)}) | {merged:.3f} | {merged_twin:.3f} ({_pct(merged, merged_twin)}) | "
                      f"{step:.2f} s | {step_twin:.2f} s ({step / step_twin:.2f}x) |")
     if not lines:
@@ -236,11 +246,11 @@ def dp_markdown(rows: list[dict], published: Path | None) -> str:
                       "step, DP | step, no DP (ratio) |", "|---|---|" + "---:|" * 8, *lines]) + "\n"
 
 
-def optout_matrix(rows: list[dict]) -> tuple[list[str], list[str], list[list[float]]]:
+def optout_matrix(rows: list[DomainEvaluation]) -> tuple[list[str], list[str], list[list[float]]]:
     """(experts removed, domains, % change in loss vs the full merged model)."""
-    removed = [k.split("/", 1)[1] for k in rows[0]["models"] if k.startswith("without/")]
-    domains = [r["domain"] for r in rows]
-    cells = [[(r["models"][f"without/{o}"]["loss"] - r["models"]["merged"]["loss"]) / r["models"]["merged"]["loss"] * 100
+    removed = rows[0].owners_with(WITHOUT)
+    domains = [r.domain for r in rows]
+    cells = [[(r.models[without(o)].loss - r.models["merged"].loss) / r.models["merged"].loss * 100
               for r in rows] for o in removed]
     return removed, domains, cells
 
@@ -255,10 +265,10 @@ def _save(fig, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def plot_losses(rows: list[dict], path: Path) -> None:
+def plot_losses(rows: list[DomainEvaluation], path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    domains = [r["domain"] for r in rows]
+    domains = [r.domain for r in rows]
     cols = [c for c in COMPARED if any(c in compared_losses(r) for r in rows)]
     width = 0.8 / len(cols)
     fig, ax = plt.subplots(figsize=(1.6 * len(domains) + 2, 3.8))
@@ -274,11 +284,11 @@ def plot_losses(rows: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
-def plot_bpb(rows: list[dict], path: Path) -> bool:
+def plot_bpb(rows: list[DomainEvaluation], path: Path) -> bool:
     """Bits per byte per domain and model, with xz -9e on the same text as a black line per domain."""
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if "xz_bits_per_byte" in r]
+    rows = [r for r in rows if r.xz_bits_per_byte is not None]
     if not rows:
         return False
     cols = [c for c in COMPARED if any(c in compared_losses(r) for r in rows)]
@@ -289,9 +299,9 @@ def plot_bpb(rows: list[dict], path: Path) -> bool:
         ys = [compared_losses(r, "bits_per_byte")[c] for r in rows if c in compared_losses(r)]
         ax.bar(xs, ys, width=width, label=c, color=COLORS[c])
     for i, r in enumerate(rows):
-        ax.hlines(r["xz_bits_per_byte"], i - 0.45, i + 0.45, color="black", linewidth=2,
+        ax.hlines(r.xz_bits_per_byte, i - 0.45, i + 0.45, color="black", linewidth=2,
                   label="xz -9e" if i == 0 else None)
-    ax.set_xticks(range(len(rows)), [r["domain"] for r in rows])
+    ax.set_xticks(range(len(rows)), [r.domain for r in rows])
     ax.set_ylabel("held-out bits per byte")
     ax.set_title("Bits per byte per domain (lower is better); black: xz -9e on the same text")
     ax.legend(ncol=len(cols) + 1, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1))  # below: clear of the lines
@@ -299,7 +309,7 @@ def plot_bpb(rows: list[dict], path: Path) -> bool:
     return True
 
 
-def plot_optout(rows: list[dict], path: Path) -> bool:
+def plot_optout(rows: list[DomainEvaluation], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     removed, domains, cells = optout_matrix(rows)
@@ -320,19 +330,19 @@ def plot_optout(rows: list[dict], path: Path) -> bool:
     return True
 
 
-def plot_routing(rows: list[dict], path: Path) -> bool:
+def plot_routing(rows: list[DomainEvaluation], path: Path) -> bool:
     """Heat map: for each domain (row), the share of routing weight each expert (column) gets."""
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if r.get("routing")]
+    rows = [r for r in rows if r.routing]
     if not rows:
         return False
-    experts = ["public", *rows[0]["experts"]]
-    cells = [[r["routing"].get(e, 0.0) for e in experts] for r in rows]
+    experts = ["public", *rows[0].experts]
+    cells = [[r.routing.get(e, 0.0) for e in experts] for r in rows]
     fig, ax = plt.subplots(figsize=(1.1 * len(experts) + 2.5, 0.55 * len(rows) + 1.8))
     im = ax.imshow(cells, cmap="Blues", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(experts)), [f"{e} expert" for e in experts], rotation=20)
-    ax.set_yticks(range(len(rows)), [f"{r['domain']} text" for r in rows])
+    ax.set_yticks(range(len(rows)), [f"{r.domain} text" for r in rows])
     for i, row in enumerate(cells):
         for j, v in enumerate(row):
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color="white" if v > 0.5 else "black")
@@ -361,12 +371,13 @@ def plot_curves(logs: dict[str, Path], path: Path) -> bool:
     return True
 
 
-def page_html(rows: list[dict], images: list[str], audits: list[dict] | None = None, dp_table: str = "") -> str:
-    models = sorted({k for r in rows for k in r["models"]}, key=lambda k: (k.count("/"), k))
+def page_html(rows: list[DomainEvaluation], images: list[str], audits: list[dict] | None = None,
+              dp_table: str = "") -> str:
+    models = sorted({k for r in rows for k in r.models}, key=lambda k: (k.count("/"), k))
     head = "".join(f"<th>{html.escape(m)}</th>" for m in models)
     body = "".join(
-        f"<tr><td>{html.escape(r['domain'])}</td>"
-        + "".join(f"<td>{r['models'][m]['loss']:.3f}</td>" if m in r["models"] else "<td></td>" for m in models)
+        f"<tr><td>{html.escape(r.domain)}</td>"
+        + "".join(f"<td>{r.models[m].loss:.3f}</td>" if m in r.models else "<td></td>" for m in models)
         + "</tr>" for r in rows)
     md = markdown_it.MarkdownIt().enable("table")
     main_table = md.render(table_markdown(rows))
@@ -432,8 +443,8 @@ def report(evaluations: Path, out_dir: Path, metrics: Path, training_logs: dict[
         images.append("routing.png")
     if training_logs and plot_curves(training_logs, out_dir / "loss_curves.png"):
         images.append("loss_curves.png")
-    summary = {r["domain"]: {m: {k: v[k] for k in ("loss", "bits_per_byte")} for m, v in r["models"].items()}
-               | ({"xz": {"bits_per_byte": r["xz_bits_per_byte"]}} if "xz_bits_per_byte" in r else {})
+    summary = {r.domain: {m: v.model_dump(include={"loss", "bits_per_byte"}) for m, v in r.models.items()}
+               | ({"xz": {"bits_per_byte": r.xz_bits_per_byte}} if r.xz_bits_per_byte is not None else {})
                for r in rows}
     tables = (table_markdown(rows), bpb_markdown(rows), targets_markdown(rows), ablation_markdown(rows), dp_table,
               audit_markdown(audits))

@@ -12,6 +12,7 @@ from stages.artifacts import MERGED_INFO
 from stages.experts import has_model
 from stages.io import write_json
 from stages.report import targets
+from stages.results import DomainEvaluation, Score
 from stages.train_unrestricted import train_unrestricted
 from stages.tune_router import pick_proxy, tune_router
 
@@ -90,11 +91,12 @@ def test_proxy_documents_are_the_ones_routed_most_to_each_expert():
     assert pick_proxy(share, lengths, {1: 15, 2: 5}) == {1: [2, 0], 2: [1]}
 
 
-def _rows(merged: dict, others: dict) -> list[dict]:
+def _rows(merged: dict, others: dict) -> list[DomainEvaluation]:
     """Evaluation records for two owner domains: {model: (loss on a, loss on b)}."""
     models = {"merged": merged, **others}
-    return [{"domain": d, "experts": ["a", "b"], "models": {m: {"loss": v[i], "bits_per_byte": 1.0}
-                                                            for m, v in models.items()}} for i, d in enumerate("ab")]
+    return [DomainEvaluation(domain=d, experts=["a", "b"], routing={},
+                             models={m: Score(loss=v[i], bits_per_byte=1.0, tokens=100) for m, v in models.items()})
+            for i, d in enumerate("ab")]
 
 
 def test_targets_are_judged_on_the_numbers():
@@ -108,7 +110,7 @@ def test_targets_are_judged_on_the_numbers():
     assert not met["merged within 3% of the unrestricted reference"]  # +4.2%
     assert met["removing a raises a's loss and moves others < 1%"]  # b moves +0.4%
     assert met["removing b raises b's loss and moves others < 1%"]
-    rows[1]["models"]["without/a"]["loss"] = 5.2  # b moves +4% when a is removed
+    rows[1].models["without/a"].loss = 5.2  # b moves +4% when a is removed
     assert not dict((n, ok) for n, ok, _ in targets(rows))["removing a raises a's loss and moves others < 1%"]
 
 
