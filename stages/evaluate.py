@@ -153,21 +153,20 @@ def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, 
         score("unrestricted", AutoModelForCausalLM.from_pretrained(reference_dir))
     if tuned_dir is not None and has_model(tuned_dir):
         score("merged_tuned", slice_experts(AutoModelForCausalLM.from_pretrained(tuned_dir), list(index.values())))
-    result = DomainEvaluation(domain=domain, experts=experts, models=models, routing=routing,
-                              xz_bits_per_byte=xz_bits_per_byte(tokenizer, rows))
+    generations, dp_baseline = None, None
     if e.continuation_tokens:
         compared = {"anchor": anchor, "merged": merged}
         if domain in index:
             compared[without(domain)] = slice_experts(full, [index[k] for k in experts if k != domain])
-        result.generations = side_by_side(e.prompts.get(domain, e.prompts.get("default", "The")), tokenizer,
-                                             compared, e.continuation_tokens)
+        generations = side_by_side(e.prompts.get(domain, e.prompts.get("default", "The")), tokenizer,
+                                   compared, e.continuation_tokens)
     if dp_baseline_dir is not None and (dp_baseline_dir / WEIGHTS).exists() and domain in index:
         from safetensors.torch import load_file
 
         twin = with_expert_from(full, index[domain], load_file(dp_baseline_dir / WEIGHTS))
         score(DP_ALONE, slice_experts(twin, [index[domain]]))
         score(DP_MERGED, slice_experts(twin, list(index.values())))
-        result.dp_baseline = read_json(dp_baseline_dir / MANIFEST)["metrics"]
+        dp_baseline = read_json(dp_baseline_dir / MANIFEST)["metrics"]
     if e.ablations:
         n, current = merged.config.num_experts, merged.config.num_experts_per_tok
         for k in sorted(({min(k, n) for k in e.ablation_top_k} | {n}) - {current}):
@@ -175,6 +174,10 @@ def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, 
         if isinstance(full, FlexOlmoForCausalLM):  # router biases are kept in a FlexOlmo router only
             toggled = "keep" if not isinstance(full, BiasedFlexOlmoForCausalLM) else "drop"
             score(router_bias(toggled), slice_experts(toggled_router_bias(full, merged_dir), list(index.values())))
+    # Built last: pydantic copies `models`, and every score above must be in it.
+    result = DomainEvaluation(domain=domain, experts=experts, models=models, routing=routing,
+                              xz_bits_per_byte=xz_bits_per_byte(tokenizer, rows), generations=generations,
+                              dp_baseline=dp_baseline)
     return result, use_fast_experts(merged)
 
 
