@@ -4,7 +4,7 @@
 
 A random-weight anchor of the default shape (4 layers, vocabulary 8192, batch 8 x 256): one
 full training step of the dense anchor (every weight learns) against one step of an owner's
-2-expert block (`stages.moe.upcycle`: attention, embeddings, norms, head and the public expert
+2-expert block (`stages.model.moe.upcycle`: attention, embeddings, norms, head and the public expert
 frozen, both experts computed densely), measured alternately in one process, best of --repeats.
 Goal (issue): the expert step at least as fast as the dense step (ratio >= 1.0).
 """
@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.moe import upcycle  # noqa: E402
-from stages.training import lm_losses  # noqa: E402
+from stages.model.moe import upcycle  # noqa: E402
+from stages.train.loop import lm_losses  # noqa: E402
 
 
 def tokens_per_s(model, batch: torch.Tensor, steps: int) -> float:

@@ -7,8 +7,8 @@ model, same prompts, measured side by side in one run (alternating, best of --re
 
 - stock: `generate()` of the merged class (FlexOlmoForCausalLM or Qwen2MoeForCausalLM) with its
   stock eager experts (the baseline);
-- ours: what `consort generate`, the trace page and the audit run: stages/decode.py's decoder
-  (its own attention over a preallocated cache, no generate()) with stages/fast_moe.py's experts;
+- ours: what `consort generate`, the trace page and the audit run: stages/model/decode.py's decoder
+  (its own attention over a preallocated cache, no generate()) with stages/model/fast_moe.py's experts;
 - the two halves apart (fast experts under generate(), stock experts under our decoder), and the
   dense anchor under both for scale.
 
@@ -28,8 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.decode import decode  # noqa: E402
-from stages.fast_moe import use_fast_experts  # noqa: E402
+from stages.model.decode import decode  # noqa: E402
+from stages.model.fast_moe import use_fast_experts  # noqa: E402
 
 
 def with_generate(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
@@ -53,7 +53,7 @@ def main() -> None:
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import stages.moe  # noqa: F401  registers the bias-keeping merged class
+    import stages.model.moe  # noqa: F401  registers the bias-keeping merged class
 
     ws = args.workspace.resolve()
     tok = AutoTokenizer.from_pretrained(ws / "models" / "merged")

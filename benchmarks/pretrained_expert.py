@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.moe import upcycle  # noqa: E402
-from stages.training import lm_losses  # noqa: E402
+from stages.model.moe import upcycle  # noqa: E402
+from stages.train.loop import lm_losses  # noqa: E402
 
 
 def step_flops(model, tokens: int, seq: int) -> float:

@@ -262,7 +262,7 @@ def _generate(args: argparse.Namespace) -> str | None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
-    from stages.experts import continue_text, load_merged, merged_owners, resolve_experts
+    from stages.model.experts import continue_text, load_merged, merged_owners, resolve_experts
 
     try:
         disabled = disabled_owners(args.params or PROJECT_ROOT / "params.yaml", args.preset)

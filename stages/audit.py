@@ -27,7 +27,7 @@ import numpy as np
 
 from stages import params as P
 from stages.artifacts import CANARIES
-from stages.canaries import random_secret
+from stages.data.canaries import random_secret
 from stages.io import read_json, read_jsonl, write_json
 from stages.runtime import start_stage
 
@@ -87,7 +87,7 @@ def extraction(model, docs: list[list[int]], a: P.AuditParams, seed: int) -> tup
     import torch
     from rapidfuzz.distance import Levenshtein
 
-    from stages.decode import decode
+    from stages.model.decode import decode
 
     prefix = torch.tensor([d[:a.prefix_tokens] for d in docs])  # same-length prefixes: no padding
     truth = [d[a.prefix_tokens:a.prefix_tokens + a.suffix_tokens] for d in docs]
@@ -106,7 +106,7 @@ def canary_audit(model, tokenizer, canaries: list[dict], candidates: int, seed: 
     """Per canary: whether greedy decoding after its prefix writes the secret, and its exposure."""
     import torch
 
-    from stages.decode import decode
+    from stages.model.decode import decode
 
     rng = random.Random(seed)
     out = []
@@ -139,7 +139,7 @@ def audit_owner(owner: str, corpus_dir: Path, anchor_dir: Path, merged_dir: Path
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.experts import load_merged, merged_owners, resolve_experts
+    from stages.model.experts import load_merged, merged_owners, resolve_experts
 
     torch.set_grad_enabled(False)
     tokenizer = AutoTokenizer.from_pretrained(anchor_dir)

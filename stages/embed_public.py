@@ -1,5 +1,5 @@
 """Stage embed_public: the public domain embedding that initialises the public router row
-(stages/router_rows.py says how, by `expert.router_init`)."""
+(stages/model/router_rows.py says how, by `expert.router_init`)."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stages import params as P
 from stages.io import read_jsonl
-from stages.router_rows import router_row, save_embedding
+from stages.model.router_rows import router_row, save_embedding
 from stages.runtime import start_stage
 
 

@@ -16,8 +16,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, FlexOlmoForCausalL
 
 from stages import params as P
 from stages.artifacts import MANIFEST, WEIGHTS
-from stages.baselines import btm_token_nll, soup_model
-from stages.experts import (
+from stages.io import read_json, write_json, write_text
+from stages.model.baselines import btm_token_nll, soup_model
+from stages.model.experts import (
     continue_text,
     has_model,
     merged_owners,
@@ -27,9 +28,8 @@ from stages.experts import (
     with_expert_from,
     with_top_k,
 )
-from stages.fast_moe import use_fast_experts
-from stages.io import read_json, write_json, write_text
-from stages.moe import BiasedFlexOlmoForCausalLM
+from stages.model.fast_moe import use_fast_experts
+from stages.model.moe import BiasedFlexOlmoForCausalLM
 from stages.results import (
     DP_ALONE,
     DP_MERGED,
@@ -41,7 +41,7 @@ from stages.results import (
     without,
 )
 from stages.runtime import start_stage
-from stages.training import autocast, tokenize_corpus
+from stages.train.loop import autocast, tokenize_corpus
 
 
 def token_bytes(tokenizer) -> np.ndarray:

@@ -18,9 +18,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from stages import params as P
 from stages.artifacts import ANCHOR_INFO, MANIFEST, MANIFEST_VERSION, MERGED_INFO, PRESENT_OWNERS
 from stages.io import atomic_dir, file_digest, read_json, write_json
-from stages.moe import assemble, moe_config, moe_extra_state, moe_model, shared_state
+from stages.model.moe import assemble, moe_config, moe_extra_state, moe_model, shared_state
+from stages.model.router_rows import load_embedding
 from stages.package import PackageRefused, enrolled_key, read_expert_tensors, verify_package
-from stages.router_rows import load_embedding
 from stages.runtime import start_stage
 
 READABLE_MANIFESTS = (MANIFEST_VERSION,)  # earlier packages were unsigned (3: whole 2-expert models)

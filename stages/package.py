@@ -124,10 +124,10 @@ def verify_package(package: Path, owner: str, key_path: Path) -> None:
 
 
 def expert_tensors(trained) -> dict:
-    """The owner's half of a trained 2-expert model (stages/moe.py's blocks), in the package layout."""
+    """The owner's half of a trained 2-expert model (stages/model/moe.py's blocks), in the package layout."""
     import torch
 
-    from stages.moe import OWNER, blocks
+    from stages.model.moe import OWNER, blocks
 
     out = {}
     for i, block in enumerate(blocks(trained)):

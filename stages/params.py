@@ -281,7 +281,7 @@ class TracePolicy(Strict):
 
 
 class DPParams(Strict):
-    """Differential privacy for one owner's expert (stages/dp.py): DP-SGD, the document as the unit."""
+    """Differential privacy for one owner's expert (stages/train/dp.py): DP-SGD, the document as the unit."""
     target_epsilon: float = Field(gt=0, description="budget for everything the owner releases")
     delta: float = Field(default=1.0e-5, gt=0, lt=1)
     max_grad_norm: float = Field(default=1.0, gt=0, description="per-document gradient clip")

@@ -14,10 +14,10 @@ from pathlib import Path
 
 from stages import params as P
 from stages.artifacts import CANARIES
-from stages.canaries import plant_canaries
+from stages.data.canaries import plant_canaries
+from stages.data.sources import describe, read_records
 from stages.io import atomic_dir, text_digest, write_json, write_jsonl
 from stages.runtime import start_stage
-from stages.sources import describe, read_records
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200f\ufeff]")
 

@@ -1,6 +1,6 @@
 """Stage: the public anchor, pretrained elsewhere or (source: scratch) pretrained here.
 
-A pretrained anchor (anchor.source: hf_folder or gguf; stages/pretrained.py) is written as a
+A pretrained anchor (anchor.source: hf_folder or gguf; stages/model/pretrained.py) is written as a
 standard checkpoint of its family, with where it came from, its licence and the SHA-256 of the
 original weights. The from-scratch anchor is a dense `Olmo2ForCausalLM` trained on the public
 corpus. The anchor never changes afterwards: every expert is trained against it and the merge
@@ -16,10 +16,10 @@ from transformers import AutoTokenizer, Olmo2Config, Olmo2ForCausalLM
 
 from stages import params as P
 from stages.artifacts import ANCHOR_INFO
-from stages.distributed import finish, is_main, local_rows
 from stages.io import atomic_dir, tensors_digest, write_json
 from stages.runtime import start_stage
-from stages.training import (
+from stages.train.distributed import finish, is_main, local_rows
+from stages.train.loop import (
     Checkpointer,
     lm_losses,
     sample_batch,
@@ -50,7 +50,7 @@ def make_anchor(corpus_train: Path, tokenizer_dir: Path, a: P.AnchorParams, out_
 
 
 def import_anchor(source, tokenizer_dir: Path, out_dir: Path, log_path: Path, cache: Path) -> dict:
-    from stages.pretrained import load_anchor, source_record
+    from stages.model.pretrained import load_anchor, source_record
 
     model = load_anchor(source, cache)
     summary = {"source": source_record(source, cache), "family": model.config.model_type,

@@ -15,14 +15,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stages import params as P
 from stages.artifacts import ANCHOR_INFO, MANIFEST, MANIFEST_VERSION, WEIGHTS
-from stages.distributed import finish, is_main, local_rows, world
-from stages.dp import DPConfigError, check_dp, dp_router_row, train_dp
 from stages.io import atomic_dir, file_digest, parse_expert_cli, read_json, read_jsonl, write_json
-from stages.moe import blocks, project_bias, upcycle
+from stages.model.moe import blocks, project_bias, upcycle
+from stages.model.router_rows import load_embedding, router_row
 from stages.package import expert_tensors, sign_package
-from stages.router_rows import load_embedding, router_row
 from stages.runtime import start_stage
-from stages.training import (
+from stages.train.distributed import finish, is_main, local_rows, world
+from stages.train.dp import DPConfigError, check_dp, dp_router_row, train_dp
+from stages.train.loop import (
     Checkpointer,
     lm_losses,
     sample_batch,
@@ -149,7 +149,7 @@ def publish(model, owner: str, identity: dict, data_digest: str, expert: P.Exper
 def _train_expert_dp(owner: str, corpus_train: Path, public_train: Path, anchor, tokenizer, identity: dict,
                      r_pub: torch.Tensor, init_texts: list[str], expert: P.ExpertParams, t: P.TrainParams,
                      dp: P.DPParams, out_dir: Path, log_path: Path) -> dict:
-    """The DP variant (stages/dp.py): DP router-row mean, Poisson-sampled documents, DP-SGD."""
+    """The DP variant (stages/train/dp.py): DP router-row mean, Poisson-sampled documents, DP-SGD."""
     public_texts = [row["text"] for _, row in zip(range(expert.router_init_docs), read_jsonl(public_train))]
     r_owner, init = dp_router_row(anchor, tokenizer, init_texts, public_texts, t.seq_len, dp.init_noise_multiplier,
                                   torch.Generator().manual_seed(t.seed + 31))

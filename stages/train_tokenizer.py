@@ -22,7 +22,7 @@ PAD = "<|pad|>"
 def make_tokenizer(corpus_train: Path, tok: P.TokenizerParams, anchor: P.AnchorParams, out_dir: Path, cache: Path):
     if not anchor.pretrained:
         return train_tokenizer(corpus_train, tok, out_dir)
-    from stages.pretrained import load_tokenizer
+    from stages.model.pretrained import load_tokenizer
 
     tokenizer = load_tokenizer(anchor.source, cache)
     with atomic_dir(out_dir) as tmp:

@@ -36,7 +36,7 @@ def upcycle_all(anchor, rows: list, top_k: int):
     """The anchor's MoE model whose every expert is a copy of the anchor's FFN, router rows as given."""
     import torch
 
-    from stages.moe import assemble, moe_config, moe_extra_state, moe_model, shared_state
+    from stages.model.moe import assemble, moe_config, moe_extra_state, moe_model, shared_state
 
     n = len(rows)
     config = moe_config(anchor.config, num_experts=n, top_k=min(top_k, n))
@@ -66,8 +66,8 @@ def train_unrestricted(owner_corpora: dict[str, Path], public_train: Path, ancho
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.router_rows import load_embedding, router_row
-    from stages.training import Checkpointer, lm_losses, sample_batch, tokenize_corpus, train
+    from stages.model.router_rows import load_embedding, router_row
+    from stages.train.loop import Checkpointer, lm_losses, sample_batch, tokenize_corpus, train
 
     expert, t = params.expert, joint_train_params(params)
     owners = list(owner_corpora)

@@ -62,8 +62,8 @@ def tune_router(merged_dir: Path, public_train: Path, params: P.Params, out_dir:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.experts import merged_owners
-    from stages.training import Checkpointer, lm_losses, train
+    from stages.model.experts import merged_owners
+    from stages.train.loop import Checkpointer, lm_losses, train
 
     t = params.expert.train
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)

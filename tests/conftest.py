@@ -33,7 +33,7 @@ def tiny_anchor_dir(tmp_path_factory):
 
     from stages import params as P
     from stages.io import write_json
-    from stages.router_rows import save_embedding
+    from stages.model.router_rows import save_embedding
     from stages.train_anchor import anchor_hash
     from stages.train_tokenizer import train_tokenizer
 

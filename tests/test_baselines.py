@@ -4,8 +4,8 @@ import pytest
 import torch
 from test_experts import random_merged
 
-from stages.baselines import btm_token_nll, btm_weights, soup_model
-from stages.experts import slice_experts
+from stages.model.baselines import btm_token_nll, btm_weights, soup_model
+from stages.model.experts import slice_experts
 
 
 def test_soup_ffn_is_the_mean_of_the_experts():

@@ -10,7 +10,7 @@ def code_deps(stage: dict) -> set[str]:
 def test_a_stage_depends_on_the_modules_it_imports_and_no_others():
     report = {p.relative_to(PROJECT_ROOT).as_posix() for p in code_files("stages.report")}
     assert {"stages/report.py", "stages/io.py", "stages/params.py"} <= report
-    assert "stages/moe.py" not in report and "stages/training.py" not in report
+    assert "stages/model/moe.py" not in report and "stages/train/loop.py" not in report
 
 
 def test_every_stage_lists_its_own_code_and_a_change_reaches_only_its_importers():
@@ -20,5 +20,5 @@ def test_every_stage_lists_its_own_code_and_a_change_reaches_only_its_importers(
         assert module.replace(".", "/") + ".py" in code_deps(stage), name
     touched_by_expert_code = {n for n, s in stages.items() if "stages/train_expert.py" in code_deps(s)}
     assert touched_by_expert_code == {"train_expert", "train_dp_baseline"}
-    assert {n for n, s in stages.items() if "stages/training.py" in code_deps(s)} >= {"train_anchor", "train_expert"}
+    assert {n for n, s in stages.items() if "stages/train/loop.py" in code_deps(s)} >= {"train_anchor", "train_expert"}
     assert "stages/prepare_data.py" not in code_deps(stages["train_anchor"])

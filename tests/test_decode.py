@@ -7,8 +7,8 @@ from conftest import tiny_anchor
 from test_experts import random_merged
 from transformers import Olmo2Config, Olmo2ForCausalLM
 
-from stages.decode import _Decoder, _filtered, decode
-from stages.fast_moe import use_fast_experts
+from stages.model.decode import _Decoder, _filtered, decode
+from stages.model.fast_moe import use_fast_experts
 
 
 @pytest.mark.parametrize("batch", [1, 3])

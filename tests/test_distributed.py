@@ -14,9 +14,9 @@ from conftest import PROJECT, kill_tree
 from safetensors.torch import load_file
 
 from flows.workspace import read_project_params
-from stages import distributed
 from stages import params as P
 from stages.package import create_owner_key
+from stages.train import distributed
 
 GRAD_CLIP = 0.05
 

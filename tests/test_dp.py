@@ -8,9 +8,9 @@ from test_reference import tiny_params
 
 from stages import params as P
 from stages.artifacts import MANIFEST, WEIGHTS
-from stages.dp import DPConfigError, spent_epsilon, training_noise
-from stages.moe import blocks, upcycle
+from stages.model.moe import blocks, upcycle
 from stages.package import create_owner_key
+from stages.train.dp import DPConfigError, spent_epsilon, training_noise
 from stages.train_expert import train_expert
 
 DP = P.DPParams(target_epsilon=8.0, delta=1e-5)

@@ -6,7 +6,7 @@ from transformers import FlexOlmoConfig, FlexOlmoForCausalLM
 
 from flows.workspace import PROJECT_ROOT, read_project_params, set_expert_enabled
 from stages import params as P
-from stages.experts import resolve_experts, slice_experts, with_top_k
+from stages.model.experts import resolve_experts, slice_experts, with_top_k
 
 
 def random_merged(num_experts: int = 4, top_k: int | None = None) -> FlexOlmoForCausalLM:

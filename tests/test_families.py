@@ -5,11 +5,11 @@ import torch
 from test_experts import logits_with_masked_expert
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, LlamaForCausalLM, Qwen2MoeForCausalLM
 
-from stages.baselines import soup_model
-from stages.decode import decode
-from stages.experts import slice_experts
-from stages.fast_moe import use_fast_experts
-from stages.moe import blocks, check_family, moe_config, moe_extra_state, moe_model, shared_state, upcycle
+from stages.model.baselines import soup_model
+from stages.model.decode import decode
+from stages.model.experts import slice_experts
+from stages.model.fast_moe import use_fast_experts
+from stages.model.moe import blocks, check_family, moe_config, moe_extra_state, moe_model, shared_state, upcycle
 
 IDS = torch.randint(3, 90, (2, 10), generator=torch.Generator().manual_seed(1))
 
@@ -126,7 +126,7 @@ def test_expert_training_on_a_llama_with_checkpointing_or_bf16(tmp_path, setting
     import numpy as np
 
     from stages import params as P
-    from stages.training import Checkpointer, lm_losses, sample_batch, train
+    from stages.train.loop import Checkpointer, lm_losses, sample_batch, train
 
     anchor = tiny_llama()
     tokens = np.random.default_rng(0).integers(2, 96, size=2000).astype(np.int32)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from test_experts import random_merged
 
-from stages.fast_moe import GROUPED_MIN_TOKENS, FastFlexOlmoExperts, use_fast_experts
+from stages.model.fast_moe import GROUPED_MIN_TOKENS, FastFlexOlmoExperts, use_fast_experts
 
 # One token (the one-token path: a prompt of one token), a few (the stock loop), many (grouped).
 SHAPES = [(1, 1), (1, 7), (2, 12), (2, 300)]
@@ -50,7 +50,7 @@ def test_one_token_path_keeps_router_logits_and_the_kept_bias():
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
 
-    from stages.moe import BiasedFlexOlmoConfig, BiasedFlexOlmoForCausalLM
+    from stages.model.moe import BiasedFlexOlmoConfig, BiasedFlexOlmoForCausalLM
 
     biased = BiasedFlexOlmoForCausalLM(BiasedFlexOlmoConfig(**{k: v for k, v in stock.config.to_dict().items()
                                                                if k != "model_type"}))

@@ -9,8 +9,8 @@ from test_reference import tiny_params
 
 from stages.artifacts import WEIGHTS
 from stages.package import create_owner_key
+from stages.train.loop import micro_batches
 from stages.train_expert import train_expert
-from stages.training import micro_batches
 
 
 def test_micro_batches_give_every_part_the_same_mix_of_row_kinds():

@@ -9,11 +9,11 @@ from transformers import AutoModelForCausalLM, FlexOlmoForCausalLM
 
 from stages import params as P
 from stages.artifacts import MANIFEST, MANIFEST_VERSION, SIGNATURE, WEIGHTS
-from stages.experts import toggled_router_bias
 from stages.io import file_digest, write_json
 from stages.merge_experts import MERGED_INFO, MergeRefused
 from stages.merge_experts import merge_experts as merge_with_keyring
-from stages.moe import OWNER, BiasedFlexOlmoForCausalLM, blocks, upcycle
+from stages.model.experts import toggled_router_bias
+from stages.model.moe import OWNER, BiasedFlexOlmoForCausalLM, blocks, upcycle
 from stages.package import create_owner_key, enrol_owner_key, expert_tensors, sign_package
 from stages.train_anchor import anchor_hash
 
@@ -172,7 +172,7 @@ def test_a_package_holds_only_the_owners_tensors(setup):
 
 def test_swapping_in_a_twin_expert_equals_merging_the_twin(setup, tmp_path):
     """The DP comparison's 'merged with the no-DP expert' is exactly the merge with that package."""
-    from stages.experts import with_expert_from
+    from stages.model.experts import with_expert_from
 
     root, anchor, r_pub = setup
     _, alpha = publish(tmp_path, "alpha", anchor, r_pub, seed=30)

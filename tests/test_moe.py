@@ -5,8 +5,8 @@ import torch
 from conftest import tiny_anchor
 
 from stages import params as P
-from stages.moe import OWNER, PUBLIC, blocks, project_bias, upcycle
-from stages.training import Checkpointer, lm_losses, sample_batch, train
+from stages.model.moe import OWNER, PUBLIC, blocks, project_bias, upcycle
+from stages.train.loop import Checkpointer, lm_losses, sample_batch, train
 
 TRAIN = P.TrainParams(steps=6, batch_size=2, seq_len=16, lr=0.05, min_lr_ratio=0.1, warmup_steps=1,
                       weight_decay=0.1, grad_clip=1.0, seed=0, log_every=1, checkpoint_every=3)

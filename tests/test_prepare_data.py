@@ -6,9 +6,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from stages import params as P
+from stages.data.sources import SourceError
 from stages.io import read_jsonl
 from stages.prepare_data import prepare_corpus
-from stages.sources import SourceError
 
 # doc_chars just above one paragraph: every record becomes its own document
 DATA = P.DataParams(seed=0, val_fraction=0.2, doc_chars=200, min_doc_chars=20)

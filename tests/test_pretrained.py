@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 from stages import params as P
 from stages.artifacts import ANCHOR_INFO
-from stages.pretrained import AnchorSourceError, load_anchor
+from stages.model.pretrained import AnchorSourceError, load_anchor
 from stages.train_anchor import anchor_hash, make_anchor
 from stages.train_tokenizer import make_tokenizer, train_tokenizer
 

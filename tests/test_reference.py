@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM, FlexOlmoForCausalLM
 from flows.workspace import read_project_params
 from stages import params as P
 from stages.artifacts import MERGED_INFO
-from stages.experts import has_model
 from stages.io import write_json
+from stages.model.experts import has_model
 from stages.report import targets
 from stages.results import DomainEvaluation, Score
 from stages.train_unrestricted import train_unrestricted
@@ -117,7 +117,7 @@ def test_targets_are_judged_on_the_numbers():
 def test_evaluation_record_of_an_old_merge_has_no_bias_to_toggle(tmp_path):
     from test_experts import random_merged
 
-    from stages.experts import toggled_router_bias
+    from stages.model.experts import toggled_router_bias
 
     write_json(tmp_path / MERGED_INFO, {"experts": [{"owner": "public"}, {"owner": "a"}, {"owner": "b"}, {"owner": "c"}]})
     with pytest.raises(ValueError, match="re-run merge_experts"):

@@ -4,7 +4,7 @@ import torch
 from conftest import tiny_anchor
 from transformers import Olmo2Config, Olmo2ForCausalLM
 
-from stages.router_rows import mean_hidden_state, router_row, sentence_embedding
+from stages.model.router_rows import mean_hidden_state, router_row, sentence_embedding
 
 
 class WordTokenizer:

@@ -15,7 +15,7 @@ from tracing.service import OwnerService, disclose
 
 def traced_samples(model, tokenizer, prompts: list[str], service: OwnerService, max_new_tokens: int = 40) -> list[dict]:
     """[{prompt, output, spans}] with spans as the owner's service would answer them."""
-    from stages.experts import continue_text
+    from stages.model.experts import continue_text
     from tracing.index import open_engine
 
     engine = open_engine(service.index_dir)

@@ -35,7 +35,7 @@ class Generator:
         self.loaded: tuple | None = None
 
     def experts(self) -> list[str]:
-        from stages.experts import merged_owners, resolve_experts
+        from stages.model.experts import merged_owners, resolve_experts
 
         disabled = P.disabled_owners(self.params_file or self.workspace / "params.yaml", self.preset)
         return resolve_experts(None, merged_owners(self.workspace / "models" / "merged"), disabled)
@@ -43,7 +43,7 @@ class Generator:
     def __call__(self, prompt: str, max_new_tokens: int) -> tuple[str, list[str]]:
         from transformers import AutoTokenizer
 
-        from stages.experts import continue_text, load_merged
+        from stages.model.experts import continue_text, load_merged
 
         merged = self.workspace / "models" / "merged"
         with self.lock:

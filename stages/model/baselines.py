@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from transformers import PreTrainedModel
 
-from stages.moe import assemble, dense_model
+from stages.model.moe import assemble, dense_model
 
 
 def soup_model(merged: PreTrainedModel) -> PreTrainedModel:

@@ -13,10 +13,10 @@ import torch
 from transformers import AutoModelForCausalLM, FlexOlmoConfig, FlexOlmoForCausalLM
 
 from stages.artifacts import MERGED_INFO
-from stages.decode import decode
-from stages.fast_moe import use_fast_experts
 from stages.io import read_json
-from stages.moe import BiasedFlexOlmoConfig, BiasedFlexOlmoForCausalLM, assemble
+from stages.model.decode import decode
+from stages.model.fast_moe import use_fast_experts
+from stages.model.moe import BiasedFlexOlmoConfig, BiasedFlexOlmoForCausalLM, assemble
 
 
 def has_model(model_dir: Path) -> bool:

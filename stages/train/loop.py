@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
-from stages.distributed import average_gradients, copy_back, device, full, training_copy, world
 from stages.io import read_jsonl
 from stages.params import TrainParams
 from stages.runtime import step_bar
+from stages.train.distributed import average_gradients, copy_back, device, full, training_copy, world
 
 
 def tokenize_corpus(tokenizer, jsonl: Path, max_docs: int | None = None) -> np.ndarray:
@@ -136,7 +136,7 @@ def train(
     `lr_scale(name)` multiplies the learning rate of the parameter of that name;
     `after_step(module)` runs after each optimizer step (for constraints on parameters). The
     module trained is `model` on the training device, or under FSDP a sharded copy of it
-    (stages/distributed.py); either way the trained weights end in `model`, on the CPU. Under
+    (stages/train/distributed.py); either way the trained weights end in `model`, on the CPU. Under
     torchrun, `make_batch` returns this process's rows, gradients are averaged
     across processes and only process 0 writes the log and checkpoints.
     """

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from stages import params as P
+from stages.data.sources import SourceError, fetch_wheel
 from stages.io import file_digest
-from stages.moe import check_family
-from stages.sources import SourceError, fetch_wheel
+from stages.model.moe import check_family
 
 
 class AnchorSourceError(ValueError):

@@ -256,7 +256,7 @@ class BiasedFlexOlmoForCausalLM(FlexOlmoForCausalLM):
     """`FlexOlmoForCausalLM` whose routers keep the owners' min(b, 0) biases.
 
     Registered with the Auto classes, so `AutoModelForCausalLM.from_pretrained` returns it in any
-    process that imported `stages.moe` (the stages that load models do); the stock class loads the
+    process that imported `stages.model.moe` (the stages that load models do); the stock class loads the
     same folder with the bias dropped.
     """
     config_class = BiasedFlexOlmoConfig

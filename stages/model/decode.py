@@ -8,7 +8,7 @@ our uses need: a rectangular batch of prompts (no padding), greedy or sampled (t
 continuation of a fixed number of tokens, over the anchor and merged model of both families:
 Olmo2 / FlexOlmo (norms after attention and FFN, q/k norms) and Llama / Qwen2Moe (norms before).
 It runs the model's own weights and feed-forward blocks (for the merged model the experts of
-stages/fast_moe.py) and does the attention itself, over a cache allocated once.
+stages/model/fast_moe.py) and does the attention itself, over a cache allocated once.
 Greedy output is token for token the one of `generate(do_sample=False)` and the logits agree to
 1e-5 (tested).
 """

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from stages import params as P
-from stages.router_rows import as_router_row, hidden_sums
+from stages.model.router_rows import as_router_row, hidden_sums
 from stages.runtime import step_bar
-from stages.training import cosine_lr
+from stages.train.loop import cosine_lr
 
 
 class DPConfigError(ValueError):

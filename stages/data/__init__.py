@@ -1,0 +1,1 @@
+"""Data: where corpora come from, and the canaries planted in them."""

@@ -1,0 +1,1 @@
+"""Model code: upcycling and the merged classes, the merge's families, baselines, decoding, domain embeddings."""

@@ -1,0 +1,1 @@
+"""Training: the one training loop, DP-SGD, and training across processes."""
