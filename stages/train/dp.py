@@ -17,9 +17,7 @@ initialisation release plus every step) spends at most the target epsilon at the
 """
 from __future__ import annotations
 
-import json
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +25,7 @@ import torch
 
 from stages import params as P
 from stages.model.router_rows import as_router_row, hidden_sums
-from stages.runtime import step_bar
-from stages.train.loop import cosine_lr
+from stages.train.loop import PlainSteps, train
 
 
 class DPConfigError(ValueError):
@@ -102,79 +99,99 @@ class DocumentWindows(torch.utils.data.Dataset):
         return torch.from_numpy(window)
 
 
+class PrivateSteps(PlainSteps):
+    """DP-SGD's way of taking a step of the training loop (Opacus): Poisson-sampled documents
+    instead of `make_batch`, each document's gradient clipped (GradSampleModule, DPOptimizer),
+    the noise added once per step. Micro-batches (train.grad_accumulation) are clipped and added
+    up without noise or a step, so the release is the same as in one pass. It stays on the CPU
+    and does not resume: that would need the accountant's history and the loader's and the
+    noise's generator states in the checkpoint."""
+    resumable = False
+
+    def __init__(self, docs: list[np.ndarray], t: P.TrainParams, dp: P.DPParams, init_noise: float) -> None:
+        from opacus.data_loader import DPDataLoader
+
+        self.t, self.dp = t, dp
+        self.sample_rate = min(1.0, t.batch_size / len(docs))
+        self.sigma = training_noise(dp, self.sample_rate, t.steps)
+        self.accountant = accountant_for(dp.accountant)
+        self.accountant.history = [(init_noise, 1.0, 1)]
+        self.loader = DPDataLoader(DocumentWindows(docs, t.seq_len, t.seed), sample_rate=self.sample_rate,
+                                   generator=torch.Generator().manual_seed(t.seed))
+        self.batches = iter(self.loader)
+
+    def module(self, model: torch.nn.Module) -> torch.nn.Module:
+        from opacus import GradSampleModule
+
+        return GradSampleModule(model)
+
+    def optimizer(self, opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        from opacus.optimizers import DPOptimizer
+
+        private = DPOptimizer(opt, noise_multiplier=self.sigma, max_grad_norm=self.dp.max_grad_norm,
+                              expected_batch_size=self.t.batch_size,
+                              generator=torch.Generator().manual_seed(self.t.seed + 17))
+        private.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))
+        return private
+
+    def batch(self, make_batch, step: int) -> torch.Tensor:
+        try:
+            return next(self.batches)
+        except StopIteration:
+            self.batches = iter(self.loader)
+            return next(self.batches)
+
+    def place(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch
+
+    def split(self, batch: torch.Tensor, parts: int) -> list[torch.Tensor]:
+        return [m for m in batch.tensor_split(parts) if len(m)]  # Poisson batches vary in size
+
+    def backward(self, opt, loss: torch.Tensor, weight: float, last: bool) -> None:
+        loss.backward()  # Opacus scales each document's gradient itself: no weight
+        if not last:
+            opt.signal_skip_step(do_skip=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)  # the per-document gradients; their clipped sum stays
+
+    def step(self, opt, trained: list[torch.nn.Parameter], p: P.TrainParams) -> None:
+        opt.step()  # clip the last micro-batch's documents, add the noise once, step
+
+    def log_numbers(self, batch: torch.Tensor) -> dict[str, float]:
+        return {"documents": int(batch.shape[0]), "epsilon": self.epsilon()}
+
+    def epsilon(self) -> float:
+        return float(self.accountant.get_epsilon(delta=self.dp.delta))
+
+    def finish(self, model: torch.nn.Module, work: torch.nn.Module) -> None:
+        pass  # GradSampleModule trained `model`'s own parameters
+
+
+def document_loss(module: torch.nn.Module, rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """The mean over documents of each document's mean token loss (windows padded with -1)."""
+    inputs, targets = rows[:, :-1].clamp_min(0), rows[:, 1:]
+    logits = module(input_ids=inputs).logits.float()
+    per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-1, reduction="none")
+    valid = (targets >= 0).float()
+    loss = ((per_token * valid).sum(1) / valid.sum(1).clamp_min(1)).mean()
+    return loss, {"loss": loss.item()}
+
+
 def train_dp(model: torch.nn.Module, docs: list[np.ndarray], t: P.TrainParams, dp: P.DPParams, log_path: Path,
              lr_scale, init_noise: float, desc: str) -> dict:
-    """DP-SGD over the model's trainable parameters; returns the summary with the epsilon spent."""
-    from opacus import GradSampleModule
-    from opacus.data_loader import DPDataLoader
-    from opacus.optimizers import DPOptimizer
-
+    """DP-SGD over the model's trainable parameters: the training loop with PrivateSteps; returns
+    the summary with the epsilon spent."""
     if t.precision == "bf16":
         # Opacus computes per-document gradients in hooks on each layer's fp32 activations and
         # gradients; under autocast they arrive in bfloat16 and its clipping norms lose precision.
         print(f"{desc}: DP-SGD trains in fp32 (precision bf16 does not apply to Opacus's per-document gradients)")
-    sample_rate = min(1.0, t.batch_size / len(docs))
-    sigma = training_noise(dp, sample_rate, t.steps)
-    accountant = accountant_for(dp.accountant)
-    accountant.history = [(init_noise, 1.0, 1)]
-    gsm = GradSampleModule(model)
-    named = [(n, q) for n, q in model.named_parameters() if q.requires_grad]
-    groups: dict[float, list] = {}
-    for n, q in named:
-        groups.setdefault(lr_scale(n), []).append(q)
-    base = torch.optim.AdamW([{"params": qs, "lr_scale": s, "weight_decay": t.weight_decay} for s, qs in groups.items()],
-                             lr=t.lr, betas=(0.9, 0.95))
-    opt = DPOptimizer(base, noise_multiplier=sigma, max_grad_norm=dp.max_grad_norm, expected_batch_size=t.batch_size,
-                      generator=torch.Generator().manual_seed(t.seed + 17))
-    opt.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
-    loader = DPDataLoader(DocumentWindows(docs, t.seq_len, t.seed), sample_rate=sample_rate,
-                          generator=torch.Generator().manual_seed(t.seed))
-    batches = iter(loader)
-    torch.manual_seed(t.seed)
-    gsm.train()
-    log, t0, skipped = [], time.perf_counter(), 0
-    bar = step_bar(range(t.steps), desc, t.steps)
-    for step in bar:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            batch = next(batches)
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, t) * group["lr_scale"]
-        if batch.numel() == 0:  # Poisson sampling can draw no document: nothing is released
-            skipped += 1
-            continue
-        # Micro-batches (train.grad_accumulation) clip each document's gradient and add it up;
-        # only the last one adds the noise and steps, so the release is the same as in one pass.
-        micro = [m for m in batch.tensor_split(t.grad_accumulation) if len(m)]
-        loss = 0.0
-        for i, rows in enumerate(micro):
-            inputs, targets = rows[:, :-1].clamp_min(0), rows[:, 1:]
-            logits = gsm(input_ids=inputs).logits.float()
-            per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-1,
-                                                          reduction="none")
-            valid = (targets >= 0).float()
-            per_doc = (per_token * valid).sum(1) / valid.sum(1).clamp_min(1)  # one loss per document
-            opt.zero_grad(set_to_none=True)
-            per_doc.mean().backward()
-            if i < len(micro) - 1:
-                opt.signal_skip_step(do_skip=True)
-            opt.step()
-            loss += per_doc.sum().item() / len(batch)
-        if step % t.log_every == 0 or step == t.steps - 1:
-            log.append({"step": step, "loss": loss, "documents": int(batch.shape[0]),
-                        "epsilon": float(accountant.get_epsilon(delta=dp.delta))})
-            bar.set_postfix(loss=f"{loss:.3f}", eps=f"{log[-1]['epsilon']:.2f}", refresh=False)
-    bar.close()
-    model.eval()
-    elapsed = time.perf_counter() - t0
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_path.write_text("".join(json.dumps(row) + "\n" for row in log))
-    epsilon = float(accountant.get_epsilon(delta=dp.delta))
-    tokens = (t.steps - skipped) * t.batch_size * t.seq_len
-    return {"steps": t.steps, "resumed_from_step": 0, "final_loss": log[-1]["loss"] if log else float("nan"),
-            "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0, "train_seconds": elapsed, "tokens_seen": tokens,
-            "dp": {"epsilon": epsilon, "delta": dp.delta, "target_epsilon": dp.target_epsilon,
-                   "accountant": dp.accountant, "noise_multiplier": sigma, "init_noise_multiplier": init_noise,
-                   "sample_rate": sample_rate, "max_grad_norm": dp.max_grad_norm, "empty_batches": skipped}}
+    if t.activation_checkpointing:
+        print(f"{desc}: DP-SGD trains without activation checkpointing (Opacus's hooks need each layer's activations)")
+    t = t.model_copy(update={"precision": "fp32", "activation_checkpointing": False})
+    private = PrivateSteps(docs, t, dp, init_noise)
+    summary = train(model, document_loss, None, t, None, log_path, desc, lr_scale=lr_scale, steps=private)
+    summary["dp"] = {"epsilon": private.epsilon(), "delta": dp.delta, "target_epsilon": dp.target_epsilon,
+                     "accountant": dp.accountant, "noise_multiplier": private.sigma, "init_noise_multiplier": init_noise,
+                     "sample_rate": private.sample_rate, "max_grad_norm": dp.max_grad_norm,
+                     "empty_batches": summary["skipped_steps"]}
+    return summary

@@ -1,4 +1,5 @@
-"""The training loop shared by the anchor and expert stages.
+"""The training loop of every training stage: the anchor, the experts (with DP-SGD as an option:
+stages/train/dp.py's PrivateSteps), the unrestricted reference and the router tuning.
 
 Tracking is not done here: the loop appends one JSON line per logged step to a file the
 stage declares as a metric, and the flow forwards those to MLflow after the stage ends.
@@ -115,16 +116,58 @@ class Checkpointer:
         self.path.unlink(missing_ok=True)
 
 
+def rows_of(batch: Batch) -> int:
+    return (batch[0] if isinstance(batch, tuple) else batch).size(0)
+
+
+class PlainSteps:
+    """How `train` takes a step unless told otherwise: `make_batch`'s rows in equal strided
+    micro-batches, their gradients added, averaged across processes and clipped to
+    `grad_clip`; resumable from a checkpoint. stages/train/dp.py's PrivateSteps is the other way."""
+    resumable = True
+
+    def module(self, model: torch.nn.Module) -> torch.nn.Module:
+        return training_copy(model)
+
+    def optimizer(self, opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        return opt
+
+    def batch(self, make_batch: Callable[[int], Batch], step: int) -> Batch:
+        return make_batch(step)
+
+    def place(self, batch: Batch) -> Batch:
+        return to_device(batch)
+
+    def split(self, batch: Batch, parts: int) -> list[Batch]:
+        return micro_batches(batch, parts)
+
+    def backward(self, opt, loss: torch.Tensor, weight: float, last: bool) -> None:
+        (loss * weight).backward()
+
+    def step(self, opt, trained: list[torch.nn.Parameter], p: TrainParams) -> torch.Tensor | None:
+        average_gradients(trained)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained, p.grad_clip)
+        opt.step()
+        return grad_norm
+
+    def log_numbers(self, batch: Batch) -> dict[str, float]:
+        return {}
+
+    def finish(self, model: torch.nn.Module, work: torch.nn.Module) -> None:
+        copy_back(model, work)
+
+
 def train(
     model: torch.nn.Module,
     step_loss: Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]],
-    make_batch: Callable[[int], Batch],
+    make_batch: Callable[[int], Batch] | None,
     p: TrainParams,
-    checkpointer: Checkpointer,
+    checkpointer: Checkpointer | None,
     log_path: Path,
     desc: str,
     lr_scale: Callable[[str], float] = lambda name: 1.0,
     after_step: Callable[[torch.nn.Module], None] = lambda module: None,
+    steps: PlainSteps | None = None,
 ) -> dict:
     """Run AdamW with a cosine schedule over the model's trainable parameters.
 
@@ -134,30 +177,35 @@ def train(
     module being trained minimises, and the numbers to log. With `p.grad_accumulation` > 1 it is
     called once per micro-batch (see micro_batches) and the gradients add up to the step's.
     `lr_scale(name)` multiplies the learning rate of the parameter of that name;
-    `after_step(module)` runs after each optimizer step (for constraints on parameters). The
-    module trained is `model` on the training device, or under FSDP a sharded copy of it
-    (stages/train/distributed.py); either way the trained weights end in `model`, on the CPU. Under
-    torchrun, `make_batch` returns this process's rows, gradients are averaged
-    across processes and only process 0 writes the log and checkpoints.
+    `after_step(module)` runs after each optimizer step (for constraints on parameters). `steps`
+    says how a step is taken (PlainSteps by default; DP-SGD's PrivateSteps draws its own batches
+    and clips per document, and does not resume). The module trained is `model` on the training
+    device, or under FSDP a sharded copy of it (stages/train/distributed.py); either way the
+    trained weights end in `model`, on the CPU. Under torchrun, `make_batch` returns this
+    process's rows, gradients are averaged across processes and only process 0 writes the log
+    and checkpoints.
     """
+    steps = steps or PlainSteps()
     rank, processes = world()
     start, log = 0, []
-    resumed = checkpointer.load()
+    resumed = checkpointer.load() if steps.resumable and checkpointer else None
     if resumed:  # into the plain model, before it is copied or moved
         current = dict(model.named_parameters())
         with torch.no_grad():
             for name, value in resumed["trainable"].items():
                 current[name].copy_(value)
         start, log = resumed["step"], resumed["log"]
-    work = training_copy(model)
+    work = steps.module(model)
     if p.activation_checkpointing:
         work.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     named = [(n, q) for n, q in work.named_parameters() if q.requires_grad]
+    trained = [q for _, q in named]
+    # Weight decay on matrices only: biases and norms (1-d) are not pulled to zero.
     groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
     for n, q in named:
         groups.setdefault((lr_scale(n), p.weight_decay if q.ndim >= 2 else 0.0), []).append(q)
-    opt = torch.optim.AdamW([{"params": qs, "lr_scale": scale, "weight_decay": wd}
-                             for (scale, wd), qs in groups.items()], lr=p.lr, betas=(0.9, 0.95))
+    opt = steps.optimizer(torch.optim.AdamW([{"params": qs, "lr_scale": scale, "weight_decay": wd}
+                                             for (scale, wd), qs in groups.items()], lr=p.lr, betas=(0.9, 0.95)))
     # Optimizer state by parameter name and whole (gathered from the shards under FSDP).
     whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
     if resumed:
@@ -166,21 +214,26 @@ def train(
     work.train()
     tokens_per_step = p.batch_size * p.seq_len
     bar = step_bar(range(start, p.steps), desc, p.steps, disable=rank != 0)
-    t0, timed_steps = time.perf_counter(), 0
+    t0, timed_steps, skipped = time.perf_counter(), 0, 0
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, p) * group["lr_scale"]
+        batch = steps.batch(make_batch, step)
+        micro = steps.split(batch, p.grad_accumulation)
+        if not micro:  # DP-SGD's Poisson sampling can draw no document: nothing is released
+            skipped += 1
+            continue
+        total = sum(rows_of(m) for m in micro)
         opt.zero_grad(set_to_none=True)
         numbers: dict[str, float] = {}
-        for micro in micro_batches(make_batch(step), p.grad_accumulation):
+        for i, rows in enumerate(micro):
             with autocast(p.precision):
-                loss, micro_numbers = step_loss(work, to_device(micro))
-            (loss / p.grad_accumulation).backward()
+                loss, micro_numbers = step_loss(work, steps.place(rows))
+            weight = rows_of(rows) / total
+            steps.backward(opt, loss, weight, last=i == len(micro) - 1)
             for k, v in micro_numbers.items():
-                numbers[k] = numbers.get(k, 0.0) + v / p.grad_accumulation
-        average_gradients([q for _, q in named])
-        grad_norm = torch.nn.utils.clip_grad_norm_([q for _, q in named], p.grad_clip)
-        opt.step()
+                numbers[k] = numbers.get(k, 0.0) + v * weight
+        grad_norm = steps.step(opt, trained, p)
         after_step(work)
         timed_steps += 1
         tok_s = timed_steps * tokens_per_step / (time.perf_counter() - t0)
@@ -190,26 +243,29 @@ def train(
                 values = torch.tensor(list(numbers.values()), dtype=torch.float64, device=device())
                 torch.distributed.all_reduce(values)
                 numbers = dict(zip(numbers, (values / processes).tolist()))
-            log.append({"step": step, "lr": cosine_lr(step, p), "grad_norm": float(full(grad_norm)),
-                        "tokens_per_s": tok_s, **numbers})
-        if (step + 1) % p.checkpoint_every == 0 and step + 1 < p.steps:
+            norm = {"grad_norm": float(full(grad_norm))} if grad_norm is not None else {}
+            log.append({"step": step, "lr": cosine_lr(step, p), **norm, "tokens_per_s": tok_s, **numbers,
+                        **steps.log_numbers(batch)})
+        if steps.resumable and checkpointer and (step + 1) % p.checkpoint_every == 0 and step + 1 < p.steps:
             # Every process takes part in gathering the shards; process 0 writes.
             state = {"step": step + 1, "log": log, "optimizer": get_optimizer_state_dict(work, opt, options=whole),
                      "trainable": {n: full(q) for n, q in named}}
             if rank == 0:
                 checkpointer.save(state)
     bar.close()
-    copy_back(model, work)
+    steps.finish(model, work)
     model.eval()
     if rank == 0:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log_path.write_text("".join(json.dumps(row) + "\n" for row in log))
     elapsed = time.perf_counter() - t0
+    ran = p.steps - start - skipped
     return {
         "steps": p.steps,
         "resumed_from_step": start,
+        "skipped_steps": skipped,
         "final_loss": log[-1]["loss"] if log else float("nan"),
-        "tokens_per_s": (p.steps - start) * tokens_per_step / elapsed if elapsed > 0 else 0.0,
+        "tokens_per_s": ran * tokens_per_step / elapsed if elapsed > 0 else 0.0,
         "train_seconds": elapsed,
-        "tokens_seen": p.steps * tokens_per_step,
+        "tokens_seen": (p.steps - skipped) * tokens_per_step,
     }
