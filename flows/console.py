@@ -7,6 +7,7 @@ when a stage starts and when it ends, so nothing redraws.
 """
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -20,6 +21,12 @@ from rich.text import Text
 from stages.runtime import log_file
 
 OUTCOMES = {"ran": "ran", "restored": "restored", "cached": "up to date", "failed": "FAILED"}
+VERBOSITY_VARIABLE = "CONSORT_VERBOSITY"  # `consort -q` sets -1, `-v` 1: read by the console of a run
+
+
+def verbosity() -> int:
+    """-1: failures and the summary only; 0: a line per stage; 1: also each finished stage's log tail."""
+    return int(os.environ.get(VERBOSITY_VARIABLE, "0"))
 
 
 def stage_line(result: dict, suffix: str = "") -> str:
@@ -57,14 +64,14 @@ class StageConsole:
     """Thread-safe: Prefect runs stages in threads, each reporting its own start and end."""
 
     def __init__(self, workspace: Path, stream=None) -> None:
-        self.workspace = workspace
+        self.workspace, self.level = workspace, verbosity()
         self.console = Console(file=stream or sys.stdout, highlight=False)
         self.running: dict[str, float] = {}
         self.lock = threading.Lock()
         self.live: Live | None = None
 
     def __enter__(self) -> StageConsole:
-        if self.console.is_terminal:
+        if self.console.is_terminal and self.level >= 0:
             self.live = Live(self._table(), console=self.console, refresh_per_second=2, transient=True,
                              get_renderable=self._table)
             self.live.start()
@@ -90,17 +97,17 @@ class StageConsole:
     def started(self, stage: str) -> None:
         with self.lock:
             self.running[stage] = time.monotonic()
-        if self.live is None:
+        if self.live is None and self.level >= 0:
             self.console.print(f"  {'started':<10} {stage}", soft_wrap=True)
 
     def finished(self, stage: str, outcome: str, seconds: float) -> None:
         """outcome: one of OUTCOMES' keys. Up-to-date stages print nothing until the summary."""
         with self.lock:
             self.running.pop(stage, None)
-        if outcome == "cached":
+        if outcome == "cached" or (self.level < 0 and outcome != "failed"):
             return
         line = stage_line({"stage": stage, "outcome": outcome, "seconds": seconds})
-        if outcome == "failed":
+        if outcome == "failed" or (self.level > 0 and outcome == "ran"):
             tail = log_tail(log_file(self.workspace, stage))
             line += f"\n  last lines of {log_file(self.workspace, stage)}:\n" + "\n".join(
                 "    " + ln for ln in tail.splitlines())

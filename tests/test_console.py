@@ -1,5 +1,6 @@
 """The pipeline's console: what a stage did (ran, restored from DVC's run cache, up to date) and
 its output kept in its own log, on a real DVC repo whose stage calls the stages' start-up."""
+import inspect
 import io
 import os
 import sys
@@ -85,3 +86,33 @@ def test_the_newest_progress_line_is_read_through_carriage_returns(tmp_path):
     assert last_line(tmp_path / "missing.log") == ""
     log.write_bytes(b"expert code:  50%|##  | 5/10\r\nUserWarning: a warning after the bar\n")
     assert last_line(log) == "expert code:  50%|##  | 5/10"
+
+
+def test_quiet_shows_only_failures_and_verbose_adds_each_stage_log_tail(tmp_path, monkeypatch):
+    from flows.console import VERBOSITY_VARIABLE
+
+    log = log_file(tmp_path, "train_expert@news")
+    log.parent.mkdir(parents=True)
+    log.write_text("loading the anchor\nexpert news: 100%|####| 4/4 [00:01<00:00]\n")
+    shown = {}
+    for level in ("-1", "0", "1"):
+        monkeypatch.setenv(VERBOSITY_VARIABLE, level)
+        out = io.StringIO()
+        with StageConsole(tmp_path, out) as console:
+            console.started("train_expert@news")
+            console.finished("train_expert@news", "ran", 1.0)
+            console.finished("audit@news", "failed", 2.0)
+        shown[level] = out.getvalue()
+    assert "started" not in shown["-1"] and "train_expert@news" not in shown["-1"] and "FAILED" in shown["-1"]
+    assert "started" in shown["0"] and "ran" in shown["0"] and "loading the anchor" not in shown["0"]
+    assert "loading the anchor" in shown["1"] and "FAILED" in shown["1"]
+
+
+def test_the_cli_maps_each_subcommand_onto_a_typed_function():
+    from flows.cli import build_parser, owner_publish
+
+    args = build_parser().parse_args(["-q", "owner", "publish", "/store", "--workspace", "/ws", "--phase", "train"])
+    assert args.func is owner_publish and args.quiet
+    wanted = inspect.signature(args.func).parameters
+    assert {k: v for k, v in vars(args).items() if k in wanted} == {"store": "/store", "workspace": Path("/ws"),
+                                                                   "phase": "train"}
