@@ -139,6 +139,26 @@ def expert_tensors(trained) -> dict:
     return out
 
 
+def owner_model(anchor, r_pub, tensors: dict):
+    """The owner's 2-expert model again (its public expert the anchor's FFN), from its package's tensors:
+    the inverse of expert_tensors."""
+    import torch
+
+    from stages.model.moe import OWNER, blocks, upcycle
+
+    model = upcycle(anchor, r_pub, tensors["layers.0.router"])
+    with torch.no_grad():
+        for i, block in enumerate(blocks(model)):
+            ffn = block.experts[OWNER]
+            gate, up = tensors[f"layers.{i}.gate_up_proj"].chunk(2)
+            ffn.gate_proj.weight.copy_(gate)
+            ffn.up_proj.weight.copy_(up)
+            ffn.down_proj.weight.copy_(tensors[f"layers.{i}.down_proj"])
+            block.routers[OWNER].weight.copy_(tensors[f"layers.{i}.router"].view(1, -1))
+            block.owner_bias.copy_(tensors[f"layers.{i}.bias"])
+    return model.eval()
+
+
 def read_expert_tensors(package: Path, owner: str, num_layers: int, hidden: int, intermediate: int) -> dict:
     """The package's tensors, checked against the shapes of this anchor; PackageRefused naming the first misfit."""
     from safetensors.torch import load_file

@@ -246,6 +246,33 @@ def dp_markdown(rows: list[DomainEvaluation], published: Path | None) -> str:
                       "step, DP | step, no DP (ratio) |", "|---|---|" + "---:|" * 8, *lines]) + "\n"
 
 
+def _formatter(numbers: dict):
+    """num(key, fmt): a number of `numbers` formatted, or "" where it is missing or None."""
+    return lambda key, fmt=".3f": format(numbers[key], fmt) if numbers.get(key) is not None else ""
+
+
+def synthetic_markdown(published: Path | None, owners: list[str]) -> str:
+    """Per owner: its synthetic proxy set (stage synthesize), what the leak filter cut, how close it is."""
+    lines = []
+    for o in owners:
+        path = published / o / "synthetic" / "stats.json" if published else None
+        if not path or not path.exists():
+            continue
+        st = read_json(path)
+        f, fid = st["leak_filter"], st.get("fidelity") or {}
+        num = _formatter(fid)
+        lines.append(f"| {o} | {st['documents']} | {st['tokens']} | {f['cut_tokens']} of {f['tokens']} "
+                     f"({f['samples_with_a_cut']} of {f['samples']} samples) | {f['dropped_canary_pieces']} | "
+                     f"{num('unigram_jsd_bits')} | {num('distinct_2')} ({num('held_out_distinct_2')}) | "
+                     f"{num('anchor_bits_per_byte')} | {num('owner_model_bits_per_byte')} | "
+                     f"{num('real_vs_synthetic_accuracy', '.2f')} |")
+    if not lines:
+        return ""
+    return "\n".join(["| owner | documents | tokens | leak filter: tokens cut | canary pieces dropped | "
+                      "unigram JSD vs held-out (bits) | distinct-2 (held-out) | anchor bpb | owner's model bpb | "
+                      "real vs synthetic accuracy |", "|---|" + "---:|" * 9, *lines]) + "\n"
+
+
 def optout_matrix(rows: list[DomainEvaluation]) -> tuple[list[str], list[str], list[list[float]]]:
     """(experts removed, domains, % change in loss vs the full merged model)."""
     removed = rows[0].owners_with(WITHOUT)
@@ -372,7 +399,7 @@ def plot_curves(logs: dict[str, Path], path: Path) -> bool:
 
 
 def page_html(rows: list[DomainEvaluation], images: list[str], audits: list[dict] | None = None,
-              dp_table: str = "") -> str:
+              dp_table: str = "", synthetic_table: str = "") -> str:
     models = sorted({k for r in rows for k in r.models}, key=lambda k: (k.count("/"), k))
     head = "".join(f"<th>{html.escape(m)}</th>" for m in models)
     body = "".join(
@@ -398,6 +425,10 @@ def page_html(rows: list[DomainEvaluation], images: list[str], audits: list[dict
     ablations_html = ("<h2>Ablations</h2><p>The merged model as run against its variants: merged_tuned is "
                       "after router tuning on public proxy text; top_k/K routes each token to K experts; "
                       "router_bias/keep|drop toggles the owners' min(b, 0).</p>" + md.render(ablations)) if ablations else ""
+    synthetic_html = ("<h2>Owners' synthetic proxy documents</h2><p>Written by each owner's own model (a DP owner's "
+                      "by its DP model) and leak-filtered on the owner's side against its own index before "
+                      "they were published; a classifier accuracy near 0.5 means real and synthetic look "
+                      "alike to it.</p>" + md.render(synthetic_table)) if synthetic_table else ""
     figures = "".join(f'<figure><img src="{name}" alt="{name}"></figure>' for name in images)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>consort report</title>
@@ -416,6 +447,7 @@ BTM mixes the owners' models by how well each predicted the text so far.</p>
 {generations_html(rows)}
 {ablations_html}
 {dp_html}
+{synthetic_html}
 {privacy_html}
 <h2>Every model scored</h2>
 <p>alone/X: owner X's model alone; without/X: the merged model with X opted out.</p>
@@ -446,10 +478,11 @@ def report(evaluations: Path, out_dir: Path, metrics: Path, training_logs: dict[
     summary = {r.domain: {m: v.model_dump(include={"loss", "bits_per_byte"}) for m, v in r.models.items()}
                | ({"xz": {"bits_per_byte": r.xz_bits_per_byte}} if r.xz_bits_per_byte is not None else {})
                for r in rows}
+    synthetic_table = synthetic_markdown(published, owners or [r.domain for r in rows if not r.is_public])
     tables = (table_markdown(rows), bpb_markdown(rows), targets_markdown(rows), ablation_markdown(rows), dp_table,
-              audit_markdown(audits))
+              synthetic_table, audit_markdown(audits))
     write_text(out_dir / "eval_table.md", "\n".join(t for t in tables if t))
-    write_text(out_dir / "report.html", page_html(rows, images, audits, dp_table))
+    write_text(out_dir / "report.html", page_html(rows, images, audits, dp_table, synthetic_table))
     write_json(metrics, summary)
     return summary
 
