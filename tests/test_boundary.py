@@ -163,6 +163,9 @@ def test_no_planted_secret_reaches_the_coordinator(smoke_workspace):
     kinds = {str(p.relative_to(ws)).split("/")[0] for p in files}
     assert {"published", "models", "mlartifacts", ".prefect", ".dvc", "reports", "mlflow.db"} <= kinds, kinds
     assert len(files) > 50
+    # Every owner's synthetic proxy set is among them (written by a model trained on the secrets).
+    synthetic = {p.parts[-3] for p in files if p.name == "samples.jsonl" and p.parent.name == "synthetic"}
+    assert synthetic == {"code", "math", "literature", "news", "manuals"}, synthetic
     assert leaks(files, secrets) == []
 
 
