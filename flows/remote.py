@@ -198,7 +198,6 @@ def coordinate(workspace: str, store: str, preset: str = "default", allow_missin
             collect(root, shared, owners, phase)
             summary[f"{phase}_runs"] = {o: shared.read_json(f"runs/{o}/{phase}.json") or {} for o in owners}
             if phase == "train":
-
                 for o in owners:
                     manifest = json.loads((root / "published" / o / "expert" / MANIFEST).read_text())
                     lineage.record_remote_expert(o, manifest, results[o].get("flow_run"))

@@ -69,7 +69,6 @@ STAGES: tuple[StageSpec, ...] = (
 )
 BY_NAME = {s.name: s for s in STAGES}
 OWNER_PHASES = ("train", "evaluate")
-COORDINATOR_PHASES = ("before_owners", "after_training", "after_evaluation")
 
 
 def spec(stage: str) -> StageSpec:
