@@ -24,9 +24,9 @@ def embed_public(corpus_train: Path, anchor_dir: Path, n_docs: int, seq_len: int
 def main(argv: list[str] | None = None) -> None:
     start_stage()
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--corpus", type=Path, required=True)
-    ap.add_argument("--anchor", type=Path, required=True)
-    ap.add_argument("--out", type=Path, required=True)
+    for name, what in (("--corpus", "the public training corpus (JSON lines)"), ("--anchor", "the anchor's folder"),
+                       ("--out", "where the embedding goes")):
+        ap.add_argument(name, type=Path, required=True, help=what)
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = ap.parse_args(argv)
     expert = P.load(args.params).expert

@@ -239,11 +239,16 @@ def dp_markdown(rows: list[DomainEvaluation], published: Path | None) -> str:
                      f"{dp['noise_multiplier']:.3f} | {m['anchor'].loss:.3f} | {own:.3f} | {own_twin:.3f} "
                      f"({_pct(own, own_twin)}) | {merged:.3f} | {merged_twin:.3f} ({_pct(merged, merged_twin)}) | "
                      f"{step:.2f} s | {step_twin:.2f} s ({step / step_twin:.2f}x) |")
-    if not lines:
+    return _table("| owner | epsilon spent at delta (accountant) | noise multiplier | anchor loss | own expert, DP | "
+                  "own expert, no DP (DP vs no DP) | merged, DP | merged with the no-DP expert (DP vs no DP) | "
+                  "step, DP | step, no DP (ratio) |", 2, 8, lines)
+
+
+def _table(header: str, text_columns: int, number_columns: int, rows: list[str]) -> str:
+    """A markdown table: its header, text columns left-aligned and number columns right-aligned ("" for no row)."""
+    if not rows:
         return ""
-    return "\n".join(["| owner | epsilon spent at delta (accountant) | noise multiplier | anchor loss | own expert, DP | "
-                      "own expert, no DP (DP vs no DP) | merged, DP | merged with the no-DP expert (DP vs no DP) | "
-                      "step, DP | step, no DP (ratio) |", "|---|---|" + "---:|" * 8, *lines]) + "\n"
+    return "\n".join([header, "|" + "---|" * text_columns + "---:|" * number_columns, *rows]) + "\n"
 
 
 def _formatter(numbers: dict):
@@ -266,11 +271,9 @@ def synthetic_markdown(published: Path | None, owners: list[str]) -> str:
                      f"{num('unigram_jsd_bits')} | {num('distinct_2')} ({num('held_out_distinct_2')}) | "
                      f"{num('anchor_bits_per_byte')} | {num('owner_model_bits_per_byte')} | "
                      f"{num('real_vs_synthetic_accuracy', '.2f')} |")
-    if not lines:
-        return ""
-    return "\n".join(["| owner | documents | tokens | leak filter: tokens cut | canary pieces dropped | "
-                      "unigram JSD vs held-out (bits) | distinct-2 (held-out) | anchor bpb | owner's model bpb | "
-                      "real vs synthetic accuracy |", "|---|" + "---:|" * 9, *lines]) + "\n"
+    return _table("| owner | documents | tokens | leak filter: tokens cut | canary pieces dropped | "
+                  "unigram JSD vs held-out (bits) | distinct-2 (held-out) | anchor bpb | owner's model bpb | "
+                  "real vs synthetic accuracy |", 1, 9, lines)
 
 
 def optout_matrix(rows: list[DomainEvaluation]) -> tuple[list[str], list[str], list[list[float]]]:

@@ -160,13 +160,12 @@ def main(argv: list[str] | None = None) -> None:
     start_stage()
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("owner")
-    ap.add_argument("--anchor", type=Path, required=True)
-    ap.add_argument("--public-embedding", type=Path, required=True)
-    ap.add_argument("--package", type=Path, required=True, help="the owner's published expert package")
-    ap.add_argument("--index", type=Path, required=True, help="the owner's infini-gram index (the leak filter's)")
-    ap.add_argument("--corpus", type=Path, required=True, help="the owner's corpus folder (held-out text, canaries)")
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--signing-key", type=Path, required=True)
+    for name, what in (("--anchor", "the anchor's folder"), ("--public-embedding", "the public router row"),
+                       ("--package", "the owner's published expert package"),
+                       ("--index", "the owner's infini-gram index (the leak filter's)"),
+                       ("--corpus", "the owner's corpus folder (held-out text, canaries)"),
+                       ("--out", "where the signed synthetic set goes"), ("--signing-key", "the owner's private key")):
+        ap.add_argument(name, type=Path, required=True, help=what)
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = ap.parse_args(argv)
     params = P.load(args.params)
