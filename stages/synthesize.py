@@ -114,11 +114,13 @@ def synthesize(owner: str, anchor_dir: Path, public_embedding: Path, package: Pa
         raise FileNotFoundError(f"{signing_key}: no signing key for owner {owner!r}; "
                                 f"create one with `consort owner init {owner}`")
     tokenizer = AutoTokenizer.from_pretrained(anchor_dir)
-    anchor = AutoModelForCausalLM.from_pretrained(anchor_dir)
     manifest = read_json(package / MANIFEST)
-    model = owner_model(anchor, load_embedding(public_embedding), load_file(package / WEIGHTS))
-    budget = max(s.min_tokens, math.ceil(s.token_fraction * train_tokens))
-    samples = generate_samples(model, tokenizer, topics, s, math.ceil(budget / s.sample_tokens)) if s.enabled else []
+    samples = []
+    if s.enabled:  # off, the set is empty and no model is loaded
+        anchor = AutoModelForCausalLM.from_pretrained(anchor_dir)
+        model = owner_model(anchor, load_embedding(public_embedding), load_file(package / WEIGHTS))
+        budget = max(s.min_tokens, math.ceil(s.token_fraction * train_tokens))
+        samples = generate_samples(model, tokenizer, topics, s, math.ceil(budget / s.sample_tokens))
 
     canaries = read_json(corpus / CANARIES) if (corpus / CANARIES).exists() else []
     counts, texts = FilterCounts(), []

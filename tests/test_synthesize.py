@@ -89,7 +89,8 @@ def test_a_dp_owners_synthetic_set_comes_from_its_dp_package_and_is_signed(tiny_
     write_index(((str(i), tok(json.loads(line)["text"], add_special_tokens=False)["input_ids"])
                  for i, line in enumerate(lines[:30])), len(tok), bow_token_ids(tok), tmp_path / "index",
                 tok.eos_token_id)
-    s = P.SynthesisParams(min_tokens=64, sample_tokens=16, batch_size=4, max_copied_tokens=6, min_piece_tokens=2)
+    s = P.SynthesisParams(enabled=True, min_tokens=64, sample_tokens=16, batch_size=4, max_copied_tokens=6,
+                          min_piece_tokens=2)
     stats = synthesize("alpha", root / "anchor", root / "emb", tmp_path / "pkg", tmp_path / "index", corpus, s,
                        ["owner note"], 100, tmp_path / "synthetic", key)
     manifest = json.loads((tmp_path / "pkg" / MANIFEST).read_text())
