@@ -541,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE, help="where data, models and runs go")
     run.add_argument("--params", type=Path, default=None, help="params file (default: the project's params.yaml)")
     run.add_argument("--force", action="append", default=[], metavar="STAGE",
-                     help="run STAGE even if DVC finds it up to date (after a code change); repeatable")
+                     help="run STAGE even if DVC finds it up to date (its inputs changed outside the project); repeatable")
     run.set_defaults(func=cmd_run)
     ui = sub.add_parser("ui", help="start the MLflow UI and the trace page on 127.0.0.1 for a workspace")
     ui.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE)
