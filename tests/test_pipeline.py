@@ -28,10 +28,11 @@ def test_dvc_graph_becomes_task_order(tmp_path):
     assert graph["train_tokenizer"] == ["prepare_public"]
     assert set(graph["train_expert@news"]) == {"prepare_owner@news", "prepare_public", "train_anchor", "embed_public"}
     assert set(graph["merge_experts"]) >= {f"train_expert@{o}" for o in OWNERS}
-    # The report reads the published evaluations and training logs (the anchor's, the experts', the reference's).
+    # The report reads the published evaluations, training logs (the anchor's, the experts', the
+    # reference's) and the owners' synthetic sets' numbers.
     assert set(graph["report"]) == ({f"evaluate_owner@{o}" for o in OWNERS} | {"evaluate_public", "train_anchor"}
                                     | {f"train_expert@{o}" for o in OWNERS} | {"train_unrestricted"}
-                                    | {f"audit@{o}" for o in OWNERS})
+                                    | {f"audit@{o}" for o in OWNERS} | {f"synthesize@{o}" for o in OWNERS})
     assert set(graph["audit@news"]) == {"prepare_owner@news", "train_anchor", "merge_experts"}
     # The reference reads the whole owners/ folder, indexes and DP twins included (it is off by default).
     assert set(graph["train_unrestricted"]) == ({f"{s}@{o}" for o in OWNERS
