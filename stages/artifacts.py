@@ -15,3 +15,5 @@ BASELINE_INFO = "consort_dp_baseline.json"  # owners/<o>/dp_baseline
 MERGED_INFO = "consort_merged.json"  # models/merged: which expert is whose
 TUNING_INFO = "consort_tuning.json"  # models/merged_tuned
 REFERENCE_INFO = "consort_reference.json"  # models/unrestricted
+SYNTHETIC_SAMPLES = "samples.jsonl"  # published/<o>/synthetic: the owner's leak-filtered synthetic documents
+SYNTHETIC_STATS = "stats.json"  # published/<o>/synthetic: the filter's counts and the fidelity numbers

@@ -15,6 +15,7 @@ from pathlib import Path
 import markdown_it
 
 from stages import params as P
+from stages.artifacts import SYNTHETIC_STATS
 from stages.io import read_json, temp_path, write_json, write_text
 from stages.results import (
     ABLATION_PREFIXES,
@@ -260,7 +261,7 @@ def synthetic_markdown(published: Path | None, owners: list[str]) -> str:
     """Per owner: its synthetic proxy set (stage synthesize), what the leak filter cut, how close it is."""
     lines = []
     for o in owners:
-        path = published / o / "synthetic" / "stats.json" if published else None
+        path = published / o / "synthetic" / SYNTHETIC_STATS if published else None
         if not path or not path.exists():
             continue
         st = read_json(path)

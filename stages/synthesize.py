@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stages import params as P
-from stages.artifacts import CANARIES, MANIFEST, SIGNATURE, WEIGHTS
+from stages.artifacts import CANARIES, MANIFEST, SIGNATURE, SYNTHETIC_SAMPLES, SYNTHETIC_STATS, WEIGHTS
 from stages.io import atomic_dir, file_digest, read_json, read_jsonl, write_json, write_jsonl
 from stages.model.decode import decode
 from stages.model.router_rows import load_embedding
@@ -30,9 +30,6 @@ from stages.package import owner_model, sign_package
 from stages.runtime import start_stage, step_bar
 from tracing.index import open_engine
 from tracing.leak_filter import FilterCounts, canary_fragments, filter_sample
-
-SAMPLES = "samples.jsonl"
-STATS = "stats.json"
 
 
 def generate_samples(model, tokenizer, topics: list[str], s: P.SynthesisParams, n_samples: int) -> list[list[int]]:
@@ -125,9 +122,9 @@ def synthesize(owner: str, anchor_dir: Path, public_embedding: Path, package: Pa
     canaries = read_json(corpus / CANARIES) if (corpus / CANARIES).exists() else []
     counts, texts = FilterCounts(), []
     engine = open_engine(index_dir) if samples else None
+    fragments = canary_fragments(canaries)
     for ids in samples:
-        texts += filter_sample(engine, tokenizer, ids, s.max_copied_tokens, s.min_piece_tokens,
-                               canary_fragments(canaries), counts)
+        texts += filter_sample(engine, tokenizer, ids, s.max_copied_tokens, s.min_piece_tokens, fragments, counts)
 
     held_out = [row["text"] for _, row in zip(range(64), read_jsonl(corpus / "val.jsonl"))]
     real_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in held_out]
@@ -152,8 +149,8 @@ def synthesize(owner: str, anchor_dir: Path, public_embedding: Path, package: Pa
         "fidelity": fidelity,
     }
     with atomic_dir(out_dir) as tmp:
-        write_jsonl(tmp / SAMPLES, ({"id": f"{owner}-synthetic-{i}", "text": t} for i, t in enumerate(texts)))
-        write_json(tmp / STATS, stats)
+        write_jsonl(tmp / SYNTHETIC_SAMPLES, ({"id": f"{owner}-synthetic-{i}", "text": t} for i, t in enumerate(texts)))
+        write_json(tmp / SYNTHETIC_STATS, stats)
         sign_package(tmp, signing_key, owner)
     return stats
 

@@ -8,10 +8,10 @@ from test_reference import tiny_params
 from transformers import AutoTokenizer
 
 from stages import params as P
-from stages.artifacts import MANIFEST, PUBLIC_KEY, SIGNATURE
+from stages.artifacts import MANIFEST, PUBLIC_KEY, SIGNATURE, SYNTHETIC_SAMPLES, SYNTHETIC_STATS
 from stages.io import file_digest
 from stages.package import create_owner_key, verify_package
-from stages.synthesize import SAMPLES, STATS, real_vs_synthetic_accuracy, synthesize, unigram_jsd
+from stages.synthesize import real_vs_synthetic_accuracy, synthesize, unigram_jsd
 from stages.train_expert import train_expert
 from tracing.index import bow_token_ids, open_engine, write_index
 from tracing.leak_filter import FilterCounts, canary_fragments, filter_sample
@@ -97,6 +97,6 @@ def test_a_dp_owners_synthetic_set_comes_from_its_dp_package_and_is_signed(tiny_
     assert stats["model"]["dp"]["epsilon"] == manifest["dp"]["epsilon"] > 0
     assert stats["model"]["package_hash"] == file_digest(tmp_path / "pkg" / SIGNATURE)
     assert stats["leak_filter"]["samples"] == 4 and stats["leak_filter"]["tokens"] > 0
-    written = [json.loads(line) for line in (tmp_path / "synthetic" / SAMPLES).read_text().splitlines()]
-    assert len(written) == stats["documents"] and json.loads((tmp_path / "synthetic" / STATS).read_text()) == stats
+    written = [json.loads(line) for line in (tmp_path / "synthetic" / SYNTHETIC_SAMPLES).read_text().splitlines()]
+    assert len(written) == stats["documents"] and json.loads((tmp_path / "synthetic" / SYNTHETIC_STATS).read_text()) == stats
     verify_package(tmp_path / "synthetic", "alpha", key.with_name(PUBLIC_KEY))  # signed by the owner
