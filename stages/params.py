@@ -225,8 +225,15 @@ class UnrestrictedParams(Strict):
 
 
 class RouterTuningParams(Strict):
-    """Router tuning after the merge: only router rows (and biases) learn, on public proxy text."""
+    """Router tuning after the merge: only router rows (and biases) change.
+
+    public_lm: FlexOlmo's, the LM loss on public text the merged router sends to each owner;
+    synthetic_ridge: a closed-form router fitted on the owners' synthetic sets and public text
+    (stages/model/router_fit.py)."""
     enabled: bool = False
+    method: Literal["public_lm", "synthetic_ridge"] = "public_lm"
+    ridge_lambda: float = Field(default=0.1, gt=0, description="ridge penalty, times the mean diagonal of x^T x")
+    ridge_scale: float = Field(default=4.0, gt=0, description="nats the fitted domain classifier adds to a logit")
     token_fraction: float = Field(default=0.01, gt=0, le=1,
                                   description="proxy tokens per owner / its expert-training tokens")
     candidate_docs: int = Field(default=400, ge=1, description="public documents scored to pick each owner's proxy set")

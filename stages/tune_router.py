@@ -1,13 +1,16 @@
-"""Stage (coordinator, optional): router tuning of the merged model on public proxy text.
+"""Stage (coordinator, optional): router tuning of the merged model; only router rows change.
 
-FlexOlmo's optional last step (DESIGN.md section 3.4): only the router rows (and biases, if
-kept) learn, with the LM loss, on a little public text chosen per owner to resemble that owner's
-domain, about 1 % of the tokens the owner's expert trained on. The merged model's own router is
-the classifier that picks it: for owner i, the public documents that route most to expert i.
-No owner data is read.
+`router_tuning.method`:
+- `public_lm`, FlexOlmo's optional last step (DESIGN.md section 3.4): the router rows learn, with
+  the LM loss, on a little public text chosen per owner to resemble that owner's domain, about
+  1 % of the tokens the owner's expert trained on. The merged model's own router picks it: for
+  owner i, the public documents that route most to expert i.
+- `synthetic_ridge`: a closed-form router (stages/model/router_fit.py) fitted on the synthetic
+  sets the owners published (signed, leak-filtered on their side) and as many public tokens.
+No owner's own data is read either way.
 
-Off by default (`router_tuning.enabled`): the study preset measured it (the report's
-"merged (router tuned)" column). Off, the stage writes only its info file.
+Off by default (`router_tuning.enabled`): the report's "merged_tuned" column measures it. Off,
+the stage writes only its info file.
 """
 from __future__ import annotations
 
@@ -20,8 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from stages import params as P
-from stages.artifacts import MERGED_INFO, TUNING_INFO
+from stages.artifacts import MERGED_INFO, SYNTHETIC_SAMPLES, TUNING_INFO
 from stages.io import atomic_dir, read_jsonl, write_json
+from stages.package import enrolled_key, verify_package
 from stages.runtime import start_stage
 
 
@@ -51,7 +55,55 @@ def pick_proxy(share: np.ndarray, lengths: np.ndarray, budgets: dict[int, int]) 
     return picked
 
 
-def tune_router(merged_dir: Path, public_train: Path, params: P.Params, out_dir: Path, checkpoint: Path) -> dict:
+def synthetic_proxies(published: Path, keyring: Path, owners: list[str]) -> dict[str, list[str]]:
+    """Each owner's published synthetic documents, after checking the owner's signature on the set."""
+    texts = {}
+    for o in owners:
+        folder = published / o / "synthetic"
+        if not (folder / SYNTHETIC_SAMPLES).exists():
+            raise FileNotFoundError(f"{folder}: owner {o!r} published no synthetic set; router_tuning.method "
+                                    f"synthetic_ridge needs every merged owner's (set synthesis.enabled: true)")
+        verify_package(folder, o, enrolled_key(keyring, o))
+        texts[o] = [row["text"] for row in read_jsonl(folder / SYNTHETIC_SAMPLES)]
+        if not texts[o]:
+            raise ValueError(f"{folder / SYNTHETIC_SAMPLES}: owner {o!r}'s synthetic set is empty (the leak filter "
+                             f"dropped every sample, or synthesis.enabled is false); raise synthesis.min_tokens")
+    return texts
+
+
+def fit_synthetic_ridge(model, tokenizer, owners: list[str], public_texts: list[str], synthetic: dict[str, list[str]],
+                        params: P.Params) -> dict:
+    """Fit the closed-form router on the synthetic sets plus public text of the same mean size."""
+    from stages.model.router_fit import fit_routers
+
+    seq_len, eos = params.expert.train.seq_len, tokenizer.eos_token_id
+
+    def docs_of(texts: list[str]) -> list[np.ndarray]:
+        return [np.array([eos, *ids[:seq_len - 1]], dtype=np.int64)
+                for ids in tokenizer(texts, add_special_tokens=False)["input_ids"] if ids]
+
+    docs, labels, tokens = [], [], {}
+    for i, o in enumerate(owners):
+        own = docs_of(synthetic[o])
+        docs += own
+        labels += [1 + i] * len(own)
+        tokens[o] = int(sum(len(d) for d in own))
+    budget, public = sum(tokens.values()) / len(owners), []
+    for d in docs_of(public_texts):
+        if sum(len(p) for p in public) >= budget:
+            break
+        public.append(d)
+    docs += public
+    labels += [0] * len(public)
+    tokens["public"] = int(sum(len(d) for d in public))
+    rt = params.router_tuning
+    state = fit_routers(model, docs, labels, rt.ridge_lambda, rt.ridge_scale)
+    model.load_state_dict(state, strict=False)
+    return {"proxy_tokens": tokens, "layers": len(state)}
+
+
+def tune_router(merged_dir: Path, public_train: Path, params: P.Params, out_dir: Path, checkpoint: Path,
+                published: Path | None = None, keyring: Path | None = None) -> dict:
     rt = params.router_tuning
     if not rt.enabled:
         with atomic_dir(out_dir) as tmp:
@@ -59,17 +111,39 @@ def tune_router(merged_dir: Path, public_train: Path, params: P.Params, out_dir:
         return {"enabled": False}
     # Imported here: off (the default), the stage is on the pipeline's critical path just to write
     # its stub, and torch plus transformers take ~5 s to import.
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from stages.model.experts import merged_owners
-    from stages.train.loop import Checkpointer, lm_losses, train
 
-    t = params.expert.train
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     model = AutoModelForCausalLM.from_pretrained(merged_dir)
     owners = merged_owners(merged_dir)
     texts = [row["text"] for _, row in zip(range(rt.candidate_docs), read_jsonl(public_train))]
+    if rt.method == "synthetic_ridge":
+        if published is None or keyring is None:
+            raise ValueError("router_tuning.method synthetic_ridge reads the owners' synthetic sets: "
+                             "pass the published folder and the keyring")
+        info = fit_synthetic_ridge(model, tokenizer, owners, texts, synthetic_proxies(published, keyring, owners),
+                                   params)
+    else:
+        info = tune_on_public_proxies(model, tokenizer, owners, texts, merged_dir, params, out_dir, checkpoint)
+    info = {"enabled": True, "method": rt.method, **info}
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.copyfile(merged_dir / MERGED_INFO, tmp / MERGED_INFO)
+        write_json(tmp / TUNING_INFO, info)
+    return info
+
+
+def tune_on_public_proxies(model, tokenizer, owners: list[str], texts: list[str], merged_dir: Path, params: P.Params,
+                           out_dir: Path, checkpoint: Path) -> dict:
+    """FlexOlmo's router tuning: the LM loss on the public text the merged router sends to each owner."""
+    import torch
+
+    from stages.train.loop import Checkpointer, lm_losses, train
+
+    rt, t = params.router_tuning, params.expert.train
     eos = tokenizer.eos_token_id
     docs = [np.array([*ids[:t.seq_len], eos], dtype=np.int64)
             for ids in tokenizer(texts, add_special_tokens=False)["input_ids"] if ids]
@@ -94,14 +168,9 @@ def tune_router(merged_dir: Path, public_train: Path, params: P.Params, out_dir:
     summary = train(model, step_loss, lambda step: windows[order[step * t.batch_size:(step + 1) * t.batch_size]], tp,
                     Checkpointer(checkpoint, f"tune|{merged_dir}|{tp.model_dump_json()}|{rt.model_dump_json()}"),
                     log_path, desc="router tuning")
-    info = {"enabled": True, "proxy_docs": {owners[e - 1]: len(c) for e, c in picked.items()},
+    info = {"proxy_docs": {owners[e - 1]: len(c) for e, c in picked.items()},
             "proxy_tokens": int(len(proxy)), "steps": steps, "final_loss": summary["final_loss"],
             "log": [json.loads(line) for line in log_path.read_text().splitlines()]}
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        shutil.copyfile(merged_dir / MERGED_INFO, tmp / MERGED_INFO)
-        write_json(tmp / TUNING_INFO, info)
     log_path.unlink(missing_ok=True)
     return info
 
@@ -113,10 +182,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--public-corpus", type=Path, required=True, help="the public train.jsonl")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--checkpoint", type=Path, required=True)
+    ap.add_argument("--published", type=Path, required=True, help="the owners' published folders (synthetic sets)")
+    ap.add_argument("--keyring", type=Path, required=True, help="the owners' enrolled public keys")
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = ap.parse_args(argv)
-    info = tune_router(args.merged, args.public_corpus, P.load(args.params), args.out, args.checkpoint)
-    if info["enabled"]:
+    info = tune_router(args.merged, args.public_corpus, P.load(args.params), args.out, args.checkpoint,
+                       args.published, args.keyring)
+    if info["enabled"] and info["method"] == "synthetic_ridge":
+        print(f"router tuning: closed-form router over {info['layers']} layers, fitted on proxy tokens "
+              f"{info['proxy_tokens']}")
+    elif info["enabled"]:
         print(f"router tuning: {info['proxy_tokens']:,} public proxy tokens, {info['steps']} steps, "
               f"loss {info['final_loss']:.3f}; proxy documents per owner {info['proxy_docs']}")
     else:

@@ -8,9 +8,11 @@ from transformers import AutoModelForCausalLM, FlexOlmoForCausalLM
 
 from flows.workspace import read_project_params
 from stages import params as P
-from stages.artifacts import MERGED_INFO
-from stages.io import write_json
+from stages.artifacts import MERGED_INFO, PRIVATE_KEY, SYNTHETIC_SAMPLES
+from stages.io import write_json, write_jsonl
 from stages.model.experts import has_model
+from stages.model.router_fit import domain_targets, ridge
+from stages.package import PackageRefused, create_owner_key, enrol_owner_key, sign_package
 from stages.report import targets
 from stages.results import DomainEvaluation, Score
 from stages.train_unrestricted import train_unrestricted
@@ -83,6 +85,69 @@ def test_router_tuning_changes_only_router_rows(tiny_anchor_dir, corpora, tmp_pa
     after = AutoModelForCausalLM.from_pretrained(tmp_path / "tuned").state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.endswith("mlp.gate.weight") for k in changed), changed
+
+
+def test_ridge_reproduces_a_known_linear_rule():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 8, generator=g) * 30  # a residual stream's scale: the penalty is relative to it
+    rule = torch.randn(8, 3, generator=g)
+    fitted = ridge(x, x @ rule, 1e-8)
+    assert torch.allclose(fitted, rule.double(), atol=1e-6)
+    # The penalty shrinks the fit towards 0 (and is what keeps an underdetermined fit finite).
+    assert ridge(x, x @ rule, 10.0).norm() < 0.5 * rule.norm()
+
+
+def test_domain_targets_keep_the_public_expert_for_every_domain():
+    assert domain_targets(torch.tensor([0, 2, 1]), 3).tolist() == [[1, 0, 0], [1, 0, 1], [1, 1, 0]]
+
+
+def _publish_synthetic(root, owner: str, texts: list[str], keyring):
+    keys = root / "keys" / owner
+    enrol_owner_key(create_owner_key(keys), keyring, owner)
+    folder = root / "published" / owner / "synthetic"
+    folder.mkdir(parents=True)
+    write_jsonl(folder / SYNTHETIC_SAMPLES, ({"id": f"{owner}-{i}", "text": t} for i, t in enumerate(texts)))
+    sign_package(folder, keys / PRIVATE_KEY, owner)
+    return folder
+
+
+def test_closed_form_router_sends_each_owners_text_to_its_expert(tiny_anchor_dir, corpora, tmp_path):
+    from stages.evaluate import routing_share, windows
+    from stages.train.loop import tokenize_corpus
+
+    root, _, _ = tiny_anchor_dir
+    params = tiny_params(unrestricted={"enabled": True}, merge={"top_k": None},
+                         router_tuning={"enabled": True, "method": "synthetic_ridge", "ridge_scale": 8.0})
+    train_unrestricted(corpora, root / "public.jsonl", root / "anchor", root / "emb", params, tmp_path / "merged",
+                       tmp_path / "log.jsonl", tmp_path / "ckpt.pt")
+    keyring = tmp_path / "keyring"
+    # Stand-ins for the owners' synthetic sets: text of each owner's domain the model was not scored on.
+    for o in OWNERS:
+        _publish_synthetic(tmp_path, o, [f"{o} says {i} times {o}. " * 3 for i in range(100, 120)], keyring)
+    info = tune_router(tmp_path / "merged", root / "public.jsonl", params, tmp_path / "tuned", tmp_path / "t.pt",
+                       tmp_path / "published", keyring)
+    assert info["method"] == "synthetic_ridge" and set(info["proxy_tokens"]) == {*OWNERS, "public"}
+    before = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "tuned")
+    changed = {k for k, v in before.state_dict().items() if not torch.equal(v, after.state_dict()[k])}
+    assert changed and all(k.endswith("mlp.gate.weight") for k in changed), changed
+    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(tmp_path / "merged")
+    e = params.evaluate.model_copy(update={"max_tokens": 128, "seq_len": 16})
+    for i, o in enumerate(OWNERS):
+        rows = windows(tokenize_corpus(tokenizer, corpora[o]), e)
+        other = 2 - i  # the other owner's expert
+        share = [routing_share(m, rows, 4) for m in (before, after)]
+        # The other owner's expert loses most of what it got; the public expert and the owner's keep the rest.
+        assert share[1][other] < 0.5 * share[0][other], (o, share)
+        assert share[1][0] + share[1][1 + i] > 0.8, (o, share)
+
+    # A synthetic set altered after the owner signed it is refused, naming the owner.
+    with open(tmp_path / "published" / "beta" / "synthetic" / SYNTHETIC_SAMPLES, "a") as fh:
+        fh.write(json.dumps({"id": "x", "text": "planted"}) + "\n")
+    with pytest.raises(PackageRefused, match="beta"):
+        tune_router(tmp_path / "merged", root / "public.jsonl", params, tmp_path / "tuned2", tmp_path / "t.pt",
+                    tmp_path / "published", keyring)
+    assert not (tmp_path / "tuned2").exists()
 
 
 def test_proxy_documents_are_the_ones_routed_most_to_each_expert():
