@@ -97,9 +97,8 @@ def fit_synthetic_ridge(model, tokenizer, owners: list[str], public_texts: list[
     labels += [0] * len(public)
     tokens["public"] = int(sum(len(d) for d in public))
     rt = params.router_tuning
-    state = fit_routers(model, docs, labels, rt.ridge_lambda, rt.ridge_scale)
-    model.load_state_dict(state, strict=False)
-    return {"proxy_tokens": tokens, "layers": len(state)}
+    fit_routers(model, docs, labels, rt.ridge_lambda, rt.ridge_scale)
+    return {"proxy_tokens": tokens, "layers": len(model.model.layers)}
 
 
 def tune_router(merged_dir: Path, public_train: Path, params: P.Params, out_dir: Path, checkpoint: Path,

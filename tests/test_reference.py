@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, FlexOlmoForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, FlexOlmoForCausalLM
 
 from flows.workspace import read_project_params
 from stages import params as P
@@ -74,8 +74,8 @@ def test_unrestricted_reference_off_writes_only_a_stub(tiny_anchor_dir, corpora,
 
 def test_router_tuning_changes_only_router_rows(tiny_anchor_dir, corpora, tmp_path):
     root, anchor, _ = tiny_anchor_dir
-    params = tiny_params(unrestricted={"enabled": True}, router_tuning={"enabled": True, "token_fraction": 1.0,
-                                                                           "candidate_docs": 20})
+    params = tiny_params(unrestricted={"enabled": True},
+                         router_tuning={"enabled": True, "method": "public_lm", "token_fraction": 1.0, "candidate_docs": 20})
     # Any FlexOlmo model with a merge record will do: the reference is one.
     train_unrestricted(corpora, root / "public.jsonl", root / "anchor", root / "emb", params, tmp_path / "merged",
                        tmp_path / "log.jsonl", tmp_path / "ckpt.pt")
@@ -131,7 +131,7 @@ def test_closed_form_router_sends_each_owners_text_to_its_expert(tiny_anchor_dir
     after = AutoModelForCausalLM.from_pretrained(tmp_path / "tuned")
     changed = {k for k, v in before.state_dict().items() if not torch.equal(v, after.state_dict()[k])}
     assert changed and all(k.endswith("mlp.gate.weight") for k in changed), changed
-    tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(tmp_path / "merged")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
     e = params.evaluate.model_copy(update={"max_tokens": 128, "seq_len": 16})
     for i, o in enumerate(OWNERS):
         rows = windows(tokenize_corpus(tokenizer, corpora[o]), e)

@@ -36,12 +36,12 @@ def domain_targets(labels: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fit_routers(model, docs: list[np.ndarray], labels: list[int], lam: float, scale: float) -> dict[str, torch.Tensor]:
-    """New router weights for every layer of a merged model, fitted on labelled documents.
+def fit_routers(model, docs: list[np.ndarray], labels: list[int], lam: float, scale: float) -> None:
+    """Fit the router weights of every layer of a merged model, in place, on labelled documents.
 
     `labels[i]` is the expert index of `docs[i]`'s domain (0: public text). Layers are fitted in
     order in one forward pass: each layer's fit sees the hidden states its input really has once
-    the layers below route the new way. Returns {state-dict key of the gate weight: tensor}.
+    the layers below route the new way.
     """
     if not docs:
         raise ValueError("no proxy documents to fit the router on")
@@ -53,21 +53,18 @@ def fit_routers(model, docs: list[np.ndarray], labels: list[int], lam: float, sc
         mask[i, :len(d)] = True
     token_labels = torch.tensor(labels).view(-1, 1).expand(-1, width)[mask]
     targets = domain_targets(token_labels, model.config.num_experts)
-    fitted: dict[str, torch.Tensor] = {}
 
-    def refit(layer_index: int, gate):
+    def refit(gate):
         def hook(_module, args):
             x = args[0][mask].double()  # padding (right, causal: it changes no real token) is left out
             w = gate.weight.double() + scale * ridge(x, targets, lam).T
             gate.weight.copy_(w.to(gate.weight.dtype))
-            fitted[f"model.layers.{layer_index}.mlp.gate.weight"] = gate.weight.detach().clone()
         return hook
 
-    hooks = [layer.mlp.register_forward_pre_hook(refit(i, layer.mlp.gate)) for i, layer in enumerate(model.model.layers)]
+    hooks = [layer.mlp.register_forward_pre_hook(refit(layer.mlp.gate)) for layer in model.model.layers]
     try:
         model.eval()
         model.model(input_ids=ids, attention_mask=mask.long())
     finally:
         for h in hooks:
             h.remove()
-    return fitted
