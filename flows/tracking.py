@@ -287,7 +287,7 @@ class Lineage:
     def _merged_lineage(self, expert_runs: dict[str, str]) -> tuple[dict[str, str], str]:
         """Tags and a markdown note saying which anchor and which experts the merged model holds."""
 
-        info = json.loads((self.ws.merged_model / MERGED_INFO).read_text())
+        info = json.loads((self.ws.as_merged / MERGED_INFO).read_text())
         tags = {"anchor.hash": info["anchor_hash"], "top_k": str(info["top_k"])} | self._anchor_source_tags()
         rows = ["| owner | data digest (SHA-256) | package hash (SHA-256 of its signature file) | run |",
                 "|---|---|---|---|"]
@@ -315,7 +315,7 @@ class Lineage:
         if known:
             self.client.set_tag(run_id, "consort.registered_version", known[0].version)
             return
-        self.client.log_artifacts(run_id, str(self.ws.merged_model), "merged_model")
+        self.client.log_artifacts(run_id, str(self.ws.as_merged), "merged_model")
         try:
             self.client.get_registered_model(REGISTERED_MODEL)
         except mlflow.exceptions.MlflowException:

@@ -16,7 +16,7 @@ import yaml
 
 from stages import params as P
 from stages import registry
-from stages.artifacts import REFERENCE_INFO
+from stages.artifacts import REFERENCE_INFO, shipped_model
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,8 +38,14 @@ class Workspace:
         return self.root / "mlartifacts"
 
     @property
-    def merged_model(self) -> Path:
+    def as_merged(self) -> Path:
+        """The merge's output, with the router as merged (what the merge's lineage registers)."""
         return self.root / "models" / "merged"
+
+    @property
+    def merged_model(self) -> Path:
+        """The merged model as shipped: with the tuned router once stage tune_router made one."""
+        return shipped_model(self.root / "models")
 
     def params(self) -> P.Params:
         return P.load(self.params_path)

@@ -1,5 +1,6 @@
 """The file names inside the folders stages write, in one place: a module that reads a folder
 another stage wrote imports the name from here, not from that stage's entry point."""
+from pathlib import Path
 
 ANCHOR_INFO = "consort_anchor.json"  # models/anchor: its hash, source, licence
 EMBEDDING_FILE = "embedding.safetensors"  # a domain embedding (models/public_embedding)
@@ -14,6 +15,22 @@ PRESENT_OWNERS = "owners.json"  # published/: the owners to merge, when not all 
 BASELINE_INFO = "consort_dp_baseline.json"  # owners/<o>/dp_baseline
 MERGED_INFO = "consort_merged.json"  # models/merged: which expert is whose
 TUNING_INFO = "consort_tuning.json"  # models/merged_tuned
+ROUTER_CANDIDATES = "routers"  # models/merged_tuned: each fitted router as <method>.safetensors (router rows only)
+ORACLE_ROUTER = "oracle.safetensors"  # models/merged_oracle: the router tuned on the owners' real text
 REFERENCE_INFO = "consort_reference.json"  # models/unrestricted
 SYNTHETIC_SAMPLES = "samples.jsonl"  # published/<o>/synthetic: the owner's leak-filtered synthetic documents
 SYNTHETIC_STATS = "stats.json"  # published/<o>/synthetic: the filter's counts and the fidelity numbers
+
+
+def has_model(model_dir: Path) -> bool:
+    """Whether an optional stage (reference, router tuning) trained a model there, or only wrote its info."""
+    return (model_dir / "config.json").exists()
+
+
+def shipped_model(models_dir: Path) -> Path:
+    """The merged model to run: models/merged_tuned once router tuning made a model, else models/merged.
+
+    Both hold the same experts (and the merge's record); only the router rows differ.
+    """
+    tuned = models_dir / "merged_tuned"
+    return tuned if has_model(tuned) else models_dir / "merged"

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, FlexOlmoForCausalLM
 
 from stages import params as P
-from stages.artifacts import MANIFEST, WEIGHTS
+from stages.artifacts import MANIFEST, ORACLE_ROUTER, ROUTER_CANDIDATES, TUNING_INFO, WEIGHTS, has_model
 from stages.io import read_json, write_json, write_text
 from stages.model.baselines import btm_token_nll, soup_model
 from stages.model.experts import (
     continue_text,
-    has_model,
     merged_owners,
     resolve_experts,
     slice_experts,
@@ -30,12 +30,16 @@ from stages.model.experts import (
 )
 from stages.model.fast_moe import use_fast_experts
 from stages.model.moe import BiasedFlexOlmoForCausalLM
+from stages.model.router_fit import router_state, set_router_state
 from stages.results import (
     DP_ALONE,
     DP_MERGED,
+    ORACLE,
+    UNTUNED,
     DomainEvaluation,
     Score,
     alone,
+    router,
     router_bias,
     top_k,
     without,
@@ -110,16 +114,28 @@ def summarise(nll: np.ndarray, rows: np.ndarray, sizes: np.ndarray) -> Score:
                  tokens=int(nll.size))
 
 
+def candidate_routers(tuned_dir: Path | None, oracle_dir: Path | None) -> dict[str, Path]:
+    """The routers stage tune_router fitted (and the oracle's, when the study trained one), by method."""
+    found = {}
+    if tuned_dir is not None and (tuned_dir / ROUTER_CANDIDATES).is_dir():
+        found = {p.stem: p for p in sorted((tuned_dir / ROUTER_CANDIDATES).glob("*.safetensors"))}
+    if oracle_dir is not None and (oracle_dir / ORACLE_ROUTER).exists():
+        found[ORACLE] = oracle_dir / ORACLE_ROUTER
+    return found
+
+
 def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, e: P.EvaluateParams,
                     inference: P.InferenceParams, reference_dir: Path | None = None,
-                    tuned_dir: Path | None = None, dp_baseline_dir: Path | None = None
-                    ) -> tuple[DomainEvaluation, torch.nn.Module]:
-    """Loss of the anchor, of the merged model (experts not opted out) and of its baselines.
+                    tuned_dir: Path | None = None, dp_baseline_dir: Path | None = None,
+                    oracle_dir: Path | None = None) -> tuple[DomainEvaluation, torch.nn.Module]:
+    """Loss of the anchor, of the merged model as shipped (experts not opted out) and of its baselines.
 
-    Baselines (with `e.baselines`): each owner's model alone, the uniform soup, BTM over the
-    owners' models, and the merged model with each owner opted out in turn. The unrestricted
-    reference and the router-tuned merged model are scored when their stages trained them;
-    `e.ablations` adds the merged model at other top-k values and with the router bias toggled.
+    The model as shipped has the tuned router when stage tune_router ran; then every router it
+    fitted (and the oracle's) is scored too, as router/<method>, and router/none is the router as
+    merged. Baselines (with `e.baselines`): each owner's model alone (its two experts and its own
+    router rows, as merged), the uniform soup, BTM over the owners' models, and the shipped model
+    with each owner opted out in turn. The unrestricted reference is scored when its stage trained
+    it; `e.ablations` adds the merged model at other top-k values and with the router bias toggled.
     For an owner trained with DP, `dp_baseline_dir` holds its non-private twin: scored alone and
     merged in the DP expert's place, the price of DP on the owner's own domain.
     """
@@ -129,8 +145,11 @@ def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, 
     owners = merged_owners(merged_dir)
     experts = resolve_experts(None, owners, inference.disabled)
     index = {o: 1 + owners.index(o) for o in experts}
-    full = AutoModelForCausalLM.from_pretrained(merged_dir)  # the stock class, or the one keeping biases
-    merged = slice_experts(full, list(index.values()))
+    keep = list(index.values())
+    as_merged = AutoModelForCausalLM.from_pretrained(merged_dir)  # the stock class, or the one keeping biases
+    tuned = tuned_dir is not None and has_model(tuned_dir)
+    full = AutoModelForCausalLM.from_pretrained(tuned_dir) if tuned else as_merged
+    merged = slice_experts(full, keep)
     models: dict[str, Score] = {}
 
     def score(name: str, model) -> np.ndarray:
@@ -143,16 +162,27 @@ def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, 
     score("merged", merged)
     # Where this domain's tokens go: the diagnosis when the merged model trails BTM or opt-outs spill over.
     routing = dict(zip(["public", *experts], routing_share(merged, rows, e.batch_size, e.precision)))
+    routing_untuned, shipped_method = None, None
+    if tuned:
+        shipped_method, shipped_router = read_json(tuned_dir / TUNING_INFO)["method"], router_state(full)
+        untuned = slice_experts(as_merged, keep)
+        score(router(UNTUNED), untuned)
+        routing_untuned = dict(zip(["public", *experts], routing_share(untuned, rows, e.batch_size, e.precision)))
+        for method, path in candidate_routers(tuned_dir, oracle_dir).items():
+            if method == shipped_method:
+                models[router(method)] = models["merged"]
+                continue
+            set_router_state(full, load_file(path), str(path))
+            score(router(method), slice_experts(full, keep))
+        set_router_state(full, shipped_router)
     if e.baselines and experts:
         score("soup", soup_model(merged))
-        singles = np.stack([score(alone(o), slice_experts(full, [index[o]])) for o in experts])
+        singles = np.stack([score(alone(o), slice_experts(as_merged, [index[o]])) for o in experts])
         models["btm"] = summarise(btm_token_nll(singles, e.btm_temperature, e.btm_top_k), rows, sizes)
         for o in experts:
             score(without(o), slice_experts(full, [index[k] for k in experts if k != o]))
     if reference_dir is not None and has_model(reference_dir):
         score("unrestricted", AutoModelForCausalLM.from_pretrained(reference_dir))
-    if tuned_dir is not None and has_model(tuned_dir):
-        score("merged_tuned", slice_experts(AutoModelForCausalLM.from_pretrained(tuned_dir), list(index.values())))
     generations, dp_baseline = None, None
     if e.continuation_tokens:
         compared = {"anchor": anchor, "merged": merged}
@@ -161,11 +191,9 @@ def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, 
         generations = side_by_side(e.prompts.get(domain, e.prompts.get("default", "The")), tokenizer,
                                    compared, e.continuation_tokens)
     if dp_baseline_dir is not None and (dp_baseline_dir / WEIGHTS).exists() and domain in index:
-        from safetensors.torch import load_file
-
-        twin = with_expert_from(full, index[domain], load_file(dp_baseline_dir / WEIGHTS))
-        score(DP_ALONE, slice_experts(twin, [index[domain]]))
-        score(DP_MERGED, slice_experts(twin, list(index.values())))
+        twin_expert = load_file(dp_baseline_dir / WEIGHTS)
+        score(DP_ALONE, slice_experts(with_expert_from(as_merged, index[domain], twin_expert), [index[domain]]))
+        score(DP_MERGED, slice_experts(with_expert_from(full, index[domain], twin_expert), keep))
         dp_baseline = read_json(dp_baseline_dir / MANIFEST)["metrics"]
     if e.ablations:
         n, current = merged.config.num_experts, merged.config.num_experts_per_tok
@@ -173,9 +201,10 @@ def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, 
             score(top_k(k), with_top_k(merged, k))
         if isinstance(full, FlexOlmoForCausalLM):  # router biases are kept in a FlexOlmo router only
             toggled = "keep" if not isinstance(full, BiasedFlexOlmoForCausalLM) else "drop"
-            score(router_bias(toggled), slice_experts(toggled_router_bias(full, merged_dir), list(index.values())))
+            score(router_bias(toggled), slice_experts(toggled_router_bias(full, merged_dir), keep))
     # Built last: pydantic copies `models`, and every score above must be in it.
     result = DomainEvaluation(domain=domain, experts=experts, models=models, routing=routing,
+                              routing_untuned=routing_untuned, router_method=shipped_method,
                               xz_bits_per_byte=xz_bits_per_byte(tokenizer, rows), generations=generations,
                               dp_baseline=dp_baseline)
     return result, use_fast_experts(merged)
@@ -205,7 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--anchor", type=Path, required=True)
     ap.add_argument("--merged", type=Path, required=True)
     ap.add_argument("--reference", type=Path, help="the unrestricted reference's folder (scored if trained)")
-    ap.add_argument("--tuned", type=Path, help="the router-tuned merged model's folder (scored if tuned)")
+    ap.add_argument("--tuned", type=Path, help="the router-tuned merged model's folder (shipped if tuned)")
+    ap.add_argument("--oracle", type=Path, help="the oracle router's folder (scored if trained, with --tuned)")
     ap.add_argument("--index", type=Path, help="the owner's index: trace generated samples in it")
     ap.add_argument("--trace-page", type=Path, help="where the traced samples' HTML page goes (with --index)")
     ap.add_argument("--dp-baseline", type=Path, help="the owner's non-DP twin expert (scored if trained)")
@@ -214,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     params = P.load(args.params)
     result, merged = evaluate_domain(args.domain, args.val, args.anchor, args.merged, params.evaluate,
-                                     params.inference, args.reference, args.tuned, args.dp_baseline)
+                                     params.inference, args.reference, args.tuned, args.dp_baseline,
+                                     args.oracle)
     write_json(args.out, result.model_dump(exclude_none=True))
     if args.index and args.trace_page:
         spans = write_trace_page(args.domain, merged, AutoTokenizer.from_pretrained(args.merged), args.index, params,

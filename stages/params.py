@@ -224,21 +224,31 @@ class UnrestrictedParams(Strict):
     enabled: bool = Field(default=False, description="train it (the study preset does); off: the stage writes a stub")
 
 
+RouterMethod = Literal["public_lm", "synthetic_lm", "synthetic_ridge"]
+
+
 class RouterTuningParams(Strict):
     """Router tuning after the merge: only router rows (and biases) change.
 
     public_lm: FlexOlmo's, the LM loss on public text the merged router sends to each owner;
-    synthetic_ridge: a closed-form router fitted on the owners' synthetic sets and public text
-    (stages/model/router_fit.py)."""
+    synthetic_lm: the LM loss on the owners' synthetic sets and public text, stopped early;
+    synthetic_ridge: a closed-form router fitted on the same (stages/model/router_fit.py)."""
     enabled: bool = False
-    method: Literal["public_lm", "synthetic_ridge"] = "public_lm"
+    method: RouterMethod = "public_lm"
+    compare: list[RouterMethod] = Field(default_factory=list, description="also fitted, as candidates the report compares")
     ridge_lambda: float = Field(default=0.1, gt=0, description="ridge penalty, times the mean diagonal of x^T x")
     ridge_scale: float = Field(default=4.0, gt=0, description="nats the fitted domain classifier adds to a logit")
     token_fraction: float = Field(default=0.01, gt=0, le=1,
                                   description="proxy tokens per owner / its expert-training tokens")
     candidate_docs: int = Field(default=400, ge=1, description="public documents scored to pick each owner's proxy set")
     lr: float = Field(default=1.0e-2, gt=0)
-    epochs: int = Field(default=1, ge=1)
+    epochs: int = Field(default=1, ge=1, description="public_lm: passes over the proxy text")
+    seq_len: int = Field(default=64, ge=8, description="synthetic_lm and the oracle: tokens per row")
+    batch_size: int = Field(default=4, ge=1, description="synthetic_lm and the oracle: rows per step")
+    held_out_fraction: float = Field(default=0.25, gt=0, lt=1,
+                                     description="synthetic_lm and the oracle: rows of each domain held out to stop early")
+    max_epochs: int = Field(default=20, ge=1)
+    patience: int = Field(default=3, ge=1, description="epochs without a better held-out loss before stopping")
 
 
 class EvaluateParams(Strict):

@@ -22,6 +22,9 @@ from stages.results import (
     ALONE,
     DP_ALONE,
     DP_MERGED,
+    ORACLE,
+    ROUTER,
+    UNTUNED,
     WITHOUT,
     DomainEvaluation,
     alone,
@@ -33,9 +36,12 @@ from stages.runtime import start_stage
 COMPARED = ("anchor", "own expert", "soup", "btm", "merged", "unrestricted")  # main table columns, in order
 COLORS = {"anchor": "#9aa5b1", "own expert": "#f2a541", "soup": "#7fb77e", "btm": "#b07cc6", "merged": "#2f6fdf",
           "unrestricted": "#444444"}
-# Rows of the ablation table: the merged model as run, and each variant the evaluation scored.
-VARIANT_PREFIXES = ("merged_tuned", *ABLATION_PREFIXES)  # the merged model's variants in the ablation table
+# The router comparison's rows, in the issue's order (a)-(e): as merged, then each tuning method.
+ROUTER_METHODS = (UNTUNED, "public_lm", "synthetic_lm", "synthetic_ridge", ORACLE)
 OPTOUT_OTHERS_LIMIT = 1.0  # % a domain may move when another owner's expert is removed (issue target)
+OWN_MODEL_LIMIT = 1.0  # % each domain's merged loss may trail its owner's model alone
+PUBLIC_ANCHOR_LIMIT = 1.0  # % the merged model may trail the anchor on public text
+OWN_ROUTING_MIN = 0.60  # share of a domain's routing weight on its own expert plus the public one
 UNRESTRICTED_GAP_LIMIT = 3.0  # % the merged model may trail the unrestricted reference
 
 
@@ -87,8 +93,12 @@ def generations_html(rows: list[DomainEvaluation]) -> str:
     return "\n".join(out)
 
 
+def _gap(new: float, old: float) -> float:
+    return (new - old) / old * 100
+
+
 def _pct(new: float, old: float) -> str:
-    return f"{(new - old) / old * 100:+.1f}%"
+    return f"{_gap(new, old):+.1f}%"
 
 
 def table_markdown(rows: list[DomainEvaluation]) -> str:
@@ -120,7 +130,7 @@ def owners_mean(rows: list[DomainEvaluation], model: str) -> float | None:
 
 def ablation_markdown(rows: list[DomainEvaluation]) -> str:
     """Each scored variant of the merged model against the merged model as run, per domain."""
-    variants = sorted({k for r in rows for k in r.models if k.startswith(VARIANT_PREFIXES)})
+    variants = sorted({k for r in rows for k in r.models if k.startswith(ABLATION_PREFIXES)})
     if not variants:
         return ""
     lines = ["| model | " + " | ".join(r.domain for r in rows) + " | owners' average |",
@@ -131,6 +141,26 @@ def ablation_markdown(rows: list[DomainEvaluation]) -> str:
         base = owners_mean(rows, "merged")
         avg = f"{mean:.3f} ({_pct(mean, base)})" if mean is not None and v != "merged" else (f"{mean:.3f}" if mean else "")
         lines.append(f"| {v} | " + " | ".join(cells) + f" | {avg} |")
+    return "\n".join(lines) + "\n"
+
+
+def router_markdown(rows: list[DomainEvaluation]) -> str:
+    """Each router the evaluation scored (as merged, each tuning method, the oracle) on every domain."""
+    methods = [m for m in ROUTER_METHODS if any(ROUTER + m in r.models for r in rows)]
+    if not methods:
+        return ""
+    btm = owners_mean(rows, "btm")
+    lines = ["| router | " + " | ".join(r.domain for r in rows) + " | owners' average | vs BTM |",
+             "|---|" + "---:|" * (len(rows) + 2)]
+    for m in methods:
+        name = ROUTER + m
+        cells = [f"{r.models[name].loss:.3f}" if name in r.models else "" for r in rows]
+        mean = owners_mean(rows, name)
+        label = {UNTUNED: "(a) none, as merged", "public_lm": "(b) public proxies, LM loss",
+                 "synthetic_lm": "(c) synthetic proxies, LM loss", "synthetic_ridge": "(d) synthetic proxies, ridge",
+                 ORACLE: "(e) oracle: owners' real text"}[m] + (" **shipped**" if m == rows[0].router_method else "")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {f'{mean:.3f}' if mean is not None else ''} | "
+                     f"{_pct(mean, btm) if mean is not None and btm else ''} |")
     return "\n".join(lines) + "\n"
 
 
@@ -170,6 +200,23 @@ def targets(rows: list[DomainEvaluation]) -> list[tuple[str, bool, str]]:
         gap = (merged - reference) / reference * 100
         out.append((f"merged within {UNRESTRICTED_GAP_LIMIT:.0f}% of the unrestricted reference",
                     gap <= UNRESTRICTED_GAP_LIMIT, f"merged {merged:.3f} vs unrestricted {reference:.3f} ({gap:+.1f}%)"))
+    owned = [r for r in rows if not r.is_public and r.score(alone(r.domain))]
+    if owned:
+        gaps = {r.domain: _gap(r.models["merged"].loss, r.models[alone(r.domain)].loss) for r in owned}
+        worst = max(gaps, key=gaps.get)
+        out.append((f"each domain within {OWN_MODEL_LIMIT:.0f}% of its owner's own model", gaps[worst] <= OWN_MODEL_LIMIT,
+                    ", ".join(f"{d} {g:+.1f}%" for d, g in gaps.items())))
+    public = next((r for r in rows if r.is_public), None)
+    if public is not None:
+        gap = _gap(public.models["merged"].loss, public.models["anchor"].loss)
+        out.append((f"public text within {PUBLIC_ANCHOR_LIMIT:.0f}% of the anchor", gap <= PUBLIC_ANCHOR_LIMIT,
+                    f"merged {public.models['merged'].loss:.3f} vs anchor {public.models['anchor'].loss:.3f} ({gap:+.1f}%)"))
+    shares = {r.domain: r.routing.get("public", 0.0) + (0.0 if r.is_public else r.routing.get(r.domain, 0.0))
+              for r in rows if r.routing}
+    if shares:
+        low = min(shares, key=shares.get)
+        out.append((f"each domain puts >= {OWN_ROUTING_MIN:.0%} of its routing weight on its own expert plus the public one",
+                    shares[low] >= OWN_ROUTING_MIN, ", ".join(f"{d} {v:.0%}" for d, v in shares.items())))
     removed, domains, cells = optout_matrix(rows)
     for o, row in zip(removed, cells):
         own = row[domains.index(o)] if o in domains else None
@@ -362,23 +409,29 @@ def plot_optout(rows: list[DomainEvaluation], path: Path) -> bool:
 
 
 def plot_routing(rows: list[DomainEvaluation], path: Path) -> bool:
-    """Heat map: for each domain (row), the share of routing weight each expert (column) gets."""
+    """Heat map: for each domain (row), the share of routing weight each expert (column) gets; with
+    router tuning, the router as merged beside the one shipped."""
     import matplotlib.pyplot as plt
 
     rows = [r for r in rows if r.routing]
     if not rows:
         return False
     experts = ["public", *rows[0].experts]
-    cells = [[r.routing.get(e, 0.0) for e in experts] for r in rows]
-    fig, ax = plt.subplots(figsize=(1.1 * len(experts) + 2.5, 0.55 * len(rows) + 1.8))
-    im = ax.imshow(cells, cmap="Blues", vmin=0, vmax=1, aspect="auto")
-    ax.set_xticks(range(len(experts)), [f"{e} expert" for e in experts], rotation=20)
-    ax.set_yticks(range(len(rows)), [f"{r.domain} text" for r in rows])
-    for i, row in enumerate(cells):
-        for j, v in enumerate(row):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color="white" if v > 0.5 else "black")
-    fig.colorbar(im, ax=ax, label="share of routing weight")
-    ax.set_title("Where each domain's tokens are routed (merged model)")
+    panels = [("as shipped", "routing")]
+    if all(r.routing_untuned for r in rows):
+        panels = [("router as merged", "routing_untuned"), ("router tuned, as shipped", "routing")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * (1.1 * len(experts) + 2.5), 0.55 * len(rows) + 1.8),
+                             squeeze=False)
+    for ax, (title, field) in zip(axes[0], panels):
+        cells = [[getattr(r, field).get(e, 0.0) for e in experts] for r in rows]
+        im = ax.imshow(cells, cmap="Blues", vmin=0, vmax=1, aspect="auto")
+        ax.set_xticks(range(len(experts)), [f"{e} expert" for e in experts], rotation=20)
+        ax.set_yticks(range(len(rows)), [f"{r.domain} text" for r in rows])
+        for i, row in enumerate(cells):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color="white" if v > 0.5 else "black")
+        ax.set_title(f"Where each domain's tokens are routed ({title})", fontsize=9)
+    fig.colorbar(im, ax=list(axes[0]), label="share of routing weight")
     _save(fig, path)
     return True
 
@@ -426,9 +479,13 @@ def page_html(rows: list[DomainEvaluation], images: list[str], audits: list[dict
     dp_html = ("<h2>Differential privacy: what it costs</h2><p>Each DP owner's expert (DP-SGD, the document "
                "as the privacy unit) against the same expert trained without DP on the owner's side; held-out "
                "loss on the owner's domain, and seconds per training step.</p>" + md.render(dp_table)) if dp_table else ""
-    ablations_html = ("<h2>Ablations</h2><p>The merged model as run against its variants: merged_tuned is "
-                      "after router tuning (router_tuning.method: public_lm on public proxy text, or "
-                      "synthetic_ridge, the closed-form router on the owners' synthetic sets); "
+    routers = router_markdown(rows)
+    routers_html = ("<h2>Router tuning: every method side by side</h2><p>Only router rows differ. (b)-(d) read "
+                    "no owner's data: public text, and the synthetic sets the owners published; (e) reads the "
+                    "owners' real text and exists only as a diagnostic (the study preset). The one shipped is "
+                    "router_tuning.method; \"merged\" everywhere else on this page is that one.</p>"
+                    + md.render(routers)) if routers else ""
+    ablations_html = ("<h2>Ablations</h2><p>The merged model as run against its variants: "
                       "top_k/K routes each token to K experts; "
                       "router_bias/keep|drop toggles the owners' min(b, 0).</p>" + md.render(ablations)) if ablations else ""
     synthetic_html = ("<h2>Owners' synthetic proxy documents</h2><p>Written by each owner's own model (a DP owner's "
@@ -449,6 +506,7 @@ BTM mixes the owners' models by how well each predicted the text so far.</p>
 {main_table}
 {bpb_html}
 {goals_html}
+{routers_html}
 {figures}
 {generations_html(rows)}
 {ablations_html}
@@ -485,7 +543,8 @@ def report(evaluations: Path, out_dir: Path, metrics: Path, training_logs: dict[
                | ({"xz": {"bits_per_byte": r.xz_bits_per_byte}} if r.xz_bits_per_byte is not None else {})
                for r in rows}
     synthetic_table = synthetic_markdown(published, owners or [r.domain for r in rows if not r.is_public])
-    tables = (table_markdown(rows), bpb_markdown(rows), targets_markdown(rows), ablation_markdown(rows), dp_table,
+    tables = (table_markdown(rows), bpb_markdown(rows), targets_markdown(rows), router_markdown(rows),
+              ablation_markdown(rows), dp_table,
               synthetic_table, audit_markdown(audits))
     write_text(out_dir / "eval_table.md", "\n".join(t for t in tables if t))
     write_text(out_dir / "report.html", page_html(rows, images, audits, dp_table, synthetic_table))

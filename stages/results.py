@@ -8,9 +8,10 @@ from pydantic import BaseModel, ConfigDict
 
 from stages.io import read_json
 
-# Names of the models an evaluation scores beyond "anchor", "merged", "soup", "btm",
-# "unrestricted" and "merged_tuned".
-ALONE, WITHOUT, TOP_K, ROUTER_BIAS = "alone/", "without/", "top_k/", "router_bias/"
+# Names of the models an evaluation scores beyond "anchor", "merged" (the model as shipped: with
+# the tuned router when router tuning ran), "soup", "btm" and "unrestricted".
+ALONE, WITHOUT, TOP_K, ROUTER_BIAS, ROUTER = "alone/", "without/", "top_k/", "router_bias/", "router/"
+UNTUNED, ORACLE = "none", "oracle"  # router/none: the router as merged; router/oracle: tuned on owners' real text
 DP_ALONE, DP_MERGED = "dp_baseline/alone", "dp_baseline/merged"
 ABLATION_PREFIXES = (TOP_K, ROUTER_BIAS)
 
@@ -33,6 +34,11 @@ def router_bias(kind: str) -> str:
     return ROUTER_BIAS + kind
 
 
+def router(method: str) -> str:
+    """The merged model with the router a tuning method fitted (UNTUNED: as merged)."""
+    return ROUTER + method
+
+
 class Score(BaseModel):
     model_config = ConfigDict(extra="forbid")
     loss: float  # mean held-out cross-entropy, nats per token
@@ -48,6 +54,8 @@ class DomainEvaluation(BaseModel):
     experts: list[str]  # the owners whose experts the merged model ran with
     models: dict[str, Score]
     routing: dict[str, float]  # share of routing weight per expert ("public" and each owner)
+    routing_untuned: dict[str, float] | None = None  # the same with the router as merged, when tuning ran
+    router_method: str | None = None  # the tuning method of the router shipped (None: as merged)
     xz_bits_per_byte: float | None = None
     generations: dict[str, str] | None = None
     dp_baseline: dict | None = None  # the non-DP twin's training metrics, for a DP owner

@@ -1,16 +1,18 @@
 """Stage (coordinator, optional): router tuning of the merged model; only router rows change.
 
-`router_tuning.method`:
+Methods (`router_tuning.method` is the one shipped, `router_tuning.compare` the others fitted
+beside it, each saved as a candidate router the evaluation scores):
 - `public_lm`, FlexOlmo's optional last step (DESIGN.md section 3.4): the router rows learn, with
   the LM loss, on a little public text chosen per owner to resemble that owner's domain, about
   1 % of the tokens the owner's expert trained on. The merged model's own router picks it: for
   owner i, the public documents that route most to expert i.
-- `synthetic_ridge`: a closed-form router (stages/model/router_fit.py) fitted on the synthetic
-  sets the owners published (signed, leak-filtered on their side) and as many public tokens.
-No owner's own data is read either way.
+- `synthetic_lm`: the LM loss on the synthetic sets the owners published (signed, leak-filtered
+  on their side) plus as much public text, every domain with as many rows, stopped early on a
+  held-out part of each set.
+- `synthetic_ridge`: a closed-form router (stages/model/router_fit.py) fitted on the same sets.
+No owner's own data is read by any of them (the oracle, which does, is stage tune_router_oracle).
 
-Off by default (`router_tuning.enabled`): the report's "merged_tuned" column measures it. Off,
-the stage writes only its info file.
+Off (`router_tuning.enabled`), the stage writes only its info file and models/merged ships as merged.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from stages import params as P
-from stages.artifacts import MERGED_INFO, SYNTHETIC_SAMPLES, TUNING_INFO
+from stages.artifacts import MERGED_INFO, ROUTER_CANDIDATES, SYNTHETIC_SAMPLES, TUNING_INFO
 from stages.io import atomic_dir, read_jsonl, write_json
 from stages.package import enrolled_key, verify_package
 from stages.runtime import start_stage
@@ -61,8 +63,8 @@ def synthetic_proxies(published: Path, keyring: Path, owners: list[str]) -> dict
     for o in owners:
         folder = published / o / "synthetic"
         if not (folder / SYNTHETIC_SAMPLES).exists():
-            raise FileNotFoundError(f"{folder}: owner {o!r} published no synthetic set; router_tuning.method "
-                                    f"synthetic_ridge needs every merged owner's (set synthesis.enabled: true)")
+            raise FileNotFoundError(f"{folder}: owner {o!r} published no synthetic set; router tuning on "
+                                    f"synthetic proxies needs every merged owner's (set synthesis.enabled: true)")
         verify_package(folder, o, enrolled_key(keyring, o))
         texts[o] = [row["text"] for row in read_jsonl(folder / SYNTHETIC_SAMPLES)]
         if not texts[o]:
@@ -101,6 +103,19 @@ def fit_synthetic_ridge(model, tokenizer, owners: list[str], public_texts: list[
     return {"proxy_tokens": tokens, "layers": len(model.model.layers)}
 
 
+def fit_synthetic_lm(model, tokenizer, owners: list[str], public_texts: list[str], synthetic: dict[str, list[str]],
+                     params: P.Params) -> dict:
+    """The LM loss on the synthetic sets plus public text, router rows only, stopped on held-out rows."""
+    from stages.model.router_fit import balanced_rows, tune_routers_lm
+
+    rt = params.router_tuning
+    train_rows, held_out, per_domain = balanced_rows(tokenizer, {**synthetic, "public": public_texts}, rt.seq_len,
+                                                     rt.held_out_fraction)
+    info = tune_routers_lm(model, train_rows, held_out, rt.lr, rt.max_epochs, rt.patience, rt.batch_size,
+                           params.expert.train.seed)
+    return {"rows_per_domain": per_domain, "held_out_rows": len(held_out), **info}
+
+
 def tune_router(merged_dir: Path, public_train: Path, params: P.Params, out_dir: Path, checkpoint: Path,
                 published: Path | None = None, keyring: Path | None = None) -> dict:
     rt = params.router_tuning
@@ -108,29 +123,45 @@ def tune_router(merged_dir: Path, public_train: Path, params: P.Params, out_dir:
         with atomic_dir(out_dir) as tmp:
             write_json(tmp / TUNING_INFO, {"enabled": False})
         return {"enabled": False}
-    # Imported here: off (the default), the stage is on the pipeline's critical path just to write
-    # its stub, and torch plus transformers take ~5 s to import.
+    # Imported here: off, the stage is on the pipeline's critical path just to write its stub, and
+    # torch plus transformers take ~5 s to import.
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from stages.model.experts import merged_owners
+    from stages.model.router_fit import router_state, set_router_state
 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     model = AutoModelForCausalLM.from_pretrained(merged_dir)
     owners = merged_owners(merged_dir)
     texts = [row["text"] for _, row in zip(range(rt.candidate_docs), read_jsonl(public_train))]
-    if rt.method == "synthetic_ridge":
+    methods = [rt.method, *[m for m in rt.compare if m != rt.method]]
+    synthetic = None
+    if any(m.startswith("synthetic") for m in methods):
         if published is None or keyring is None:
-            raise ValueError("router_tuning.method synthetic_ridge reads the owners' synthetic sets: "
+            raise ValueError("router tuning on synthetic proxies reads the owners' synthetic sets: "
                              "pass the published folder and the keyring")
-        info = fit_synthetic_ridge(model, tokenizer, owners, texts, synthetic_proxies(published, keyring, owners),
-                                   params)
-    else:
-        info = tune_on_public_proxies(model, tokenizer, owners, texts, merged_dir, params, out_dir, checkpoint)
-    info = {"enabled": True, "method": rt.method, **info}
+        synthetic = synthetic_proxies(published, keyring, owners)
+    merged_router, candidates, infos = router_state(model), {}, {}
+    for method in methods:
+        set_router_state(model, merged_router)
+        if method == "synthetic_ridge":
+            infos[method] = fit_synthetic_ridge(model, tokenizer, owners, texts, synthetic, params)
+        elif method == "synthetic_lm":
+            infos[method] = fit_synthetic_lm(model, tokenizer, owners, texts, synthetic, params)
+        else:
+            infos[method] = tune_on_public_proxies(model, tokenizer, owners, texts, merged_dir, params, out_dir,
+                                                   checkpoint)
+        candidates[method] = router_state(model)
+    set_router_state(model, candidates[rt.method])
+    info = {"enabled": True, "method": rt.method, "methods": infos}
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         shutil.copyfile(merged_dir / MERGED_INFO, tmp / MERGED_INFO)
+        (tmp / ROUTER_CANDIDATES).mkdir()
+        for method, state in candidates.items():
+            save_file(state, tmp / ROUTER_CANDIDATES / f"{method}.safetensors")
         write_json(tmp / TUNING_INFO, info)
     return info
 
@@ -187,15 +218,19 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     info = tune_router(args.merged, args.public_corpus, P.load(args.params), args.out, args.checkpoint,
                        args.published, args.keyring)
-    if info["enabled"] and info["method"] == "synthetic_ridge":
-        print(f"router tuning: closed-form router over {info['layers']} layers, fitted on proxy tokens "
-              f"{info['proxy_tokens']}")
-    elif info["enabled"]:
-        print(f"router tuning: {info['proxy_tokens']:,} public proxy tokens, {info['steps']} steps, "
-              f"loss {info['final_loss']:.3f}; proxy documents per owner {info['proxy_docs']}")
-    else:
+    if not info["enabled"]:
         print("router tuning: off (router_tuning.enabled is false)")
-
+    for method, m in info.get("methods", {}).items():
+        shipped = " (shipped)" if method == info["method"] else ""
+        if method == "synthetic_ridge":
+            print(f"router tuning {method}{shipped}: closed-form router over {m['layers']} layers, proxy tokens "
+                  f"{m['proxy_tokens']}")
+        elif method == "synthetic_lm":
+            print(f"router tuning {method}{shipped}: {m['rows_per_domain']} rows per domain, best epoch "
+                  f"{m['best_epoch']}, held-out loss {m['log'][0]['held_out_loss']:.3f} -> {m['held_out_loss']:.3f}")
+        else:
+            print(f"router tuning {method}{shipped}: {m['proxy_tokens']:,} public proxy tokens, {m['steps']} steps, "
+                  f"loss {m['final_loss']:.3f}; proxy documents per owner {m['proxy_docs']}")
 
 if __name__ == "__main__":
     main()

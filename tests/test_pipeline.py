@@ -43,7 +43,7 @@ def test_dvc_graph_becomes_task_order(tmp_path):
     assert set(graph["build_index@news"]) == {"prepare_owner@news", "train_tokenizer"}
     assert "build_index@news" in graph["evaluate_owner@news"]
     assert set(graph["evaluate_public"]) == {"prepare_public", "train_anchor", "merge_experts", "tune_router",
-                                             "train_unrestricted"}
+                                             "tune_router_oracle", "train_unrestricted"}
     order = topological_order(graph)
     position = {s: i for i, s in enumerate(order)}
     assert all(position[d] < position[s] for s, deps in graph.items() for d in deps)
@@ -203,7 +203,7 @@ def test_a_param_change_reruns_only_its_branch(smoke_workspace, tmp_path):
     proc = run_consort("run", "--preset", "smoke", "--workspace", str(ws), "--params", str(changed), cwd=ws.parent)
     ran = {line.split()[1] for line in proc.stdout.splitlines() if line.strip().startswith("ran ")}
     expected = ({"train_expert@news", "train_dp_baseline@news", "train_unrestricted", "merge_experts", "tune_router",
-                 "evaluate_public", "report"}
+                 "tune_router_oracle", "evaluate_public", "report"}
                 | {f"evaluate_owner@{o}" for o in OWNERS} | {f"audit@{o}" for o in OWNERS})
     assert ran == expected, proc.stdout[-3000:]
     manifest = json.loads((ws / "published" / "news" / "expert" / "consort_expert.json").read_text())
@@ -242,15 +242,19 @@ def test_report_shows_every_baseline_and_the_optout_matrix(smoke_workspace):
         assert set(g) == {"prompt", "anchor", "merged"} | ({f"without/{domain}"} if domain != "public" else set())
         assert f"<code>{g['prompt']}</code>" in html and all(isinstance(v, str) for v in g.values())
     # The smoke preset turns on everything the study has: reference, router tuning, ablations.
-    expected = ({"anchor", "merged", "soup", "btm", "unrestricted", "merged_tuned", "top_k/1", "top_k/2", "top_k/6",
-                 "router_bias/keep"} | {f"alone/{o}" for o in OWNERS} | {f"without/{o}" for o in OWNERS})
+    routers = {f"router/{m}" for m in ("none", "public_lm", "synthetic_lm", "synthetic_ridge", "oracle")}
+    expected = ({"anchor", "merged", "soup", "btm", "unrestricted", "top_k/1", "top_k/2", "top_k/6", "router_bias/keep"}
+                | routers | {f"alone/{o}" for o in OWNERS} | {f"without/{o}" for o in OWNERS})
     for domain, models in summary.items():
+        # Shipped: the router the smoke preset's router_tuning.method fitted.
+        assert models["router/synthetic_ridge"] == models["merged"] != models["router/none"], domain
         # The DP owner's domain also scores its non-DP twin, alone and merged in its place.
         assert set(models) == expected | ({"dp_baseline/alone", "dp_baseline/merged"} if domain == "math" else set()), domain
         assert all(v["loss"] > 0 for v in models.values())
     html = (reports / "report.html").read_text()
     assert "optout_heatmap.png" in html and "without/news" in html and "<table>" in html
     assert "Targets" in html and "merged is no worse than BTM" in html and "Ablations" in html and "top_k/1" in html
+    assert "Router tuning: every method side by side" in html and "(e) oracle" in html
     # The owners' privacy audits (numbers only), with the canaries they planted.
     assert "Privacy audit" in html and "canaries 16x found, exposure" in html
     for o in OWNERS:

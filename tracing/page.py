@@ -35,17 +35,19 @@ class Generator:
         self.loaded: tuple | None = None
 
     def experts(self) -> list[str]:
+        from stages.artifacts import shipped_model
         from stages.model.experts import merged_owners, resolve_experts
 
         disabled = P.disabled_owners(self.params_file or self.workspace / "params.yaml", self.preset)
-        return resolve_experts(None, merged_owners(self.workspace / "models" / "merged"), disabled)
+        return resolve_experts(None, merged_owners(shipped_model(self.workspace / "models")), disabled)
 
     def __call__(self, prompt: str, max_new_tokens: int) -> tuple[str, list[str]]:
         from transformers import AutoTokenizer
 
+        from stages.artifacts import shipped_model
         from stages.model.experts import continue_text, load_merged
 
-        merged = self.workspace / "models" / "merged"
+        merged = shipped_model(self.workspace / "models")
         with self.lock:
             experts = self.experts()  # read each time: an opt-out holds from the moment it is made
             if self.loaded is None or self.loaded[0] != experts:

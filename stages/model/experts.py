@@ -19,11 +19,6 @@ from stages.model.fast_moe import use_fast_experts
 from stages.model.moe import BiasedFlexOlmoConfig, BiasedFlexOlmoForCausalLM, assemble
 
 
-def has_model(model_dir: Path) -> bool:
-    """Whether an optional stage (reference, router tuning) trained a model there, or only wrote its info."""
-    return (model_dir / "config.json").exists()
-
-
 def merged_owners(merged_dir: Path) -> list[str]:
     """Owners of the merged model's experts 1..n, in expert order."""
     info_path = merged_dir / MERGED_INFO

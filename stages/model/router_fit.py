@@ -68,3 +68,97 @@ def fit_routers(model, docs: list[np.ndarray], labels: list[int], lam: float, sc
     finally:
         for h in hooks:
             h.remove()
+
+
+def router_parameters(model) -> dict[str, torch.nn.Parameter]:
+    """The router rows of every layer: the only weights router tuning changes."""
+    return {name: p for name, p in model.named_parameters() if ".mlp.gate." in name}
+
+
+def router_state(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone().contiguous() for name, p in router_parameters(model).items()}
+
+
+@torch.no_grad()
+def set_router_state(model, state: dict[str, torch.Tensor], source: str = "router state") -> None:
+    """Put a saved router (a candidate of stage tune_router) into a merged model of the same shape."""
+    params = router_parameters(model)
+    if set(params) != set(state) or any(params[k].shape != state[k].shape for k in state):
+        raise ValueError(f"{source}: its router tensors do not fit this merged model (was it fitted on another "
+                         f"merge? run stage tune_router again)")
+    for name, tensor in state.items():
+        params[name].copy_(tensor)
+
+
+def packed_rows(docs: list[np.ndarray], seq_len: int) -> torch.Tensor:
+    """One domain's documents packed end to end and cut into rows of seq_len + 1 tokens."""
+    stream = np.concatenate(docs) if docs else np.zeros(0, dtype=np.int64)
+    n = (len(stream) - 1) // seq_len
+    return torch.from_numpy(np.stack([stream[i * seq_len:i * seq_len + seq_len + 1] for i in range(n)]
+                                     ).astype(np.int64)) if n > 0 else torch.zeros(0, seq_len + 1, dtype=torch.long)
+
+
+def balanced_rows(tokenizer, texts: dict[str, list[str]], seq_len: int, held_out_fraction: float
+                  ) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+    """Training and held-out rows with as many rows from every domain, the held-out ones the last of
+    each domain's; and the rows per domain. The smallest domain sets the count (at least two rows)."""
+    eos = tokenizer.eos_token_id
+    rows = {}
+    for domain, domain_texts in texts.items():
+        docs = [np.array([eos, *ids]) for ids in tokenizer(domain_texts, add_special_tokens=False)["input_ids"] if ids]
+        rows[domain] = packed_rows(docs, seq_len)
+    n = min(len(r) for r in rows.values())
+    if n < 2:
+        short = min(rows, key=lambda d: len(rows[d]))
+        raise ValueError(f"router tuning: {short!r}'s proxy text makes {n} row(s) of {seq_len + 1} tokens; at least "
+                         f"two are needed (one to learn on, one held out): lower router_tuning.seq_len or raise "
+                         f"synthesis.min_tokens")
+    held = max(1, round(held_out_fraction * n))
+    train = torch.cat([r[:n - held] for r in rows.values()])
+    held_out = torch.cat([r[n - held:n] for r in rows.values()])
+    return train, held_out, {d: n for d in rows}
+
+
+def tune_routers_lm(model, train_rows: torch.Tensor, held_out_rows: torch.Tensor, lr: float, max_epochs: int,
+                    patience: int, batch_size: int, seed: int) -> dict:
+    """The LM loss on proxy rows with only the router rows learning; the router of the epoch with the
+    lowest held-out loss is kept (epoch 0: the router as merged), and training stops once `patience`
+    epochs in a row did not beat it."""
+    params = router_parameters(model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in params)
+    optimizer = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+
+    def loss_of(rows: torch.Tensor) -> torch.Tensor:
+        logits = model(input_ids=rows[:, :-1]).logits
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten())
+
+    @torch.no_grad()
+    def held_out_loss() -> float:
+        model.eval()
+        return float(sum(loss_of(held_out_rows[i:i + batch_size]) * len(held_out_rows[i:i + batch_size])
+                         for i in range(0, len(held_out_rows), batch_size)) / len(held_out_rows))
+
+    best, best_state, best_epoch = held_out_loss(), router_state(model), 0
+    log = [{"epoch": 0, "held_out_loss": best}]
+    for epoch in range(1, max_epochs + 1):
+        model.train()
+        order, total = torch.randperm(len(train_rows), generator=gen), 0.0
+        for i in range(0, len(order), batch_size):
+            loss = loss_of(train_rows[order[i:i + batch_size]])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(order[i:i + batch_size])
+        current = held_out_loss()
+        log.append({"epoch": epoch, "train_loss": total / len(order), "held_out_loss": current})
+        if current < best:
+            best, best_state, best_epoch = current, router_state(model), epoch
+        elif epoch - best_epoch >= patience:
+            break
+    set_router_state(model, best_state)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    return {"best_epoch": best_epoch, "held_out_loss": best, "log": log}
