@@ -162,9 +162,11 @@ def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, 
     score("merged", merged)
     # Where this domain's tokens go: the diagnosis when the merged model trails BTM or opt-outs spill over.
     routing = dict(zip(["public", *experts], routing_share(merged, rows, e.batch_size, e.precision)))
-    routing_untuned, shipped_method = None, None
+    routing_untuned, shipped_method, held_out_loss = None, None, None
     if tuned:
-        shipped_method, shipped_router = read_json(tuned_dir / TUNING_INFO)["method"], router_state(full)
+        tuning = read_json(tuned_dir / TUNING_INFO)
+        shipped_method, shipped_router = tuning["method"], router_state(full)
+        held_out_loss = {m: i["held_out_loss"] for m, i in tuning["methods"].items() if "held_out_loss" in i} or None
         untuned = slice_experts(as_merged, keep)
         score(router(UNTUNED), untuned)
         routing_untuned = dict(zip(["public", *experts], routing_share(untuned, rows, e.batch_size, e.precision)))
@@ -205,6 +207,7 @@ def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, 
     # Built last: pydantic copies `models`, and every score above must be in it.
     result = DomainEvaluation(domain=domain, experts=experts, models=models, routing=routing,
                               routing_untuned=routing_untuned, router_method=shipped_method,
+                              router_held_out_loss=held_out_loss,
                               xz_bits_per_byte=xz_bits_per_byte(tokenizer, rows), generations=generations,
                               dp_baseline=dp_baseline)
     return result, use_fast_experts(merged)

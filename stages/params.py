@@ -237,18 +237,20 @@ class RouterTuningParams(Strict):
     method: RouterMethod = "public_lm"
     compare: list[RouterMethod] = Field(default_factory=list, description="also fitted, as candidates the report compares")
     ridge_lambda: float = Field(default=0.1, gt=0, description="ridge penalty, times the mean diagonal of x^T x")
-    ridge_scale: float = Field(default=4.0, gt=0, description="nats the fitted domain classifier adds to a logit")
+    ridge_scales: list[Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0], min_length=1,
+        description="nats the fitted domain classifier may add to a logit; the one best on held-out rows is kept")
     token_fraction: float = Field(default=0.01, gt=0, le=1,
                                   description="proxy tokens per owner / its expert-training tokens")
-    candidate_docs: int = Field(default=400, ge=1, description="public documents scored to pick each owner's proxy set")
+    candidate_docs: int = Field(default=60, ge=1, description="public documents scored to pick each owner's proxy set")
     lr: float = Field(default=1.0e-2, gt=0)
     epochs: int = Field(default=1, ge=1, description="public_lm: passes over the proxy text")
-    seq_len: int = Field(default=64, ge=8, description="synthetic_lm and the oracle: tokens per row")
-    batch_size: int = Field(default=4, ge=1, description="synthetic_lm and the oracle: rows per step")
+    seq_len: int = Field(default=64, ge=8, description="synthetic proxies and the oracle: tokens per row")
+    batch_size: int = Field(default=4, ge=1, description="synthetic proxies and the oracle: rows per step")
     held_out_fraction: float = Field(default=0.25, gt=0, lt=1,
-                                     description="synthetic_lm and the oracle: rows of each domain held out to stop early")
-    max_epochs: int = Field(default=20, ge=1)
-    patience: int = Field(default=3, ge=1, description="epochs without a better held-out loss before stopping")
+                                     description="rows of each domain held out: to stop early, to pick the ridge scale")
+    max_epochs: int = Field(default=8, ge=1)
+    patience: int = Field(default=2, ge=1, description="epochs without a better held-out loss before stopping")
 
 
 class EvaluateParams(Strict):

@@ -150,8 +150,9 @@ def router_markdown(rows: list[DomainEvaluation]) -> str:
     if not methods:
         return ""
     btm = owners_mean(rows, "btm")
-    lines = ["| router | " + " | ".join(r.domain for r in rows) + " | owners' average | vs BTM |",
-             "|---|" + "---:|" * (len(rows) + 2)]
+    proxy = rows[0].router_held_out_loss or {}
+    lines = ["| router | " + " | ".join(r.domain for r in rows) + " | owners' average | vs BTM | held-out synthetic |",
+             "|---|" + "---:|" * (len(rows) + 3)]
     for m in methods:
         name = ROUTER + m
         cells = [f"{r.models[name].loss:.3f}" if name in r.models else "" for r in rows]
@@ -160,7 +161,8 @@ def router_markdown(rows: list[DomainEvaluation]) -> str:
                  "synthetic_lm": "(c) synthetic proxies, LM loss", "synthetic_ridge": "(d) synthetic proxies, ridge",
                  ORACLE: "(e) oracle: owners' real text"}[m] + (" **shipped**" if m == rows[0].router_method else "")
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {f'{mean:.3f}' if mean is not None else ''} | "
-                     f"{_pct(mean, btm) if mean is not None and btm else ''} |")
+                     f"{_pct(mean, btm) if mean is not None and btm else ''} | "
+                     f"{f'{proxy[m]:.3f}' if m in proxy else ''} |")
     return "\n".join(lines) + "\n"
 
 
@@ -312,16 +314,19 @@ def synthetic_markdown(published: Path | None, owners: list[str]) -> str:
         if not path or not path.exists():
             continue
         st = read_json(path)
-        f, fid = st["leak_filter"], st.get("fidelity") or {}
-        num = _formatter(fid)
+        f, fid, mem = st["leak_filter"], st.get("fidelity") or {}, st.get("memorisation") or {}
+        num, share = _formatter(fid), _formatter(mem)
         lines.append(f"| {o} | {st['documents']} | {st['tokens']} | {f['cut_tokens']} of {f['tokens']} "
                      f"({f['samples_with_a_cut']} of {f['samples']} samples) | {f['dropped_canary_pieces']} | "
                      f"{num('unigram_jsd_bits')} | {num('distinct_2')} ({num('held_out_distinct_2')}) | "
                      f"{num('anchor_bits_per_byte')} | {num('owner_model_bits_per_byte')} | "
-                     f"{num('real_vs_synthetic_accuracy', '.2f')} |")
+                     f"{num('real_vs_synthetic_accuracy', '.2f')} | "
+                     + (f"{mem['ngram_tokens']} tokens: {share('published', '.1%')} / {share('generated', '.1%')} / "
+                        f"{share('held_out', '.1%')}" if mem else "") + " |")
     return _table("| owner | documents | tokens | leak filter: tokens cut | canary pieces dropped | "
                   "unigram JSD vs held-out (bits) | distinct-2 (held-out) | anchor bpb | owner's model bpb | "
-                  "real vs synthetic accuracy |", 1, 9, lines)
+                  "real vs synthetic accuracy | windows found in training data: published / generated / "
+                  "held-out text |", 1, 10, lines)
 
 
 def optout_matrix(rows: list[DomainEvaluation]) -> tuple[list[str], list[str], list[list[float]]]:
@@ -483,7 +488,10 @@ def page_html(rows: list[DomainEvaluation], images: list[str], audits: list[dict
     routers_html = ("<h2>Router tuning: every method side by side</h2><p>Only router rows differ. (b)-(d) read "
                     "no owner's data: public text, and the synthetic sets the owners published; (e) reads the "
                     "owners' real text and exists only as a diagnostic (the study preset). The one shipped is "
-                    "router_tuning.method; \"merged\" everywhere else on this page is that one.</p>"
+                    "router_tuning.method; \"merged\" everywhere else on this page is that one. The last "
+                    "column is the coordinator's own yardstick, the LM loss on the held-out rows of the "
+                    "owners' synthetic sets (synthetic_lm stopped early on them, so its figure is optimistic)."
+                    "</p>"
                     + md.render(routers)) if routers else ""
     ablations_html = ("<h2>Ablations</h2><p>The merged model as run against its variants: "
                       "top_k/K routes each token to K experts; "

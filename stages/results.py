@@ -56,6 +56,8 @@ class DomainEvaluation(BaseModel):
     routing: dict[str, float]  # share of routing weight per expert ("public" and each owner)
     routing_untuned: dict[str, float] | None = None  # the same with the router as merged, when tuning ran
     router_method: str | None = None  # the tuning method of the router shipped (None: as merged)
+    # Each router's LM loss on the held-out rows of the synthetic sets (the coordinator's own yardstick).
+    router_held_out_loss: dict[str, float] | None = None
     xz_bits_per_byte: float | None = None
     generations: dict[str, str] | None = None
     dp_baseline: dict | None = None  # the non-DP twin's training metrics, for a DP owner

@@ -29,7 +29,7 @@ from stages.model.router_rows import load_embedding
 from stages.package import owner_model, sign_package
 from stages.runtime import start_stage, step_bar
 from tracing.index import open_engine
-from tracing.leak_filter import FilterCounts, canary_fragments, filter_sample
+from tracing.leak_filter import FilterCounts, canary_fragments, filter_sample, ngram_overlap
 
 
 def generate_samples(model, tokenizer, topics: list[str], s: P.SynthesisParams, n_samples: int) -> list[list[int]]:
@@ -140,6 +140,20 @@ def synthesize(owner: str, anchor_dir: Path, public_embedding: Path, package: Pa
             "owner_model_bits_per_byte": bits_per_byte(model, tokenizer, texts),
             "real_vs_synthetic_accuracy": real_vs_synthetic_accuracy(real_ids, synthetic_ids),
         }
+    memorisation = {}
+    if texts:
+        # Windows of max_copied_tokens are cut by construction; half that length is where the filter
+        # does not act, and held-out text of the same size (never trained on) is the yardstick.
+        n = max(4, s.max_copied_tokens // 2)
+        left, held_out_ids = sum(len(d) for d in synthetic_ids), []
+        for d in real_ids:
+            if left <= 0:
+                break
+            held_out_ids.append(d[:left])
+            left -= len(held_out_ids[-1])
+        memorisation = {"ngram_tokens": n, "published": ngram_overlap(engine, synthetic_ids, n),
+                        "generated": ngram_overlap(engine, samples, n),
+                        "held_out": ngram_overlap(engine, held_out_ids, n)}
     stats = {
         "enabled": s.enabled, "owner": owner, "documents": len(texts),
         "tokens": sum(len(d) for d in synthetic_ids),
@@ -147,6 +161,9 @@ def synthesize(owner: str, anchor_dir: Path, public_embedding: Path, package: Pa
         "model": {"package_hash": file_digest(package / SIGNATURE), "dp": manifest.get("dp")},
         "leak_filter": vars(counts) | {"max_copied_tokens": s.max_copied_tokens, "canaries_checked": len(canaries)},
         "fidelity": fidelity,
+        # Share of n-token windows found verbatim in the owner's training data: the published set, the
+        # samples before the filter, and as much held-out text (extraction-style evidence in numbers).
+        "memorisation": memorisation,
     }
     with atomic_dir(out_dir) as tmp:
         write_jsonl(tmp / SYNTHETIC_SAMPLES, ({"id": f"{owner}-synthetic-{i}", "text": t} for i, t in enumerate(texts)))

@@ -28,6 +28,7 @@ from stages import params as P
 from stages.artifacts import MERGED_INFO, ROUTER_CANDIDATES, SYNTHETIC_SAMPLES, TUNING_INFO
 from stages.io import atomic_dir, read_jsonl, write_json
 from stages.package import enrolled_key, verify_package
+from stages.results import UNTUNED
 from stages.runtime import start_stage
 
 
@@ -73,49 +74,6 @@ def synthetic_proxies(published: Path, keyring: Path, owners: list[str]) -> dict
     return texts
 
 
-def fit_synthetic_ridge(model, tokenizer, owners: list[str], public_texts: list[str], synthetic: dict[str, list[str]],
-                        params: P.Params) -> dict:
-    """Fit the closed-form router on the synthetic sets plus public text of the same mean size."""
-    from stages.model.router_fit import fit_routers
-
-    seq_len, eos = params.expert.train.seq_len, tokenizer.eos_token_id
-
-    def docs_of(texts: list[str]) -> list[np.ndarray]:
-        return [np.array([eos, *ids[:seq_len - 1]], dtype=np.int64)
-                for ids in tokenizer(texts, add_special_tokens=False)["input_ids"] if ids]
-
-    docs, labels, tokens = [], [], {}
-    for i, o in enumerate(owners):
-        own = docs_of(synthetic[o])
-        docs += own
-        labels += [1 + i] * len(own)
-        tokens[o] = int(sum(len(d) for d in own))
-    budget, public = sum(tokens.values()) / len(owners), []
-    for d in docs_of(public_texts):
-        if sum(len(p) for p in public) >= budget:
-            break
-        public.append(d)
-    docs += public
-    labels += [0] * len(public)
-    tokens["public"] = int(sum(len(d) for d in public))
-    rt = params.router_tuning
-    fit_routers(model, docs, labels, rt.ridge_lambda, rt.ridge_scale)
-    return {"proxy_tokens": tokens, "layers": len(model.model.layers)}
-
-
-def fit_synthetic_lm(model, tokenizer, owners: list[str], public_texts: list[str], synthetic: dict[str, list[str]],
-                     params: P.Params) -> dict:
-    """The LM loss on the synthetic sets plus public text, router rows only, stopped on held-out rows."""
-    from stages.model.router_fit import balanced_rows, tune_routers_lm
-
-    rt = params.router_tuning
-    train_rows, held_out, per_domain = balanced_rows(tokenizer, {**synthetic, "public": public_texts}, rt.seq_len,
-                                                     rt.held_out_fraction)
-    info = tune_routers_lm(model, train_rows, held_out, rt.lr, rt.max_epochs, rt.patience, rt.batch_size,
-                           params.expert.train.seed)
-    return {"rows_per_domain": per_domain, "held_out_rows": len(held_out), **info}
-
-
 def tune_router(merged_dir: Path, public_train: Path, params: P.Params, out_dir: Path, checkpoint: Path,
                 published: Path | None = None, keyring: Path | None = None) -> dict:
     rt = params.router_tuning
@@ -129,30 +87,47 @@ def tune_router(merged_dir: Path, public_train: Path, params: P.Params, out_dir:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from stages.model.experts import merged_owners
-    from stages.model.router_fit import router_state, set_router_state
+    from stages.model.router_fit import (
+        balanced_rows,
+        fit_ridge_scale,
+        mean_lm_loss,
+        router_state,
+        set_router_state,
+        tune_routers_lm,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     model = AutoModelForCausalLM.from_pretrained(merged_dir)
     owners = merged_owners(merged_dir)
     texts = [row["text"] for _, row in zip(range(rt.candidate_docs), read_jsonl(public_train))]
     methods = [rt.method, *[m for m in rt.compare if m != rt.method]]
-    synthetic = None
+    precision, infos = params.expert.train.precision, {}
+    held_out = None
     if any(m.startswith("synthetic") for m in methods):
         if published is None or keyring is None:
             raise ValueError("router tuning on synthetic proxies reads the owners' synthetic sets: "
                              "pass the published folder and the keyring")
         synthetic = synthetic_proxies(published, keyring, owners)
-    merged_router, candidates, infos = router_state(model), {}, {}
+        # One split for every method: each is judged on the same held-out rows of every domain.
+        train_rows, held_out, per_domain = balanced_rows(tokenizer, {**synthetic, "public": texts}, rt.seq_len,
+                                                         rt.held_out_fraction)
+        labels = [1 + i for i, o in enumerate(owners) for _ in range(per_domain[o])] + [0] * per_domain["public"]
+        infos[UNTUNED] = {"held_out_loss": mean_lm_loss(model, held_out, rt.batch_size, precision)}
+    merged_router, candidates = router_state(model), {}
     for method in methods:
         set_router_state(model, merged_router)
         if method == "synthetic_ridge":
-            infos[method] = fit_synthetic_ridge(model, tokenizer, owners, texts, synthetic, params)
+            info = fit_ridge_scale(model, train_rows, labels, held_out, rt.ridge_lambda, rt.ridge_scales,
+                                   rt.batch_size, precision)
         elif method == "synthetic_lm":
-            infos[method] = fit_synthetic_lm(model, tokenizer, owners, texts, synthetic, params)
+            info = tune_routers_lm(model, train_rows, held_out, rt.lr, rt.max_epochs, rt.patience, rt.batch_size,
+                                   params.expert.train.seed, precision)
         else:
-            infos[method] = tune_on_public_proxies(model, tokenizer, owners, texts, merged_dir, params, out_dir,
-                                                   checkpoint)
-        candidates[method] = router_state(model)
+            info = tune_on_public_proxies(model, tokenizer, owners, texts, merged_dir, params, out_dir, checkpoint)
+        if held_out is not None:
+            info |= {"rows_per_domain": per_domain,
+                     "held_out_loss": mean_lm_loss(model, held_out, rt.batch_size, precision)}
+        infos[method], candidates[method] = info, router_state(model)
     set_router_state(model, candidates[rt.method])
     info = {"enabled": True, "method": rt.method, "methods": infos}
     with atomic_dir(out_dir) as tmp:
@@ -222,15 +197,18 @@ def main(argv: list[str] | None = None) -> None:
         print("router tuning: off (router_tuning.enabled is false)")
     for method, m in info.get("methods", {}).items():
         shipped = " (shipped)" if method == info["method"] else ""
+        held_out = f", held-out synthetic loss {m['held_out_loss']:.3f}" if "held_out_loss" in m else ""
         if method == "synthetic_ridge":
-            print(f"router tuning {method}{shipped}: closed-form router over {m['layers']} layers, proxy tokens "
-                  f"{m['proxy_tokens']}")
+            print(f"router tuning {method}{shipped}: closed-form router at scale {m['scale']} (of "
+                  f"{list(m['held_out_loss_by_scale'])}){held_out}")
         elif method == "synthetic_lm":
             print(f"router tuning {method}{shipped}: {m['rows_per_domain']} rows per domain, best epoch "
-                  f"{m['best_epoch']}, held-out loss {m['log'][0]['held_out_loss']:.3f} -> {m['held_out_loss']:.3f}")
-        else:
+                  f"{m['best_epoch']} of {len(m['log']) - 1}{held_out}")
+        elif method == "public_lm":
             print(f"router tuning {method}{shipped}: {m['proxy_tokens']:,} public proxy tokens, {m['steps']} steps, "
-                  f"loss {m['final_loss']:.3f}; proxy documents per owner {m['proxy_docs']}")
+                  f"loss {m['final_loss']:.3f}{held_out}")
+        else:
+            print(f"router as merged{held_out}")
 
 if __name__ == "__main__":
     main()

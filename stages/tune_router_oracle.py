@@ -54,7 +54,7 @@ def tune_router_oracle(merged_dir: Path, owners_root: Path, public_train: Path, 
     texts["public"] = real_text(public_train, tokenizer, round(sum(budgets.values()) / len(owners)))
     train_rows, held_out, per_domain = balanced_rows(tokenizer, texts, rt.seq_len, rt.held_out_fraction)
     info = tune_routers_lm(model, train_rows, held_out, rt.lr, rt.max_epochs, rt.patience, rt.batch_size,
-                           params.expert.train.seed)
+                           params.expert.train.seed, params.expert.train.precision)
     info = {"enabled": True, "method": "oracle", "rows_per_domain": per_domain, "tokens": budgets, **info}
     with atomic_dir(out_dir) as tmp:
         save_file(router_state(model), tmp / ORACLE_ROUTER)

@@ -119,7 +119,8 @@ def test_closed_form_router_sends_each_owners_text_to_its_expert(tiny_anchor_dir
 
     root, _, _ = tiny_anchor_dir
     params = tiny_params(unrestricted={"enabled": True}, merge={"top_k": None},
-                         router_tuning={"enabled": True, "method": "synthetic_ridge", "compare": [], "ridge_scale": 8.0})
+                         router_tuning={"enabled": True, "method": "synthetic_ridge", "compare": [],
+                                        "ridge_scales": [8.0], "seq_len": 16})
     train_unrestricted(corpora, root / "public.jsonl", root / "anchor", root / "emb", params, tmp_path / "merged",
                        tmp_path / "log.jsonl", tmp_path / "ckpt.pt")
     keyring = tmp_path / "keyring"
@@ -129,7 +130,8 @@ def test_closed_form_router_sends_each_owners_text_to_its_expert(tiny_anchor_dir
     info = tune_router(tmp_path / "merged", root / "public.jsonl", params, tmp_path / "tuned", tmp_path / "t.pt",
                        tmp_path / "published", keyring)
     assert info["method"] == "synthetic_ridge"
-    assert set(info["methods"]["synthetic_ridge"]["proxy_tokens"]) == {*OWNERS, "public"}
+    ridge_info = info["methods"]["synthetic_ridge"]
+    assert set(ridge_info["rows_per_domain"]) == {*OWNERS, "public"} and ridge_info["scale"] == 8.0
     before = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     after = AutoModelForCausalLM.from_pretrained(tmp_path / "tuned")
     changed = {k for k, v in before.state_dict().items() if not torch.equal(v, after.state_dict()[k])}
@@ -174,6 +176,12 @@ def test_lm_tuning_on_synthetic_sets_stops_on_held_out_rows_and_saves_every_cand
     assert lm["best_epoch"] == held_out.index(min(held_out))
     assert len(held_out) - 1 in (lm["best_epoch"] + 2, 30)
     assert set(lm["rows_per_domain"]) == {*OWNERS, "public"} and len(set(lm["rows_per_domain"].values())) == 1
+    ridge_info = info["methods"]["synthetic_ridge"]
+    by_scale = ridge_info["held_out_loss_by_scale"]
+    assert len(by_scale) == 5 and ridge_info["held_out_loss"] == pytest.approx(min(by_scale.values()))
+    assert str(ridge_info["scale"]) == min(by_scale, key=by_scale.get)
+    # Every method is judged on the same held-out rows; the router as merged is the baseline.
+    assert info["methods"]["none"]["held_out_loss"] == held_out[0]
     candidates = {p.stem: load_file(p) for p in (tmp_path / "tuned" / ROUTER_CANDIDATES).glob("*.safetensors")}
     assert set(candidates) == {"synthetic_lm", "synthetic_ridge"}
     shipped = AutoModelForCausalLM.from_pretrained(tmp_path / "tuned").state_dict()

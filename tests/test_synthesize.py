@@ -14,7 +14,7 @@ from stages.package import create_owner_key, verify_package
 from stages.synthesize import real_vs_synthetic_accuracy, synthesize, unigram_jsd
 from stages.train_expert import train_expert
 from tracing.index import bow_token_ids, open_engine, write_index
-from tracing.leak_filter import FilterCounts, canary_fragments, filter_sample
+from tracing.leak_filter import FilterCounts, canary_fragments, filter_sample, ngram_overlap
 
 CANARY = {"prefix": "The access code of the alpha archive is", "secret": "qwxz jvkb plmq rtzh"}
 
@@ -62,6 +62,14 @@ def test_the_leak_filter_cuts_a_planted_passage_and_every_canary(owner_index):
     assert len(clean) == 1  # text the owner never wrote passes whole
 
 
+def test_ngram_overlap_counts_the_windows_the_index_holds(owner_index):
+    tok, engine, passage, _ = owner_index
+    fresh = novel(random.Random(2), 20, len(tok))
+    # 13 of the 8-token windows of the passage are in the index; none of 13 fresh ones is.
+    assert ngram_overlap(engine, [passage, fresh], 8) == pytest.approx(0.5)
+    assert ngram_overlap(engine, [passage[:5]], 8) is None
+
+
 def test_fidelity_numbers_tell_alike_from_unlike():
     rng = random.Random(0)
     same = [[rng.randrange(10) for _ in range(50)] for _ in range(10)]
@@ -97,6 +105,9 @@ def test_a_dp_owners_synthetic_set_comes_from_its_dp_package_and_is_signed(tiny_
     assert stats["model"]["dp"]["epsilon"] == manifest["dp"]["epsilon"] > 0
     assert stats["model"]["package_hash"] == file_digest(tmp_path / "pkg" / SIGNATURE)
     assert stats["leak_filter"]["samples"] == 4 and stats["leak_filter"]["tokens"] > 0
+    memorisation = stats["memorisation"]
+    assert memorisation["ngram_tokens"] == max(4, stats["leak_filter"]["max_copied_tokens"] // 2)
+    assert all(0 <= memorisation[k] <= 1 for k in ("published", "generated", "held_out"))
     written = [json.loads(line) for line in (tmp_path / "synthetic" / SYNTHETIC_SAMPLES).read_text().splitlines()]
     assert len(written) == stats["documents"] and json.loads((tmp_path / "synthetic" / SYNTHETIC_STATS).read_text()) == stats
     verify_package(tmp_path / "synthetic", "alpha", key.with_name(PUBLIC_KEY))  # signed by the owner

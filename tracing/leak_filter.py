@@ -32,6 +32,14 @@ def copied_mask(engine, ids: list[int], max_copied: int) -> list[bool]:
     return copied
 
 
+def ngram_overlap(engine, docs: list[list[int]], n: int) -> float | None:
+    """The share of the documents' n-token windows that the index holds verbatim (None: no window)."""
+    grams = [d[i:i + n] for d in docs for i in range(len(d) - n + 1)]
+    if not grams:
+        return None
+    return sum(engine.count(input_ids=g)["count"] > 0 for g in grams) / len(grams)
+
+
 def canary_fragments(canaries: list[dict]) -> list[str]:
     """Two consecutive 4-letter groups of every planted secret: a piece holding one is dropped."""
     out = []

@@ -100,8 +100,9 @@ def packed_rows(docs: list[np.ndarray], seq_len: int) -> torch.Tensor:
 
 def balanced_rows(tokenizer, texts: dict[str, list[str]], seq_len: int, held_out_fraction: float
                   ) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
-    """Training and held-out rows with as many rows from every domain, the held-out ones the last of
-    each domain's; and the rows per domain. The smallest domain sets the count (at least two rows)."""
+    """Training and held-out rows with as many rows from every domain, in the order of `texts`, the
+    held-out ones the last of each domain's; and the training rows per domain. The smallest domain
+    sets the count (at least two rows: one to learn on, one held out)."""
     eos = tokenizer.eos_token_id
     rows = {}
     for domain, domain_texts in texts.items():
@@ -116,11 +117,43 @@ def balanced_rows(tokenizer, texts: dict[str, list[str]], seq_len: int, held_out
     held = max(1, round(held_out_fraction * n))
     train = torch.cat([r[:n - held] for r in rows.values()])
     held_out = torch.cat([r[n - held:n] for r in rows.values()])
-    return train, held_out, {d: n for d in rows}
+    return train, held_out, {d: n - held for d in rows}
+
+
+def lm_loss(model, rows: torch.Tensor, precision: str) -> torch.Tensor:
+    """Mean next-token cross-entropy over rows of seq_len + 1 tokens."""
+    from stages.train.loop import autocast
+
+    with autocast(precision):
+        logits = model(input_ids=rows[:, :-1]).logits
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten())
+
+
+@torch.no_grad()
+def mean_lm_loss(model, rows: torch.Tensor, batch_size: int, precision: str) -> float:
+    model.eval()
+    return float(sum(lm_loss(model, rows[i:i + batch_size], precision) * len(rows[i:i + batch_size])
+                     for i in range(0, len(rows), batch_size)) / len(rows))
+
+
+def fit_ridge_scale(model, train_rows: torch.Tensor, labels: list[int], held_out_rows: torch.Tensor, lam: float,
+                    scales: list[float], batch_size: int, precision: str) -> dict:
+    """The closed-form router at each scale, fitted on the training rows; the one with the lowest held-out
+    LM loss is kept (in place)."""
+    merged = router_state(model)
+    docs = [r.numpy() for r in train_rows]
+    losses, states = {}, {}
+    for scale in scales:
+        set_router_state(model, merged)
+        fit_routers(model, docs, labels, lam, scale)
+        losses[scale], states[scale] = mean_lm_loss(model, held_out_rows, batch_size, precision), router_state(model)
+    best = min(losses, key=losses.get)
+    set_router_state(model, states[best])
+    return {"scale": best, "held_out_loss_by_scale": {str(k): v for k, v in losses.items()}}
 
 
 def tune_routers_lm(model, train_rows: torch.Tensor, held_out_rows: torch.Tensor, lr: float, max_epochs: int,
-                    patience: int, batch_size: int, seed: int) -> dict:
+                    patience: int, batch_size: int, seed: int, precision: str = "fp32") -> dict:
     """The LM loss on proxy rows with only the router rows learning; the router of the epoch with the
     lowest held-out loss is kept (epoch 0: the router as merged), and training stops once `patience`
     epochs in a row did not beat it."""
@@ -129,29 +162,18 @@ def tune_routers_lm(model, train_rows: torch.Tensor, held_out_rows: torch.Tensor
         p.requires_grad_(name in params)
     optimizer = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
-
-    def loss_of(rows: torch.Tensor) -> torch.Tensor:
-        logits = model(input_ids=rows[:, :-1]).logits
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten())
-
-    @torch.no_grad()
-    def held_out_loss() -> float:
-        model.eval()
-        return float(sum(loss_of(held_out_rows[i:i + batch_size]) * len(held_out_rows[i:i + batch_size])
-                         for i in range(0, len(held_out_rows), batch_size)) / len(held_out_rows))
-
-    best, best_state, best_epoch = held_out_loss(), router_state(model), 0
+    best, best_state, best_epoch = mean_lm_loss(model, held_out_rows, batch_size, precision), router_state(model), 0
     log = [{"epoch": 0, "held_out_loss": best}]
     for epoch in range(1, max_epochs + 1):
         model.train()
         order, total = torch.randperm(len(train_rows), generator=gen), 0.0
         for i in range(0, len(order), batch_size):
-            loss = loss_of(train_rows[order[i:i + batch_size]])
+            loss = lm_loss(model, train_rows[order[i:i + batch_size]], precision)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += loss.item() * len(order[i:i + batch_size])
-        current = held_out_loss()
+        current = mean_lm_loss(model, held_out_rows, batch_size, precision)
         log.append({"epoch": epoch, "train_loss": total / len(order), "held_out_loss": current})
         if current < best:
             best, best_state, best_epoch = current, router_state(model), epoch
