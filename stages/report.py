@@ -342,7 +342,8 @@ def _save(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tmp = temp_path(path).with_suffix(".png")
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
@@ -425,8 +426,9 @@ def plot_routing(rows: list[DomainEvaluation], path: Path) -> bool:
     panels = [("as shipped", "routing")]
     if all(r.routing_untuned for r in rows):
         panels = [("router as merged", "routing_untuned"), ("router tuned, as shipped", "routing")]
+    # Constrained layout: tight_layout cannot place one colour bar shared by two panels.
     fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * (1.1 * len(experts) + 2.5), 0.55 * len(rows) + 1.8),
-                             squeeze=False)
+                             squeeze=False, layout="constrained")
     for ax, (title, field) in zip(axes[0], panels):
         cells = [[getattr(r, field).get(e, 0.0) for e in experts] for r in rows]
         im = ax.imshow(cells, cmap="Blues", vmin=0, vmax=1, aspect="auto")

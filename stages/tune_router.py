@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,7 @@ def tune_router(merged_dir: Path, public_train: Path, params: P.Params, out_dir:
     merged_router, candidates = router_state(model), {}
     for method in methods:
         set_router_state(model, merged_router)
+        started = time.perf_counter()
         if method == "synthetic_ridge":
             info = fit_ridge_scale(model, train_rows, labels, held_out, rt.ridge_lambda, rt.ridge_scales,
                                    rt.batch_size, precision)
@@ -127,6 +129,7 @@ def tune_router(merged_dir: Path, public_train: Path, params: P.Params, out_dir:
         if held_out is not None:
             info |= {"rows_per_domain": per_domain,
                      "held_out_loss": mean_lm_loss(model, held_out, rt.batch_size, precision)}
+        info["seconds"] = round(time.perf_counter() - started, 1)
         infos[method], candidates[method] = info, router_state(model)
     set_router_state(model, candidates[rt.method])
     info = {"enabled": True, "method": rt.method, "methods": infos}
@@ -198,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     for method, m in info.get("methods", {}).items():
         shipped = " (shipped)" if method == info["method"] else ""
         held_out = f", held-out synthetic loss {m['held_out_loss']:.3f}" if "held_out_loss" in m else ""
+        held_out += f", {m['seconds']:.0f} s" if "seconds" in m else ""
         if method == "synthetic_ridge":
             print(f"router tuning {method}{shipped}: closed-form router at scale {m['scale']} (of "
                   f"{list(m['held_out_loss_by_scale'])}){held_out}")
