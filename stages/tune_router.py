@@ -88,14 +88,8 @@ def tune_router(merged_dir: Path, public_train: Path, params: P.Params, out_dir:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from stages.model.experts import merged_owners
-    from stages.model.router_fit import (
-        balanced_rows,
-        fit_ridge_scale,
-        mean_lm_loss,
-        router_state,
-        set_router_state,
-        tune_routers_lm,
-    )
+    from stages.model.router_fit import balanced_rows, router_state, set_router_state
+    from stages.train.router_tuning import fit_ridge_scale, mean_lm_loss, tune_routers_lm
 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     model = AutoModelForCausalLM.from_pretrained(merged_dir)

@@ -39,7 +39,8 @@ def tune_router_oracle(merged_dir: Path, owners_root: Path, public_train: Path, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from stages.model.experts import merged_owners
-    from stages.model.router_fit import balanced_rows, router_state, tune_routers_lm
+    from stages.model.router_fit import balanced_rows, router_state
+    from stages.train.router_tuning import tune_routers_lm
 
     rt = params.router_tuning
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)

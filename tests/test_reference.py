@@ -113,22 +113,28 @@ def _publish_synthetic(root, owner: str, texts: list[str], keyring):
     return folder
 
 
+def _tuned_on_synthetic_sets(root, corpora, tmp_path, **router_tuning):
+    """A 2-owner merged model (the reference will do: a FlexOlmo model with a merge record) tuned on
+    stand-ins for the owners' signed synthetic sets: text of each owner's domain it was not scored on."""
+    params = tiny_params(unrestricted={"enabled": True}, merge={"top_k": None},
+                         router_tuning={"enabled": True, "seq_len": 16, **router_tuning})
+    train_unrestricted(corpora, root / "public.jsonl", root / "anchor", root / "emb", params, tmp_path / "merged",
+                       tmp_path / "log.jsonl", tmp_path / "ckpt.pt")
+    keyring = tmp_path / "keyring"
+    for o in OWNERS:
+        _publish_synthetic(tmp_path, o, [f"{o} says {i} times {o}. " * 3 for i in range(100, 120)], keyring)
+    info = tune_router(tmp_path / "merged", root / "public.jsonl", params, tmp_path / "tuned", tmp_path / "t.pt",
+                       tmp_path / "published", keyring)
+    return params, keyring, info
+
+
 def test_closed_form_router_sends_each_owners_text_to_its_expert(tiny_anchor_dir, corpora, tmp_path):
     from stages.evaluate import routing_share, windows
     from stages.train.loop import tokenize_corpus
 
     root, _, _ = tiny_anchor_dir
-    params = tiny_params(unrestricted={"enabled": True}, merge={"top_k": None},
-                         router_tuning={"enabled": True, "method": "synthetic_ridge", "compare": [],
-                                        "ridge_scales": [8.0], "seq_len": 16})
-    train_unrestricted(corpora, root / "public.jsonl", root / "anchor", root / "emb", params, tmp_path / "merged",
-                       tmp_path / "log.jsonl", tmp_path / "ckpt.pt")
-    keyring = tmp_path / "keyring"
-    # Stand-ins for the owners' synthetic sets: text of each owner's domain the model was not scored on.
-    for o in OWNERS:
-        _publish_synthetic(tmp_path, o, [f"{o} says {i} times {o}. " * 3 for i in range(100, 120)], keyring)
-    info = tune_router(tmp_path / "merged", root / "public.jsonl", params, tmp_path / "tuned", tmp_path / "t.pt",
-                       tmp_path / "published", keyring)
+    params, keyring, info = _tuned_on_synthetic_sets(root, corpora, tmp_path, method="synthetic_ridge", compare=[],
+                                                     ridge_scales=[8.0])
     assert info["method"] == "synthetic_ridge"
     ridge_info = info["methods"]["synthetic_ridge"]
     assert set(ridge_info["rows_per_domain"]) == {*OWNERS, "public"} and ridge_info["scale"] == 8.0
@@ -158,16 +164,8 @@ def test_closed_form_router_sends_each_owners_text_to_its_expert(tiny_anchor_dir
 def test_lm_tuning_on_synthetic_sets_stops_on_held_out_rows_and_saves_every_candidate(tiny_anchor_dir, corpora,
                                                                                       tmp_path):
     root, _, _ = tiny_anchor_dir
-    params = tiny_params(unrestricted={"enabled": True}, merge={"top_k": None},
-                         router_tuning={"enabled": True, "method": "synthetic_lm", "compare": ["synthetic_ridge"],
-                                        "seq_len": 16, "lr": 0.05, "max_epochs": 30, "patience": 2})
-    train_unrestricted(corpora, root / "public.jsonl", root / "anchor", root / "emb", params, tmp_path / "merged",
-                       tmp_path / "log.jsonl", tmp_path / "ckpt.pt")
-    keyring = tmp_path / "keyring"
-    for o in OWNERS:
-        _publish_synthetic(tmp_path, o, [f"{o} says {i} times {o}. " * 3 for i in range(100, 120)], keyring)
-    info = tune_router(tmp_path / "merged", root / "public.jsonl", params, tmp_path / "tuned", tmp_path / "t.pt",
-                       tmp_path / "published", keyring)
+    _, _, info = _tuned_on_synthetic_sets(root, corpora, tmp_path, method="synthetic_lm", compare=["synthetic_ridge"],
+                                          lr=0.05, max_epochs=30, patience=2)
     lm = info["methods"]["synthetic_lm"]
     held_out = [e["held_out_loss"] for e in lm["log"]]
     # Kept: the epoch with the lowest held-out loss, which beats the router as merged (epoch 0) on
