@@ -186,10 +186,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--checkpoint", type=Path, required=True)
     ap.add_argument("--published", type=Path, required=True, help="the owners' published folders (synthetic sets)")
     ap.add_argument("--keyring", type=Path, required=True, help="the owners' enrolled public keys")
+    ap.add_argument("--metrics", type=Path, help="where each method's held-out loss and seconds go (JSON, for MLflow)")
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = ap.parse_args(argv)
     info = tune_router(args.merged, args.public_corpus, P.load(args.params), args.out, args.checkpoint,
                        args.published, args.keyring)
+    if args.metrics:
+        write_json(args.metrics, {m: {k: v for k, v in i.items() if k in ("held_out_loss", "seconds", "scale")}
+                                  for m, i in info.get("methods", {}).items()})
     if not info["enabled"]:
         print("router tuning: off (router_tuning.enabled is false)")
     for method, m in info.get("methods", {}).items():

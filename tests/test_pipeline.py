@@ -274,7 +274,13 @@ def test_report_shows_every_baseline_and_the_optout_matrix(smoke_workspace):
     report_run = client.search_runs([client.get_experiment_by_name("consort").experiment_id],
                                     filter_string="tags.`consort.stage` = 'report'")[0]
     logged = {a.path for a in client.list_artifacts(report_run.info.run_id, "report")}
-    assert {"report/report.html", "report/optout_heatmap.png"} <= logged
+    assert {"report/report.html", "report/optout_heatmap.png", "report/routing.png"} <= logged
+    # Each router tuning method's yardstick, in the tuning stage's run; each router's score, in the evaluations'.
+    tune_run = client.search_runs([client.get_experiment_by_name("consort").experiment_id],
+                                  filter_string="tags.`consort.stage` = 'tune_router'")[0]
+    recorded = json.loads((ws / "metrics" / "router_tuning.json").read_text())
+    for method in ("none", "public_lm", "synthetic_lm", "synthetic_ridge"):
+        assert tune_run.data.metrics[f"{method}.held_out_loss"] == recorded[method]["held_out_loss"] > 0
     # Each owner's evaluation traced generated samples in its own index; the page is in its run.
     news_run = client.search_runs([client.get_experiment_by_name("consort").experiment_id],
                                   filter_string="tags.`consort.stage` = 'evaluate_owner@news'")[0]
