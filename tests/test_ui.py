@@ -47,6 +47,9 @@ def test_ui_serves_the_pipeline_runs(smoke_workspace):
         proc.wait(timeout=30)
     for p in (port, page_port):
         with socket.socket() as s:
+            # SO_REUSEADDR: the connections this test made may linger in TIME_WAIT (CI on a loaded
+            # machine failed on one), while a server still listening on the port still refuses the bind.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("127.0.0.1", p))  # raises if a server of `consort ui` still holds the port
 
 
