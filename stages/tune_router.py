@@ -212,5 +212,6 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(f"router as merged{held_out}")
 
+
 if __name__ == "__main__":
     main()
