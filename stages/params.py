@@ -224,12 +224,13 @@ class UnrestrictedParams(Strict):
     enabled: bool = Field(default=False, description="train it (the study preset does); off: the stage writes a stub")
 
 
-RouterMethod = Literal["public_lm", "synthetic_lm", "synthetic_ridge"]
+RouterMethod = Literal["none", "public_lm", "synthetic_lm", "synthetic_ridge"]
 
 
 class RouterTuningParams(Strict):
     """Router tuning after the merge: only router rows (and biases) change.
 
+    none: the router as merged is shipped (the methods in `compare` are still fitted and scored);
     public_lm: FlexOlmo's, the LM loss on public text the merged router sends to each owner;
     synthetic_lm: the LM loss on the owners' synthetic sets and public text, stopped early;
     synthetic_ridge: a closed-form router fitted on the same (stages/model/router_fit.py)."""

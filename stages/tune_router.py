@@ -2,6 +2,7 @@
 
 Methods (`router_tuning.method` is the one shipped, `router_tuning.compare` the others fitted
 beside it, each saved as a candidate router the evaluation scores):
+- `none`: the router as merged is shipped; the compared methods are fitted and scored all the same.
 - `public_lm`, FlexOlmo's optional last step (DESIGN.md section 3.4): the router rows learn, with
   the LM loss, on a little public text chosen per owner to resemble that owner's domain, about
   1 % of the tokens the owner's expert trained on. The merged model's own router picks it: for
@@ -109,7 +110,8 @@ def tune_router(merged_dir: Path, public_train: Path, params: P.Params, out_dir:
         labels = [1 + i for i, o in enumerate(owners) for _ in range(per_domain[o])] + [0] * per_domain["public"]
         infos[UNTUNED] = {"held_out_loss": mean_lm_loss(model, held_out, rt.batch_size, precision)}
     merged_router, candidates = router_state(model), {}
-    for method in methods:
+    # The router as merged needs no fitting: the evaluation scores it as router/none in any case.
+    for method in (m for m in methods if m != UNTUNED):
         set_router_state(model, merged_router)
         started = time.perf_counter()
         if method == "synthetic_ridge":
@@ -125,7 +127,7 @@ def tune_router(merged_dir: Path, public_train: Path, params: P.Params, out_dir:
                      "held_out_loss": mean_lm_loss(model, held_out, rt.batch_size, precision)}
         info["seconds"] = round(time.perf_counter() - started, 1)
         infos[method], candidates[method] = info, router_state(model)
-    set_router_state(model, candidates[rt.method])
+    set_router_state(model, candidates.get(rt.method, merged_router))
     info = {"enabled": True, "method": rt.method, "methods": infos}
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
@@ -210,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"router tuning {method}{shipped}: {m['proxy_tokens']:,} public proxy tokens, {m['steps']} steps, "
                   f"loss {m['final_loss']:.3f}{held_out}")
         else:
-            print(f"router as merged{held_out}")
+            print(f"router as merged{shipped}{held_out}")
 
 
 if __name__ == "__main__":

@@ -161,6 +161,19 @@ def test_closed_form_router_sends_each_owners_text_to_its_expert(tiny_anchor_dir
     assert not (tmp_path / "tuned2").exists()
 
 
+def test_method_none_ships_the_router_as_merged_and_still_fits_the_compared_ones(tiny_anchor_dir, corpora, tmp_path):
+    root, _, _ = tiny_anchor_dir
+    _, _, info = _tuned_on_synthetic_sets(root, corpora, tmp_path, method="none", compare=["synthetic_ridge"],
+                                          ridge_scales=[8.0])
+    assert info["method"] == "none" and set(info["methods"]) == {"none", "synthetic_ridge"}
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").state_dict()
+    shipped = AutoModelForCausalLM.from_pretrained(tmp_path / "tuned").state_dict()
+    assert all(torch.equal(merged[k], shipped[k]) for k in merged)
+    candidates = {p.stem: load_file(p) for p in (tmp_path / "tuned" / ROUTER_CANDIDATES).glob("*.safetensors")}
+    assert set(candidates) == {"synthetic_ridge"}
+    assert any(not torch.equal(merged[k], v) for k, v in candidates["synthetic_ridge"].items())
+
+
 def test_lm_tuning_on_synthetic_sets_stops_on_held_out_rows_and_saves_every_candidate(tiny_anchor_dir, corpora,
                                                                                       tmp_path):
     root, _, _ = tiny_anchor_dir
