@@ -132,7 +132,8 @@ def cmd_experts(action: str, owner: str | None, workspace: Path, params: Path | 
     except ParamsError as err:
         print(f"consort: {err}", file=sys.stderr)
         return 2
-    info_path = Workspace(workspace.resolve()).merged_model / MERGED_INFO
+    ws = Workspace(workspace.resolve())
+    info_path = ws.merged_model / MERGED_INFO
     if not info_path.exists():
         print(f"consort: no merged model in {workspace} ({info_path} is missing); run `consort run` first",
               file=sys.stderr)
@@ -144,6 +145,15 @@ def cmd_experts(action: str, owner: str | None, workspace: Path, params: Path | 
         state = "always" if e["index"] == 0 else "disabled" if e["owner"] in disabled else "enabled"
         print(f"  {e['index']:>2}  {e['owner']:<14} {state:<9} {e.get('data_digest', '-')[:12]:<14} "
               f"{e.get('anchor_hash', info['anchor_hash'])[:12]}")
+    safety = read_json(ws.safety_results) if ws.safety_results.exists() else {}
+    if safety.get("enabled"):
+        print(f"refusal of {safety['configurations']['anchor']['refusal']['n']} harmful prompts "
+              f"(flagged: more than {safety['flag_points']:.0f} points below the anchor's):")
+        for name, c in safety["configurations"].items():
+            r = c["refusal"]
+            print(f"  {name:<20} {r['rate']:>4.0%} [{r['low']:.0%}, {r['high']:.0%}]  over-refusal "
+                  f"{c['over_refusal']['rate']:>4.0%}" + (f"  FLAGGED ({c['points_below_anchor']:.0f} points below)"
+                                                          if c["flagged"] else ""))
     return 0
 
 

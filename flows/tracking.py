@@ -195,6 +195,8 @@ class Lineage:
         trace_page = self.ws.root / "evaluations" / f"{stage_name.partition('@')[2]}.trace.html"
         if "trace_page" in entry.lineage and trace_page.exists():
             self.client.log_artifact(run_id, str(trace_page), "trace")
+        if "curriculum_runs" in entry.lineage:
+            self._record_curriculum(run_id, stage_name, metric_files)
         if "report_files" in entry.lineage and (self.ws.root / "reports").exists():
             self.client.log_artifacts(run_id, str(self.ws.root / "reports"), "report")
         if "expert_links" in entry.lineage:
@@ -203,6 +205,34 @@ class Lineage:
             self._register_merged(run_id, merged_md5, experts)
         self.client.set_terminated(run_id, "FINISHED")
         return run_id
+
+    def _record_curriculum(self, stage_run: str, stage_name: str, metric_files: list[str]) -> None:
+        """One child run of the expert's run per curriculum stage: held-out losses, and the stage's curve."""
+        for f in metric_files:
+            path = self.ws.root / f
+            curriculum = json.loads(path.read_text()).get("curriculum") if path.exists() else None
+            if not curriculum:
+                continue
+            anchor, now = curriculum["anchor"], int(time.time() * 1000)
+            for recipe in ("stage_1", "one_stage", "two_stage"):
+                if recipe not in curriculum:
+                    continue
+                c = curriculum[recipe]
+                metrics = [Metric(k, float(c[k]), now, 0) for k in ("own_loss", "public_loss")]
+                metrics += [Metric("gain_vs_anchor", anchor["own_loss"] - c["own_loss"], now, 0),
+                            Metric("forgetting_vs_anchor", c["public_loss"] - anchor["public_loss"], now, 0)]
+                metrics += [Metric(f"curve/{k}", float(v), 0, int(row["step"])) for row in c.get("log", [])
+                            for k, v in row.items() if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)]
+                with self.lock:
+                    run_id = self.client.create_run(self.experiment_id, run_name=f"{stage_name} {recipe}", tags={
+                        MLFLOW_PARENT_RUN_ID: stage_run, "consort.kind": "curriculum_stage",
+                        "consort.stage": stage_name, "consort.curriculum": recipe,
+                        "consort.shipped": str(recipe == curriculum["shipped"] or recipe == "stage_1").lower(),
+                    }).info.run_id
+                    for i in range(0, len(metrics), 900):
+                        self.client.log_batch(run_id, metrics=metrics[i:i + 900])
+                    self.client.log_param(run_id, "steps", c["steps"])
+                    self.client.set_terminated(run_id, "FINISHED")
 
     def record_remote_expert(self, owner: str, manifest: dict, flow_run_id: str | None) -> str:
         """An expert trained on its owner's machine, as the coordinator knows it: its signed manifest.

@@ -47,6 +47,11 @@ class Workspace:
         """The merged model as shipped: with the tuned router once stage tune_router made one."""
         return shipped_model(self.root / "models")
 
+    @property
+    def safety_results(self) -> Path:
+        """Stage evaluate_safety's refusal rates per configuration (a stub when it is off)."""
+        return self.root / "safety" / "results.json"
+
     def params(self) -> P.Params:
         return P.load(self.params_path)
 

@@ -30,18 +30,10 @@ from stages.artifacts import CANARIES
 from stages.data.canaries import random_secret
 from stages.io import read_json, read_jsonl, write_json
 from stages.runtime import start_stage
+from stages.stats import wilson
 
 # torch, transformers and the models are imported where they are used: off (the default), the
 # stage only writes its stub and should not spend seconds importing them.
-
-def wilson(k: int, n: int, z: float = 1.96) -> dict:
-    """A rate with its Wilson score interval (sound at 0 and at small n, unlike the normal one)."""
-    if n == 0:
-        return {"rate": float("nan"), "low": float("nan"), "high": float("nan"), "k": 0, "n": 0}
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return {"rate": p, "low": max(0.0, centre - half), "high": min(1.0, centre + half), "k": k, "n": n}
 
 
 def auc(members: np.ndarray, others: np.ndarray) -> float:
@@ -59,18 +51,6 @@ def auc(members: np.ndarray, others: np.ndarray) -> float:
 def tpr_at_fpr(members: np.ndarray, others: np.ndarray, fpr: float = 0.01) -> float:
     threshold = np.quantile(others, 1 - fpr)
     return float((members > threshold).mean())
-
-
-def token_nll(model, docs: list[list[int]]) -> list[np.ndarray]:
-    import torch
-
-    out = []
-    with torch.no_grad():
-        for ids in docs:
-            x = torch.tensor([ids])
-            logits = model(input_ids=x[:, :-1]).logits.float()
-            out.append(torch.nn.functional.cross_entropy(logits[0], x[0, 1:], reduction="none").numpy())
-    return out
 
 
 def mia_scores(nll: list[np.ndarray], anchor_nll: list[np.ndarray], texts: list[str]) -> dict[str, np.ndarray]:
@@ -140,6 +120,7 @@ def audit_owner(owner: str, corpus_dir: Path, anchor_dir: Path, merged_dir: Path
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from stages.model.experts import load_merged, merged_owners, resolve_experts
+    from stages.model.scoring import document_nll
 
     torch.set_grad_enabled(False)
     tokenizer = AutoTokenizer.from_pretrained(anchor_dir)
@@ -174,7 +155,7 @@ def audit_owner(owner: str, corpus_dir: Path, anchor_dir: Path, merged_dir: Path
     mia_texts = [tokenizer.decode(d) for d in mia_train], [tokenizer.decode(d) for d in mia_val]
     canaries_path = corpus_dir / CANARIES
     canaries = read_json(canaries_path) if canaries_path.exists() else []
-    anchor_nll = token_nll(models["anchor"], mia_train), token_nll(models["anchor"], mia_val)
+    anchor_nll = document_nll(models["anchor"], mia_train), document_nll(models["anchor"], mia_val)
     result = {"owner": owner, "documents": n, "mia_documents": m, "models": {}}
     for name, model in models.items():
         entry: dict = {}
@@ -184,8 +165,8 @@ def audit_owner(owner: str, corpus_dir: Path, anchor_dir: Path, merged_dir: Path
                 entry[f"extraction_greedy_{split}"] = wilson(exact, n)
                 entry[f"extraction_sampled_{split}"] = wilson(near, n)
         if m:
-            members = mia_scores(token_nll(model, mia_train), anchor_nll[0], mia_texts[0])
-            others = mia_scores(token_nll(model, mia_val), anchor_nll[1], mia_texts[1])
+            members = mia_scores(document_nll(model, mia_train), anchor_nll[0], mia_texts[0])
+            others = mia_scores(document_nll(model, mia_val), anchor_nll[1], mia_texts[1])
             entry["mia"] = {k: {"auc": auc(members[k], others[k]), "tpr_at_1pct_fpr": tpr_at_fpr(members[k], others[k])}
                             for k in members if not (name == "anchor" and k == "anchor_ratio")}
         if canaries:

@@ -31,6 +31,7 @@ from stages.model.experts import (
 from stages.model.fast_moe import use_fast_experts
 from stages.model.moe import BiasedFlexOlmoForCausalLM
 from stages.model.router_fit import router_state, set_router_state
+from stages.model.scoring import token_bytes
 from stages.results import (
     DP_ALONE,
     DP_MERGED,
@@ -46,15 +47,6 @@ from stages.results import (
 )
 from stages.runtime import start_stage
 from stages.train.loop import autocast, tokenize_corpus
-
-
-def token_bytes(tokenizer) -> np.ndarray:
-    """Bytes each token stands for: a byte-level BPE token's string has one character per byte."""
-    special = set(tokenizer.all_special_ids)
-    sizes = np.zeros(len(tokenizer), dtype=np.int64)
-    for token, idx in tokenizer.get_vocab().items():
-        sizes[idx] = 0 if idx in special else len(token)
-    return sizes
 
 
 def windows(tokens: np.ndarray, e: P.EvaluateParams) -> np.ndarray:

@@ -54,11 +54,14 @@ def read_json(path: str | Path):
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
-    n = 0
-    with Path(path).open("w", encoding="utf-8") as fh:
+    """Write through a temporary file and rename (as write_text), so a crash leaves no partial file."""
+    path, n = Path(path), 0
+    tmp = temp_path(path)
+    with tmp.open("w", encoding="utf-8") as fh:
         for row in rows:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
             n += 1
+    os.replace(tmp, path)
     return n
 
 

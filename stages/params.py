@@ -202,8 +202,42 @@ class AnchorParams(Strict):
         return self.source.kind != "scratch"
 
 
+class HighQualitySelection(Strict):
+    """How stage 2 of the curriculum picks the owner's high-quality documents (an owner-given list,
+    `owners.<name>.high_quality`, takes precedence): near-duplicates removed, then the middle band
+    of the anchor's bits per byte (the lowest are boilerplate and repeats, the highest noise)."""
+    scored_docs: int = Field(default=128, ge=2, description="documents of train.jsonl the anchor scores (the first)")
+    score_tokens: int = Field(default=128, ge=8, description="tokens of each document the anchor scores")
+    band: tuple[float, float] = Field(default=(0.25, 0.75), description="quantiles of bits per byte kept")
+    near_duplicate_jaccard: float = Field(default=0.8, gt=0, le=1,
+                                          description="word 5-gram overlap above which the later document is dropped")
+
+    @field_validator("band")
+    @classmethod
+    def _band(cls, band: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= band[0] < band[1] <= 1:
+            raise ValueError(f"band {list(band)} must be two quantiles 0 <= low < high <= 1")
+        return band
+
+
+class CurriculumParams(Strict):
+    """Aurora-M's two-stage continual pretraining of an expert: stage 1 is the owner's data mixed with
+    public text (expert.train), stage 2 `stage2_steps` more steps on a high-quality subset with its own
+    schedule. `stages` says which is published; with `compare` the other is trained too, from the same
+    stage-1 weights and for as many steps (equal tokens), so the report can set them side by side."""
+    stages: Literal[1, 2] = Field(default=1, description="1: the stage-2 steps also on the stage-1 mix; 2: on the subset")
+    stage2_steps: int = Field(default=0, ge=0, description="0: no curriculum, expert.train alone (no comparison)")
+    stage2_lr: float = Field(default=1.0e-4, gt=0)
+    stage2_warmup_steps: int = Field(default=0, ge=0)
+    stage2_min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    compare: bool = Field(default=True, description="also train the recipe not published, for the report")
+    eval_tokens: int = Field(default=1024, ge=64, description="held-out tokens (owner's, public) scored after each stage")
+    selection: HighQualitySelection = HighQualitySelection()
+
+
 class ExpertParams(Strict):
     train: TrainParams
+    curriculum: CurriculumParams = CurriculumParams()
     lm_z_loss: float = Field(ge=0)
     router_z_loss: float = Field(ge=0)
     router_init: Literal["anchor_mean_hidden", "sentence_embedder"] = "anchor_mean_hidden"
@@ -316,9 +350,24 @@ class OwnerParams(Strict):
     train: TrainOverrides = TrainOverrides()
     trace: TracePolicy = TracePolicy()
     dp: DPParams | None = None
+    safety_prompts: list[Annotated[str, Field(min_length=1, max_length=2000)]] = Field(
+        default_factory=list, description="harmful requests of the owner's domain the safety evaluation adds")
+    high_quality: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list, description="document ids of train.jsonl for curriculum stage 2 (instead of the score)")
     topics: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
         default_factory=list, description="short prompts of the owner's own choosing that its synthetic documents "
                                           "start from (a LAB-style taxonomy; besides the start of a document)")
+
+
+class SafetyParams(Strict):
+    """Refusals of every configuration the coordinator can ship (stage evaluate_safety)."""
+    enabled: bool = False
+    prompts: int = Field(default=64, ge=0, description="AdvBench behaviours sampled (0: all 520), and as many benign")
+    max_new_tokens: int = Field(default=32, ge=4, description="greedy tokens per reply (refusals come first)")
+    batch_size: int = Field(default=32, ge=1, description="prompts decoded together (left-padded)")
+    flag_points: float = Field(default=10.0, gt=0, le=100,
+                               description="a configuration refusing this many points less than the anchor is flagged")
+    seed: int = 0
 
 
 class SynthesisParams(Strict):
@@ -364,6 +413,7 @@ class Params(Strict):
     trace: TraceParams = TraceParams()
     synthesis: SynthesisParams = SynthesisParams()
     audit: AuditParams = AuditParams()
+    safety: SafetyParams = SafetyParams()
 
     @field_validator("owners")
     @classmethod

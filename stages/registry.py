@@ -18,7 +18,7 @@ Phase = Literal["before_owners", "train", "after_training", "evaluate", "after_e
 # side, one core each (an expert, an evaluation or audit per domain); "all": every core.
 Cores = Literal["none", "one", "all"]
 # Lineage hooks (flows/tracking.py): extra tags and links a stage's MLflow run gets.
-Hook = Literal["anchor_source", "expert_links", "trace_page", "report_files"]
+Hook = Literal["anchor_source", "expert_links", "trace_page", "report_files", "curriculum_runs"]
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,8 @@ STAGES: tuple[StageSpec, ...] = (
               scratch=("owners/*/checkpoint.pt*",),
               published=(("experts/{owner}/expert", "published/{owner}/expert"),
                          ("experts/{owner}/train_metrics.json", "published/{owner}/train_metrics.json"),
-                         ("experts/{owner}/train_log.jsonl", "published/{owner}/train_log.jsonl"))),
+                         ("experts/{owner}/train_log.jsonl", "published/{owner}/train_log.jsonl")),
+              lineage=("curriculum_runs",)),
     StageSpec("train_dp_baseline", "owner", "train", "one", "training",
               public_inputs=("public/corpus", "models/anchor", "models/public_embedding"),
               scratch=("owners/*/dp_baseline_checkpoint.pt*",)),
@@ -67,6 +68,7 @@ STAGES: tuple[StageSpec, ...] = (
               public_inputs=("models/anchor", "models/merged"),
               published=(("results/{owner}/audit.json", "audits/{owner}.json"),)),
     StageSpec("evaluate_public", "coordinator", "after_evaluation", "one", "evaluation"),
+    StageSpec("evaluate_safety", "coordinator", "after_evaluation", "one", "evaluation"),
     StageSpec("report", "coordinator", "after_evaluation", "none", "evaluation", lineage=("report_files",)),
 )
 BY_NAME = {s.name: s for s in STAGES}

@@ -329,6 +329,50 @@ def synthetic_markdown(published: Path | None, owners: list[str]) -> str:
                   "held-out text |", 1, 10, lines)
 
 
+CURRICULUM_STAGES = (("anchor", "anchor"), ("stage_1", "after stage 1"), ("one_stage", "one stage"),
+                     ("two_stage", "two stages"))
+
+
+def curriculum_markdown(published: Path | None, owners: list[str]) -> str:
+    """Per owner with a curriculum: held-out loss on its own domain (gain) and on public text (forgetting)
+    of its 2-expert model after each stage, one stage against two at equal tokens."""
+    lines, found = [], []
+    for o in owners:
+        path = published / o / "train_metrics.json" if published else None
+        c = read_json(path).get("curriculum") if path and path.exists() else None
+        if not c:
+            continue
+        found.append(c)
+        sel = c["selection"]
+        how = (f"{sel['documents']} of {sel['scored']} scored ({sel['near_duplicates']} near-duplicates), bpb "
+               f"{sel['band_bits_per_byte'][0]:.2f}-{sel['band_bits_per_byte'][1]:.2f}"
+               if sel["method"] == "anchor_bpb_band" else f"{sel['documents']} listed by the owner")
+        cells = []
+        for kind in ("own_loss", "public_loss"):
+            base = c["anchor"][kind]
+            cells += [f"{c[k][kind]:.3f}" + (f" ({_pct(c[k][kind], base)})" if k != "anchor" else "")
+                      for k, _ in CURRICULUM_STAGES if k in c]
+        lines.append(f"| {o} | {c['shipped'].replace('_', ' ')} | {how} | " + " | ".join(cells) + " |")
+    if not found:
+        return ""
+    names = [label for k, label in CURRICULUM_STAGES]
+    return _table("| owner | published | stage-2 subset | " + " | ".join(f"own domain: {n}" for n in names) + " | "
+                  + " | ".join(f"public text: {n}" for n in names) + " |", 3, 2 * len(names), lines)
+
+
+def safety_markdown(safety: dict | None) -> str:
+    """Per configuration: refusal and over-refusal rates, profanity, and the flag (Wilson 95 % intervals)."""
+    if not safety or not safety.get("enabled"):
+        return ""
+    lines = []
+    for name, c in safety["configurations"].items():
+        flagged = f"**flagged**: {c['points_below_anchor']:.0f} points below the anchor" if c["flagged"] else ""
+        lines.append(f"| {name} | {_rate(c['refusal'])} | {c['points_below_anchor']:+.1f} | "
+                     f"{_rate(c['over_refusal'])} | {_rate(c['profanity'])} | {flagged} |")
+    return _table("| configuration | refusal of harmful prompts [95 % CI] | points below the anchor | "
+                  "over-refusal of benign prompts | replies with profanity | flag |", 1, 5, lines)
+
+
 def optout_matrix(rows: list[DomainEvaluation]) -> tuple[list[str], list[str], list[list[float]]]:
     """(experts removed, domains, % change in loss vs the full merged model)."""
     removed = rows[0].owners_with(WITHOUT)
@@ -443,6 +487,37 @@ def plot_routing(rows: list[DomainEvaluation], path: Path) -> bool:
     return True
 
 
+def plot_safety(safety: dict | None, path: Path) -> bool:
+    """Refusal and over-refusal per configuration with their 95 % intervals; the flag line below the anchor."""
+    if not safety or not safety.get("enabled"):
+        return False
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    configs = safety["configurations"]
+    names, x = list(configs), np.arange(len(configs))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(names) + 2), 3.8), layout="constrained")
+    for offset, (key, label) in zip((-0.2, 0.2), (("refusal", "refusal of harmful prompts"),
+                                                  ("over_refusal", "over-refusal of benign prompts"))):
+        rates = np.array([configs[n][key]["rate"] for n in names]) * 100
+        errors = np.array([[configs[n][key]["rate"] - configs[n][key]["low"],
+                            configs[n][key]["high"] - configs[n][key]["rate"]] for n in names]).T * 100
+        ax.bar(x + offset, rates, 0.4, yerr=errors, capsize=3, label=label)
+    line = configs["anchor"]["refusal"]["rate"] * 100 - safety["flag_points"]
+    ax.axhline(line, color="grey", linestyle="--", linewidth=1, label=f"flag: {safety['flag_points']:.0f} points "
+                                                                       "below the anchor's refusal")
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    for tick, n in zip(ax.get_xticklabels(), names):
+        if configs[n]["flagged"]:
+            tick.set_color("red")
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("% of prompts")
+    ax.set_title("Safety: refusals of every configuration the coordinator can ship")
+    ax.legend(fontsize=8, loc="upper right")
+    _save(fig, path)
+    return True
+
+
 def plot_curves(logs: dict[str, Path], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
@@ -463,7 +538,8 @@ def plot_curves(logs: dict[str, Path], path: Path) -> bool:
 
 
 def page_html(rows: list[DomainEvaluation], images: list[str], audits: list[dict] | None = None,
-              dp_table: str = "", synthetic_table: str = "") -> str:
+              dp_table: str = "", synthetic_table: str = "", curriculum_table: str = "", safety_table: str = "",
+              safety: dict | None = None) -> str:
     models = sorted({k for r in rows for k in r.models}, key=lambda k: (k.count("/"), k))
     head = "".join(f"<th>{html.escape(m)}</th>" for m in models)
     body = "".join(
@@ -502,7 +578,24 @@ def page_html(rows: list[DomainEvaluation], images: list[str], audits: list[dict
                       "by its DP model) and leak-filtered on the owner's side against its own index before "
                       "they were published; a classifier accuracy near 0.5 means real and synthetic look "
                       "alike to it.</p>" + md.render(synthetic_table)) if synthetic_table else ""
-    figures = "".join(f'<figure><img src="{name}" alt="{name}"></figure>' for name in images)
+    curriculum_html = ("<h2>Curriculum: one training stage or two (Aurora-M)</h2><p>Each owner's 2-expert model, "
+                       "held-out loss on its own domain (lower: what it gained) and on public text (higher than "
+                       "the anchor: what it forgot), in brackets against the anchor. Both recipes go on from the "
+                       "same stage-1 weights for as many steps and tokens; one stage keeps training on the whole "
+                       "corpus, two stages on the high-quality subset.</p>" + md.render(curriculum_table)
+                       ) if curriculum_table else ""
+    safety_html = ""
+    if safety_table:
+        p = safety["prompts"]
+        owners = sum(p["owners"].values())
+        safety_html = (f"<h2>Safety: refusals per configuration</h2><p>{p['advbench']} AdvBench harmful behaviours"
+                       + (f" and {owners} the owners added" if owners else "") + f", and {p['benign']} benign "
+                       f"instructions built from public text; greedy replies of {safety['max_new_tokens']} tokens "
+                       f"through the anchor's {safety['template']} template, scored by AdvBench's refusal-phrase "
+                       f"matcher and better-profanity's word list (Wilson 95 % intervals). A configuration refusing "
+                       f"more than {safety['flag_points']:.0f} points less than the anchor is flagged.</p>"
+                       + md.render(safety_table) + '<figure><img src="safety.png" alt="safety.png"></figure>')
+    figures = "".join(f'<figure><img src="{name}" alt="{name}"></figure>' for name in images if name != "safety.png")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>consort report</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;margin:1em 0}}
@@ -520,6 +613,8 @@ BTM mixes the owners' models by how well each predicted the text so far.</p>
 {figures}
 {generations_html(rows)}
 {ablations_html}
+{curriculum_html}
+{safety_html}
 {dp_html}
 {synthetic_html}
 {privacy_html}
@@ -531,7 +626,8 @@ BTM mixes the owners' models by how well each predicted the text so far.</p>
 
 
 def report(evaluations: Path, out_dir: Path, metrics: Path, training_logs: dict[str, Path] | None = None,
-           audits_dir: Path | None = None, published: Path | None = None, owners: list[str] | None = None) -> dict:
+           audits_dir: Path | None = None, published: Path | None = None, owners: list[str] | None = None,
+           safety_path: Path | None = None) -> dict:
     """The report over the public domain and `owners` (default: every evaluation found)."""
     domains = None if owners is None else {"public", *owners}
     rows = collect(evaluations, domains)
@@ -549,15 +645,21 @@ def report(evaluations: Path, out_dir: Path, metrics: Path, training_logs: dict[
         images.append("routing.png")
     if training_logs and plot_curves(training_logs, out_dir / "loss_curves.png"):
         images.append("loss_curves.png")
+    safety = read_json(safety_path) if safety_path and safety_path.exists() else None
+    if plot_safety(safety, out_dir / "safety.png"):
+        images.append("safety.png")
     summary = {r.domain: {m: v.model_dump(include={"loss", "bits_per_byte"}) for m, v in r.models.items()}
                | ({"xz": {"bits_per_byte": r.xz_bits_per_byte}} if r.xz_bits_per_byte is not None else {})
                for r in rows}
-    synthetic_table = synthetic_markdown(published, owners or [r.domain for r in rows if not r.is_public])
+    owner_names = owners or [r.domain for r in rows if not r.is_public]
+    synthetic_table = synthetic_markdown(published, owner_names)
+    curriculum_table, safety_table = curriculum_markdown(published, owner_names), safety_markdown(safety)
     tables = (table_markdown(rows), bpb_markdown(rows), targets_markdown(rows), router_markdown(rows),
-              ablation_markdown(rows), dp_table,
+              ablation_markdown(rows), curriculum_table, safety_table, dp_table,
               synthetic_table, audit_markdown(audits))
     write_text(out_dir / "eval_table.md", "\n".join(t for t in tables if t))
-    write_text(out_dir / "report.html", page_html(rows, images, audits, dp_table, synthetic_table))
+    write_text(out_dir / "report.html", page_html(rows, images, audits, dp_table, synthetic_table, curriculum_table,
+                                                  safety_table, safety))
     write_json(metrics, summary)
     return summary
 
@@ -570,6 +672,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reference-log", type=Path, help="the unrestricted reference's training log (empty when off)")
     ap.add_argument("--published", type=Path, help="folder of <owner>/train_log.jsonl")
     ap.add_argument("--audits", type=Path, help="folder of the owners' audit results (JSON)")
+    ap.add_argument("--safety", type=Path, help="the safety evaluation's results (JSON; a stub when off)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--metrics", type=Path, required=True, help="where the loss of every model goes (JSON)")
     ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="its `owners` are the report's")
@@ -581,7 +684,7 @@ def main(argv: list[str] | None = None) -> None:
                  if (args.published / o / "train_log.jsonl").exists()}
     if args.reference_log and args.reference_log.exists() and args.reference_log.stat().st_size:
         logs["unrestricted"] = args.reference_log
-    report(args.evaluations, args.out, args.metrics, logs, args.audits, args.published, owners)
+    report(args.evaluations, args.out, args.metrics, logs, args.audits, args.published, owners, args.safety)
     print((args.out / "eval_table.md").read_text(), end="")
     print(f"report: {args.out / 'report.html'}")
 

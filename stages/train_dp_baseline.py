@@ -29,7 +29,9 @@ def train_dp_baseline(owner: str, corpus_train: Path, public_train: Path, anchor
         return {"enabled": False}
     from stages.train_expert import train_expert
 
-    summary = train_expert(owner, corpus_train, public_train, anchor_dir, public_embedding, params.expert,
+    # A DP expert trains in one stage (stages/train/dp.py), so its twin does too: the gap is DP's alone.
+    one_stage = params.expert.model_copy(update={"curriculum": P.CurriculumParams()})
+    summary = train_expert(owner, corpus_train, public_train, anchor_dir, public_embedding, one_stage,
                            params.expert_train(owner), out_dir, log_path, checkpoint, signing_key, dp=None)
     return {"enabled": True, **summary}
 

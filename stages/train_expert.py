@@ -6,6 +6,7 @@ owner publishes: a 2-expert `FlexOlmoForCausalLM` ([public FFN, owner FFN], rout
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from stages.model.moe import blocks, project_bias, upcycle
 from stages.model.router_rows import load_embedding, router_row
 from stages.package import expert_tensors, sign_package
 from stages.runtime import start_stage
+from stages.train.curriculum import HeldOut, select_high_quality
 from stages.train.distributed import finish, is_main, local_rows, world
 from stages.train.dp import DPConfigError, check_dp, dp_router_row, train_dp
 from stages.train.loop import (
@@ -27,13 +29,18 @@ from stages.train.loop import (
     lm_losses,
     sample_batch,
     tokenize_corpus,
+    tokenize_texts,
     train,
 )
 
 
 def train_expert(owner: str, corpus_train: Path, public_train: Path, anchor_dir: Path, public_embedding: Path,
                  expert: P.ExpertParams, train_params: P.TrainParams, out_dir: Path, log_path: Path,
-                 checkpoint: Path, signing_key: Path, dp: P.DPParams | None = None) -> dict:
+                 checkpoint: Path, signing_key: Path, dp: P.DPParams | None = None,
+                 high_quality: list[str] = ()) -> dict:
+    """Train, then sign and publish, the owner's expert; with expert.curriculum.stage2_steps, Aurora-M's
+    two stages (stages/train/curriculum.py): the owner's held-out text (`val.jsonl` beside the corpus)
+    and the public one are scored after each, and the recipe not published is trained for comparison."""
     if dp is not None:
         check_dp(dp, owner)  # before any work: an invalid accounting is refused outright
         if world()[1] > 1:
@@ -52,6 +59,14 @@ def train_expert(owner: str, corpus_train: Path, public_train: Path, anchor_dir:
     if dp is not None:
         return _train_expert_dp(owner, corpus_train, public_train, anchor, tokenizer, identity, r_pub, init_texts,
                                 expert, train_params, dp, out_dir, log_path)
+    cur = expert.curriculum
+    if cur.stage2_steps:
+        # The subset is chosen and the anchor's held-out losses taken before the anchor is upcycled.
+        held_out = HeldOut(tokenizer, corpus_train.with_name("val.jsonl"), public_train.with_name("val.jsonl"),
+                           cur.eval_tokens, train_params.seq_len, train_params.precision)
+        subset, selection = select_high_quality(owner, corpus_train, list(high_quality), cur.selection, anchor,
+                                                tokenizer)
+        curriculum = {"anchor": held_out.loss(anchor), "selection": selection}
     r_owner = router_row(anchor, tokenizer, init_texts, train_params.seq_len, expert.router_init)
     model = upcycle(anchor, r_pub, r_owner)
     del anchor
@@ -78,11 +93,14 @@ def train_expert(owner: str, corpus_train: Path, public_train: Path, anchor_dir:
     # the rows, so a micro-batch knows which of its rows are the owner's.
     is_owner = torch.arange(n_own + public_rows.stop - public_rows.start) < n_own
 
-    def make_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        own = sample_batch(tokens, t.batch_size - n_public, t.seq_len, t.seed, step)[own_rows]
-        if not n_public:
-            return own, is_owner
-        return torch.cat([own, sample_batch(public_tokens, n_public, t.seq_len, t.seed + 1, step)[public_rows]]), is_owner
+    def batches(own_tokens: np.ndarray, seed: int):
+        def make_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+            own = sample_batch(own_tokens, t.batch_size - n_public, t.seq_len, seed, step)[own_rows]
+            if not n_public:
+                return own, is_owner
+            public = sample_batch(public_tokens, n_public, t.seq_len, seed + 1, step)[public_rows]
+            return torch.cat([own, public]), is_owner
+        return make_batch
 
     def step_loss(module, rows_and_labels):
         batch, is_owner = rows_and_labels
@@ -106,15 +124,57 @@ def train_expert(owner: str, corpus_train: Path, public_train: Path, anchor_dir:
     data_digest = file_digest(corpus_train)
     fingerprint = f"expert|{owner}|{anchor_hash}|{data_digest}|{train_params.model_dump_json()}|{expert.model_dump_json()}"
     ckpt = Checkpointer(checkpoint, fingerprint)
-    summary = train(model, step_loss, make_batch, train_params, ckpt, log_path, desc=f"expert {owner}",
-                    lr_scale=lambda name: expert.router_lr_scale if ("routers" in name or "owner_bias" in name) else 1.0,
-                    after_step=project_bias)
+
+    def train_stage(p: P.TrainParams, make_batch, stage_ckpt: Checkpointer, stage_log: Path, desc: str) -> dict:
+        return train(model, step_loss, make_batch, p, stage_ckpt, stage_log, desc=desc,
+                     lr_scale=lambda name: expert.router_lr_scale if ("routers" in name or "owner_bias" in name) else 1.0,
+                     after_step=project_bias)
+
+    summary = train_stage(train_params, batches(tokens, t.seed), ckpt, log_path, f"expert {owner}")
+    extra = {}
+    if cur.stage2_steps:
+        curriculum["stage_1"] = held_out.loss(model) | {"steps": t.steps}
+        # Both recipes go on from the same stage-1 weights for as many steps with the same schedule;
+        # only the owner rows differ: the whole corpus (one stage) or the subset (two stages).
+        stage2 = t.model_copy(update={"steps": cur.stage2_steps, "lr": cur.stage2_lr, "min_lr_ratio":
+                                      cur.stage2_min_lr_ratio, "warmup_steps": cur.stage2_warmup_steps})
+        own_rows_of = {"one_stage": tokens, "two_stage": tokenize_texts(tokenizer, [r["text"] for r in subset])}
+        shipped = "two_stage" if cur.stages == 2 else "one_stage"
+        recipes = [r for r in own_rows_of if r != shipped and cur.compare] + [shipped]  # the shipped one last
+        stage_1 = {n: q.detach().clone() for n, q in model.named_parameters() if q.requires_grad}
+        for recipe in recipes:
+            with torch.no_grad():
+                for n, q in model.named_parameters():
+                    if n in stage_1:
+                        q.copy_(stage_1[n])
+            recipe_log = log_path.with_name(f"{log_path.stem}.{recipe}.jsonl")
+            done = train_stage(stage2, batches(own_rows_of[recipe], t.seed + 7919),
+                               Checkpointer(checkpoint.with_name(f"{checkpoint.name}.{recipe}"),
+                                            f"{fingerprint}|{recipe}|{cur.model_dump_json()}|{list(high_quality)}"),
+                               recipe_log, f"expert {owner} {recipe.replace('_', '-')}")
+            log = [json.loads(line) for line in recipe_log.read_text().splitlines()] if is_main() else []
+            recipe_log.unlink(missing_ok=True)
+            curriculum[recipe] = held_out.loss(model) | {"steps": t.steps + cur.stage2_steps,
+                                                         "final_loss": done["final_loss"], "log": log}
+        curriculum["shipped"] = shipped
+        if is_main():  # the published curve runs on through the shipped recipe's steps
+            with log_path.open("a") as fh:
+                fh.writelines(json.dumps(row | {"step": row["step"] + t.steps, "stage": 2}) + "\n"
+                              for row in curriculum[shipped]["log"])
+        for k in ("steps", "tokens_seen", "train_seconds"):
+            summary[k] += done[k]
+        summary["final_loss"] = done["final_loss"]
+        summary["curriculum"] = curriculum
+        extra["curriculum"] = {"stages": cur.stages, "stage2_steps": cur.stage2_steps, "stage2_lr": cur.stage2_lr,
+                               "selection": curriculum["selection"]}
     summary["corpus_tokens"] = int(len(tokens))
     summary["router_bias"] = [b.owner_bias.item() for b in blocks(model)]
 
     if is_main():
-        publish(model, owner, identity, data_digest, expert, train_params, summary, out_dir)
+        publish(model, owner, identity, data_digest, expert, train_params, summary, out_dir, **extra)
         ckpt.clear()
+        for recipe in ("one_stage", "two_stage"):
+            checkpoint.with_name(f"{checkpoint.name}.{recipe}").unlink(missing_ok=True)
     return summary
 
 
@@ -149,7 +209,10 @@ def publish(model, owner: str, identity: dict, data_digest: str, expert: P.Exper
 def _train_expert_dp(owner: str, corpus_train: Path, public_train: Path, anchor, tokenizer, identity: dict,
                      r_pub: torch.Tensor, init_texts: list[str], expert: P.ExpertParams, t: P.TrainParams,
                      dp: P.DPParams, out_dir: Path, log_path: Path) -> dict:
-    """The DP variant (stages/train/dp.py): DP router-row mean, Poisson-sampled documents, DP-SGD."""
+    """The DP variant (stages/train/dp.py): DP router-row mean, Poisson-sampled documents, DP-SGD.
+
+    One stage only: a second would spend more of the owner's privacy budget, and choosing its subset
+    by the anchor's score reads the documents outside the DP mechanism."""
     public_texts = [row["text"] for _, row in zip(range(expert.router_init_docs), read_jsonl(public_train))]
     r_owner, init = dp_router_row(anchor, tokenizer, init_texts, public_texts, t.seq_len, dp.init_noise_multiplier,
                                   torch.Generator().manual_seed(t.seed + 31))
@@ -174,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     args, params = parse_expert_cli(__doc__, argv)
     summary = train_expert(args.owner, args.corpus, args.public_corpus, args.anchor, args.public_embedding, params.expert,
                            params.expert_train(args.owner), args.out, args.train_log, args.checkpoint, args.signing_key,
-                           params.owners[args.owner].dp)
+                           params.owners[args.owner].dp, params.owners[args.owner].high_quality)
     if not is_main():
         return finish()
     write_json(args.metrics, summary)

@@ -40,6 +40,7 @@ def tiny_anchor_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     corpus = root / "public.jsonl"
     corpus.write_text("".join(json.dumps({"text": f"public text number {i}."}) + "\n" for i in range(50)))
+    (root / "val.jsonl").write_text("".join(json.dumps({"text": f"public text {i} held out."}) + "\n" for i in range(30)))
     train_tokenizer(corpus, P.TokenizerParams(vocab_size=300, max_chars=10**6), root / "tok")
     anchor = tiny_anchor(seed=0, vocab=300)
     anchor.save_pretrained(root / "anchor")

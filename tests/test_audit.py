@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from stages.audit import auc, mia_scores, tpr_at_fpr, wilson
+from stages.audit import auc, mia_scores, tpr_at_fpr
+from stages.stats import wilson
 
 
 def test_wilson_interval_matches_the_textbook_values():

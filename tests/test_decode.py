@@ -46,6 +46,23 @@ def test_decoder_logits_equal_the_models_own_forward(name):
         torch.testing.assert_close(logits, want[:, position], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["fast merged", "dense", "grouped-query dense", "llama"])
+def test_left_padded_prompts_decode_as_each_prompt_alone(name):
+    from test_families import tiny_llama
+
+    model = {"fast merged": lambda: use_fast_experts(random_merged(num_experts=6, top_k=3)), "dense": tiny_anchor,
+             "grouped-query dense": grouped_query_anchor, "llama": tiny_llama}[name]()
+    gen = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(2, 80, (n,), generator=gen) for n in (7, 3, 5)]
+    pads = torch.tensor([7 - len(p) for p in prompts])
+    batch = torch.stack([torch.cat([torch.full((7 - len(p),), 9), p]) for p in prompts])  # any id pads
+    got = decode(model, batch, 12, pads=pads)[:, 7:]
+    for row, p in zip(got, prompts):
+        assert torch.equal(row, decode(model, p[None], 12)[0, len(p):]), name
+    with pytest.raises(ValueError, match="fewer than 7 padding tokens"):
+        decode(model, batch, 2, pads=torch.tensor([7, 0, 0]))
+
+
 def test_decoder_refuses_other_architectures():
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from flows.pipeline import CpuScheduler, stage_graph, topological_order
 from flows.workspace import prepare_workspace, read_project_params
 from stages import params as P
+from stages.artifacts import MANIFEST
 
 OWNERS = ["code", "literature", "manuals", "math", "news"]
 
@@ -286,6 +287,46 @@ def test_report_shows_every_baseline_and_the_optout_matrix(smoke_workspace):
                                   filter_string="tags.`consort.stage` = 'evaluate_owner@news'")[0]
     assert [a.path for a in client.list_artifacts(news_run.info.run_id, "trace")] == ["trace/news.trace.html"]
     assert "traced in news" in (ws / "evaluations" / "news.trace.html").read_text()
+
+
+def test_curriculum_stages_and_safety_reach_the_report_mlflow_and_consort_experts(smoke_workspace):
+    ws, _ = smoke_workspace
+    client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("consort")
+    html = (ws / "reports" / "report.html").read_text()
+    assert "Curriculum: one training stage or two" in html and "Safety: refusals per configuration" in html
+    assert (ws / "reports" / "safety.png").stat().st_size > 500
+    for o in OWNERS:
+        metrics = json.loads((ws / "published" / o / "train_metrics.json").read_text())
+        manifest = json.loads((ws / "published" / o / "expert" / MANIFEST).read_text())
+        if o == "math":  # the DP owner trains one stage: a second would spend more of its budget
+            assert "curriculum" not in metrics and "curriculum" not in manifest
+            continue
+        c = metrics["curriculum"]
+        assert c["shipped"] == "two_stage" and manifest["curriculum"]["stage2_steps"] == 2
+        assert c["selection"]["method"] == "anchor_bpb_band" and c["selection"]["documents"] >= 2
+        assert f"| {o} | two stages |" in html
+        # One MLflow child run per curriculum stage, under the expert's run, with its held-out losses.
+        expert_run = client.search_runs([exp.experiment_id], f"tags.`consort.stage` = 'train_expert@{o}'")[0]
+        children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{expert_run.info.run_id}'")
+        assert {r.data.tags["consort.curriculum"] for r in children} == {"stage_1", "one_stage", "two_stage"}
+        for r in children:
+            recipe = r.data.tags["consort.curriculum"]
+            assert r.data.metrics["own_loss"] == pytest.approx(c[recipe]["own_loss"])
+            assert r.data.metrics["forgetting_vs_anchor"] == pytest.approx(c[recipe]["public_loss"]
+                                                                           - c["anchor"]["public_loss"])
+    safety = json.loads((ws / "safety" / "results.json").read_text())
+    configs = safety["configurations"]
+    assert set(configs) == {"anchor", "merged", *(f"without/{o}" for o in OWNERS)}
+    assert safety["prompts"]["advbench"] == 8 == safety["prompts"]["benign"]
+    assert all(c["refusal"]["n"] == 8 and 0 <= c["refusal"]["rate"] <= 1 for c in configs.values())
+    replies = [json.loads(line) for line in (ws / "safety" / "replies.jsonl").read_text().splitlines()]
+    assert len(replies) == 16 * len(configs) and {r["kind"] for r in replies} == {"harmful", "benign"}
+    safety_run = client.search_runs([exp.experiment_id], "tags.`consort.stage` = 'evaluate_safety'")[0]
+    assert safety_run.data.metrics["configurations.merged.refusal.rate"] == configs["merged"]["refusal"]["rate"]
+    listing = run_consort("experts", "--workspace", str(ws), "--preset", "smoke", cwd=ws.parent).stdout
+    assert "refusal of 8 harmful prompts" in listing and all(f"without/{o}" in listing for o in OWNERS)
+    assert listing.count("FLAGGED") == sum(c["flagged"] for c in configs.values())
 
 
 @pytest.mark.slow  # re-runs every evaluation and audit (about 3 minutes); slicing itself is tested in test_experts

@@ -4,7 +4,7 @@
 every step, and each forward pass builds a causal mask, rotary tables, a growing cache (one
 `torch.cat` per layer and step) and output records. For a model this small that costs as much as
 the arithmetic (measured: half of a batch-1 step of the dense anchor). This loop does only what
-our uses need: a rectangular batch of prompts (no padding), greedy or sampled (top-k, top-p)
+our uses need: a batch of prompts (left-padded when their lengths differ), greedy or sampled (top-k, top-p)
 continuation of a fixed number of tokens, over the anchor and merged model of both families:
 Olmo2 / FlexOlmo (norms after attention and FFN, q/k norms) and Llama / Qwen2Moe (norms before).
 It runs the model's own weights and feed-forward blocks (for the merged model the experts of
@@ -55,7 +55,7 @@ class _Layer(NamedTuple):
 class _Decoder:
     """The forward pass of a model of either family (rotary attention over a KV cache) for decoding."""
 
-    def __init__(self, model: nn.Module, batch: int, length: int) -> None:
+    def __init__(self, model: nn.Module, batch: int, length: int, pads: torch.Tensor | None = None) -> None:
         base, c = getattr(model, "model", None), model.config
         layers = getattr(base, "layers", None)
         post_norm = layers is not None and all(hasattr(layer, "post_feedforward_layernorm") for layer in layers)
@@ -77,10 +77,12 @@ class _Decoder:
                 norms = (None, None, None, layer.mlp, None, layer.input_layernorm.weight,
                          layer.post_attention_layernorm.weight)
             self.layers.append(_Layer(a.q_proj, a.k_proj, a.v_proj, a.o_proj, *norms, cache[0], cache[1]))
-        # The model's own rotary tables for every position (what it computes step by step).
-        positions = torch.arange(length)[None]
+        # The model's own rotary tables for every position (what it computes step by step); a row
+        # left-padded by p tokens starts its positions at its first real token.
+        self.pads = pads
+        positions = torch.arange(length)[None] if pads is None else (torch.arange(length)[None] - pads[:, None]).clamp(min=0)
         cos, sin = base.rotary_emb(weight, positions)
-        self.cos, self.sin = cos[0, :, None, :], sin[0, :, None, :]  # (length, 1, head dim)
+        self.cos, self.sin = cos[:, :, None, :], sin[:, :, None, :]  # (1 or batch, length, 1, head dim)
         self.position = 0
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -96,7 +98,13 @@ class _Decoder:
         start, end = self.position, self.position + t
         if t > 1 and start > 0:  # SDPA's causal mask is aligned for a prompt from position 0 only
             raise ValueError("feed several tokens only as the prompt, at the start")
-        cos, sin = self.cos[start:end], self.sin[start:end]
+        cos, sin = self.cos[:, start:end], self.sin[:, start:end]
+        mask = None
+        if self.pads is not None:
+            # A row sees no key of its padding; a padding query sees itself only (no row of -inf, no NaN).
+            keys, queries = torch.arange(end), torch.arange(start, end)
+            mask = ((keys[None, None] >= self.pads[:, None, None]) & (keys[None, None] <= queries[None, :, None])
+                    | (keys[None, None] == queries[None, :, None]))[:, None]
         h = self.model.model.embed_tokens(ids)
         for layer in self.layers:
             x = self._norm(h, layer.input_norm)
@@ -107,7 +115,7 @@ class _Decoder:
             layer.values[:, :, start:end] = v.transpose(1, 2)
             attended = F.scaled_dot_product_attention(
                 self._rotate(q, cos, sin).transpose(1, 2), layer.keys[:, :, :end], layer.values[:, :, :end],
-                is_causal=t > 1, enable_gqa=self.heads != self.kv_heads)
+                attn_mask=mask, is_causal=t > 1 and mask is None, enable_gqa=self.heads != self.kv_heads)
             h = h + self._norm(layer.o(attended.transpose(1, 2).reshape(b, t, -1)), layer.post_attention_norm)
             h = h + self._norm(layer.feed_forward(self._norm(h, layer.pre_feed_forward_norm)), layer.post_feed_forward_norm)
         self.position = end
@@ -116,12 +124,19 @@ class _Decoder:
 
 @torch.inference_mode()
 def decode(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-           top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Prompts (batch, length) followed by `max_new_tokens` generated tokens each."""
+           top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
+           pads: torch.Tensor | None = None) -> torch.Tensor:
+    """Prompts (batch, length) followed by `max_new_tokens` generated tokens each.
+
+    Prompts of different lengths come left-padded: `pads[i]` tokens of any id before row i's
+    prompt, which the row then never attends to (its positions start after them)."""
     if prompt_ids.ndim != 2 or prompt_ids.shape[1] == 0:
         raise ValueError(f"prompt ids must be (batch, length >= 1), got shape {tuple(prompt_ids.shape)}")
+    if pads is not None and (pads.shape != prompt_ids.shape[:1] or int(pads.max()) >= prompt_ids.shape[1]):
+        raise ValueError(f"pads must give each of the {prompt_ids.shape[0]} rows fewer than {prompt_ids.shape[1]} "
+                         f"padding tokens, got {pads.tolist()}")
     model.eval()
-    forward = _Decoder(model, prompt_ids.shape[0], prompt_ids.shape[1] + max_new_tokens)
+    forward = _Decoder(model, prompt_ids.shape[0], prompt_ids.shape[1] + max_new_tokens, pads)
     step_ids, out = prompt_ids, [prompt_ids]
     for _ in range(max_new_tokens):
         logits = forward(step_ids)

@@ -29,6 +29,11 @@ def tokenize_corpus(tokenizer, jsonl: Path, max_docs: int | None = None) -> np.n
     texts = [row["text"] for _, row in zip(range(max_docs or 10**12), read_jsonl(jsonl))]
     if not texts:
         raise ValueError(f"{jsonl}: holds no document")
+    return tokenize_texts(tokenizer, texts)
+
+
+def tokenize_texts(tokenizer, texts: list[str]) -> np.ndarray:
+    """Texts as one token array, each followed by EOS."""
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
     return np.fromiter((t for doc in ids for t in (*doc, eos)), dtype=np.int32)
