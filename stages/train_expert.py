@@ -152,8 +152,10 @@ def train_expert(owner: str, corpus_train: Path, public_train: Path, anchor_dir:
                                Checkpointer(checkpoint.with_name(f"{checkpoint.name}.{recipe}"),
                                             f"{fingerprint}|{recipe}|{cur.model_dump_json()}|{list(high_quality)}"),
                                recipe_log, f"expert {owner} {recipe.replace('_', '-')}")
-            log = [json.loads(line) for line in recipe_log.read_text().splitlines()] if is_main() else []
-            recipe_log.unlink(missing_ok=True)
+            log = []
+            if is_main():  # the only process that writes the log; another's unlink would race its read
+                log = [json.loads(line) for line in recipe_log.read_text().splitlines()]
+                recipe_log.unlink()
             curriculum[recipe] = held_out.loss(model) | {"steps": t.steps + cur.stage2_steps,
                                                          "final_loss": done["final_loss"], "log": log}
         curriculum["shipped"] = shipped

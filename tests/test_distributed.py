@@ -63,6 +63,9 @@ def _owner_corpus(tmp_path):
     corpus = tmp_path / "owner.jsonl"
     corpus.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i} + {i % 7}\n"}) + "\n"
                               for i in range(60)))
+    # The curriculum scores each stage on the held-out text beside the corpus.
+    corpus.with_name("val.jsonl").write_text("".join(json.dumps({"text": f"def g{i}(y):\n    return y - {i}\n"}) + "\n"
+                                                     for i in range(20)))
     return corpus, create_owner_key(tmp_path / "keys").with_name("signing_key.pem")
 
 

@@ -43,6 +43,8 @@ def test_an_expert_trained_in_two_micro_batches_equals_one_pass(tiny_anchor_dir,
     corpus = tmp_path / "train.jsonl"
     corpus.write_text("".join(json.dumps({"text": f"owner note {i} says private things number {i * 7}."}) + "\n"
                               for i in range(40)))
+    corpus.with_name("val.jsonl").write_text("".join(json.dumps({"text": f"owner note {i} held out."}) + "\n"
+                                                     for i in range(20)))
     whole, whole_losses = trained_weights(root, corpus, tmp_path, "whole", dp)
     split, split_losses = trained_weights(root, corpus, tmp_path, "split", dp, grad_accumulation=2)
     assert whole.keys() == split.keys()

@@ -30,9 +30,9 @@ def test_dvc_graph_becomes_task_order(tmp_path):
     assert set(graph["train_expert@news"]) == {"prepare_owner@news", "prepare_public", "train_anchor", "embed_public"}
     assert set(graph["merge_experts"]) >= {f"train_expert@{o}" for o in OWNERS}
     # The report reads the published evaluations, training logs (the anchor's, the experts', the
-    # reference's) and the owners' synthetic sets' numbers.
+    # reference's), the safety probe and the owners' synthetic sets' numbers.
     assert set(graph["report"]) == ({f"evaluate_owner@{o}" for o in OWNERS} | {"evaluate_public", "train_anchor"}
-                                    | {f"train_expert@{o}" for o in OWNERS} | {"train_unrestricted"}
+                                    | {f"train_expert@{o}" for o in OWNERS} | {"train_unrestricted", "evaluate_safety"}
                                     | {f"audit@{o}" for o in OWNERS} | {f"synthesize@{o}" for o in OWNERS})
     assert set(graph["audit@news"]) == {"prepare_owner@news", "train_anchor", "merge_experts"}
     # The reference reads the whole owners/ folder, indexes and DP twins included (it is off by default).
@@ -294,6 +294,7 @@ def test_curriculum_stages_and_safety_reach_the_report_mlflow_and_consort_expert
     client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
     exp = client.get_experiment_by_name("consort")
     html = (ws / "reports" / "report.html").read_text()
+    table = (ws / "reports" / "eval_table.md").read_text()
     assert "Curriculum: one training stage or two" in html and "Safety: refusals per configuration" in html
     assert (ws / "reports" / "safety.png").stat().st_size > 500
     for o in OWNERS:
@@ -305,7 +306,7 @@ def test_curriculum_stages_and_safety_reach_the_report_mlflow_and_consort_expert
         c = metrics["curriculum"]
         assert c["shipped"] == "two_stage" and manifest["curriculum"]["stage2_steps"] == 2
         assert c["selection"]["method"] == "anchor_bpb_band" and c["selection"]["documents"] >= 2
-        assert f"| {o} | two stages |" in html
+        assert f"| {o} | two stage |" in table and f"<td>{o}</td>\n<td>two stage</td>" in html
         # One MLflow child run per curriculum stage, under the expert's run, with its held-out losses.
         expert_run = client.search_runs([exp.experiment_id], f"tags.`consort.stage` = 'train_expert@{o}'")[0]
         children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{expert_run.info.run_id}'")

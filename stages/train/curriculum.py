@@ -77,6 +77,11 @@ class HeldOut:
     """The owner's and the public held-out text, as rows; scored after each stage of the curriculum."""
 
     def __init__(self, tokenizer, owner_val: Path, public_val: Path, tokens: int, seq_len: int, precision: str):
+        for path in (owner_val, public_val):
+            if not path.exists():
+                raise FileNotFoundError(f"{path}: the curriculum scores each stage on this held-out text (the "
+                                        "val.jsonl beside the training corpus); add it, or set "
+                                        "expert.curriculum.stage2_steps: 0 to train one stage without scores")
         self.rows = {name: packed_rows([tokenize_corpus(tokenizer, path)[:tokens + 1].astype(np.int64)], seq_len)
                      for name, path in (("own", owner_val), ("public", public_val))}
         self.precision = precision
