@@ -226,7 +226,8 @@ class Lineage:
                 with self.lock:
                     run_id = self.client.create_run(self.experiment_id, run_name=f"{stage_name} {recipe}", tags={
                         MLFLOW_PARENT_RUN_ID: stage_run, "consort.kind": "curriculum_stage",
-                        "consort.stage": stage_name, "consort.curriculum": recipe,
+                        # not consort.stage: a search for a stage's run must find the stage's run only
+                        "consort.expert_stage": stage_name, "consort.curriculum": recipe,
                         "consort.shipped": str(recipe == curriculum["shipped"] or recipe == "stage_1").lower(),
                     }).info.run_id
                     for i in range(0, len(metrics), 900):

@@ -313,6 +313,7 @@ def test_curriculum_stages_and_safety_reach_the_report_mlflow_and_consort_expert
         assert {r.data.tags["consort.curriculum"] for r in children} == {"stage_1", "one_stage", "two_stage"}
         for r in children:
             recipe = r.data.tags["consort.curriculum"]
+            assert r.data.tags["consort.expert_stage"] == f"train_expert@{o}" and "consort.stage" not in r.data.tags
             assert r.data.metrics["own_loss"] == pytest.approx(c[recipe]["own_loss"])
             assert r.data.metrics["forgetting_vs_anchor"] == pytest.approx(c[recipe]["public_loss"]
                                                                            - c["anchor"]["public_loss"])
