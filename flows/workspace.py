@@ -213,13 +213,31 @@ def with_code_deps(dvc: dict) -> dict:
     return dvc
 
 
-def side_dvc_yaml(side: registry.Side | None, project_dvc: Path = PROJECT_ROOT / "dvc.yaml") -> dict:
-    """The project's dvc.yaml with its stages' code as deps, and only one side's stages
-    (stages/registry.py) if `side` is given: an owner's workspace runs the per-owner stages; a
-    coordinator's runs none of them, nor the reference trained on all owners' data."""
+def with_owner_params(dvc: dict, owners: list[str]) -> dict:
+    """Each params key `owners.*.<field>` spelled out once per owner: DVC has no wildcard, and a
+    stage that tracked the whole `owners` section would re-run when any owner changed anything
+    (one owner's trace policy re-ran the merge and all after it)."""
+    for name, stage in dvc["stages"].items():
+        body = stage.get("do", stage)
+        keys = body.get("params", [])
+        if any(isinstance(k, str) and k.startswith("owners.*.") for k in keys) and not owners:
+            raise ValueError(f"dvc.yaml stage {name}: params `owners.*` need the owners' names")
+        body["params"] = [expanded for k in keys
+                          for expanded in ([k.replace("*", o, 1) for o in owners]
+                                           if isinstance(k, str) and k.startswith("owners.*.") else [k])]
+    return dvc
+
+
+def side_dvc_yaml(side: registry.Side | None, project_dvc: Path = PROJECT_ROOT / "dvc.yaml",
+                  owners: list[str] = ()) -> dict:
+    """The project's dvc.yaml with its stages' code as deps and its `owners.*` params spelled out
+    for `owners`, and only one side's stages (stages/registry.py) if `side` is given: an owner's
+    workspace runs the per-owner stages; a coordinator's runs none of them, nor the reference
+    trained on all owners' data."""
     dvc = yaml.safe_load(project_dvc.read_text())
-    return with_code_deps({"stages": {n: stage for n, stage in dvc["stages"].items()
-                                      if side is None or registry.spec(n).side == side}})
+    return with_owner_params(with_code_deps({"stages": {n: stage for n, stage in dvc["stages"].items()
+                                                        if side is None or registry.spec(n).side == side}}),
+                             list(owners))
 
 
 def write_reference_stub(root: Path) -> None:
@@ -247,10 +265,12 @@ def prepare_workspace(root: Path, preset: str, params_file: Path | None = None, 
         check_local_sources(P.parse(resolved, origin=str(source)), str(source))  # before the workspace is touched
     root.mkdir(parents=True, exist_ok=True)
     if owners_remote:
-        (root / "dvc.yaml").write_text(yaml.safe_dump(side_dvc_yaml("coordinator"), sort_keys=False))
+        (root / "dvc.yaml").write_text(yaml.safe_dump(side_dvc_yaml("coordinator", owners=list(resolved["owners"])),
+                                                      sort_keys=False))
         write_reference_stub(root)
     else:
-        (root / "dvc.yaml").write_text(yaml.safe_dump(side_dvc_yaml(None), sort_keys=False))
+        (root / "dvc.yaml").write_text(yaml.safe_dump(side_dvc_yaml(None, owners=list(resolved["owners"])),
+                                                      sort_keys=False))
     text = (f"# Written by `consort run --preset {preset}` from {source.name}; edit that file, not this one.\n"
             + yaml.safe_dump(resolved, sort_keys=False))
     if not owners_remote:

@@ -2,7 +2,7 @@ import pytest
 import yaml
 from conftest import run_consort
 
-from flows.workspace import PROJECT_ROOT, read_project_params
+from flows.workspace import PROJECT_ROOT, read_project_params, with_owner_params
 from stages import params as P
 
 PROJECT = PROJECT_ROOT
@@ -123,7 +123,8 @@ def test_opting_out_where_the_list_is_missing_adds_it(tmp_path, section):
 def test_every_param_a_stage_tracks_is_in_the_resolved_params(preset):
     """DVC refuses a stage whose params key is missing: a key whose value is null must be kept."""
     resolved = P.resolve(read_project_params(PROJECT_ROOT / "params.yaml"), preset)
-    stages = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
+    dvc = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())
+    stages = with_owner_params(dvc, list(resolved["owners"]))["stages"]  # as the workspace has them
     for name, stage in stages.items():
         body = stage.get("do", stage)
         for owner in resolved["owners"] if "foreach" in stage else [None]:
