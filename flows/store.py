@@ -15,14 +15,29 @@ each owner can reach the same remote with their own credentials.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 REMOTE_PREFIX = "dvc:"
+# A remote's transient failures (a dropped connection, a timeout) are retried this many times,
+# waiting BACKOFF_S, then twice as long each time; anything else fails at once.
+RETRIES = 4
+BACKOFF_S = 0.5
+TRANSIENT_ERRNOS = {errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EAGAIN,
+                    errno.EPIPE, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN}
+
+
+def is_transient(err: BaseException) -> bool:
+    if isinstance(err, (ConnectionError, TimeoutError)):
+        return True
+    return isinstance(err, OSError) and not isinstance(err, (FileNotFoundError, PermissionError)) \
+        and err.errno in TRANSIENT_ERRNOS
 
 
 class StoreError(RuntimeError):
@@ -85,23 +100,38 @@ class Store:
     def _path(self, rel: str) -> str:
         return self.fs.join(self.root, *Path(rel).parts)
 
+    def _remote(self, what: str, call, *args, **kwargs):
+        """One call to the remote's filesystem, retried with backoff while it fails transiently."""
+        for attempt in range(RETRIES + 1):
+            try:
+                return call(*args, **kwargs)
+            except Exception as err:
+                if not is_transient(err):
+                    raise
+                if attempt == RETRIES:
+                    raise StoreError(f"store {self.spec}: {what} failed {RETRIES + 1} times, the last with "
+                                     f"{type(err).__name__}: {err}; check the connection and run the command again "
+                                     "(what was uploaded in part is refused at the merge)") from err
+                time.sleep(BACKOFF_S * 2 ** attempt)
+
     def exists(self, rel: str) -> bool:
         if self.fs is None:
             return (Path(self.root) / rel).exists()
-        return self.fs.exists(self._path(rel))
+        return self._remote(f"looking up {rel}", self.fs.exists, self._path(rel))
 
     def put(self, source: Path, rel: str) -> None:
         """Publish a local file or folder as `rel`, replacing what was there."""
         if self.fs is None:
             return replace_tree(source, Path(self.root) / rel)
         target = self._path(rel)
-        if self.fs.exists(target):
-            self.fs.rm(target, recursive=True)
+        if self._remote(f"looking up {rel}", self.fs.exists, target):
+            self._remote(f"removing the old {rel}", self.fs.rm, target, recursive=True)
         files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
         remote = [self._path(str(Path(rel) / p.relative_to(source))) for p in files] if source.is_dir() else [target]
         for path in {self.fs.parent(r) for r in remote}:
-            self.fs.makedirs(path, exist_ok=True)
-        self.fs.put([str(p) for p in files], remote)
+            self._remote(f"creating {path}", self.fs.makedirs, path, exist_ok=True)
+        for local, there in zip(files, remote):  # file by file: a retry re-sends one file, not the package
+            self._remote(f"uploading {local.name} to {rel}", self.fs.put_file, str(local), there)
 
     def get(self, rel: str, target: Path) -> None:
         """Fetch `rel` to a local file or folder, replacing what was there."""
@@ -110,7 +140,7 @@ class Store:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
             local = Path(tmp) / target.name
-            self.fs.get(self._path(rel), str(local))
+            self._remote(f"downloading {rel}", self.fs.get, self._path(rel), str(local))
             replace_tree(local, target)
 
     def read_json(self, rel: str) -> dict | None:
@@ -118,7 +148,7 @@ class Store:
             return None
         if self.fs is None:
             return json.loads((Path(self.root) / rel).read_text())
-        return json.loads(self.fs.cat_file(self._path(rel)))
+        return json.loads(self._remote(f"reading {rel}", self.fs.cat_file, self._path(rel)))
 
     def write_json(self, rel: str, value: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:

@@ -88,6 +88,12 @@ def sign_package(package: Path, private_key: Path, owner: str) -> None:
                                                  "signature": signature}, indent=2, sort_keys=True) + "\n")
 
 
+def package_hash(package: Path) -> str:
+    """The package's name in lineage: the SHA-256 of its signature file, which covers every other file."""
+    signature = package / SIGNATURE
+    return file_digest(signature) if signature.exists() else ""
+
+
 def enrolled_key(keyring: Path, owner: str) -> Path:
     return keyring / f"{owner}.pub"
 
@@ -99,7 +105,8 @@ def verify_package(package: Path, owner: str, key_path: Path) -> None:
 
     sig_path = package / SIGNATURE
     if not sig_path.exists():
-        raise PackageRefused(f"expert {owner}: {sig_path} is missing: the package is unsigned")
+        raise PackageRefused(f"expert {owner}: {sig_path} is missing: the package is unsigned, or its upload "
+                             "did not finish (publish it again)")
     if not key_path.exists():
         raise PackageRefused(f"expert {owner}: no public key for {owner!r} in the keyring ({key_path}); "
                              "enrol the owner's key first (`consort owner init` prints it)")
@@ -116,7 +123,8 @@ def verify_package(package: Path, owner: str, key_path: Path) -> None:
     actual = _file_digests(package)
     for name in sorted(set(signed_files) | set(actual)):
         if name not in actual:
-            raise PackageRefused(f"expert {owner}: signed file {name} is missing from the package")
+            raise PackageRefused(f"expert {owner}: signed file {name} is missing from the package (an upload "
+                                 "that did not finish? publish it again)")
         if name not in signed_files:
             raise PackageRefused(f"expert {owner}: file {name} is not covered by the signature (added after signing)")
         if actual[name] != signed_files[name]:
