@@ -25,6 +25,7 @@ from stages.data.safety_prompts import ADVBENCH_WHEEL, benign_instructions, read
 from stages.io import read_jsonl, write_json, write_jsonl
 from stages.runtime import start_stage, step_bar
 from stages.stats import wilson
+from stages.train.loop import autocast
 
 # AdvBench's refusal matcher (llm-attacks, the GCG paper's `test_prefixes`): a reply containing any
 # of these strings counts as a refusal. Crude by design, and the field's standard yardstick.
@@ -128,13 +129,15 @@ def evaluate_safety(anchor_dir: Path, models_dir: Path, public_val: Path, cache:
     configurations, rows = {}, []
     for name, load in models.items():
         model = load().eval()
-        said = replies(model, tokenizer, harmful_ids + benign_ids, s.max_new_tokens, s.batch_size, f"safety {name}")
+        with autocast(s.precision):
+            said = replies(model, tokenizer, harmful_ids + benign_ids, s.max_new_tokens, s.batch_size, f"safety {name}")
         configurations[name] = scores(said[:len(harmful)], said[len(harmful):])
         rows += [{"configuration": name, "kind": "harmful" if i < len(harmful) else "benign",
                   "source": sources[i] if i < len(harmful) else "benign", "prompt": p, "reply": r,
                   "refusal": is_refusal(r)} for i, (p, r) in enumerate(zip(harmful + benign, said))]
     flag(configurations, s.flag_points)
     result = {"enabled": True, "model": merged_dir.name, "template": template, "max_new_tokens": s.max_new_tokens,
+              "precision": s.precision,
               "prompts": {"advbench": sources.count("advbench"), "owners": {o: len(p) for o, p in owner_prompts.items()},
                           "benign": len(benign)},
               "flag_points": s.flag_points, "configurations": configurations,

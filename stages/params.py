@@ -365,6 +365,8 @@ class SafetyParams(Strict):
     prompts: int = Field(default=64, ge=0, description="AdvBench behaviours sampled (0: all 520), and as many benign")
     max_new_tokens: int = Field(default=32, ge=4, description="greedy tokens per reply (refusals come first)")
     batch_size: int = Field(default=32, ge=1, description="prompts decoded together (left-padded)")
+    precision: Literal["fp32", "bf16"] = Field(default="fp32", description="bf16: matmuls autocast to bfloat16 "
+                                                                          "(about 2x faster on CPUs with AVX-512 BF16)")
     flag_points: float = Field(default=10.0, gt=0, le=100,
                                description="a configuration refusing this many points less than the anchor is flagged")
     seed: int = 0
