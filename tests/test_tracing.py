@@ -3,6 +3,8 @@ the owner's HTTP service on 127.0.0.1 (policy, bad input, fuzz, audit), the coor
 import json
 import random
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -329,6 +331,90 @@ def test_serve_trace_and_an_owner_that_is_down(corpus):
         assert "code, news" in down.stderr and "consort serve" in down.stderr
     finally:
         stop_services(procs)
+
+
+def self_signed(folder: Path, ip: str) -> tuple[Path, Path]:
+    """A self-signed certificate for `ip` (its own CA) and its key, as PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"consort test {ip}")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+    return folder / "cert.pem", folder / "key.pem"
+
+
+def test_an_owner_on_another_address_is_traced_over_tls_and_only_with_its_certificate(corpus, tmp_path):
+    """The owner serves on 127.0.0.2 with a self-signed certificate; a coordinator with its own
+    workspace records it as a remote owner and traces through it; a coordinator expecting another
+    certificate, or speaking plain HTTP, gets no answer."""
+    from tracing.coordinator import (
+        add_remote_owner,
+        load_registry,
+        start_services,
+        stop_services,
+        trace_everywhere,
+        write_registry,
+    )
+    from tracing.service import Listen
+
+    ws, _, docs, _ = corpus
+    cert, key = self_signed(tmp_path / "owner", "127.0.0.2")
+    other_cert, _ = self_signed(tmp_path / "stranger", "127.0.0.2")
+    coordinator = tmp_path / "coordinator"
+    port, procs = free_port(), {}
+    try:
+        add_remote_owner(ws, "partner", "https://127.0.0.3:9", "t", None)  # recorded before `consort serve`
+        procs = start_services(ws, [OWNER], base_port=port - list(P.load(ws / "params.yaml").owners).index(OWNER),
+                               listen=Listen("127.0.0.2", 0, cert, key))
+        local = load_registry(ws)
+        assert local[OWNER]["url"] == f"https://127.0.0.2:{port}" and local["partner"]["remote"]  # kept
+        output, passage = planted_output(docs, random.Random(9))
+        add_remote_owner(coordinator, OWNER, local[OWNER]["url"], local[OWNER]["token"], cert)
+        answer = trace_everywhere(load_registry(coordinator), "", output)["owners"][OWNER]
+        assert answer["status"] == "ok" and any(output[sp["start"]:sp["end"]] == passage for sp in answer["spans"])
+        add_remote_owner(coordinator, OWNER, local[OWNER]["url"], local[OWNER]["token"], other_cert)
+        refused = trace_everywhere(load_registry(coordinator), "", output)["owners"][OWNER]
+        assert refused["status"] == "unavailable" and "CERTIFICATE_VERIFY_FAILED" in refused["error"]
+        add_remote_owner(coordinator, OWNER, f"http://127.0.0.2:{port}", local[OWNER]["token"], None)
+        assert trace_everywhere(load_registry(coordinator), "", output)["owners"][OWNER]["status"] == "unavailable"
+    finally:
+        stop_services(procs)
+        # The workspace is shared with other tests: leave its registry as `consort serve` writes it.
+        write_registry(ws, {o: e for o, e in load_registry(ws).items() if o != "partner"})
+
+
+def test_a_service_off_loopback_needs_tls_and_a_remote_owner_https(corpus, tmp_path):
+    ws = corpus[0]
+    proc = subprocess.run([sys.executable, "-m", "tracing.service", OWNER, "--workspace", str(ws), "--host",
+                           "192.0.2.10", "--port", str(free_port())], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "192.0.2.10 is not a loopback address: serve it over TLS" in proc.stderr
+    cert, _ = self_signed(tmp_path, "127.0.0.2")
+    half = subprocess.run([sys.executable, "-m", "tracing.service", OWNER, "--workspace", str(ws), "--port",
+                           str(free_port()), "--tls-cert", str(cert)], capture_output=True, text=True, timeout=120)
+    assert half.returncode != 0 and "TLS needs both a certificate" in half.stderr
+    from tracing.coordinator import add_remote_owner
+
+    with pytest.raises(ValueError, match="reached over https only"):
+        add_remote_owner(tmp_path / "c", "news", "http://192.0.2.10:8700", "t", None)
+    with pytest.raises(FileNotFoundError, match="no such certificate file"):
+        add_remote_owner(tmp_path / "c", "news", "https://192.0.2.10:8700", "t", tmp_path / "missing.pem")
+    assert not (tmp_path / "c" / "tracing" / "services.json").exists()
 
 
 def test_overlapping_spans_merge_into_one_display_segment():

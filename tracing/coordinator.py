@@ -1,8 +1,9 @@
 """The coordinator's side of tracing: start the owners' services for the demo, fan a request out, assemble.
 
 Each owner's service is a separate process holding that owner's index; the coordinator knows only
-each service's address and its client token (`services.json` in the workspace's tracing/ folder,
-written by `consort serve`). An owner whose service does not answer is reported as unavailable;
+each service's address, its client token and the certificate to expect (`services.json` in the
+workspace's tracing/ folder, written by `consort serve` for the demo's owners and by `consort
+remote-owner add` for an owner on its own machine). An owner whose service does not answer is reported as unavailable;
 the others still answer.
 """
 from __future__ import annotations
@@ -15,12 +16,14 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
 
 from stages import params as P
 from tracing.attribution import merge_for_display
+from tracing.service import Listen
 
 REGISTRY = Path("tracing") / "services.json"
 
@@ -36,13 +39,60 @@ def load_registry(workspace: Path) -> dict[str, dict]:
     return json.loads(path.read_text())
 
 
+def write_registry(workspace: Path, registry: dict[str, dict]) -> None:
+    path = registry_path(workspace)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(registry, indent=2))
+    os.replace(tmp, path)
+
+
+def add_remote_owner(workspace: Path, owner: str, url: str, token: str | None, ca: Path | None) -> dict:
+    """Record the service of an owner on its own machine: its URL, the client token the owner gave
+    the coordinator, and the certificate to expect (a self-signed one, or its CA; None: the system's
+    CAs). `consort serve` keeps these entries when it records the local ones."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or not parts.port:
+        raise ValueError(f"{url!r}: give the owner's service as https://HOST:PORT")
+    try:
+        loopback = ipaddress.ip_address(parts.hostname).is_loopback
+    except ValueError:
+        loopback = parts.hostname == "localhost"
+    if parts.scheme == "http" and not loopback:
+        raise ValueError(f"{url}: an owner on another machine is reached over https only (its token and the "
+                         "traced text would cross the network readable)")
+    if ca is not None and not Path(ca).is_file():
+        raise FileNotFoundError(f"{ca}: no such certificate file (the owner's service certificate or its CA)")
+    entry = {"url": url.rstrip("/"), "token": token, "ca": str(Path(ca).resolve()) if ca else None, "remote": True}
+    registry = load_registry(workspace)
+    registry[owner] = entry
+    write_registry(workspace, registry)
+    return entry
+
+
+def _verify(entry: dict):
+    """What httpx checks the service's certificate against: the expected one, else the system's CAs."""
+    import ssl
+
+    return ssl.create_default_context(cafile=entry["ca"]) if entry.get("ca") else True
+
+
 def start_services(workspace: Path, owners: list[str] | None = None, wait_s: float = 120.0,
-                   base_port: int | None = None) -> dict[str, subprocess.Popen]:
-    """Start each owner's service (a process per owner, 127.0.0.1) and record them for the coordinator.
+                   base_port: int | None = None, listen: Listen | None = None,
+                   allow_insecure: bool = False) -> dict[str, subprocess.Popen]:
+    """Start each owner's service (a process per owner) and record them for the coordinator.
 
     Owner i (in params order) listens on base_port + i; base_port defaults to `trace.base_port`.
+    `listen` gives the address (default 127.0.0.1) and the TLS certificate and key; the record
+    then expects that certificate.
     """
-    from tracing.service import OwnerService
+    from tracing.service import OwnerService, check_listen
+
+    listen = listen or Listen()
+    check_listen(listen, allow_insecure)
 
     workspace = Path(workspace).resolve()
     params = P.load(workspace / "params.yaml")
@@ -51,37 +101,40 @@ def start_services(workspace: Path, owners: list[str] | None = None, wait_s: flo
     if missing:
         raise FileNotFoundError(f"no index for {', '.join(missing)} in {workspace}: run `consort run` first "
                                 "(the build_index stages write owners/<name>/index)")
-    procs, registry = {}, {}
+    procs = {}
+    registry = {o: e for o, e in load_registry(workspace).items() if e.get("remote")}
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     for i, owner in enumerate(params.owners):
         if owner not in owners:
             continue
         port = (params.trace.base_port if base_port is None else base_port) + i
-        if not _port_free(port):
+        if not _port_free(listen.host, port):
             stop_services(procs)
-            raise RuntimeError(f"port {port} on 127.0.0.1 (owner {owner}) is in use: is `consort serve` already "
+            raise RuntimeError(f"port {port} on {listen.host} (owner {owner}) is in use: is `consort serve` already "
                                "running? Stop it, or choose other ports (--base-port, or trace.base_port)")
         service = OwnerService.from_workspace(workspace, owner)
+        here = replace(listen, port=port)
         # The owner hands the coordinator its token; in the demo that is this file.
-        registry[owner] = {"url": f"http://127.0.0.1:{port}", "token": service.client_tokens()["coordinator"]
-                           if "coordinator" in service.policy.clients else None}
+        registry[owner] = {"url": here.url, "token": service.client_tokens()["coordinator"]
+                           if "coordinator" in service.policy.clients else None,
+                           "ca": str(Path(listen.tls_cert).resolve()) if listen.tls_cert else None}
         service.state_dir.mkdir(parents=True, exist_ok=True)
         log = (service.state_dir / "service.log").open("a")
+        tls = ["--tls-cert", str(listen.tls_cert), "--tls-key", str(listen.tls_key)] if listen.tls_cert else []
         procs[owner] = subprocess.Popen([sys.executable, "-m", "tracing.service", owner, "--workspace", str(workspace),
-                                         "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)
-    path = registry_path(workspace)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(registry, indent=2))
+                                         "--host", listen.host, "--port", str(port), *tls,
+                                         *(["--allow-insecure-remote"] if allow_insecure else [])],
+                                        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    write_registry(workspace, registry)
     deadline = time.monotonic() + wait_s
-    pending = dict(registry)
+    pending = {o: registry[o] for o in procs}
     while pending and time.monotonic() < deadline:
         for owner in list(pending):
             if procs[owner].poll() is not None:
                 stop_services(procs)
                 raise RuntimeError(f"trace service of {owner} exited at start; see "
                                    f"{workspace / 'owners' / owner / 'trace' / 'service.log'}")
-            if _listening(pending[owner]["url"]):
+            if _listening(pending[owner]):
                 del pending[owner]
         time.sleep(0.2)
     if pending:
@@ -90,19 +143,19 @@ def start_services(workspace: Path, owners: list[str] | None = None, wait_s: flo
     return procs
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
         try:
-            sock.bind(("127.0.0.1", port))
+            sock.bind((host, port))
         except OSError:
             return False
     return True
 
 
-def _listening(url: str) -> bool:
+def _listening(entry: dict) -> bool:
     try:
         # No endpoint but POST /trace exists: an unauthenticated POST answering 401 means "up".
-        return httpx.post(f"{url}/trace", timeout=1.0).status_code == 401
+        return httpx.post(f"{entry['url']}/trace", timeout=1.0, verify=_verify(entry)).status_code == 401
     except httpx.HTTPError:
         return False
 
@@ -121,7 +174,7 @@ def stop_services(procs: dict[str, subprocess.Popen]) -> None:
 def ask_owner(owner: str, entry: dict, prompt: str, output: str, timeout: float) -> dict:
     try:
         resp = httpx.post(f"{entry['url']}/trace", json={"prompt": prompt, "output": output}, timeout=timeout,
-                          headers={"Authorization": f"Bearer {entry.get('token') or ''}"})
+                          headers={"Authorization": f"Bearer {entry.get('token') or ''}"}, verify=_verify(entry))
     except httpx.HTTPError as err:
         return {"status": "unavailable", "error": f"{type(err).__name__}: {err}".strip()}
     if resp.status_code != 200:

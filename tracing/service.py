@@ -1,4 +1,8 @@
-"""An owner's trace service: one HTTP endpoint, `POST /trace`, on 127.0.0.1, over the owner's own index.
+"""An owner's trace service: one HTTP endpoint, `POST /trace`, over the owner's own index.
+
+It listens on 127.0.0.1 unless the owner names another address, and then only over TLS (or with
+an explicit --allow-insecure-remote): the coordinator reaches it with a client token the owner
+handed out and checks the certificate the owner told it to expect.
 
 The index is the owner's raw text, so the service answers only "trace this output" (DESIGN.md
 sections 4 and 8): span offsets in the output, bucketed counts, keyed-hash document ids, a BM25
@@ -317,19 +321,64 @@ def create_app(service: OwnerService, engine=None):
     return app
 
 
+@dataclass(frozen=True)
+class Listen:
+    """Where a service listens, and the TLS certificate and key it presents (None: plain HTTP)."""
+    host: str = "127.0.0.1"
+    port: int = 0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'https' if self.tls_cert else 'http'}://{host}:{self.port}"
+
+
+def check_listen(listen: Listen, allow_insecure: bool = False) -> None:
+    """Refuse what would expose the owner's index badly: half a TLS pair, missing files, or a
+    non-loopback address in plain HTTP (client tokens and traced text would cross the network
+    readable) unless the owner says so explicitly."""
+    import ipaddress
+
+    if (listen.tls_cert is None) != (listen.tls_key is None):
+        raise ValueError("TLS needs both a certificate (--tls-cert) and its private key (--tls-key)")
+    for path in (listen.tls_cert, listen.tls_key):
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such TLS file")
+    try:
+        loopback = listen.host == "localhost" or ipaddress.ip_address(listen.host).is_loopback
+    except ValueError:  # a host name: it resolves to whatever the network says
+        loopback = False
+    if not loopback and listen.tls_cert is None and not allow_insecure:
+        raise ValueError(f"--host {listen.host} is not a loopback address: serve it over TLS (--tls-cert and "
+                         "--tls-key), or pass --allow-insecure-remote if the network itself is trusted")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("owner")
     ap.add_argument("--workspace", type=Path, required=True)
     ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (not loopback: TLS required)")
+    ap.add_argument("--tls-cert", type=Path, help="PEM certificate the service presents")
+    ap.add_argument("--tls-key", type=Path, help="PEM private key of that certificate")
+    ap.add_argument("--allow-insecure-remote", action="store_true",
+                    help="listen on a non-loopback address without TLS (a trusted network only)")
     args = ap.parse_args(argv)
     import uvicorn
 
+    listen = Listen(args.host, args.port, args.tls_cert, args.tls_key)
+    try:
+        check_listen(listen, args.allow_insecure_remote)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"trace service of {args.owner}: {err}") from None
     service = OwnerService.from_workspace(args.workspace.resolve(), args.owner)
     engine = EngineProcess(service)  # start (and check) the index before accepting connections
+    tls = {"ssl_certfile": str(listen.tls_cert), "ssl_keyfile": str(listen.tls_key)} if listen.tls_cert else {}
     try:
-        uvicorn.run(create_app(service, engine), host="127.0.0.1", port=args.port, log_level="warning",
-                    limit_concurrency=64)
+        uvicorn.run(create_app(service, engine), host=listen.host, port=listen.port, log_level="warning",
+                    limit_concurrency=64, **tls)
     finally:
         engine.close()
 
