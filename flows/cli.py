@@ -192,6 +192,31 @@ def cmd_generate(prompt: str, experts: str | None, max_new_tokens: int, temperat
     return 0
 
 
+def cmd_export(out: Path, experts: str | None, workspace: Path, params: Path | None, preset: str) -> int:
+    """The shipped merged model with only the enabled experts, as a stock checkpoint with a model card."""
+    from flows.workspace import PROJECT_ROOT, Workspace
+    from stages.params import ParamsError, disabled_owners
+
+    ws = Workspace(workspace.resolve())
+    if not ws.merged_model.exists():
+        print(f"consort: no merged model in {ws.root}; run `consort run` first", file=sys.stderr)
+        return 2
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from stages.model.export import export_model
+
+    try:
+        disabled = disabled_owners(params or PROJECT_ROOT / "params.yaml", preset)
+        summary = export_model(ws.merged_model, ws.root / "models" / "anchor", ws.root / "published",
+                               ws.root / "reports" / "eval_table.md", experts, disabled, out.resolve())
+    except (ParamsError, ValueError, FileExistsError) as err:
+        print(f"consort: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {ws.merged_model.name} to {out}: public + {', '.join(e['owner'] for e in summary['experts'])}"
+          + (f" (left out: {', '.join(summary['left_out'])})" if summary["left_out"] else "")
+          + f"; top-{summary['top_k']}, loads with AutoModelForCausalLM.from_pretrained")
+    return 0
+
+
 def _port(text: str) -> int:
     """A TCP port for argparse: the error names the value and the range."""
     try:
@@ -207,16 +232,19 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def cmd_serve(workspace: Path, owners: str | None, base_port: int) -> int:
+def cmd_serve(workspace: Path, owners: str | None, base_port: int, host: str = "127.0.0.1", tls_cert: Path | None = None,
+              tls_key: Path | None = None, allow_insecure_remote: bool = False) -> int:
     import signal
 
     from tracing.coordinator import start_services, stop_services
+    from tracing.service import Listen
 
     # `kill` or a supervisor's SIGTERM must stop the owners' services too, as Ctrl-C does.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         procs = start_services(workspace.resolve(), owners.split(",") if owners else None,
-                               base_port=base_port)
+                               base_port=base_port, listen=Listen(host, 0, tls_cert, tls_key),
+                               allow_insecure=allow_insecure_remote)
     except (FileNotFoundError, RuntimeError, TimeoutError, ValueError) as err:
         print(f"consort: {err}", file=sys.stderr)
         return 2
@@ -494,14 +522,44 @@ def owner_publish(workspace: Path, store: str, phase: str) -> int:
     return 0
 
 
-def owner_serve(workspace: Path, base_port: int | None) -> int:
-    """The owner's own trace service, on 127.0.0.1."""
+def owner_serve(workspace: Path, base_port: int | None, host: str, tls_cert: Path | None, tls_key: Path | None,
+                allow_insecure_remote: bool) -> int:
+    """The owner's own trace service: on 127.0.0.1, or on another address over TLS."""
     try:
         ws, _ = _owner_workspace(workspace, None)
     except _owner_errors() as err:
         print(f"consort: {err}", file=sys.stderr)
         return 2
-    return cmd_serve(workspace, ws.owner, base_port)
+    return cmd_serve(workspace, ws.owner, base_port, host, tls_cert, tls_key, allow_insecure_remote)
+
+
+def cmd_remote_owner(action: str, owner: str | None, url: str | None, token: str | None, ca: Path | None,
+                     workspace: Path) -> int:
+    """The coordinator's record of owners whose trace services run on their own machines."""
+    from tracing.coordinator import add_remote_owner, load_registry, write_registry
+
+    ws_root = workspace.resolve()
+    try:
+        if action == "add":
+            if not owner or not url:
+                raise ValueError("consort remote-owner add needs an owner name and its service's URL")
+            entry = add_remote_owner(ws_root, owner, url, token, ca)
+            print(f"{owner}: {entry['url']}" + (f", expecting the certificate {entry['ca']}" if entry["ca"] else ""))
+        elif action == "remove":
+            registry = load_registry(ws_root)
+            if owner not in registry or not registry[owner].get("remote"):
+                raise ValueError(f"no remote owner {owner!r} is recorded in {ws_root}")
+            del registry[owner]
+            write_registry(ws_root, registry)
+            print(f"{owner}: removed")
+        else:
+            for name, entry in load_registry(ws_root).items():
+                where = "remote" if entry.get("remote") else "local (consort serve)"
+                print(f"  {name:<12} {entry['url']:<32} {where}" + (f"  expects {entry['ca']}" if entry.get("ca") else ""))
+    except (ValueError, FileNotFoundError) as err:
+        print(f"consort: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def owner_worker(workspace: Path, store: str) -> int:
@@ -575,12 +633,28 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     _add_generation_arguments(gen)
     gen.set_defaults(func=cmd_generate)
-    serve = sub.add_parser("serve", help="start every owner's trace service on 127.0.0.1 (the demo's owners)")
+    exp = sub.add_parser("export", help="write the merged model with only the enabled experts, for other tools")
+    exp.add_argument("out", type=Path, help="the folder to write (an earlier export there is replaced)")
+    exp.add_argument("--experts", default=None, help="only these owners' experts, e.g. code,news (default: the enabled)")
+    exp.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE)
+    exp.add_argument("--params", type=Path, default=None, help="params file with the opt-outs (default: the project's)")
+    exp.add_argument("--preset", default="default")
+    exp.set_defaults(func=cmd_export)
+    serve = sub.add_parser("serve", help="start every owner's trace service (the demo's owners; 127.0.0.1 by default)")
     serve.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE)
     serve.add_argument("--owners", default=None, help="only these owners, e.g. code,news (default: all)")
     serve.add_argument("--base-port", type=_port, default=None,
-                       help="owner i listens on 127.0.0.1:(BASE_PORT + i) (default: trace.base_port in params.yaml)")
+                       help="owner i listens on HOST:(BASE_PORT + i) (default: trace.base_port in params.yaml)")
     serve.set_defaults(func=cmd_serve)
+    remote = sub.add_parser("remote-owner", help="record the trace service of an owner on its own machine")
+    remote.add_argument("action", choices=["add", "remove", "list"])
+    remote.add_argument("owner", nargs="?", help="the owner's name")
+    remote.add_argument("url", nargs="?", help="its service, https://HOST:PORT")
+    remote.add_argument("--token", default=None, help="the client token the owner gave the coordinator")
+    remote.add_argument("--ca", type=Path, default=None,
+                        help="the certificate to expect (self-signed, or its CA; default: the system's CAs)")
+    remote.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE)
+    remote.set_defaults(func=cmd_remote_owner)
     tr = sub.add_parser("trace", help="trace an output back to the owners' documents (needs `consort serve`)")
     what = tr.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="generate from this prompt with the merged model, then trace the output")
@@ -621,13 +695,19 @@ def build_parser() -> argparse.ArgumentParser:
     opub = owner_sub.add_parser("publish", help="copy the signed expert and the numbers to the store")
     opub.add_argument("store", help="the shared store: a folder or dvc:NAME")
     opub.set_defaults(func=owner_publish)
-    oserve = owner_sub.add_parser("serve", help="the owner's trace service on 127.0.0.1")
+    oserve = owner_sub.add_parser("serve", help="the owner's trace service (127.0.0.1, or another address over TLS)")
     oserve.add_argument("--base-port", type=_port, default=None, help="listen on BASE_PORT + the owner's index "
                         "(default: trace.base_port in params.yaml)")
     oserve.set_defaults(func=owner_serve)
     owork = owner_sub.add_parser("worker", help="a Prefect worker that runs the owner's phases for the coordinator")
     owork.add_argument("store", help="the shared store: a folder or dvc:NAME")
     owork.set_defaults(func=owner_worker)
+    for sp in (serve, oserve):
+        sp.add_argument("--host", default="127.0.0.1", help="the address to listen on (other than loopback: TLS only)")
+        sp.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate the services present")
+        sp.add_argument("--tls-key", type=Path, default=None, help="PEM private key of that certificate")
+        sp.add_argument("--allow-insecure-remote", action="store_true",
+                        help="listen on a non-loopback address without TLS (a trusted network only)")
     for sp in (oi, orun, opub, oserve, owork):
         sp.add_argument("--workspace", type=Path, required=True, help="the owner's workspace")
     for sp in (orun, opub):

@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -28,12 +30,14 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from flows.workspace import PROJECT_ROOT, Workspace
 from stages import registry
-from stages.artifacts import ANCHOR_INFO, MERGED_INFO
+from stages.artifacts import ANCHOR_INFO, MERGED_INFO, has_model
 from stages.io import file_digest
+from stages.package import package_hash
 
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser where PyYAML has it
 EXPERIMENT = "consort"
 REGISTERED_MODEL = "consort-merged"
+CURRENT_ALIAS = "current"
 # Stage outputs that are datasets; lineage records the SHA-256 of each of their files.
 DATASET_PREFIXES = ("public/corpus", "owners/")
 
@@ -200,9 +204,8 @@ class Lineage:
         if "report_files" in entry.lineage and (self.ws.root / "reports").exists():
             self.client.log_artifacts(run_id, str(self.ws.root / "reports"), "report")
         if "expert_links" in entry.lineage:
-            merged_md5 = next((o.get("md5", "") for o in lock_entry.get("outs", []) if o["path"] == "models/merged"), "")
             experts = {k.rsplit(".", 1)[1]: v for k, v in tags.items() if k.startswith("consort.expert_run.")}
-            self._register_merged(run_id, merged_md5, experts)
+            self.client.set_tag(run_id, "mlflow.note.content", self._merged_lineage(experts, [])[1])
         self.client.set_terminated(run_id, "FINISHED")
         return run_id
 
@@ -315,8 +318,8 @@ class Lineage:
         return {"anchor.source.kind": source["kind"], "anchor.source.where": source["where"],
                 "anchor.licence": source["licence"], "anchor.source.sha256": source["sha256"]}
 
-    def _merged_lineage(self, expert_runs: dict[str, str]) -> tuple[dict[str, str], str]:
-        """Tags and a markdown note saying which anchor and which experts the merged model holds."""
+    def _merged_lineage(self, expert_runs: dict[str, str], left_out: list[str]) -> tuple[dict[str, str], str]:
+        """Tags and a markdown note saying which anchor and which experts (all but `left_out`) a model holds."""
 
         info = json.loads((self.ws.as_merged / MERGED_INFO).read_text())
         tags = {"anchor.hash": info["anchor_hash"], "top_k": str(info["top_k"])} | self._anchor_source_tags()
@@ -324,10 +327,9 @@ class Lineage:
                 "|---|---|---|---|"]
         for e in info["experts"]:
             owner = e["owner"]
-            if e["index"] == 0:
+            if e["index"] == 0 or owner in left_out:
                 continue
-            signature = self.ws.root / "published" / owner / "expert" / "consort_signature.json"
-            package = hashlib.sha256(signature.read_bytes()).hexdigest() if signature.exists() else ""
+            package = package_hash(self.ws.root / "published" / owner / "expert")
             run = expert_runs.get(owner, "")
             tags |= {f"expert.{owner}.data_digest": e.get("data_digest", ""), f"expert.{owner}.package_hash": package,
                      f"expert.{owner}.run_id": run}
@@ -335,28 +337,60 @@ class Lineage:
                         + (f"[{run[:8]}]({self._run_link(run)})" if run else "") + " |")
         where = tags.get("anchor.source.where", "trained from scratch on the public corpus")
         note = (f"Merged model (FlexOlmo routing): the public anchor `{info['anchor_hash'][:16]}` ({where}) and "
-                f"the experts below, top-{info['top_k']} routing.\n\n" + "\n".join(rows) + "\n")
+                f"the experts below, top-{info['top_k']} routing"
+                + (f"; left out (opted out): {', '.join(left_out)}" if left_out else "") + ".\n\n"
+                + "\n".join(rows) + "\n")
         return tags, note
 
-    def _register_merged(self, run_id: str, merged_md5: str, expert_runs: dict[str, str]) -> None:
-        """Register the merged model once per distinct model (DVC hash), also if an earlier run died."""
-        tags, note = self._merged_lineage(expert_runs)
-        self.client.set_tag(run_id, "mlflow.note.content", note)  # rendered as the run's description
-        known = self.client.search_model_versions(f"name='{REGISTERED_MODEL}' and tag.dvc_md5='{merged_md5}'")
+    def _register_export(self) -> None:
+        """Register what other tools load: the shipped model with this run's opt-outs applied (consort
+        export), in MLflow's transformers flavour; one version per distinct model and expert set, with
+        the alias `current` on this run's."""
+        import mlflow.transformers
+        import torch
+        import transformers
+
+        from stages.model.experts import merged_owners
+        from stages.model.export import export_model
+
+        shipped = self.ws.merged_model
+        rel = shipped.relative_to(self.ws.root).as_posix()
+        md5 = next((o.get("md5", "") for e in self._lock_stages().values() for o in e.get("outs", [])
+                    if o["path"] == rel), "")
+        disabled = self.ws.params().inference.disabled
+        left_out = [o for o in merged_owners(shipped) if o in disabled]
+        key = hashlib.sha256(f"{md5}|{','.join(left_out)}".encode()).hexdigest()
+        known = self.client.search_model_versions(f"name='{REGISTERED_MODEL}' and tag.export_key='{key}'")
         if known:
-            self.client.set_tag(run_id, "consort.registered_version", known[0].version)
-            return
-        self.client.log_artifacts(run_id, str(self.ws.as_merged), "merged_model")
-        try:
-            self.client.get_registered_model(REGISTERED_MODEL)
-        except mlflow.exceptions.MlflowException:
-            self.client.create_registered_model(
-                REGISTERED_MODEL, description="FlexOlmo mixture of the public anchor and the owners' experts")
-        # A plain transformers checkpoint, not an MLflow "logged model": register its artifact folder.
-        source = f"{self.client.get_run(run_id).info.artifact_uri}/merged_model"
-        version = self.client.create_model_version(REGISTERED_MODEL, source, run_id=run_id,
-                                                   tags={"dvc_md5": merged_md5} | tags, description=note)
-        self.client.set_tag(run_id, "consort.registered_version", version.version)
+            version = known[0].version
+        else:
+            expert_runs = {s.split("@", 1)[1]: self.stage_runs.get(s) or self._producing_run(s) or ""
+                           for s in self._expert_stages()}
+            tags, note = self._merged_lineage(expert_runs, left_out)
+            with tempfile.TemporaryDirectory(dir=self.ws.root, prefix=".export-") as tmp:
+                export = Path(tmp) / "export"
+                export_model(shipped, self.ws.root / "models" / "anchor", self.ws.root / "published",
+                             self.ws.root / "reports" / "eval_table.md", None, disabled, export)
+                # From a pipeline, not the checkpoint's path: this MLflow cannot read the task of
+                # a local checkpoint with this transformers release.
+                pipe = transformers.pipeline("text-generation", model=str(export))
+                flavour = Path(tmp) / "model"
+                mlflow.transformers.save_model(pipe, path=str(flavour), pip_requirements=[
+                    f"transformers=={transformers.__version__}", f"torch=={torch.__version__.split('+')[0]}"])
+                shutil.copy2(export / "README.md", flavour / "README.md")  # the model card
+                self.client.log_artifacts(self.parent, str(flavour), "model")
+            try:
+                self.client.get_registered_model(REGISTERED_MODEL)
+            except mlflow.exceptions.MlflowException:
+                self.client.create_registered_model(
+                    REGISTERED_MODEL, description="FlexOlmo mixture of the public anchor and the owners' experts")
+            source = f"{self.client.get_run(self.parent).info.artifact_uri}/model"
+            version = self.client.create_model_version(
+                REGISTERED_MODEL, source, run_id=self.parent, description=note,
+                tags={"export_key": key, "dvc_md5": md5, "left_out": ",".join(left_out)} | tags).version
+        # `latest` is MLflow's own name for the newest version; `current` is what the last run ships.
+        self.client.set_registered_model_alias(REGISTERED_MODEL, CURRENT_ALIAS, version)
+        self.client.set_tag(self.parent, "consort.registered_version", version)
 
     # -- end of the pipeline ----------------------------------------------------------------
     def finish(self, ok: bool, summary: dict | None = None, report_dir: Path | None = None) -> None:
@@ -368,6 +402,13 @@ class Lineage:
             self.client.log_batch(self.parent, metrics=metrics)
         if report_dir and report_dir.exists():
             self.client.log_artifacts(self.parent, str(report_dir), "report")
-        if not ok:
-            self.client.set_tag(self.parent, MLFLOW_RUN_NAME, f"{self.run_name} (failed)")
-        self.client.set_terminated(self.parent, "FINISHED" if ok else "FAILED")
+        try:
+            if ok and has_model(self.ws.merged_model):
+                self._register_export()
+        except Exception:
+            ok = False  # the run is marked failed, not left running, and the error still surfaces
+            raise
+        finally:
+            if not ok:
+                self.client.set_tag(self.parent, MLFLOW_RUN_NAME, f"{self.run_name} (failed)")
+            self.client.set_terminated(self.parent, "FINISHED" if ok else "FAILED")

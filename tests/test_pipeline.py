@@ -16,9 +16,26 @@ from mlflow.tracking import MlflowClient
 from flows.pipeline import CpuScheduler, stage_graph, topological_order
 from flows.workspace import prepare_workspace, read_project_params
 from stages import params as P
-from stages.artifacts import MANIFEST
+from stages.artifacts import MANIFEST, shipped_model
 
 OWNERS = ["code", "literature", "manuals", "math", "news"]
+
+
+def test_a_stage_tracks_only_the_owner_fields_it_reads(tmp_path):
+    """Read back by DVC itself: one owner's trace policy is tracked by that owner's evaluation alone,
+    and the merge tracks the roster, not the whole owners section."""
+    from dvc.repo import Repo
+
+    ws = prepare_workspace(tmp_path / "ws", "smoke")
+    with Repo(str(ws.root)) as repo:
+        tracked = {s.name: {k for d in s.deps if hasattr(d, "params") for k in (d.params or [])}
+                   for s in repo.index.stages}
+    assert {name for name, keys in tracked.items() if any(k.startswith("owners.news.trace") for k in keys)} \
+        == {"evaluate_owner@news"}
+    assert {k for k in tracked["merge_experts"] if k.startswith("owners")} == {f"owners.{o}.data" for o in OWNERS}
+    assert not [name for name, keys in tracked.items() if "owners" in keys]
+    assert {k for k in tracked["evaluate_safety"] if k.startswith("owners")} == {
+        f"owners.{o}.safety_prompts" for o in OWNERS}
 
 
 def test_dvc_graph_becomes_task_order(tmp_path):
@@ -116,8 +133,10 @@ def test_smoke_run_trains_merges_and_records_lineage(smoke_workspace):
         history = client.get_metric_history(run.info.run_id, "curve/loss")
         assert len(history) >= 3 and history[0].step < history[-1].step
         assert by_stage["merge_experts"].data.tags[f"consort.expert_run.{o}"] == run.info.run_id
+    # The registered version is the pipeline run's export (its opt-outs applied), aliased `current`.
     versions = client.search_model_versions("name='consort-merged'")
-    assert len(versions) == 1 and versions[0].run_id == by_stage["merge_experts"].info.run_id
+    assert len(versions) == 1 and versions[0].run_id == parents[0].info.run_id and versions[0].tags["left_out"] == ""
+    assert client.get_model_version_by_alias("consort-merged", "current").version == versions[0].version
 
 
 def test_dp_owner_publishes_its_epsilon_and_the_report_prices_it(smoke_workspace):
@@ -351,6 +370,18 @@ def test_opting_an_expert_out_reruns_only_what_follows_the_merge(smoke_workspace
     latest = client.search_runs([client.get_experiment_by_name("consort").experiment_id],
                                 "tags.`consort.kind` = 'pipeline'", order_by=["attributes.start_time DESC"])[0]
     assert latest.info.run_name.startswith("default without news "), latest.info.run_name
+    # The run registered a version without news, now the current one; none of news's tensors is in it.
+    from urllib.parse import urlparse
+
+    from test_export import expert_digests, stored_digests
+
+    current = client.get_model_version_by_alias("consort-merged", "current")
+    assert current.tags["left_out"] == "news" and current.run_id == latest.info.run_id
+    owners = [e["owner"] for e in json.loads((ws / "models" / "merged" / "consort_merged.json").read_text())["experts"]]
+    shipped = shipped_model(ws / "models") / "model.safetensors"
+    registered = stored_digests(Path(urlparse(current.source).path) / "model" / "model.safetensors")
+    assert not expert_digests(shipped, owners.index("news")) & registered
+    assert expert_digests(shipped, owners.index("code")) <= registered
     news = json.loads((ws / "evaluations" / "news.json").read_text())
     assert "news" not in news["experts"] and "without/news" not in news["models"] and "without/code" in news["models"]
     bad = run_consort("generate", "--prompt", "The", "--experts", "news,legal", "--workspace", str(ws),

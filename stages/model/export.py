@@ -1,0 +1,85 @@
+"""A stock checkpoint for other tools (lm-eval, `transformers.pipeline`, vLLM): only the enabled experts.
+
+Opt-outs live in params.yaml and consort's loader applies them; a tool that loads
+`models/merged` directly would run every expert. The export is the shipped merged model sliced
+to the experts asked for (stages/model/experts.py), so an opted-out owner's tensors are not in
+it at all, with a model card saying what it holds: the anchor (source, licence, hash) and each
+expert (owner, data digest, package hash, DP epsilon), and the report's evaluation table.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from stages.artifacts import ANCHOR_INFO, MANIFEST, MERGED_INFO
+from stages.io import atomic_dir, read_json, write_json, write_text
+from stages.model.experts import merged_owners, resolve_experts, slice_experts
+from stages.package import package_hash
+
+EXPORT_INFO = "consort_export.json"
+
+
+def expert_records(merged_dir: Path, published: Path, owners: list[str]) -> list[dict]:
+    """What the card and the registry say of each expert: owner, data digest, package hash, DP epsilon."""
+    by_owner = {e["owner"]: e for e in read_json(merged_dir / MERGED_INFO)["experts"][1:]}
+    records = []
+    for owner in owners:
+        package = published / owner / "expert"
+        manifest = read_json(package / MANIFEST) if (package / MANIFEST).exists() else {}
+        dp = manifest.get("dp")
+        records.append({"owner": owner, "data_digest": by_owner[owner].get("data_digest", ""),
+                        "package_hash": package_hash(package),
+                        "dp_epsilon": dp["epsilon"] if dp else None, "dp_delta": dp["delta"] if dp else None})
+    return records
+
+
+def model_card(anchor: dict, experts: list[dict], left_out: list[str], top_k: int, eval_table: str) -> str:
+    source = anchor.get("source")
+    where = (f"{source['where']} ({source['kind']}; licence {source['licence']}; SHA-256 of the original "
+             f"weights `{source['sha256']}`)" if source else "trained from scratch on the public corpus")
+    rows = [f"| {e['owner']} | `{e['data_digest'][:16]}` | `{e['package_hash'][:16]}` | "
+            + (f"{e['dp_epsilon']:.2f} at delta {e['dp_delta']:g}" if e["dp_epsilon"] is not None else "none")
+            + " |" for e in experts]
+    return "\n".join([
+        "---", "library_name: transformers", "pipeline_tag: text-generation",
+        "tags: [consort, flexolmo, mixture-of-experts]", "---", "", "# consort merged model", "",
+        "A FlexOlmo mixture of experts: expert 0 is the public anchor's FFN, each other expert an owner's,",
+        f"trained by that owner against the frozen anchor on its own machine; top-{top_k} routing. Loads with",
+        "`AutoModelForCausalLM.from_pretrained` and no consort code.", "",
+        f"**Anchor**: {where}; consort anchor hash `{anchor['anchor_hash']}`.", "",
+        "| expert owner | data digest (SHA-256) | package hash (SHA-256 of its signature) | DP epsilon |",
+        "|---|---|---|---|", *rows, "",
+        ("**Left out** (opted out; none of their weights are in this checkpoint): " + ", ".join(left_out) + "."
+         if left_out else "Every owner's expert is in this checkpoint."), "",
+        "## Evaluation (consort's report, with every configuration it compares)", "",
+        eval_table.strip() or "(no report)", "",
+    ])
+
+
+def export_model(merged_dir: Path, anchor_dir: Path, published: Path, eval_table: Path | None,
+                 experts: list[str] | str | None, disabled: list[str], out: Path) -> dict:
+    """Write the shipped merged model with only `experts` (default: every owner not in `disabled`) to `out`."""
+    if out.exists() and any(out.iterdir()) and not (out / EXPORT_INFO).exists():
+        raise FileExistsError(f"{out} exists and holds something other than a consort export; "
+                              "name a new folder (an earlier export is replaced)")
+    owners = merged_owners(merged_dir)
+    chosen = resolve_experts(experts, owners, disabled)
+    model = AutoModelForCausalLM.from_pretrained(merged_dir)
+    if type(model).__module__.startswith("stages."):
+        raise ValueError(f"{merged_dir} keeps the router biases in consort's own class (merge.router_bias: keep), "
+                         "which other tools cannot load; merge with merge.router_bias: drop to export")
+    model = slice_experts(model, [1 + owners.index(o) for o in chosen])
+    info = read_json(merged_dir / MERGED_INFO)
+    records = expert_records(merged_dir, published, chosen)
+    left_out = [o for o in owners if o not in chosen]
+    summary = {"source": merged_dir.name, "experts": records, "left_out": left_out,
+               "num_experts": model.config.num_experts, "top_k": model.config.num_experts_per_tok}
+    table = eval_table.read_text() if eval_table and eval_table.exists() else ""
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(merged_dir).save_pretrained(tmp)
+        write_json(tmp / EXPORT_INFO, summary | {"anchor_hash": info["anchor_hash"]})
+        write_text(tmp / "README.md", model_card(read_json(anchor_dir / ANCHOR_INFO), records, left_out,
+                                                 summary["top_k"], table))
+    return summary
