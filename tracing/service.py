@@ -94,7 +94,10 @@ def _engine_worker(conn, index_dir: str, tokenizer_dir: str, settings: dict) -> 
     s = TraceSettings(**settings)
     conn.send(("ready", None))
     while True:
-        prompt, output = conn.recv()
+        try:
+            prompt, output = conn.recv()
+        except EOFError:  # the service is gone (stopped or killed): nothing is left to answer
+            return
         try:
             spans = attribute(engine, tokenizer, prompt, output, s, delims)
             n_tokens = len(tokenizer(output, add_special_tokens=False)["input_ids"])
