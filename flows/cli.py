@@ -202,7 +202,7 @@ def cmd_export(out: Path, experts: str | None, workspace: Path, params: Path | N
         print(f"consort: no merged model in {ws.root}; run `consort run` first", file=sys.stderr)
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from stages.model.export import export_model
+    from stages.export import export_model
 
     try:
         disabled = disabled_owners(params or PROJECT_ROOT / "params.yaml", preset)

@@ -350,8 +350,8 @@ class Lineage:
         import torch
         import transformers
 
+        from stages.export import export_model
         from stages.model.experts import merged_owners
-        from stages.model.export import export_model
 
         shipped = self.ws.merged_model
         rel = shipped.relative_to(self.ws.root).as_posix()
