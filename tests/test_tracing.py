@@ -447,3 +447,20 @@ def test_differencing_learns_nothing_beyond_per_span_buckets(ids_server, corpus)
     assert together[target] == "1" and set(together.values()) <= {"1", "2-9", "10-99", "100+"}
     # A single token (a next-token probe) is below every owner's minimum span length: no answer.
     assert spans("the") == {}
+
+
+def test_remote_owner_command_adds_lists_and_removes(tmp_path):
+    cert, _ = self_signed(tmp_path / "cert", "127.0.0.2")
+    ws = tmp_path / "coordinator"
+    added = run_consort("remote-owner", "add", "clinic", "https://127.0.0.2:8750", "--token", "t0k",
+                        "--ca", str(cert), "--workspace", str(ws), cwd=tmp_path)
+    assert f"clinic: https://127.0.0.2:8750, expecting the certificate {cert}" in added.stdout
+    listed = run_consort("remote-owner", "list", "--workspace", str(ws), cwd=tmp_path).stdout
+    assert "clinic" in listed and "remote" in listed
+    insecure = run_consort("remote-owner", "add", "clinic", "http://10.1.2.3:8750", "--workspace", str(ws),
+                           cwd=tmp_path, check=False)
+    assert insecure.returncode == 2 and "over https only" in insecure.stderr
+    run_consort("remote-owner", "remove", "clinic", "--workspace", str(ws), cwd=tmp_path)
+    assert json.loads((ws / "tracing" / "services.json").read_text()) == {}
+    again = run_consort("remote-owner", "remove", "clinic", "--workspace", str(ws), cwd=tmp_path, check=False)
+    assert again.returncode == 2 and "no remote owner 'clinic'" in again.stderr
