@@ -217,11 +217,9 @@ def with_owner_params(dvc: dict, owners: list[str]) -> dict:
     """Each params key `owners.*.<field>` spelled out once per owner: DVC has no wildcard, and a
     stage that tracked the whole `owners` section would re-run when any owner changed anything
     (one owner's trace policy re-ran the merge and all after it)."""
-    for name, stage in dvc["stages"].items():
+    for stage in dvc["stages"].values():
         body = stage.get("do", stage)
         keys = body.get("params", [])
-        if any(isinstance(k, str) and k.startswith("owners.*.") for k in keys) and not owners:
-            raise ValueError(f"dvc.yaml stage {name}: params `owners.*` need the owners' names")
         body["params"] = [expanded for k in keys
                           for expanded in ([k.replace("*", o, 1) for o in owners]
                                            if isinstance(k, str) and k.startswith("owners.*.") else [k])]
@@ -229,15 +227,15 @@ def with_owner_params(dvc: dict, owners: list[str]) -> dict:
 
 
 def side_dvc_yaml(side: registry.Side | None, project_dvc: Path = PROJECT_ROOT / "dvc.yaml",
-                  owners: list[str] = ()) -> dict:
-    """The project's dvc.yaml with its stages' code as deps and its `owners.*` params spelled out
-    for `owners`, and only one side's stages (stages/registry.py) if `side` is given: an owner's
-    workspace runs the per-owner stages; a coordinator's runs none of them, nor the reference
-    trained on all owners' data."""
+                  owners: list[str] | None = None) -> dict:
+    """The project's dvc.yaml with its stages' code as deps and, given `owners`, its `owners.*`
+    params spelled out for them (a workspace's copy; without, the DAG as written), and only one
+    side's stages (stages/registry.py) if `side` is given: an owner's workspace runs the per-owner
+    stages; a coordinator's runs none of them, nor the reference trained on all owners' data."""
     dvc = yaml.safe_load(project_dvc.read_text())
-    return with_owner_params(with_code_deps({"stages": {n: stage for n, stage in dvc["stages"].items()
-                                                        if side is None or registry.spec(n).side == side}}),
-                             list(owners))
+    dvc = with_code_deps({"stages": {n: stage for n, stage in dvc["stages"].items()
+                                     if side is None or registry.spec(n).side == side}})
+    return dvc if owners is None else with_owner_params(dvc, owners)
 
 
 def write_reference_stub(root: Path) -> None:
