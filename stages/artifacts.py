@@ -14,6 +14,7 @@ PUBLIC_KEY = "signing_key.pub"  # owners/<o>/keys; keyring/<o>.pub on the coordi
 PRESENT_OWNERS = "owners.json"  # published/: the owners to merge, when not all of params.yaml's
 BASELINE_INFO = "consort_dp_baseline.json"  # owners/<o>/dp_baseline
 MERGED_INFO = "consort_merged.json"  # models/merged: which expert is whose
+EXPORT_INFO = "consort_export.json"  # `consort export DIR`: which experts it holds, which it left out
 TUNING_INFO = "consort_tuning.json"  # models/merged_tuned
 ROUTER_CANDIDATES = "routers"  # models/merged_tuned: each fitted router as <method>.safetensors (router rows only)
 ORACLE_ROUTER = "oracle.safetensors"  # models/merged_oracle: the router tuned on the owners' real text

@@ -12,12 +12,10 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from stages.artifacts import ANCHOR_INFO, MANIFEST, MERGED_INFO
+from stages.artifacts import ANCHOR_INFO, EXPORT_INFO, MANIFEST, MERGED_INFO
 from stages.io import atomic_dir, read_json, write_json, write_text
 from stages.model.experts import merged_owners, resolve_experts, slice_experts
 from stages.package import package_hash
-
-EXPORT_INFO = "consort_export.json"
 
 
 def expert_records(merged_dir: Path, published: Path, owners: list[str]) -> list[dict]:

@@ -3,8 +3,8 @@
 Each owner's service is a separate process holding that owner's index; the coordinator knows only
 each service's address, its client token and the certificate to expect (`services.json` in the
 workspace's tracing/ folder, written by `consort serve` for the demo's owners and by `consort
-remote-owner add` for an owner on its own machine). An owner whose service does not answer is reported as unavailable;
-the others still answer.
+remote-owner add` for an owner on its own machine). An owner whose service does not answer is
+reported as unavailable; the others still answer.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import httpx
 
 from stages import params as P
 from tracing.attribution import merge_for_display
-from tracing.service import Listen
+from tracing.service import Listen, is_loopback
 
 REGISTRY = Path("tracing") / "services.json"
 
@@ -51,17 +51,12 @@ def add_remote_owner(workspace: Path, owner: str, url: str, token: str | None, c
     """Record the service of an owner on its own machine: its URL, the client token the owner gave
     the coordinator, and the certificate to expect (a self-signed one, or its CA; None: the system's
     CAs). `consort serve` keeps these entries when it records the local ones."""
-    import ipaddress
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname or not parts.port:
         raise ValueError(f"{url!r}: give the owner's service as https://HOST:PORT")
-    try:
-        loopback = ipaddress.ip_address(parts.hostname).is_loopback
-    except ValueError:
-        loopback = parts.hostname == "localhost"
-    if parts.scheme == "http" and not loopback:
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
         raise ValueError(f"{url}: an owner on another machine is reached over https only (its token and the "
                          "traced text would cross the network readable)")
     if ca is not None and not Path(ca).is_file():

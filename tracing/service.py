@@ -338,22 +338,27 @@ class Listen:
         return f"{'https' if self.tls_cert else 'http'}://{host}:{self.port}"
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` names this machine only; a host name other than localhost resolves to
+    whatever the network says, so it is not."""
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def check_listen(listen: Listen, allow_insecure: bool = False) -> None:
     """Refuse what would expose the owner's index badly: half a TLS pair, missing files, or a
     non-loopback address in plain HTTP (client tokens and traced text would cross the network
     readable) unless the owner says so explicitly."""
-    import ipaddress
-
     if (listen.tls_cert is None) != (listen.tls_key is None):
         raise ValueError("TLS needs both a certificate (--tls-cert) and its private key (--tls-key)")
     for path in (listen.tls_cert, listen.tls_key):
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{path}: no such TLS file")
-    try:
-        loopback = listen.host == "localhost" or ipaddress.ip_address(listen.host).is_loopback
-    except ValueError:  # a host name: it resolves to whatever the network says
-        loopback = False
-    if not loopback and listen.tls_cert is None and not allow_insecure:
+    if not is_loopback(listen.host) and listen.tls_cert is None and not allow_insecure:
         raise ValueError(f"--host {listen.host} is not a loopback address: serve it over TLS (--tls-cert and "
                          "--tls-key), or pass --allow-insecure-remote if the network itself is trusted")
 
