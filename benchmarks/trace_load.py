@@ -73,18 +73,14 @@ def memory_mb(pid: int) -> float:
     return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 2**20
 
 
-def wait_up(url: str, deadline_s: float = 120) -> None:
-    import httpx
+def wait_up(entry: dict, deadline_s: float = 120) -> None:
+    from tracing.coordinator import is_listening
 
     deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.post(f"{url}/trace", timeout=1.0).status_code == 401:
-                return
-        except httpx.HTTPError:
-            pass
+    while not is_listening(entry):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the service at {entry['url']} did not start within {deadline_s:.0f} s")
         time.sleep(0.2)
-    raise SystemExit(f"the service at {url} did not start within {deadline_s:.0f} s")
 
 
 async def drive(url: str, token: str, outputs: list[str], clients: int, seconds: float) -> tuple[list[float], int, int]:
@@ -172,7 +168,7 @@ def main() -> None:
             registry[f"owner{k}"] = {"url": f"http://127.0.0.1:{port}", "token": token}
         try:
             for entry in registry.values():
-                wait_up(entry["url"])
+                wait_up(entry)
             print(f"{args.owners} owners' indexes, {total:,} tokens in all ({total // args.owners:,} each)")
             first = registry["owner0"]
             import httpx

@@ -206,7 +206,7 @@ def cmd_export(out: Path, experts: str | None, workspace: Path, params: Path | N
 
     try:
         disabled = disabled_owners(params or PROJECT_ROOT / "params.yaml", preset)
-        summary = export_model(ws.merged_model, ws.root / "models" / "anchor", ws.root / "published",
+        summary, _ = export_model(ws.merged_model, ws.root / "models" / "anchor", ws.root / "published",
                                ws.root / "reports" / "eval_table.md", experts, disabled, out.resolve())
     except (ParamsError, ValueError, FileExistsError, FileNotFoundError) as err:
         print(f"consort: {err}", file=sys.stderr)

@@ -31,8 +31,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from flows.workspace import PROJECT_ROOT, Workspace
 from stages import registry
 from stages.artifacts import ANCHOR_INFO, MERGED_INFO, has_model
+from stages.export import expert_records, export_model
 from stages.io import file_digest
-from stages.package import package_hash
 
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser where PyYAML has it
 EXPERIMENT = "consort"
@@ -325,15 +325,12 @@ class Lineage:
         tags = {"anchor.hash": info["anchor_hash"], "top_k": str(info["top_k"])} | self._anchor_source_tags()
         rows = ["| owner | data digest (SHA-256) | package hash (SHA-256 of its signature file) | run |",
                 "|---|---|---|---|"]
-        for e in info["experts"]:
-            owner = e["owner"]
-            if e["index"] == 0 or owner in left_out:
-                continue
-            package = package_hash(self.ws.root / "published" / owner / "expert")
-            run = expert_runs.get(owner, "")
-            tags |= {f"expert.{owner}.data_digest": e.get("data_digest", ""), f"expert.{owner}.package_hash": package,
+        owners = [e["owner"] for e in info["experts"][1:] if e["owner"] not in left_out]
+        for e in expert_records(self.ws.as_merged, self.ws.root / "published", owners):
+            owner, run = e["owner"], expert_runs.get(e["owner"], "")
+            tags |= {f"expert.{owner}.data_digest": e["data_digest"], f"expert.{owner}.package_hash": e["package_hash"],
                      f"expert.{owner}.run_id": run}
-            rows.append(f"| {owner} | `{e.get('data_digest', '')[:16]}` | `{package[:16]}` | "
+            rows.append(f"| {owner} | `{e['data_digest'][:16]}` | `{e['package_hash'][:16]}` | "
                         + (f"[{run[:8]}]({self._run_link(run)})" if run else "") + " |")
         where = tags.get("anchor.source.where", "trained from scratch on the public corpus")
         note = (f"Merged model (FlexOlmo routing): the public anchor `{info['anchor_hash'][:16]}` ({where}) and "
@@ -350,7 +347,6 @@ class Lineage:
         import torch
         import transformers
 
-        from stages.export import export_model
         from stages.model.experts import merged_owners
 
         shipped = self.ws.merged_model
@@ -369,11 +365,12 @@ class Lineage:
             tags, note = self._merged_lineage(expert_runs, left_out)
             with tempfile.TemporaryDirectory(dir=self.ws.root, prefix=".export-") as tmp:
                 export = Path(tmp) / "export"
-                export_model(shipped, self.ws.root / "models" / "anchor", self.ws.root / "published",
-                             self.ws.root / "reports" / "eval_table.md", None, disabled, export)
+                _, model = export_model(shipped, self.ws.root / "models" / "anchor", self.ws.root / "published",
+                                        self.ws.root / "reports" / "eval_table.md", None, disabled, export)
                 # From a pipeline, not the checkpoint's path: this MLflow cannot read the task of
                 # a local checkpoint with this transformers release.
-                pipe = transformers.pipeline("text-generation", model=str(export))
+                pipe = transformers.pipeline("text-generation", model=model,
+                                             tokenizer=transformers.AutoTokenizer.from_pretrained(export))
                 flavour = Path(tmp) / "model"
                 mlflow.transformers.save_model(pipe, path=str(flavour), pip_requirements=[
                     f"transformers=={transformers.__version__}", f"torch=={torch.__version__.split('+')[0]}"])

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from stages.artifacts import ANCHOR_INFO, EXPORT_INFO, MANIFEST, MERGED_INFO
 from stages.io import atomic_dir, read_json, write_json, write_text
-from stages.model.experts import merged_owners, resolve_experts, slice_experts
 from stages.package import package_hash
 
 
@@ -56,8 +53,14 @@ def model_card(anchor: dict, experts: list[dict], left_out: list[str], top_k: in
 
 
 def export_model(merged_dir: Path, anchor_dir: Path, published: Path, eval_table: Path | None,
-                 experts: list[str] | str | None, disabled: list[str], out: Path) -> dict:
-    """Write the shipped merged model with only `experts` (default: every owner not in `disabled`) to `out`."""
+                 experts: list[str] | str | None, disabled: list[str], out: Path):
+    """Write the shipped merged model with only `experts` (default: every owner not in `disabled`) to `out`;
+    return what it holds (the summary written as consort_export.json) and the sliced model."""
+    # Here, not at the top: the lineage reads expert_records without loading torch and transformers.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.model.experts import merged_owners, resolve_experts, slice_experts
+
     if out.exists() and any(out.iterdir()) and not (out / EXPORT_INFO).exists():
         raise FileExistsError(f"{out} exists and holds something other than a consort export; "
                               "name a new folder (an earlier export is replaced)")
@@ -80,4 +83,4 @@ def export_model(merged_dir: Path, anchor_dir: Path, published: Path, eval_table
         write_json(tmp / EXPORT_INFO, summary | {"anchor_hash": info["anchor_hash"]})
         write_text(tmp / "README.md", model_card(read_json(anchor_dir / ANCHOR_INFO), records, left_out,
                                                  summary["top_k"], table))
-    return summary
+    return summary, model

@@ -129,7 +129,7 @@ def start_services(workspace: Path, owners: list[str] | None = None, wait_s: flo
                 stop_services(procs)
                 raise RuntimeError(f"trace service of {owner} exited at start; see "
                                    f"{workspace / 'owners' / owner / 'trace' / 'service.log'}")
-            if _listening(pending[owner]):
+            if is_listening(pending[owner]):
                 del pending[owner]
         time.sleep(0.2)
     if pending:
@@ -147,7 +147,7 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-def _listening(entry: dict) -> bool:
+def is_listening(entry: dict) -> bool:
     try:
         # No endpoint but POST /trace exists: an unauthenticated POST answering 401 means "up".
         return httpx.post(f"{entry['url']}/trace", timeout=1.0, verify=_verify(entry)).status_code == 401
