@@ -33,9 +33,33 @@ def _prefect_environment(ws_root: Path) -> None:
     # and logs that as an ERROR with tracebacks (~150 lines after a run with nothing to do); the
     # flow's own failures reach the console through the client, not the server's log.
     os.environ.setdefault("PREFECT_LOGGING_SERVER_LEVEL", "CRITICAL")
+    os.environ.setdefault("PREFECT_LOGGING_SETTINGS_PATH", str(_prefect_logging_config(ws_root / ".prefect")))
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# The same shutdown also interrupts the server's database pool mid-rollback; SQLAlchemy logs that
+# through the root logger (which PREFECT_LOGGING_SERVER_LEVEL does not reach) as an ERROR with a
+# traceback. Only the server's aiosqlite pool uses this class: MLflow's stores use synchronous pools.
+QUIET_LOGGERS = ("sqlalchemy.pool.impl.AsyncAdaptedQueuePool",)
+
+
+def _prefect_logging_config(home: Path) -> Path:
+    """Prefect's own logging.yml with QUIET_LOGGERS at CRITICAL, written where every Prefect process reads it."""
+    import importlib.util
+
+    import yaml
+
+    from stages.io import write_text
+
+    package = Path(importlib.util.find_spec("prefect").submodule_search_locations[0])
+    config = yaml.safe_load((package / "logging" / "logging.yml").read_text())
+    for name in QUIET_LOGGERS:
+        config["loggers"][name] = {"level": "CRITICAL"}
+    path = home / "logging.yml"
+    write_text(path, yaml.safe_dump(config, sort_keys=False))
+    return path
 
 
 def cmd_run(workspace: Path, preset: str, params: Path | None, force: list[str]) -> int:

@@ -3,12 +3,14 @@ its output kept in its own log, on a real DVC repo whose stage calls the stages'
 import inspect
 import io
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 from conftest import PROJECT
 from dvc.repo import Repo
 
+from flows import cli
 from flows import pipeline as pipeline_module
 from flows.console import StageConsole, last_line, log_tail
 from stages.runtime import LOGS_VARIABLE, log_file
@@ -116,3 +118,20 @@ def test_the_cli_maps_each_subcommand_onto_a_typed_function():
     wanted = inspect.signature(args.func).parameters
     assert {k: v for k, v in vars(args).items() if k in wanted} == {"store": "/store", "workspace": Path("/ws"),
                                                                    "phase": "train"}
+
+
+def test_prefect_processes_drop_the_server_pools_shutdown_noise_and_keep_other_errors(tmp_path, monkeypatch):
+    # The ephemeral server is a child process that reads its logging config from the environment;
+    # a child set up the same way shows what a run's console would show.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    monkeypatch.setattr(os, "environ", env)
+    cli._prefect_environment(tmp_path)
+    probe = ("from prefect.logging.configuration import setup_logging\n"
+             "import logging\n"
+             "setup_logging()\n"
+             "logging.getLogger('sqlalchemy.pool.impl.AsyncAdaptedQueuePool').error('cancelled mid-rollback')\n"
+             "logging.getLogger('sqlalchemy.pool.impl.QueuePool').error('a store error')\n"
+             "logging.getLogger('prefect.server').critical('a server crash')\n")
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert "cancelled mid-rollback" not in out.stderr
+    assert "a store error" in out.stderr and "a server crash" in out.stderr
