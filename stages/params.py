@@ -469,6 +469,17 @@ def _format_errors(err: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
+def _refuse_interpolation(value, origin: str, path: str = "") -> None:
+    """`dvc exp run -S` rewrites params.yaml through OmegaConf, which reads `${` as an interpolation
+    and fails on the whole file with an error naming neither it nor the fix."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:  # paths read as pydantic's do: owners.math.topics.1
+        _refuse_interpolation(item, origin, f"{path}.{key}" if path else str(key))
+    if isinstance(value, str) and "${" in value:
+        raise ParamsError(f"{origin}: {path} = {value!r}: '${{' cannot appear in a setting (DVC reads it as "
+                          f"an interpolation, and `dvc exp run -S` fails on the whole file); write it another way")
+
+
 def resolve(raw: dict[str, Any], preset: str = "default", origin: str = "params.yaml") -> dict[str, Any]:
     """Apply a preset from the `presets:` section and return plain, validated params (no presets key)."""
     if not isinstance(raw, dict):
@@ -482,6 +493,7 @@ def resolve(raw: dict[str, Any], preset: str = "default", origin: str = "params.
         raw = _deep_merge(raw, presets[preset])
     # Dump the validated model, so every default is spelled out for DVC to track.
     resolved = parse(raw, origin=f"{origin} (preset {preset})").model_dump(mode="json", exclude_none=True)
+    _refuse_interpolation(resolved, f"{origin} (preset {preset})")
     # Kept when null: stages track these keys, and DVC refuses a params key that is missing.
     for owner in resolved["owners"].values():
         owner.setdefault("dp", None)

@@ -40,6 +40,13 @@ def test_bad_value_is_named_with_its_path():
     assert "owners.math.data.sources.0" in text
 
 
+def test_a_setting_dvc_would_read_as_an_interpolation_is_named():
+    raw = project_params()
+    raw["owners"]["news"]["topics"] = ["Shares of", "echo ${HOME}"]
+    with pytest.raises(P.ParamsError, match=r"owners\.news\.topics\.1 = 'echo \$\{HOME\}': '\$\{' cannot appear"):
+        P.resolve(raw)
+
+
 def test_unknown_preset_lists_the_known_ones():
     with pytest.raises(P.ParamsError, match="unknown preset 'fast'.*default, scratch, smoke, study"):
         P.resolve(project_params(), "fast")
