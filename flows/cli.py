@@ -63,16 +63,16 @@ def _prefect_logging_config(home: Path) -> Path:
 
 
 def cmd_run(workspace: Path, preset: str, params: Path | None, force: list[str]) -> int:
-    from flows.workspace import prepare_workspace, use_project_python
+    from flows.workspace import commit_baseline, prepare_workspace, use_project_python
     from stages.params import ParamsError
 
     root = workspace.resolve()
-    _prefect_environment(root)
     try:
         ws = prepare_workspace(root, preset, params)
     except ParamsError as err:
         print(f"consort: {err}", file=sys.stderr)
         return 2
+    _prefect_environment(root)  # after the params are known good: bad ones leave no workspace behind
     use_project_python()
     os.chdir(ws.root)  # DVC resolves stage paths against the working directory
     from flows.pipeline import pipeline
@@ -90,6 +90,10 @@ def cmd_run(workspace: Path, preset: str, params: Path | None, force: list[str])
           f"{counts['restored']} restored from DVC's run cache, {counts['cached']} up to date"
           + ("; nothing was out of date, so MLflow holds no new run (the runs that made these outputs are there)"
              if counts["cached"] == len(results) else ""))
+    commit = commit_baseline(ws.root, f"consort run --preset {preset}: {counts['ran']} stages ran, "
+                                      f"{counts['restored']} restored, {counts['cached']} up to date")
+    if commit:
+        print(f"workspace Git commit {commit[:8]}: the baseline `dvc exp run` and `dvc exp show` start from")
     print(f"\nmerged model: {ws.merged_model}")
     table = ws.root / "reports" / "eval_table.md"
     if table.exists() and verbosity() >= 0:
@@ -419,12 +423,12 @@ def cmd_coordinate(workspace: Path, store: str, preset: str, params: Path | None
     if not _need_prefect_server():
         return 2
     root = workspace.resolve()
-    _prefect_environment(root)
     try:
         ws = prepare_workspace(root, preset, params, owners_remote=True)
     except ParamsError as err:
         print(f"consort: {err}", file=sys.stderr)
         return 2
+    _prefect_environment(root)
     owners = list(ws.params().owners)
     from stages.package import enrolled_key
 

@@ -77,7 +77,7 @@ def init_owner(owner: str, root: Path, preset: str = "default", params_file: Pat
     root.mkdir(parents=True, exist_ok=True)
     (root / "params.yaml").write_text(f"# Owner {owner}'s params (preset {preset}, from {source.name}).\n"
                                       + yaml.safe_dump(resolved, sort_keys=False))
-    (root / "dvc.yaml").write_text(yaml.safe_dump(side_dvc_yaml("owner"), sort_keys=False))
+    (root / "dvc.yaml").write_text(yaml.safe_dump(side_dvc_yaml("owner", root=root), sort_keys=False))
     init_dvc_repo(root)
     (root / OWNER_FILE).write_text(json.dumps({"owner": owner}) + "\n")
     ws = OwnerWorkspace(root)

@@ -8,6 +8,9 @@ from __future__ import annotations
 import ast
 import os
 import re
+import shlex
+import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,16 +229,39 @@ def with_owner_params(dvc: dict, owners: list[str]) -> dict:
     return dvc
 
 
+# What a workspace holds besides pipeline data, and keeps out of Git: fetched packages, the
+# coordinator's keyring of owner keys, each owner's signing key.
+LOCAL_STATE = ("cache", "keyring", "owners/${key}/keys")
+
+
+def with_local_state_paths(dvc: dict, root: Path) -> dict:
+    """LOCAL_STATE named by absolute path in the stages' commands and deps: `dvc exp run --temp`
+    and `--queue` run the stages in a copy of the Git checkout under .dvc/tmp/exps/, which has the
+    DVC-tracked data but nothing Git ignores (the signing key was missing there)."""
+    def local(path: str) -> bool:
+        return any(path == p or path.startswith(p + "/") for p in LOCAL_STATE)
+
+    for stage in dvc["stages"].values():
+        body = stage.get("do", stage)
+        body["cmd"] = " ".join(shlex.quote(str(root / t)) if local(t) else t for t in body["cmd"].split())
+        body["deps"] = [str(root / d) if local(d) else d for d in body.get("deps", [])]
+    return dvc
+
+
 def side_dvc_yaml(side: registry.Side | None, project_dvc: Path = PROJECT_ROOT / "dvc.yaml",
-                  owners: list[str] | None = None) -> dict:
-    """The project's dvc.yaml with its stages' code as deps and, given `owners`, its `owners.*`
-    params spelled out for them (a workspace's copy; without, the DAG as written), and only one
-    side's stages (stages/registry.py) if `side` is given: an owner's workspace runs the per-owner
-    stages; a coordinator's runs none of them, nor the reference trained on all owners' data."""
+                  owners: list[str] | None = None, root: Path | None = None) -> dict:
+    """The project's dvc.yaml with its stages' code as deps, and only one side's stages
+    (stages/registry.py) if `side` is given: an owner's workspace runs the per-owner stages; a
+    coordinator's runs none of them, nor the reference trained on all owners' data.
+
+    A workspace's copy also gets, given `owners`, its `owners.*` params spelled out for them and,
+    given its `root`, absolute paths to its LOCAL_STATE; without, it is the DAG as written."""
     dvc = yaml.safe_load(project_dvc.read_text())
     dvc = with_code_deps({"stages": {n: stage for n, stage in dvc["stages"].items()
                                      if side is None or registry.spec(n).side == side}})
-    return dvc if owners is None else with_owner_params(dvc, owners)
+    if owners is not None:
+        dvc = with_owner_params(dvc, owners)
+    return dvc if root is None else with_local_state_paths(dvc, root)
 
 
 def write_reference_stub(root: Path) -> None:
@@ -263,11 +289,11 @@ def prepare_workspace(root: Path, preset: str, params_file: Path | None = None, 
         check_local_sources(P.parse(resolved, origin=str(source)), str(source))  # before the workspace is touched
     root.mkdir(parents=True, exist_ok=True)
     if owners_remote:
-        (root / "dvc.yaml").write_text(yaml.safe_dump(side_dvc_yaml("coordinator", owners=list(resolved["owners"])),
-                                                      sort_keys=False))
+        (root / "dvc.yaml").write_text(yaml.safe_dump(side_dvc_yaml("coordinator", owners=list(resolved["owners"]),
+                                                                    root=root), sort_keys=False))
         write_reference_stub(root)
     else:
-        (root / "dvc.yaml").write_text(yaml.safe_dump(side_dvc_yaml(None, owners=list(resolved["owners"])),
+        (root / "dvc.yaml").write_text(yaml.safe_dump(side_dvc_yaml(None, owners=list(resolved["owners"]), root=root),
                                                       sort_keys=False))
     text = (f"# Written by `consort run --preset {preset}` from {source.name}; edit that file, not this one.\n"
             + yaml.safe_dump(resolved, sort_keys=False))
@@ -280,8 +306,17 @@ def prepare_workspace(root: Path, preset: str, params_file: Path | None = None, 
     return Workspace(root)
 
 
+# Besides LOCAL_STATE, what Git never holds: the lineage store and its artifacts, Prefect's state,
+# the stage logs, a trace service's key, tokens and audit log, and the stages' scratch files.
+GIT_IGNORED = ("/mlflow.db", "/mlartifacts/", "/.prefect/", "/.consort/", "/cache", "/keyring/", "/owners/*/keys/",
+               "/owners/*/trace/", *(f"/{p}" for p in registry.scratch_files()))
+# What the baseline commit holds besides the results DVC leaves to Git (its `cache: false` outs).
+PIPELINE_FILES = ("dvc.yaml", "dvc.lock", "params.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore")
+
+
 def init_dvc_repo(root: Path) -> None:
-    """Make `root` a DVC repo without Git (kept if it is one), ignoring what is no stage's input.
+    """Make `root` a Git-backed DVC repo (kept if it is one; a DVC-only one gains Git), ignoring
+    what is no stage's input. Git is what `dvc exp` needs; without `git` on PATH it is DVC-only.
 
     With CONSORT_CACHE set, its `cache/` of fetched packages is that shared folder.
     """
@@ -296,12 +331,61 @@ def init_dvc_repo(root: Path) -> None:
         # Several workspaces (tests, presets) can share one folder of fetched packages.
         Path(shared_cache).mkdir(parents=True, exist_ok=True)
         (root / "cache").symlink_to(Path(shared_cache).resolve(), target_is_directory=True)
+    use_git = shutil.which("git") is not None
+    if use_git and not (root / ".git").exists():
+        # Its own repository, even inside another one (the project's clone holds workspace/).
+        subprocess.run(["git", "init", "-q", str(root)], check=True)
+    gitignore = root / ".gitignore"
+    lines = gitignore.read_text().splitlines() if gitignore.exists() else []
+    if use_git and set(GIT_IGNORED) - set(lines):
+        gitignore.write_text("".join(f"{line}\n" for line in [*lines, *(g for g in GIT_IGNORED if g not in lines)]))
     if not (root / ".dvc").exists():
         from dvc.repo import Repo
 
-        Repo.init(str(root), no_scm=True)
-        # Analytics would try to reach the internet on every command.
-        (root / ".dvc" / "config").write_text("[core]\n    no_scm = True\n    analytics = false\n")
+        Repo.init(str(root), no_scm=not use_git)
+    # Analytics would try to reach the internet on every command.
+    (root / ".dvc" / "config").write_text("[core]\n" + ("" if use_git else "    no_scm = True\n")
+                                          + "    analytics = false\n")
+
+
+def commit_baseline(root: Path, message: str) -> str | None:
+    """Commit the workspace's pipeline and the small results DVC leaves to Git to its Git repo: the
+    baseline `dvc exp run` and `dvc exp show` compare experiments with. Returns the new commit, or
+    None when nothing changed or the workspace has no Git. Everything DVC caches is ignored first:
+    a workspace made DVC-only by an older consort has never had its outputs' .gitignore entries."""
+    from dvc.output import OutputAlreadyTrackedError
+    from dvc.repo import Repo
+
+    if not (root / ".git").exists() or shutil.which("git") is None:
+        return None
+    git_results = []
+    with Repo(str(root)) as repo, repo.scm_context(quiet=True):
+        for out in repo.index.outs:
+            if not out.use_cache:
+                git_results += [out.fs_path] if out.exists else []
+                continue
+            try:
+                out.ignore()
+            except OutputAlreadyTrackedError:
+                print(f"consort: {out} is in Git and in DVC's cache; `git rm -r --cached {out}` leaves it to DVC",
+                      file=sys.stderr)
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
+
+    paths = [p for p in PIPELINE_FILES if (root / p).exists()]
+    added = git("add", "-A", "--", *paths, *git_results, ":(glob)**/.gitignore")
+    if added.returncode:
+        raise RuntimeError(f"{root}: git add failed: {added.stderr.strip()}")
+    if git("diff", "--cached", "--quiet").returncode == 0:
+        return None
+    # A fresh machine often has no Git identity; the workspace's commits are the pipeline's own.
+    identity = [] if git("config", "user.email").stdout.strip() else ["-c", "user.name=consort",
+                                                                       "-c", "user.email=consort@localhost"]
+    committed = git(*identity, "commit", "-q", "-m", message)
+    if committed.returncode:
+        raise RuntimeError(f"{root}: git commit failed: {committed.stderr.strip()}")
+    return git("rev-parse", "HEAD").stdout.strip()
 
 
 def enrol_demo_owners(root: Path, owners) -> None:

@@ -1,9 +1,12 @@
 """The DVC graph as Prefect runs it, and real smoke runs of the whole flow."""
 import hashlib
 import json
+import os
 import re
 import shutil
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -209,6 +212,41 @@ def test_rerun_is_a_no_op(smoke_workspace):
     prose = [line for line in (again.stdout + again.stderr).splitlines() if line.strip() and not line.startswith("|")]
     assert len(prose) < 15, prose
     assert len(client.search_runs([experiment], max_results=1000)) == len(before)  # nothing new to trace
+
+
+def _git(ws: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(ws), *args], capture_output=True, text=True, check=True).stdout
+
+
+def test_a_dvc_experiment_runs_in_a_copy_of_the_workspace_and_shows_against_the_baseline(smoke_workspace):
+    """`dvc exp run --temp` reproduces in a Git checkout under .dvc/tmp/exps/, which holds the
+    DVC-tracked data and nothing Git ignores (the owners' keys, the fetched packages): before the
+    workspace was Git-backed and named those by absolute path, it failed there."""
+    ws, _ = smoke_workspace
+    tracked = _git(ws, "ls-files").split()
+    assert {"dvc.yaml", "dvc.lock", "params.yaml", "metrics/eval.json"} <= set(tracked)
+    assert not [t for t in tracked if re.match(r"owners/[^/]+/(corpus|keys|trace|index)/|mlflow\.db|cache/", t)]
+    assert _git(ws, "status", "--porcelain", "--untracked-files=no") == ""  # the run committed its baseline
+    steps = yaml.safe_load((ws / "params.yaml").read_text())["owners"]["news"]["train"]["steps"]
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    exp = subprocess.run(["dvc", "exp", "run", "--temp", "-S", f"owners.news.train.steps={steps + 2}"], cwd=ws,
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert exp.returncode == 0, exp.stdout[-3000:] + exp.stderr[-3000:]
+    assert "Running stage 'train_expert@news'" in exp.stdout and "Running stage 'train_expert@code'" not in exp.stdout
+    shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], cwd=ws, env=env, capture_output=True,
+                                      text=True, check=True).stdout)
+
+    def news_steps_and_loss(rev: dict) -> tuple[int, float]:
+        data = rev["data"]
+        loss = data["metrics"]["evaluations/news.json"]["data"]["models"]["merged"]["loss"]
+        return data["params"]["params.yaml"]["data"]["owners"]["news"]["train"]["steps"], loss
+
+    baseline = next(r for r in shown if r["rev"] == _git(ws, "rev-parse", "HEAD").strip())
+    (experiment,) = [e["revs"][0] for e in baseline["experiments"] or []
+                     if news_steps_and_loss(e["revs"][0])[0] == steps + 2]
+    assert news_steps_and_loss(baseline)[0] == steps
+    assert news_steps_and_loss(experiment)[1] != news_steps_and_loss(baseline)[1]  # the expert trained longer
+    assert yaml.safe_load((ws / "params.yaml").read_text())["owners"]["news"]["train"]["steps"] == steps
 
 
 @pytest.mark.slow  # re-trains an expert and re-runs all that follows it (about 3 minutes)
