@@ -90,8 +90,12 @@ def cmd_run(workspace: Path, preset: str, params: Path | None, force: list[str])
           f"{counts['restored']} restored from DVC's run cache, {counts['cached']} up to date"
           + ("; nothing was out of date, so MLflow holds no new run (the runs that made these outputs are there)"
              if counts["cached"] == len(results) else ""))
-    commit = commit_baseline(ws.root, f"consort run --preset {preset}: {counts['ran']} stages ran, "
-                                      f"{counts['restored']} restored, {counts['cached']} up to date")
+    try:
+        commit = commit_baseline(ws.root, f"consort run --preset {preset}: {counts['ran']} stages ran, "
+                                          f"{counts['restored']} restored, {counts['cached']} up to date")
+    except RuntimeError as err:  # the run's outputs are all there; only `dvc exp` lacks its baseline
+        print(f"consort: {err}; commit dvc.yaml, dvc.lock and params.yaml by hand for `dvc exp`", file=sys.stderr)
+        commit = None
     if commit:
         print(f"workspace Git commit {commit[:8]}: the baseline `dvc exp run` and `dvc exp show` start from")
     print(f"\nmerged model: {ws.merged_model}")

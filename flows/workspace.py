@@ -339,13 +339,15 @@ def init_dvc_repo(root: Path) -> None:
     lines = gitignore.read_text().splitlines() if gitignore.exists() else []
     if use_git and set(GIT_IGNORED) - set(lines):
         gitignore.write_text("".join(f"{line}\n" for line in [*lines, *(g for g in GIT_IGNORED if g not in lines)]))
+    config = root / ".dvc" / "config"
     if not (root / ".dvc").exists():
         from dvc.repo import Repo
 
         Repo.init(str(root), no_scm=not use_git)
-    # Analytics would try to reach the internet on every command.
-    (root / ".dvc" / "config").write_text("[core]\n" + ("" if use_git else "    no_scm = True\n")
-                                          + "    analytics = false\n")
+        # Analytics would try to reach the internet on every command.
+        config.write_text("[core]\n" + ("" if use_git else "    no_scm = True\n") + "    analytics = false\n")
+    elif use_git and "    no_scm = True\n" in config.read_text():  # the line an older consort wrote
+        config.write_text(config.read_text().replace("    no_scm = True\n", ""))  # keeps a remote added since
 
 
 def commit_baseline(root: Path, message: str) -> str | None:

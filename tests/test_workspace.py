@@ -44,3 +44,14 @@ def test_a_dvc_only_workspace_gains_git_and_commits_its_pipeline_but_never_its_d
     assert not {t for t in tracked if t.startswith(("owners/news/corpus", "owners/news/keys")) or t == "mlflow.db"}
     assert _git(root, "status", "--porcelain") == ""  # nothing left over for `dvc exp` to warn of
     assert commit_baseline(root, "again") is None  # nothing changed, no empty commit
+
+
+def test_preparing_a_workspace_again_keeps_a_dvc_remote_added_to_it(tmp_path):
+    root = tmp_path / "ws"
+    root.mkdir()
+    init_dvc_repo(root)
+    subprocess.run([sys.executable, "-m", "dvc", "remote", "add", "shared", str(tmp_path / "remote")], cwd=root,
+                   check=True, capture_output=True)
+    init_dvc_repo(root)
+    config = (root / ".dvc" / "config").read_text()
+    assert "shared" in config and "analytics = false" in config and "no_scm" not in config
