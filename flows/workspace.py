@@ -229,14 +229,15 @@ def with_owner_params(dvc: dict, owners: list[str]) -> dict:
     return dvc
 
 
-# What a workspace holds besides pipeline data, and keeps out of Git: fetched packages, the
-# coordinator's keyring of owner keys, each owner's signing key.
-LOCAL_STATE = ("cache", "keyring", "owners/${key}/keys")
+# What a workspace holds besides pipeline data, and keeps out of Git: fetched packages and each
+# owner's signing key. No stage lists them as deps: DVC records a dep inside the workspace by its
+# relative path whatever dvc.yaml says, so an absolute one reads as changed in an experiment's copy.
+LOCAL_STATE = ("cache", "owners/${key}/keys")
 
 
 def with_local_state_paths(dvc: dict, root: Path) -> dict:
-    """LOCAL_STATE named by absolute path in the stages' commands and deps: `dvc exp run --temp`
-    and `--queue` run the stages in a copy of the Git checkout under .dvc/tmp/exps/, which has the
+    """LOCAL_STATE named by absolute path in the stages' commands: `dvc exp run --temp` and
+    `--queue` run the stages in a copy of the Git checkout under .dvc/tmp/exps/, which has the
     DVC-tracked data but nothing Git ignores (the signing key was missing there)."""
     def local(path: str) -> bool:
         return any(path == p or path.startswith(p + "/") for p in LOCAL_STATE)
@@ -244,7 +245,6 @@ def with_local_state_paths(dvc: dict, root: Path) -> dict:
     for stage in dvc["stages"].values():
         body = stage.get("do", stage)
         body["cmd"] = " ".join(shlex.quote(str(root / t)) if local(t) else t for t in body["cmd"].split())
-        body["deps"] = [str(root / d) if local(d) else d for d in body.get("deps", [])]
     return dvc
 
 
@@ -308,10 +308,11 @@ def prepare_workspace(root: Path, preset: str, params_file: Path | None = None, 
 
 # Besides LOCAL_STATE, what Git never holds: the lineage store and its artifacts, Prefect's state,
 # the stage logs, a trace service's key, tokens and audit log, and the stages' scratch files.
-GIT_IGNORED = ("/mlflow.db", "/mlartifacts/", "/.prefect/", "/.consort/", "/cache", "/keyring/", "/owners/*/keys/",
+GIT_IGNORED = ("/mlflow.db", "/mlartifacts/", "/.prefect/", "/.consort/", "/cache", "/owners/*/keys/",
                "/owners/*/trace/", *(f"/{p}" for p in registry.scratch_files()))
 # What the baseline commit holds besides the results DVC leaves to Git (its `cache: false` outs).
-PIPELINE_FILES = ("dvc.yaml", "dvc.lock", "params.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore")
+# The keyring holds public keys only, and the merge reads it: an experiment's copy needs it.
+PIPELINE_FILES = ("dvc.yaml", "dvc.lock", "params.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore", "keyring")
 
 
 def init_dvc_repo(root: Path) -> None:

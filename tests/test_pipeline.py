@@ -218,21 +218,29 @@ def _git(ws: Path, *args: str) -> str:
     return subprocess.run(["git", "-C", str(ws), *args], capture_output=True, text=True, check=True).stdout
 
 
-def test_a_dvc_experiment_runs_in_a_copy_of_the_workspace_and_shows_against_the_baseline(smoke_workspace):
+def test_dvc_experiments_run_in_a_copy_of_the_workspace_rerun_only_their_branch_and_show(smoke_workspace):
     """`dvc exp run --temp` reproduces in a Git checkout under .dvc/tmp/exps/, which holds the
-    DVC-tracked data and nothing Git ignores (the owners' keys, the fetched packages): before the
-    workspace was Git-backed and named those by absolute path, it failed there."""
+    DVC-tracked data and nothing Git ignores (the owners' signing keys, the fetched packages): before
+    the workspace was Git-backed and named those by absolute path, it failed there. A dep recorded
+    differently there would re-run its stage in every experiment (the keyring once re-ran the merge)."""
     ws, _ = smoke_workspace
     tracked = _git(ws, "ls-files").split()
-    assert {"dvc.yaml", "dvc.lock", "params.yaml", "metrics/eval.json"} <= set(tracked)
+    assert {"dvc.yaml", "dvc.lock", "params.yaml", "metrics/eval.json", "keyring/news.pub"} <= set(tracked)
     assert not [t for t in tracked if re.match(r"owners/[^/]+/(corpus|keys|trace|index)/|mlflow\.db|cache/", t)]
     assert _git(ws, "status", "--porcelain", "--untracked-files=no") == ""  # the run committed its baseline
-    steps = yaml.safe_load((ws / "params.yaml").read_text())["owners"]["news"]["train"]["steps"]
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    exp = subprocess.run(["dvc", "exp", "run", "--temp", "-S", f"owners.news.train.steps={steps + 2}"], cwd=ws,
-                         env=env, capture_output=True, text=True, timeout=900)
-    assert exp.returncode == 0, exp.stdout[-3000:] + exp.stderr[-3000:]
-    assert "Running stage 'train_expert@news'" in exp.stdout and "Running stage 'train_expert@code'" not in exp.stdout
+
+    def experiment(setting: str) -> set[str]:
+        exp = subprocess.run(["dvc", "exp", "run", "--temp", "-S", setting], cwd=ws, env=env, capture_output=True,
+                             text=True, timeout=900)
+        assert exp.returncode == 0, exp.stdout[-3000:] + exp.stderr[-3000:]
+        return set(re.findall(r"^Running stage '([^']+)'", exp.stdout, re.M))
+
+    assert experiment("owners.code.trace.snippet_chars=80") == {"evaluate_owner@code"}
+    steps = yaml.safe_load((ws / "params.yaml").read_text())["owners"]["news"]["train"]["steps"]
+    ran = experiment(f"owners.news.train.steps={steps + 2}")  # signs a package, reads cache/ (safety prompts)
+    assert {"train_expert@news", "merge_experts", "evaluate_safety", "report"} <= ran
+    assert not {s for s in ran if s.startswith(("prepare", "train_tokenizer", "train_anchor", "train_expert@code"))}
     shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], cwd=ws, env=env, capture_output=True,
                                       text=True, check=True).stdout)
 
@@ -242,10 +250,10 @@ def test_a_dvc_experiment_runs_in_a_copy_of_the_workspace_and_shows_against_the_
         return data["params"]["params.yaml"]["data"]["owners"]["news"]["train"]["steps"], loss
 
     baseline = next(r for r in shown if r["rev"] == _git(ws, "rev-parse", "HEAD").strip())
-    (experiment,) = [e["revs"][0] for e in baseline["experiments"] or []
-                     if news_steps_and_loss(e["revs"][0])[0] == steps + 2]
+    (longer,) = [e["revs"][0] for e in baseline["experiments"] or []
+                 if news_steps_and_loss(e["revs"][0])[0] == steps + 2]
     assert news_steps_and_loss(baseline)[0] == steps
-    assert news_steps_and_loss(experiment)[1] != news_steps_and_loss(baseline)[1]  # the expert trained longer
+    assert news_steps_and_loss(longer)[1] != news_steps_and_loss(baseline)[1]  # the expert trained longer
     assert yaml.safe_load((ws / "params.yaml").read_text())["owners"]["news"]["train"]["steps"] == steps
 
 
