@@ -19,7 +19,7 @@ import yaml
 
 from stages import params as P
 from stages import registry
-from stages.artifacts import REFERENCE_INFO, shipped_model
+from stages.artifacts import shipped_model
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -264,14 +264,16 @@ def side_dvc_yaml(side: registry.Side | None, project_dvc: Path = PROJECT_ROOT /
     return dvc if root is None else with_local_state_paths(dvc, root)
 
 
-def write_reference_stub(root: Path) -> None:
-    """The unrestricted reference needs every owner's data in one place, so a coordinator never trains it:
-    its stub stands where the evaluation and the report look for it."""
+def write_reference_stubs(root: Path) -> None:
+    """The reference stages (the unrestricted model, the oracle router) need every owner's data in one
+    place, so a coordinator never runs them: their stubs stand where the owners' evaluation, which
+    fetches them from the store, and the report look for them."""
     from stages.io import write_json
 
-    if not (root / "models" / "unrestricted" / REFERENCE_INFO).exists():
-        (root / "models" / "unrestricted").mkdir(parents=True, exist_ok=True)
-        write_json(root / "models" / "unrestricted" / REFERENCE_INFO, {"enabled": False})
+    for folder, info in registry.reference_stubs():
+        if not (root / folder / info).exists():
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            write_json(root / folder / info, {"enabled": False})
     (root / "metrics").mkdir(parents=True, exist_ok=True)
     (root / "metrics" / "unrestricted_log.jsonl").touch()
 
@@ -291,7 +293,7 @@ def prepare_workspace(root: Path, preset: str, params_file: Path | None = None, 
     if owners_remote:
         (root / "dvc.yaml").write_text(yaml.safe_dump(side_dvc_yaml("coordinator", owners=list(resolved["owners"]),
                                                                     root=root), sort_keys=False))
-        write_reference_stub(root)
+        write_reference_stubs(root)
     else:
         (root / "dvc.yaml").write_text(yaml.safe_dump(side_dvc_yaml(None, owners=list(resolved["owners"]), root=root),
                                                       sort_keys=False))

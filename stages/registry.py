@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from stages.artifacts import REFERENCE_INFO, TUNING_INFO
+
 Side = Literal["owner", "coordinator", "reference"]
 # Coordinator stages run before the owners train, between their two phases, or after them.
 Phase = Literal["before_owners", "train", "after_training", "evaluate", "after_evaluation"]
@@ -32,6 +34,9 @@ class StageSpec:
     published: tuple[tuple[str, str], ...] = ()  # owner stages: (store path, workspace path), "{owner}" filled in
     lineage: tuple[Hook, ...] = ()
     scratch: tuple[str, ...] = ()  # files it writes that are no stage's input (in .dvcignore), "*" for the owner
+    # reference stages: (output folder, info file) of the stub it writes when off, which a coordinator
+    # (that never has the owners' data to train it) writes in its place, for the evaluation to find
+    stub: tuple[str, str] | None = None
 
 
 STAGES: tuple[StageSpec, ...] = (
@@ -56,8 +61,10 @@ STAGES: tuple[StageSpec, ...] = (
               published=(("experts/{owner}/synthetic", "published/{owner}/synthetic"),)),
     StageSpec("merge_experts", "coordinator", "after_training", "all", "training", lineage=("expert_links",)),
     StageSpec("tune_router", "coordinator", "after_training", "all", "training"),
-    StageSpec("tune_router_oracle", "reference", "after_training", "all", "training"),
-    StageSpec("train_unrestricted", "reference", "after_training", "all", "training"),
+    StageSpec("tune_router_oracle", "reference", "after_training", "all", "training",
+              stub=("models/merged_oracle", TUNING_INFO)),
+    StageSpec("train_unrestricted", "reference", "after_training", "all", "training",
+              stub=("models/unrestricted", REFERENCE_INFO)),
     StageSpec("evaluate_owner", "owner", "evaluate", "one", "evaluation",
               public_inputs=("models/anchor", "models/merged", "models/merged_tuned", "models/merged_oracle",
                              "models/unrestricted"),
@@ -94,6 +101,11 @@ def public_inputs(phase: Phase) -> tuple[str, ...]:
     earlier = OWNER_PHASES[:OWNER_PHASES.index(phase)]
     fetched = {p for s in STAGES if s.phase in earlier for p in s.public_inputs}
     return tuple(dict.fromkeys(p for s in STAGES if s.phase == phase for p in s.public_inputs if p not in fetched))
+
+
+def reference_stubs() -> tuple[tuple[str, str], ...]:
+    """(folder, info file) of each reference stage's stub: what stands in for it on a coordinator."""
+    return tuple(s.stub for s in STAGES if s.side == "reference" and s.stub)
 
 
 def scratch_files() -> tuple[str, ...]:

@@ -67,3 +67,20 @@ def test_owner_phases_fetch_each_public_input_once_and_publish_numbers_and_signe
     assert "models/anchor" in registry.public_inputs("train")
     published = {**registry.published_paths("news", "train"), **registry.published_paths("news", "evaluate")}
     assert all(p.startswith(("published/news/", "evaluations/news", "audits/news")) for p in published.values())
+
+
+def test_every_public_input_is_made_by_a_coordinator_stage_or_stands_as_a_reference_stub(tmp_path):
+    """A coordinator runs only its own stages: whatever an owner phase fetches must come from one of
+    them, or be a reference stage's stub it writes in its place (models/merged_oracle was neither,
+    and `consort coordinate` failed after every merge)."""
+    from flows.workspace import write_reference_stubs
+
+    write_reference_stubs(tmp_path)
+    made = {o for n in DVC if registry.spec(n).side == "coordinator" for o in outputs(body(n))}
+    for phase in registry.OWNER_PHASES:
+        for path in registry.public_inputs(phase):
+            assert path in made or (tmp_path / path).is_dir(), (phase, path)
+    for name in DVC:  # every reference stage has a stub, and its stub is its dvc.yaml output
+        entry = registry.spec(name)
+        if entry.side == "reference":
+            assert entry.stub and entry.stub[0] in outputs(body(name)), name
