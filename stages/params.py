@@ -490,7 +490,12 @@ def resolve(raw: dict[str, Any], preset: str = "default", origin: str = "params.
         if preset not in presets:
             known = ", ".join(["default", *presets]) or "default"
             raise ParamsError(f"{origin}: unknown preset {preset!r}; choose one of: {known}")
-        raw = _deep_merge(raw, presets[preset])
+        overrides = dict(presets[preset] or {})
+        if isinstance(overrides.get("owners"), dict) and isinstance(raw.get("owners"), dict):
+            # A preset tunes the owners it knows that the file has: the project's presets name the demo's
+            # owners, and a file with owners of its own must not get them back (half-defined).
+            overrides["owners"] = {o: v for o, v in overrides["owners"].items() if o in raw["owners"]}
+        raw = _deep_merge(raw, overrides)
     # Dump the validated model, so every default is spelled out for DVC to track.
     resolved = parse(raw, origin=f"{origin} (preset {preset})").model_dump(mode="json", exclude_none=True)
     _refuse_interpolation(resolved, f"{origin} (preset {preset})")

@@ -74,6 +74,19 @@ def test_owner_train_overrides_apply_only_to_that_owner():
     assert params.expert_train("code").steps == params.expert.train.steps
 
 
+@pytest.mark.parametrize("preset", ["smoke", "study"])
+def test_a_preset_leaves_out_the_demo_owners_a_file_does_not_have(preset):
+    """Two owners of one's own under a project preset: the preset's entries for the demo's owners
+    (math, news, ...) do not come back half-defined ("owners.math.data.sources: Field required")."""
+    raw = project_params()
+    raw["owners"] = {"clinic": {"data": {"max_chars": 10000, "sources": [{"kind": "folder", "path": "/tmp/clinic"}]}},
+                     "news": raw["owners"]["news"]}
+    params = P.parse(P.resolve(raw, preset))
+    assert list(params.owners) == ["clinic", "news"]
+    smoke_news = project_params()["presets"][preset].get("owners", {}).get("news", {}).get("train", {})
+    assert params.expert_train("news").steps == smoke_news.get("steps", params.expert.train.steps)
+
+
 def test_disable_then_enable_gives_back_the_identical_file(tmp_path):
     """`consort experts disable` edits one line of the user's file; `enable` restores it byte for byte."""
     import difflib
