@@ -8,6 +8,7 @@ flows.pipeline (Prefect) takes 2.7 s, flows.tracking (MLflow) 4.7 s and stages.m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import os
 import shutil
@@ -21,6 +22,8 @@ from flows.console import VERBOSITY_VARIABLE, verbosity
 from stages.artifacts import MERGED_INFO, PUBLIC_KEY
 
 DEFAULT_WORKSPACE = Path("workspace")
+# --params of the commands that run the merged model: opt-outs are the workspace's (flows/workspace.opted_out).
+BUILT_FROM = "the params file the workspace was built from (another is refused; default: the workspace's record)"
 
 
 def _prefect_environment(ws_root: Path) -> None:
@@ -43,6 +46,9 @@ def _prefect_environment(ws_root: Path) -> None:
 # through the root logger (which PREFECT_LOGGING_SERVER_LEVEL does not reach) as an ERROR with a
 # traceback. Only the server's aiosqlite pool uses this class: MLflow's stores use synchronous pools.
 QUIET_LOGGERS = ("sqlalchemy.pool.impl.AsyncAdaptedQueuePool",)
+# A failed flow or task logs its exception with a traceback; consort prints the cause itself, last,
+# so the console shows the traceback only with -v.
+RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 
 
 def _prefect_logging_config(home: Path) -> Path:
@@ -57,6 +63,8 @@ def _prefect_logging_config(home: Path) -> Path:
     config = yaml.safe_load((package / "logging" / "logging.yml").read_text())
     for name in QUIET_LOGGERS:
         config["loggers"][name] = {"level": "CRITICAL"}
+    for name in () if verbosity() > 0 else RUN_LOGGERS:  # still sent to the Prefect API (its UI), not the console
+        config["loggers"][name] = {**config["loggers"][name], "propagate": False}
     path = home / "logging.yml"
     write_text(path, yaml.safe_dump(config, sort_keys=False))
     return path
@@ -109,12 +117,18 @@ def cmd_run(workspace: Path, preset: str, params: Path | None, force: list[str])
     return 0
 
 
-def cmd_ui(workspace: Path, params: Path | None, preset: str, port: int, page_port: int) -> int:
-    from flows.workspace import PROJECT_ROOT, Workspace
+def cmd_ui(workspace: Path, params: Path | None, port: int, page_port: int) -> int:
+    from flows.workspace import Workspace, opted_out
+    from stages.params import ParamsError
 
     ws = Workspace(workspace.resolve())
     if not (ws.root / "mlflow.db").exists():
         print(f"consort: no MLflow store in {ws.root}; run `consort run` first", file=sys.stderr)
+        return 2
+    try:
+        opted_out(ws.root, params)  # the page reads the workspace's opt-outs: a --params of another file is refused
+    except ParamsError as err:
+        print(f"consort: {err}", file=sys.stderr)
         return 2
     import signal
 
@@ -125,10 +139,8 @@ def cmd_ui(workspace: Path, params: Path | None, preset: str, port: int, page_po
     signal.signal(signal.SIGTERM, _interrupt)
     procs = {}
     try:
-        # The trace page reads opt-outs from the project's params, as `consort generate` does.
         procs["trace page"] = subprocess.Popen(
-            [sys.executable, "-m", "tracing.page", "--workspace", str(ws.root), "--port", str(page_port),
-             "--params", str(params or PROJECT_ROOT / "params.yaml"), "--preset", preset],
+            [sys.executable, "-m", "tracing.page", "--workspace", str(ws.root), "--port", str(page_port)],
             start_new_session=True)
         print(f"MLflow UI for {ws.root}: http://127.0.0.1:{port}", flush=True)
         print(f"trace page: http://127.0.0.1:{page_port}  (needs `consort serve --workspace {workspace}`)"
@@ -148,19 +160,20 @@ def cmd_ui(workspace: Path, params: Path | None, preset: str, port: int, page_po
         stop_services(procs)
 
 
-def cmd_experts(action: str, owner: str | None, workspace: Path, params: Path | None, preset: str) -> int:
-    from flows.workspace import PROJECT_ROOT, Workspace, set_expert_enabled
+def cmd_experts(action: str, owner: str | None, workspace: Path, params: Path | None) -> int:
+    from flows.workspace import Workspace, opted_out, set_workspace_expert_enabled
     from stages.io import read_json
-    from stages.params import ParamsError, disabled_owners
+    from stages.params import ParamsError
 
     try:
         if action in ("enable", "disable"):
-            changed = set_expert_enabled(owner, action == "enable", params)
+            changed = set_workspace_expert_enabled(workspace.resolve(), owner, action == "enable", params)
             state = "enabled" if action == "enable" else "disabled"
-            print(f"{owner}: {state}" + ("" if changed else " already") +
-                  ("; `consort run` re-runs what depends on the merged model" if changed else ""))
+            print(f"{owner}: {state}" + (f" in {', '.join(map(str, changed))}; `consort generate`, `export` and "
+                                         "`trace` follow it now, and the next run re-evaluates what depends on the "
+                                         "merged model" if changed else " already"))
             return 0
-        disabled = disabled_owners(params or PROJECT_ROOT / "params.yaml", preset)
+        disabled = opted_out(workspace.resolve(), params)
     except ParamsError as err:
         print(f"consort: {err}", file=sys.stderr)
         return 2
@@ -216,18 +229,18 @@ def cmd_prune(workspace: Path, yes: bool) -> int:
 
 
 def cmd_generate(prompt: str, experts: str | None, max_new_tokens: int, temperature: float, seed: int,
-                 workspace: Path, params: Path | None, preset: str) -> int:
-    text = _generate(prompt, experts, max_new_tokens, temperature, seed, workspace, params, preset)
+                 workspace: Path, params: Path | None) -> int:
+    text = _generate(prompt, experts, max_new_tokens, temperature, seed, workspace, params)
     if text is None:
         return 2
     print(prompt + text)
     return 0
 
 
-def cmd_export(out: Path, experts: str | None, workspace: Path, params: Path | None, preset: str) -> int:
+def cmd_export(out: Path, experts: str | None, workspace: Path, params: Path | None) -> int:
     """The shipped merged model with only the enabled experts, as a stock checkpoint with a model card."""
-    from flows.workspace import PROJECT_ROOT, Workspace
-    from stages.params import ParamsError, disabled_owners
+    from flows.workspace import Workspace, opted_out
+    from stages.params import ParamsError
 
     ws = Workspace(workspace.resolve())
     if not ws.merged_model.exists():
@@ -237,7 +250,7 @@ def cmd_export(out: Path, experts: str | None, workspace: Path, params: Path | N
     from stages.export import export_model
 
     try:
-        disabled = disabled_owners(params or PROJECT_ROOT / "params.yaml", preset)
+        disabled = opted_out(ws.root, params)
         summary, _ = export_model(ws.merged_model, ws.root / "models" / "anchor", ws.root / "published",
                                ws.root / "reports" / "eval_table.md", experts, disabled, out.resolve())
     except (ParamsError, ValueError, FileExistsError, FileNotFoundError) as err:
@@ -299,41 +312,55 @@ def cmd_serve(workspace: Path, owners: str | None, base_port: int, host: str = "
 
 
 def cmd_trace(workspace: Path, text: str | None, as_json: bool, prompt: str | None, experts: str | None,
-              max_new_tokens: int, temperature: float, seed: int, params: Path | None, preset: str) -> int:
+              max_new_tokens: int, temperature: float, seed: int, params: Path | None) -> int:
     import json
 
-    from stages import params as P
+    from flows.workspace import Workspace, opted_out
+    from stages.artifacts import merged_owners
+    from stages.params import ParamsError
     from tracing.coordinator import format_trace, load_registry, trace_everywhere
 
-    ws_root = workspace.resolve()
-    registry = load_registry(ws_root)
+    ws = Workspace(workspace.resolve())
+    registry = load_registry(ws.root)
     if not registry:
-        print(f"consort: no trace services recorded in {ws_root}; start them with `consort serve --workspace "
-              f"{workspace}`", file=sys.stderr)
+        print(f"consort: no trace services recorded in {ws.root}; start them with `consort serve --workspace "
+              f"{workspace}`, or record an owner's own with `consort remote-owner add`", file=sys.stderr)
         return 2
     if text is None:
-        text = _generate(prompt or "", experts, max_new_tokens, temperature, seed, workspace, params, preset)
+        text = _generate(prompt or "", experts, max_new_tokens, temperature, seed, workspace, params)
         if text is None:
             return 2
-    owners = list(P.load(ws_root / "params.yaml").owners) if (ws_root / "params.yaml").exists() else list(registry)
+    # The owners whose data is in the model that runs: merged (a coordinator may have merged
+    # without one that failed) and not opted out.
+    try:
+        owners = [o for o in merged_owners(ws.merged_model) if o not in opted_out(ws.root, params)]
+    except (FileNotFoundError, ParamsError) as err:
+        print(f"consort: {err}", file=sys.stderr)
+        return 2
     result = trace_everywhere({o: e for o, e in registry.items() if o in owners}, prompt or "", text)
     for owner in owners:
         if owner not in registry:  # added after `consort serve` started
             result["owners"][owner] = {"status": "unavailable", "error": "no trace service recorded for it"}
     print(json.dumps(result, indent=2) if as_json else format_trace(result))
-    down = [o for o, a in result["owners"].items() if a["status"] != "ok"]
-    if down:
-        print(f"consort: not searched: {', '.join(down)} (trace service unreachable or refusing); start the services "
-              f"with `consort serve --workspace {workspace}` (restart it after adding an owner)", file=sys.stderr)
-        return 1
-    return 0
+    down = {o: a for o, a in result["owners"].items() if a["status"] != "ok"}
+    for owner, answer in down.items():
+        entry = registry.get(owner, {})
+        if answer.get("http_status") in (401, 403):
+            fix = (f"the owner did not accept the recorded client token: record the one it issued with "
+                   f"`consort remote-owner add {owner} {entry.get('url', 'URL')} --token TOKEN`")
+        elif entry.get("remote"):
+            fix = (f"its service at {entry['url']} did not answer as expected: ask owner {owner} to run "
+                   f"`consort owner serve` (and check the URL and --ca with `consort remote-owner list`)")
+        else:
+            fix = f"start it with `consort serve --workspace {workspace}` (restart it after adding an owner)"
+        print(f"consort: {owner} not searched: {fix}", file=sys.stderr)
+    return 1 if down else 0
 
 
 def _generate(prompt: str, experts: str | None, max_new_tokens: int, temperature: float, seed: int, workspace: Path,
-              params: Path | None, preset: str) -> str | None:
+              params: Path | None) -> str | None:
     """The merged model's continuation of `prompt` with the experts asked for (or those enabled) (None on a bad input)."""
-    from flows.workspace import PROJECT_ROOT, Workspace
-    from stages.params import disabled_owners
+    from flows.workspace import Workspace, opted_out
 
     ws = Workspace(workspace.resolve())
     if not ws.merged_model.exists():
@@ -345,7 +372,7 @@ def _generate(prompt: str, experts: str | None, max_new_tokens: int, temperature
     from stages.model.experts import continue_text, load_merged, merged_owners, resolve_experts
 
     try:
-        disabled = disabled_owners(params or PROJECT_ROOT / "params.yaml", preset)
+        disabled = opted_out(ws.root, params)
         chosen = resolve_experts(experts, merged_owners(ws.merged_model), disabled)
     except ValueError as err:
         print(f"consort: {err}", file=sys.stderr)
@@ -608,8 +635,28 @@ def owner_worker(workspace: Path, store: str) -> int:
     register_owner(ws.owner)
     cmd, env = worker_command(ws, shared)
     print(f"worker of {ws.owner} on pool consort-{ws.owner}, workspace {ws.root}, store {shared} "
-          "(Ctrl-C stops it)", flush=True)
-    os.execvpe(cmd[0], cmd, env)
+          "(Ctrl-C or SIGTERM stops it)", flush=True)
+    import signal
+
+    import psutil
+
+    # Prefect's worker survives SIGTERM and takes the next job: a supervisor's stop (systemd,
+    # `docker stop`) must end it and the run it started, so it runs under this process, not in its place.
+    signal.signal(signal.SIGTERM, _interrupt)
+    worker = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        return worker.wait()
+    except KeyboardInterrupt:
+        print(f"stopping the worker of {ws.owner} and any run it started", file=sys.stderr, flush=True)
+        return 0
+    finally:
+        if worker.poll() is None:
+            procs = [*psutil.Process(worker.pid).children(recursive=True), psutil.Process(worker.pid)]
+            for proc in procs:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.terminate()
+            for proc in psutil.wait_procs(procs, timeout=15)[1]:
+                proc.kill()
 
 
 def _add_generation_arguments(p: argparse.ArgumentParser) -> None:
@@ -618,8 +665,8 @@ def _add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE)
-    p.add_argument("--params", type=Path, default=None, help="params file with the opt-outs (default: the project's)")
-    p.add_argument("--preset", default="default")
+    p.add_argument("--params", type=Path, default=None,
+                   help=BUILT_FROM)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -647,15 +694,15 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE)
     ui.add_argument("--port", type=int, default=5000, help="MLflow UI port")
     ui.add_argument("--page-port", type=int, default=8700, help="trace page port")
-    ui.add_argument("--params", type=Path, default=None, help="params file with the opt-outs (default: the project's)")
-    ui.add_argument("--preset", default="default")
+    ui.add_argument("--params", type=Path, default=None,
+                    help=BUILT_FROM)
     ui.set_defaults(func=cmd_ui)
     ex = sub.add_parser("experts", help="list the merged model's experts, or opt an owner's expert in or out")
     ex.add_argument("action", nargs="?", choices=["list", "enable", "disable"], default="list")
     ex.add_argument("owner", nargs="?", help="the owner to enable or disable")
     ex.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE)
-    ex.add_argument("--params", type=Path, default=None, help="params file to edit (default: the project's)")
-    ex.add_argument("--preset", default="default")
+    ex.add_argument("--params", type=Path, default=None, help="params file to edit (default: the one the workspace "
+                    "was built from, and the workspace's own; without a workspace, the project's)")
     ex.set_defaults(func=cmd_experts)
     pr = sub.add_parser("prune", help="delete what the workspace holds of owners removed from params.yaml")
     pr.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE)
@@ -669,8 +716,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("out", type=Path, help="the folder to write (an earlier export there is replaced)")
     exp.add_argument("--experts", default=None, help="only these owners' experts, e.g. code,news (default: the enabled)")
     exp.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE)
-    exp.add_argument("--params", type=Path, default=None, help="params file with the opt-outs (default: the project's)")
-    exp.add_argument("--preset", default="default")
+    exp.add_argument("--params", type=Path, default=None,
+                     help=BUILT_FROM)
     exp.set_defaults(func=cmd_export)
     serve = sub.add_parser("serve", help="start every owner's trace service (the demo's owners; 127.0.0.1 by default)")
     serve.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE)

@@ -151,13 +151,32 @@ def collect(root: Path, store: Store, owners: list[str], phase: str) -> None:
                 store.get(store_rel, root / ws_rel)
 
 
+def refused_packages(root: Path, owners: list[str]) -> dict[str, str]:
+    """The owners whose collected package the merge would refuse, with the reason and the fix: asked
+    before the merge, so one bad package is that owner's failure, not the whole merge's."""
+    from stages.merge_experts import MergeRefused, check_package
+
+    refused = {}
+    for owner in owners:
+        try:
+            check_package(owner, root / "published" / owner / "expert", root / "keyring", root / "models" / "anchor")
+        except MergeRefused as err:
+            refused[owner] = (f"its package was refused: {err}. Owner {owner} publishes it again with "
+                              f"`consort owner publish STORE --workspace ITS_WORKSPACE` (or `consort owner run`)")
+    return refused
+
+
 def run_coordinator_stages(root: Path, stages: tuple[str, ...], lineage, params: dict) -> list[dict]:
     """Run the coordinator's own stages in order (DVC skips those up to date), each recorded in MLflow."""
-    from flows.pipeline import reproduce_stage
+    from flows.pipeline import failure_cause, reproduce_stage
 
     out = []
     for stage in stages:
-        outcome, seconds = reproduce_stage(root, stage)
+        try:
+            outcome, seconds = reproduce_stage(root, stage)
+        except Exception as err:  # the stage's own message, not DVC's wrapper and its traceback
+            raise RuntimeError(f"stage {stage} failed: {failure_cause(root, stage, err)} "
+                               f"(its log: {root / '.consort' / 'logs' / stage}.log)") from None
         lineage.record_stage(stage, outcome != "cached", seconds, params)
         out.append({"stage": stage, "ran": outcome != "cached", "outcome": outcome, "seconds": seconds})
     return out
@@ -185,17 +204,20 @@ def coordinate(workspace: str, store: str, preset: str = "default", allow_missin
         for phase, after in (("train", "after_training"), ("evaluate", "after_evaluation")):
             results = dispatch(owners, phase, lost_after_s, owner_timeout_s)
             failed = {o: r["error"] for o, r in results.items() if not r["ok"]}
-            for o, err in failed.items():
-                print(f"owner {o} failed in its {phase} phase: {err}")
+            collect(root, shared, [o for o in owners if o not in failed], phase)
+            if phase == "train":
+                failed |= refused_packages(root, [o for o in owners if o not in failed])
             summary["failed"].update(failed)
             owners = [o for o in owners if o not in failed]
             if failed and not (allow_missing and owners):
-                raise RuntimeError(f"owner(s) {', '.join(failed)} failed in the {phase} phase"
-                                   + ("" if allow_missing else " (--allow-missing merges the others without them)"))
+                reasons = "".join(f"\n  {o}: {err}" for o, err in failed.items())
+                raise RuntimeError(f"owner(s) {', '.join(failed)} failed in the {phase} phase:{reasons}\n"
+                                   "Run `consort coordinate` again once they are fixed (DVC skips what is done)"
+                                   + ("" if allow_missing else ", or add --allow-missing to merge the others "
+                                      "without them"))
             if phase == "train":
                 _write_present_owners(root, owners)
                 summary["merged_owners"] = list(owners)
-            collect(root, shared, owners, phase)
             summary[f"{phase}_runs"] = {o: shared.read_json(f"runs/{o}/{phase}.json") or {} for o in owners}
             if phase == "train":
                 for o in owners:

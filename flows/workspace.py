@@ -58,6 +58,72 @@ class Workspace:
     def params(self) -> P.Params:
         return P.load(self.params_path)
 
+    @property
+    def source_record(self) -> Path:
+        return self.root / SOURCE_RECORD
+
+    def source(self) -> tuple[Path, str] | None:
+        """(the params file, the preset) the workspace was last built from; None before one was recorded."""
+        if not self.source_record.exists():
+            return None
+        record = yaml.safe_load(self.source_record.read_text())
+        return Path(record["params"]), record["preset"]
+
+
+# Which params file and preset built the workspace: where its opt-outs are edited (Git-ignored: a path of this machine).
+SOURCE_RECORD = Path(".consort") / "source.yaml"
+
+
+def record_source(root: Path, source: Path, preset: str) -> None:
+    from stages.io import write_text
+
+    write_text(root / SOURCE_RECORD, yaml.safe_dump({"params": str(source.resolve()), "preset": preset}))
+
+
+def _check_params_file(ws: Workspace, params_file: Path | None) -> tuple[Path, str] | None:
+    """The recorded source; refuse a --params that names another file (its opt-outs are not this workspace's)."""
+    recorded = ws.source()
+    if params_file is not None and recorded and params_file.resolve() not in (recorded[0], ws.params_path):
+        raise P.ParamsError(f"{ws.root} was built from {recorded[0]} (preset {recorded[1]}), not {params_file}: "
+                            "its opt-outs are that file's and the workspace's. Drop --params, or rebuild the "
+                            f"workspace from {params_file} with `consort run --params {params_file} --workspace "
+                            f"{ws.root}` (`consort coordinate` for a coordinator)")
+    return recorded
+
+
+def opted_out(root: Path, params_file: Path | None = None) -> list[str]:
+    """The owners opted out in the workspace at `root`: its own params.yaml's `inference.disabled`,
+    and any its source file disables since (a hand edit not yet run: an opt-out never waits for a run).
+
+    Without a workspace there, the params file's (the project's by default), as the default preset has it."""
+    ws = Workspace(root)
+    if not ws.params_path.exists():
+        return P.disabled_owners(params_file or PROJECT_ROOT / "params.yaml", "default")
+    recorded = _check_params_file(ws, params_file)
+    disabled = P.disabled_owners(ws.params_path, "default")
+    if recorded and recorded[0].exists():
+        pending = [o for o in P.disabled_owners(*recorded) if o not in disabled]
+        if pending:
+            print(f"consort: {recorded[0]} opts out {', '.join(pending)} since {root} was last run; left out "
+                  "here too (`consort run` brings the evaluations up to date)", file=sys.stderr)
+        disabled += pending
+    return disabled
+
+
+def set_workspace_expert_enabled(root: Path, owner: str, enabled: bool, params_file: Path | None = None) -> list[Path]:
+    """Opt an owner in or out where the workspace at `root` reads it: the params file it was built from
+    (so the next run keeps the choice) and its own params.yaml (so it holds at once). Without a
+    workspace there, only the params file (the project's by default). Returns the files changed."""
+    ws = Workspace(root)
+    recorded = _check_params_file(ws, params_file) if ws.params_path.exists() else None
+    source = recorded[0] if recorded else params_file or PROJECT_ROOT / "params.yaml"
+    files = [source] + ([ws.params_path] if ws.params_path.exists() else [])
+    for path in files:  # every file is checked before any is written: a bad name changes none
+        doc = yaml.safe_load(path.read_text()) or {}
+        if owner not in (doc.get("owners") or {}):
+            raise P.ParamsError(f"{path}: no owner {owner!r}; owners are {', '.join(doc.get('owners') or {})}")
+    return [path for path in files if set_expert_enabled(owner, enabled, path)]
+
 
 def read_project_params(path: Path | None = None) -> dict:
     path = path or PROJECT_ROOT / "params.yaml"
@@ -304,6 +370,7 @@ def prepare_workspace(root: Path, preset: str, params_file: Path | None = None, 
     params_path = root / "params.yaml"
     if not params_path.exists() or params_path.read_text() != text:
         params_path.write_text(text)
+    record_source(root, source, preset)
     init_dvc_repo(root)
     return Workspace(root)
 

@@ -35,3 +35,13 @@ def shipped_model(models_dir: Path) -> Path:
     """
     tuned = models_dir / "merged_tuned"
     return tuned if has_model(tuned) else models_dir / "merged"
+
+
+def merged_owners(merged_dir: Path) -> list[str]:
+    """Owners of the merged model's experts 1..n, in expert order (read without loading the model)."""
+    import json
+
+    info_path = merged_dir / MERGED_INFO
+    if not info_path.exists():
+        raise FileNotFoundError(f"{info_path} is missing: is {merged_dir} a model written by merge_experts?")
+    return [e["owner"] for e in json.loads(info_path.read_text())["experts"][1:]]

@@ -52,6 +52,17 @@ def model_card(anchor: dict, experts: list[dict], left_out: list[str], top_k: in
     ])
 
 
+def without_owner_rows(table: str, owners: list[str]) -> str:
+    """The report's tables less every row whose first cell names one of `owners` (their own numbers)."""
+    import re
+
+    if not owners:
+        return table
+    named = re.compile(r"\b(" + "|".join(map(re.escape, owners)) + r")\b")
+    return "\n".join(line for line in table.splitlines()
+                     if not (line.startswith("|") and named.search(line.split("|")[1])))
+
+
 def export_model(merged_dir: Path, anchor_dir: Path, published: Path, eval_table: Path | None,
                  experts: list[str] | str | None, disabled: list[str], out: Path):
     """Write the shipped merged model with only `experts` (default: every owner not in `disabled`) to `out`;
@@ -76,7 +87,8 @@ def export_model(merged_dir: Path, anchor_dir: Path, published: Path, eval_table
     left_out = [o for o in owners if o not in chosen]
     summary = {"source": merged_dir.name, "experts": records, "left_out": left_out,
                "num_experts": model.config.num_experts, "top_k": model.config.num_experts_per_tok}
-    table = eval_table.read_text() if eval_table and eval_table.exists() else ""
+    # A left-out owner's evaluation rows leave with its weights.
+    table = without_owner_rows(eval_table.read_text(), left_out) if eval_table and eval_table.exists() else ""
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(merged_dir).save_pretrained(tmp)

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from stages import params as P
 from stages.artifacts import ANCHOR_INFO, MANIFEST, MANIFEST_VERSION, MERGED_INFO, PRESENT_OWNERS
@@ -45,13 +45,17 @@ def check_manifest(name: str, manifest: dict, anchor_hash: str, tokenizer_hash: 
                            f"but this pipeline's is {tokenizer_hash[:12]}; retrain the expert with this anchor's tokenizer")
 
 
-def load_package(owner: str, package: Path, keyring: Path, anchor: PreTrainedModel, anchor_hash: str,
+def anchor_identity(anchor_dir: Path) -> tuple[str, str]:
+    """(the anchor's hash, its tokenizer's digest): what every package's manifest must name."""
+    return read_json(anchor_dir / ANCHOR_INFO)["anchor_hash"], file_digest(anchor_dir / "tokenizer.json")
+
+
+def load_package(owner: str, package: Path, keyring: Path, c: PretrainedConfig, anchor_hash: str,
                  tokenizer_hash: str) -> tuple[dict, dict]:
-    """(manifest, tensors) of a package whose signature, manifest and shapes all hold."""
+    """(manifest, tensors) of a package whose signature, manifest and shapes (for anchor config `c`) all hold."""
     manifest_path = package / MANIFEST
     if not manifest_path.exists():
         raise MergeRefused(f"expert {owner}: {manifest_path} is missing; is {package} an expert package?")
-    c = anchor.config
     try:  # first: nothing of a package is trusted, not even its manifest, before its signature holds
         verify_package(package, owner, enrolled_key(keyring, owner))
         manifest = json.loads(manifest_path.read_text())
@@ -62,16 +66,21 @@ def load_package(owner: str, package: Path, keyring: Path, anchor: PreTrainedMod
     return manifest, tensors
 
 
+def check_package(owner: str, package: Path, keyring: Path, anchor_dir: Path) -> None:
+    """Raise MergeRefused unless the merge would take this package (what a coordinator asks before
+    merging, so that one refused owner can be left out instead of failing the merge)."""
+    load_package(owner, package, keyring, AutoConfig.from_pretrained(anchor_dir), *anchor_identity(anchor_dir))
+
+
 def merge_experts(anchor_dir: Path, public_embedding: Path, experts: dict[str, Path], m: P.MergeParams,
                   out_dir: Path, keyring: Path) -> dict:
     if not experts:
         raise MergeRefused("no expert to merge: params.yaml lists no owner")
     anchor = AutoModelForCausalLM.from_pretrained(anchor_dir)
     anchor_state = anchor.state_dict()
-    anchor_hash = read_json(anchor_dir / ANCHOR_INFO)["anchor_hash"]
-    tokenizer_hash = file_digest(anchor_dir / "tokenizer.json")
+    anchor_hash, tokenizer_hash = anchor_identity(anchor_dir)
     r_pub = load_embedding(public_embedding)
-    packages = {o: load_package(o, d, keyring, anchor, anchor_hash, tokenizer_hash) for o, d in experts.items()}
+    packages = {o: load_package(o, d, keyring, anchor.config, anchor_hash, tokenizer_hash) for o, d in experts.items()}
 
     num_experts = 1 + len(experts)
     top_k = min(m.top_k or num_experts, num_experts)

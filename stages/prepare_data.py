@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"prepare {args.corpus}: {stats['documents']['train']} train / {stats['documents']['val']} val documents, "
           f"{stats['chars']['train'] / 1e6:.2f}M train characters")
     for source, names in stats.get("files_not_text", {}).items():
-        print(f"prepare {args.corpus}: skipped {len(names)} file(s) of {source} that are not text: {', '.join(names)}")
+        print(f"prepare {args.corpus}: skipped {len(names)} file(s) of {source} that are not text or of another "
+              f"kind: {', '.join(names)}")
 
 
 if __name__ == "__main__":

@@ -126,3 +126,27 @@ def test_disabled_owners_reads_the_project_file_under_a_preset_or_a_workspace_fi
     assert P.disabled_owners(resolved, "ignored: already resolved") == ["math"]
     with pytest.raises(P.ParamsError, match="no such params file"):
         P.disabled_owners(tmp_path / "missing.yaml", "smoke")
+
+
+def test_opt_outs_live_with_the_workspace_and_its_source_file(tmp_path, capsys):
+    """`experts disable` without --params edits the file the workspace was built from and the workspace's
+    own params (export, generate and trace read them there); another --params is refused by name; a hand
+    edit of the source file opts out at once."""
+    from flows.workspace import Workspace, opted_out, prepare_workspace, set_workspace_expert_enabled
+
+    source = tmp_path / "consortium.yaml"
+    source.write_text((PROJECT_ROOT / "params.yaml").read_text())
+    ws = prepare_workspace(tmp_path / "ws", "smoke", source, owners_remote=True)
+    assert ws.source() == (source.resolve(), "smoke") and opted_out(ws.root) == []
+    assert set_workspace_expert_enabled(ws.root, "news", False) == [source, ws.params_path]
+    assert opted_out(ws.root) == ["news"] == P.disabled_owners(source, "smoke") == P.disabled_owners(ws.params_path, "")
+    other = tmp_path / "other.yaml"
+    other.write_text(source.read_text())
+    with pytest.raises(P.ParamsError, match=f"built from {source.resolve()} .*not {other}"):
+        opted_out(ws.root, other)
+    with pytest.raises(P.ParamsError, match="no owner 'sports'"):
+        set_workspace_expert_enabled(ws.root, "sports", False)
+    assert opted_out(ws.root, ws.params_path) == ["news"]  # the workspace's own file is its own
+    set_expert_enabled("code", False, source)  # by hand, not yet run
+    assert opted_out(ws.root) == ["news", "code"] and "opts out code since" in capsys.readouterr().err
+    assert Workspace(tmp_path / "elsewhere").source() is None

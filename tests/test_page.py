@@ -37,8 +37,8 @@ def page_server(smoke_workspace):
     ws, _ = smoke_workspace
     services = start_services(ws, ["news", "code"])
     port = 8790
-    page = subprocess.Popen([sys.executable, "-m", "tracing.page", "--workspace", str(ws), "--port", str(port),
-                             "--params", str(ws / "params.yaml")], cwd=PROJECT)
+    page = subprocess.Popen([sys.executable, "-m", "tracing.page", "--workspace", str(ws), "--port", str(port)],
+                            cwd=PROJECT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60

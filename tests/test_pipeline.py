@@ -403,10 +403,10 @@ def test_opting_an_expert_out_reruns_only_what_follows_the_merge(smoke_workspace
     params = tmp_path / "params.yaml"
     params.write_text((ws / "params.yaml").read_text())
     run_consort("experts", "disable", "news", "--params", str(params), cwd=ws.parent)
-    listing = run_consort("experts", "--workspace", str(ws), "--params", str(params), cwd=ws.parent).stdout
+    proc = run_consort("run", "--workspace", str(ws), "--params", str(params), cwd=ws.parent)
+    listing = run_consort("experts", "--workspace", str(ws), cwd=ws.parent).stdout
     assert any(line.split()[1:3] == ["news", "disabled"] for line in listing.splitlines() if line.strip()[:1].isdigit())
     assert any(line.split()[1:3] == ["code", "enabled"] for line in listing.splitlines() if line.strip()[:1].isdigit())
-    proc = run_consort("run", "--workspace", str(ws), "--params", str(params), cwd=ws.parent)
     ran = {line.split()[1] for line in proc.stdout.splitlines() if line.strip().startswith("ran ")}
     assert ran == ({"evaluate_public", "report"} | {f"evaluate_owner@{o}" for o in OWNERS}
                    | {f"audit@{o}" for o in OWNERS}), proc.stdout[-3000:]

@@ -93,6 +93,17 @@ def test_files_that_are_not_text_are_skipped_and_named(tmp_path):
     assert sorted(next(iter(stats["files_not_text"].values()))) == ["noise.txt", "program.md", "rows.jsonl"]
 
 
+def test_files_of_other_kinds_are_skipped_and_named(tmp_path, capsys):
+    folder = make_folder(tmp_path / "mine")
+    (folder / "firmware.bin").write_bytes(bytes(range(256)))
+    (folder / "sub").mkdir()
+    (folder / "sub" / "notes.rst").write_text("Some notes\n==========\n")
+    corpus = P.CorpusParams(max_chars=10**6, sources=[P.FolderSource(kind="folder", path=str(folder), text_field="body")])
+    stats = prepare_corpus(corpus, DATA, "clinic", tmp_path / "out", tmp_path / "cache")
+    assert sorted(next(iter(stats["files_not_text"].values()))) == ["firmware.bin", "sub/notes.rst"]
+    assert "firmware.bin, sub/notes.rst" in capsys.readouterr().err
+
+
 def test_a_folder_of_only_binary_files_is_refused_by_name(tmp_path):
     folder = tmp_path / "bin"
     folder.mkdir()

@@ -61,6 +61,9 @@ def add_remote_owner(workspace: Path, owner: str, url: str, token: str | None, c
                          "traced text would cross the network readable)")
     if ca is not None and not Path(ca).is_file():
         raise FileNotFoundError(f"{ca}: no such certificate file (the owner's service certificate or its CA)")
+    if not token or not token.strip() or any(c.isspace() for c in token):
+        raise ValueError(f"owner {owner}: --token {token!r} is no client token: give the one the owner's service "
+                         "issued (in its owners/<name>/trace/trace_clients.json)")
     entry = {"url": url.rstrip("/"), "token": token, "ca": str(Path(ca).resolve()) if ca else None, "remote": True}
     registry = load_registry(workspace)
     registry[owner] = entry

@@ -27,10 +27,11 @@ class TraceRequest(BaseModel):
 
 
 class Generator:
-    """The merged model, loaded once, with the experts the params leave enabled."""
+    """The merged model, loaded once, with the experts the workspace's params leave enabled
+    (`consort experts disable` edits them there: each request reads them afresh)."""
 
-    def __init__(self, workspace: Path, params_file: Path | None, preset: str) -> None:
-        self.workspace, self.params_file, self.preset = workspace, params_file, preset
+    def __init__(self, workspace: Path) -> None:
+        self.workspace = workspace
         self.lock = threading.Lock()
         self.loaded: tuple | None = None
 
@@ -38,7 +39,7 @@ class Generator:
         from stages.artifacts import shipped_model
         from stages.model.experts import merged_owners, resolve_experts
 
-        disabled = P.disabled_owners(self.params_file or self.workspace / "params.yaml", self.preset)
+        disabled = P.disabled_owners(self.workspace / "params.yaml", "default")
         return resolve_experts(None, merged_owners(shipped_model(self.workspace / "models")), disabled)
 
     def __call__(self, prompt: str, max_new_tokens: int) -> tuple[str, list[str]]:
@@ -167,13 +168,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--workspace", type=Path, required=True)
     ap.add_argument("--port", type=int, default=8700)
-    ap.add_argument("--params", type=Path, default=None, help="params file with the opt-outs (default: the workspace's)")
-    ap.add_argument("--preset", default="default")
     args = ap.parse_args(argv)
     import uvicorn
 
     workspace = args.workspace.resolve()
-    uvicorn.run(create_app(workspace, Generator(workspace, args.params, args.preset)), host="127.0.0.1",
+    uvicorn.run(create_app(workspace, Generator(workspace)), host="127.0.0.1",
                 port=args.port, log_level="warning")
 
 

@@ -302,16 +302,27 @@ def text_or_none(data: bytes) -> str | None:
     return None if controls > 0.05 * max(min(len(text), 65536), 1) else text
 
 
+FOLDER_SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")  # what a folder source reads
+
+
 def read_folder(source: FolderSource, skipped: list[str] | None = None) -> Iterator[str]:
-    """Documents of a folder's text files; files that are not text are skipped and named in `skipped`."""
+    """Documents of a folder's text files; files that are not text, or of another kind, are skipped and
+    named in `skipped`."""
     root = Path(source.path).expanduser()
     if not root.is_dir():
         raise SourceError(f"folder source {source.path}: not a folder; point `path` at a folder of "
                           ".txt/.md/.jsonl/.parquet files")
-    files = sorted(p for p in root.rglob("*") if p.suffix in {".txt", ".md", ".jsonl", ".parquet"} and p.is_file())
+    every = sorted(p for p in root.rglob("*") if p.is_file())
+    files = [p for p in every if p.suffix in FOLDER_SUFFIXES]
     if not files:
         raise SourceError(f"folder source {source.path}: holds no .txt, .md, .jsonl or .parquet file")
     not_text = [] if skipped is None else skipped
+    other_kinds = [str(p.relative_to(root)) for p in every if p.suffix not in FOLDER_SUFFIXES]
+    if other_kinds:  # named, not dropped in silence: a .rst or .csv may be text the owner meant to include
+        print(f"folder source {source.path}: skipping {len(other_kinds)} file(s) that are not .txt, .md, .jsonl or "
+              f".parquet: {', '.join(other_kinds[:20])}{', ...' if len(other_kinds) > 20 else ''} (convert or "
+              "rename those that hold text)", file=sys.stderr)
+        not_text += other_kinds
     start = len(not_text)
     for path in files:
         if path.suffix != ".parquet":

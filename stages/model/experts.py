@@ -12,19 +12,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, FlexOlmoConfig, FlexOlmoForCausalLM
 
-from stages.artifacts import MERGED_INFO
+from stages.artifacts import MERGED_INFO, merged_owners
 from stages.io import read_json
 from stages.model.decode import decode
 from stages.model.fast_moe import use_fast_experts
 from stages.model.moe import BiasedFlexOlmoConfig, BiasedFlexOlmoForCausalLM, assemble
-
-
-def merged_owners(merged_dir: Path) -> list[str]:
-    """Owners of the merged model's experts 1..n, in expert order."""
-    info_path = merged_dir / MERGED_INFO
-    if not info_path.exists():
-        raise FileNotFoundError(f"{info_path} is missing: is {merged_dir} a model written by merge_experts?")
-    return [e["owner"] for e in read_json(info_path)["experts"][1:]]
 
 
 def resolve_experts(spec: str | list[str] | None, available: list[str], disabled: list[str] = ()) -> list[str]:
