@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from flows.store import Store
-from flows.workspace import PROJECT_ROOT, init_dvc_repo, read_project_params, side_dvc_yaml
+from flows.workspace import PROJECT_ROOT, init_dvc_repo, quiet_dvc, read_project_params, side_dvc_yaml
 from stages import params as P
 from stages import registry
 from stages.artifacts import PUBLIC_KEY
@@ -105,6 +105,7 @@ def run_phase(ws: OwnerWorkspace, phase: str) -> list[dict]:
     from dvc.repo import Repo
 
     check_phase(phase)
+    quiet_dvc()
     out = []
     # DVC resolves stage paths against the working directory (a Prefect worker runs flows elsewhere).
     with contextlib.chdir(ws.root), Repo(str(ws.root)) as repo:

@@ -10,34 +10,26 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import dvc  # noqa: F401  (imported for its logging set-up, which the loop below turns down)
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.console import StageConsole
-from flows.workspace import Workspace
+from flows.workspace import Workspace, quiet_dvc
 from stages import registry
 from stages.runtime import LOGS_VARIABLE, failure_file, log_file, threads_variable
 
 if TYPE_CHECKING:
     from flows.tracking import Lineage
 
-# Importing DVC installs its console handlers; turned down here, so that the console shows
-# consort's line per stage, not DVC's "Running stage" lines and its warnings (such as "'x' is
-# empty" for a stub's file, once per stage reading it). A failing stage raises, and its cause and
-# log are printed at the end of the run. Not propagated: Prefect's root handler would print again.
-for _name in ("dvc", "dvc_objects", "dvc_data"):
-    logging.getLogger(_name).setLevel(logging.ERROR)
-    logging.getLogger(_name).propagate = False
+quiet_dvc()
 
 
 class CpuScheduler:

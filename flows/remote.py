@@ -30,10 +30,12 @@ from flows.store import Store
 from stages import registry
 from stages.artifacts import MANIFEST, PRESENT_OWNERS
 from stages.io import write_json
+from stages.runtime import LOGS_VARIABLE
 
 STORE_VARIABLE = "CONSORT_STORE"
 DEPLOYMENT_FLOW = "consort-owner"
 WORKER_HEARTBEAT_S = 5  # our workers beat this often, so a dead one is noticed in seconds, not minutes
+WORKER_QUERY_S = 2  # and ask for work this often: Prefect's 10 s added up to 10 s to each owner phase
 
 
 # --- the owner's side ---------------------------------------------------------------------------
@@ -81,6 +83,7 @@ def worker_command(ws: OwnerWorkspace, store: Store) -> tuple[list[str], dict]:
         "PREFECT_LOCAL_STORAGE_PATH": str(ws.root / ".prefect" / "results"),
         "PREFECT_HOME": str(ws.root / ".prefect"),
         "PREFECT_WORKER_HEARTBEAT_SECONDS": str(WORKER_HEARTBEAT_S),
+        "PREFECT_WORKER_QUERY_SECONDS": str(WORKER_QUERY_S),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         # DVC runs stage commands through the shell: `python` must be this environment's.
@@ -194,6 +197,7 @@ def coordinate(workspace: str, store: str, preset: str = "default", allow_missin
     root = Path(workspace)
     shared = Store.open(store, root)
     params = Workspace(root).params()
+    os.environ[LOGS_VARIABLE] = "1"  # each stage's output to its log (stages/runtime.py), not the console
     owners, logged = list(params.owners), params.model_dump(mode="json")
     lineage = Lineage(Workspace(root), preset, str(flow_run.id) if flow_run.id else None)
     summary: dict = {"stages": [], "failed": {}}

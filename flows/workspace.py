@@ -472,6 +472,20 @@ def enrol_demo_owners(root: Path, owners) -> None:
         enrol_owner_key(create_owner_key(root / "owners" / owner / "keys"), root / "keyring", owner)
 
 
+def quiet_dvc() -> None:
+    """Importing DVC installs its console handlers; turned down, so that the console shows consort's
+    line per stage, not DVC's "Running stage" lines, its Git hints and its warnings (such as "'x' is
+    empty" for a stub's file, once per stage reading it). A failing stage raises, and its cause is
+    printed. Not propagated: Prefect's root handler would print again."""
+    import logging
+
+    import dvc  # noqa: F401  (its logging set-up first, then turned down)
+
+    for name in ("dvc", "dvc_objects", "dvc_data"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger(name).propagate = False
+
+
 def use_project_python() -> None:
     """DVC runs stage commands through the shell: make their `python` this interpreter (the venv's)."""
     bindir = str(Path(sys.executable).parent)

@@ -48,19 +48,39 @@ def model_card(anchor: dict, experts: list[dict], left_out: list[str], top_k: in
         ("**Left out** (opted out; none of their weights are in this checkpoint): " + ", ".join(left_out) + "."
          if left_out else "Every owner's expert is in this checkpoint."), "",
         "## Evaluation (consort's report, with every configuration it compares)", "",
+        *(["The report's figures are of the merged model as evaluated; the columns and rows naming the owners "
+           "left out are removed (averages over the owners still include them).", ""] if left_out else []),
         eval_table.strip() or "(no report)", "",
     ])
 
 
-def without_owner_rows(table: str, owners: list[str]) -> str:
-    """The report's tables less every row whose first cell names one of `owners` (their own numbers)."""
+def without_owners(tables: str, owners: list[str]) -> str:
+    """The report's markdown less what names one of `owners`: their columns, and every row that names
+    them (their own numbers); the text between tables is kept."""
     import re
 
     if not owners:
-        return table
+        return tables
     named = re.compile(r"\b(" + "|".join(map(re.escape, owners)) + r")\b")
-    return "\n".join(line for line in table.splitlines()
-                     if not (line.startswith("|") and named.search(line.split("|")[1])))
+    out, table = [], []
+
+    def flush() -> None:
+        cells = [line.strip().strip("|").split("|") for line in table]
+        drop = {j for j, head in enumerate(cells[0]) if named.search(head)} if cells else set()
+        for i, row in enumerate(cells):
+            kept = [c for j, c in enumerate(row) if j not in drop]
+            if i < 2 or not any(named.search(c) for c in kept):  # the header and its rule stay
+                out.append("|" + "|".join(kept) + "|")
+        table.clear()
+
+    for line in tables.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush()
+        out.append(line)
+    flush()
+    return "\n".join(out)
 
 
 def export_model(merged_dir: Path, anchor_dir: Path, published: Path, eval_table: Path | None,
@@ -87,8 +107,8 @@ def export_model(merged_dir: Path, anchor_dir: Path, published: Path, eval_table
     left_out = [o for o in owners if o not in chosen]
     summary = {"source": merged_dir.name, "experts": records, "left_out": left_out,
                "num_experts": model.config.num_experts, "top_k": model.config.num_experts_per_tok}
-    # A left-out owner's evaluation rows leave with its weights.
-    table = without_owner_rows(eval_table.read_text(), left_out) if eval_table and eval_table.exists() else ""
+    # A left-out owner's evaluation numbers leave with its weights.
+    table = without_owners(eval_table.read_text(), left_out) if eval_table and eval_table.exists() else ""
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(merged_dir).save_pretrained(tmp)

@@ -314,6 +314,8 @@ def synthetic_markdown(published: Path | None, owners: list[str]) -> str:
         if not path or not path.exists():
             continue
         st = read_json(path)
+        if not st.get("enabled", True):  # synthesis off: an empty set, nothing to report
+            continue
         f, fid, mem = st["leak_filter"], st.get("fidelity") or {}, st.get("memorisation") or {}
         num, share = _formatter(fid), _formatter(mem)
         lines.append(f"| {o} | {st['documents']} | {st['tokens']} | {f['cut_tokens']} of {f['tokens']} "

@@ -2,8 +2,10 @@
 tells it, with two owners of one's own (a folder of documents, and the demo's news) and a third
 that enrols but never starts its worker: `consort server`, `owner init`, `enrol`, `owner worker`,
 `coordinate --allow-missing`, TLS trace services on 127.0.0.2 and 127.0.0.3 with `remote-owner add`
-and `trace`, an opt-out with `experts disable` and `export`, a tampered package refused, SIGTERM to
-a worker. Then nothing of an owner's planted secrets is anywhere on the coordinator's side.
+and `trace`, an opt-out with `experts disable` and `export`, a package its owner's enrolled key did
+not sign refused before the merge, SIGTERM to a worker. Then nothing of an owner's planted secrets
+is anywhere on the coordinator's side: its workspace (DVC cache, MLflow store, Prefect's state), the
+store, the export.
 
 Every command is the installed CLI in its own process, each side in its own workspace; the
 coordinator's process is never given an owner's workspace.
@@ -61,6 +63,11 @@ def consortium_params(tmp_path: Path) -> Path:
         "news": raw["owners"]["news"],
         GHOST: {"data": {"max_chars": 10000, "sources": [{"kind": "folder", "path": str(folder)}]}},
     }
+    # The demo's extras that are not this path's (each tested on one machine) stay off, to fit `make test`.
+    raw["presets"]["smoke"] |= {"safety": {"enabled": False}, "synthesis": {"enabled": False},
+                                "router_tuning": {"enabled": False}, "audit": {"enabled": False},
+                                "evaluate": {**raw["presets"]["smoke"]["evaluate"], "ablations": False}}
+    raw["presets"]["smoke"]["expert"]["curriculum"] = {"stage2_steps": 0}
     path = tmp_path / "consortium.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
@@ -152,7 +159,7 @@ def test_the_readme_multi_machine_workflow_with_two_owners_of_ones_own(tmp_path)
         t0 = time.monotonic()
         run = m.run("coordinate", "--workspace", str(coord), "--store", str(store), "--preset", "smoke",
                     "--params", str(params), "--allow-missing", timeout=900)
-        print(f"coordinate: {time.monotonic() - t0:.0f} s")
+        print(f"coordinate: {time.monotonic() - t0:.0f} s\n{run.stdout}")
         assert f"owner {GHOST} FAILED: no deployment consort-owner/{GHOST}: has owner {GHOST} started " \
                "`consort owner worker`?" in run.stdout, run.stdout[-3000:]
         assert "merged owners: clinic, news" in run.stdout and (coord / "reports" / "report.html").exists()
@@ -177,7 +184,7 @@ def test_the_readme_multi_machine_workflow_with_two_owners_of_ones_own(tmp_path)
         traced = m.run("trace", "--text", passage, "--json", "--workspace", str(coord))
         answer = json.loads(traced.stdout)
         assert set(answer["owners"]) == set(DELIVER), answer["owners"]  # the ghost, never merged, is not asked
-        assert any(sp["owner"] == "clinic" for sp in answer["spans"]), answer
+        assert answer["owners"]["clinic"]["status"] == "ok" and answer["owners"]["clinic"]["spans"], answer
         m.run("remote-owner", "add", "news", urls["news"], "--token", "not-the-token", "--ca", str(certs["news"]),
               "--workspace", str(coord))
         wrong = m.run("trace", "--text", passage, "--workspace", str(coord), check=False)
@@ -198,16 +205,19 @@ def test_the_readme_multi_machine_workflow_with_two_owners_of_ones_own(tmp_path)
         card = (export / "README.md").read_text()
         assert "| clinic |" not in card and "| news |" in card, card
 
-        # A package changed in the store after it was signed: refused by name, the merged model kept.
+        # A package the enrolled key did not sign (the coordinator holds another key for news, as if someone
+        # else published in news's name): refused by name before the merge, the merged model kept.
         merged_before = (coord / "models" / "merged" / "consort_merged.json").read_text()
-        with (store / "experts" / "news" / "expert" / "expert.safetensors").open("ab") as fh:
-            fh.write(b"\0")
+        (coord / "keyring" / "news.pub").unlink()
+        m.run("enrol", "news", str(owner_ws[GHOST] / "owners" / GHOST / "keys" / "signing_key.pub"),
+              "--workspace", str(coord))
         bad = m.run("coordinate", "--workspace", str(coord), "--store", str(store), "--preset", "smoke",
                     "--params", str(params), timeout=600, check=False)
         assert bad.returncode == 1, bad.stdout[-2000:] + bad.stderr[-2000:]
-        assert "news: its package was refused: expert news: file expert.safetensors changed after it was signed" \
+        assert "news: its package was refused: expert news: the signature does not verify with news's enrolled key" \
                in bad.stderr and "consort owner publish" in bad.stderr and f"  {GHOST}: no deployment" in bad.stderr
         assert "--allow-missing" in bad.stderr and "Traceback" not in bad.stdout + bad.stderr, bad.stderr
+        assert len(bad.stderr.strip().splitlines()) < 10, bad.stderr
         assert (coord / "models" / "merged" / "consort_merged.json").read_text() == merged_before
 
         # A supervisor's SIGTERM ends a worker (and what it started).

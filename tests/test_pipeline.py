@@ -218,6 +218,24 @@ def _git(ws: Path, *args: str) -> str:
     return subprocess.run(["git", "-C", str(ws), *args], capture_output=True, text=True, check=True).stdout
 
 
+def _experiment(ws: Path, setting: str) -> set[str]:
+    """`dvc exp run --temp -S setting` in the workspace: the stages it ran."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    exp = subprocess.run(["dvc", "exp", "run", "--temp", "-S", setting], cwd=ws, env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert exp.returncode == 0, exp.stdout[-3000:] + exp.stderr[-3000:]
+    return set(re.findall(r"^Running stage '([^']+)'", exp.stdout, re.M))
+
+
+def _experiments_shown(ws: Path) -> tuple[dict, list[dict]]:
+    """`dvc exp show --json`: (the baseline, its experiments)."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], cwd=ws, env=env, capture_output=True,
+                                      text=True, check=True).stdout)
+    baseline = next(r for r in shown if r["rev"] == _git(ws, "rev-parse", "HEAD").strip())
+    return baseline, [e["revs"][0] for e in baseline["experiments"] or []]
+
+
 def test_dvc_experiments_run_in_a_copy_of_the_workspace_rerun_only_their_branch_and_show(smoke_workspace):
     """`dvc exp run --temp` reproduces in a Git checkout under .dvc/tmp/exps/, which holds the
     DVC-tracked data and nothing Git ignores (the owners' signing keys, the fetched packages): before
@@ -228,30 +246,31 @@ def test_dvc_experiments_run_in_a_copy_of_the_workspace_rerun_only_their_branch_
     assert {"dvc.yaml", "dvc.lock", "params.yaml", "metrics/eval.json", "keyring/news.pub"} <= set(tracked)
     assert not [t for t in tracked if re.match(r"owners/[^/]+/(corpus|keys|trace|index)/|mlflow\.db|cache/", t)]
     assert _git(ws, "status", "--porcelain", "--untracked-files=no") == ""  # the run committed its baseline
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    assert _experiment(ws, "owners.code.trace.snippet_chars=80") == {"evaluate_owner@code"}
+    baseline, experiments = _experiments_shown(ws)
+    policy = [e["data"]["params"]["params.yaml"]["data"]["owners"]["code"]["trace"]["snippet_chars"] for e in experiments]
+    assert 80 in policy and baseline["data"]["params"]["params.yaml"]["data"]["owners"]["code"]["trace"][
+        "snippet_chars"] != 80
+    assert "evaluations/code.json" in baseline["data"]["metrics"]
 
-    def experiment(setting: str) -> set[str]:
-        exp = subprocess.run(["dvc", "exp", "run", "--temp", "-S", setting], cwd=ws, env=env, capture_output=True,
-                             text=True, timeout=900)
-        assert exp.returncode == 0, exp.stdout[-3000:] + exp.stderr[-3000:]
-        return set(re.findall(r"^Running stage '([^']+)'", exp.stdout, re.M))
 
-    assert experiment("owners.code.trace.snippet_chars=80") == {"evaluate_owner@code"}
+@pytest.mark.slow  # re-trains an expert in the experiment's copy and re-runs the 20 stages after it
+def test_a_dvc_experiment_retrains_an_expert_in_its_copy_signing_its_package(smoke_workspace):
+    """The copy lacks what Git ignores: the owner's signing key and the fetched packages are named by
+    absolute path, so an expert trains, signs its package and the safety probe reads cache/ there."""
+    ws, _ = smoke_workspace
     steps = yaml.safe_load((ws / "params.yaml").read_text())["owners"]["news"]["train"]["steps"]
-    ran = experiment(f"owners.news.train.steps={steps + 2}")  # signs a package, reads cache/ (safety prompts)
+    ran = _experiment(ws, f"owners.news.train.steps={steps + 2}")
     assert {"train_expert@news", "merge_experts", "evaluate_safety", "report"} <= ran
     assert not {s for s in ran if s.startswith(("prepare", "train_tokenizer", "train_anchor", "train_expert@code"))}
-    shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], cwd=ws, env=env, capture_output=True,
-                                      text=True, check=True).stdout)
 
     def news_steps_and_loss(rev: dict) -> tuple[int, float]:
         data = rev["data"]
         loss = data["metrics"]["evaluations/news.json"]["data"]["models"]["merged"]["loss"]
         return data["params"]["params.yaml"]["data"]["owners"]["news"]["train"]["steps"], loss
 
-    baseline = next(r for r in shown if r["rev"] == _git(ws, "rev-parse", "HEAD").strip())
-    (longer,) = [e["revs"][0] for e in baseline["experiments"] or []
-                 if news_steps_and_loss(e["revs"][0])[0] == steps + 2]
+    baseline, experiments = _experiments_shown(ws)
+    (longer,) = [e for e in experiments if news_steps_and_loss(e)[0] == steps + 2]
     assert news_steps_and_loss(baseline)[0] == steps
     assert news_steps_and_loss(longer)[1] != news_steps_and_loss(baseline)[1]  # the expert trained longer
     assert yaml.safe_load((ws / "params.yaml").read_text())["owners"]["news"]["train"]["steps"] == steps
@@ -391,7 +410,7 @@ def test_curriculum_stages_and_safety_reach_the_report_mlflow_and_consort_expert
     assert len(replies) == 16 * len(configs) and {r["kind"] for r in replies} == {"harmful", "benign"}
     safety_run = client.search_runs([exp.experiment_id], "tags.`consort.stage` = 'evaluate_safety'")[0]
     assert safety_run.data.metrics["configurations.merged.refusal.rate"] == configs["merged"]["refusal"]["rate"]
-    listing = run_consort("experts", "--workspace", str(ws), "--preset", "smoke", cwd=ws.parent).stdout
+    listing = run_consort("experts", "--workspace", str(ws), cwd=ws.parent).stdout
     assert "refusal of 8 harmful prompts" in listing and all(f"without/{o}" in listing for o in OWNERS)
     assert listing.count("FLAGGED") == sum(c["flagged"] for c in configs.values())
 
