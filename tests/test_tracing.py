@@ -328,7 +328,8 @@ def test_serve_trace_and_an_owner_that_is_down(corpus):
         # Every service down: a failure naming them, never "no span was found".
         down = run_consort("trace", "--text", output, "--workspace", str(ws), cwd=ws.parent, check=False)
         assert down.returncode == 1 and "no span" not in down.stdout
-        assert "code, news" in down.stderr and "consort serve" in down.stderr
+        assert "consort: code not searched: start it with `consort serve" in down.stderr
+        assert "consort: news not searched: start it with `consort serve" in down.stderr
     finally:
         stop_services(procs)
 
