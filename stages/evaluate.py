@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import lzma
-import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, FlexOlmoForCausalL
 
 from stages import params as P
 from stages.artifacts import MANIFEST, ORACLE_ROUTER, ROUTER_CANDIDATES, TUNING_INFO, WEIGHTS, has_model
-from stages.io import read_json, write_json, write_text
+from stages.evidence import Documents, mean_interval, resample
+from stages.io import read_json, read_jsonl, write_json, write_text
 from stages.model.baselines import btm_token_nll, soup_model
 from stages.model.experts import (
     continue_text,
@@ -38,57 +39,105 @@ from stages.results import (
     ORACLE,
     UNTUNED,
     DomainEvaluation,
-    Score,
     alone,
     router,
     router_bias,
+    scores,
     top_k,
     without,
 )
 from stages.runtime import start_stage
-from stages.train.loop import autocast, tokenize_corpus
+from stages.train.loop import autocast
 
 
-def windows(tokens: np.ndarray, e: P.EvaluateParams) -> np.ndarray:
-    """Non-overlapping windows of seq_len + 1 tokens covering up to max_tokens targets."""
-    n_windows = max(1, min(len(tokens) - 1, e.max_tokens) // e.seq_len)
-    window = min(e.seq_len, len(tokens) - 1)
-    return np.stack([tokens[i * window:i * window + window + 1] for i in range(n_windows)]).astype(np.int64)
+@dataclass(frozen=True)
+class ScoredText:
+    """The held-out tokens an evaluation scores, and whose document each target token is."""
+    rows: np.ndarray  # (windows, seq_len + 1) token ids
+    doc_of: np.ndarray  # (windows, seq_len): the document of each target token
+    documents: int
+    text: str  # the held-out split, whole: xz's second reference
+
+    def per_document(self, values: np.ndarray) -> np.ndarray:
+        """Per-target-token values (windows, seq_len) summed per document."""
+        return np.bincount(self.doc_of.ravel(), weights=values.ravel(), minlength=self.documents)
+
+
+def fair_shares(lengths: list[int], budget: int) -> list[int]:
+    """Tokens to take from the start of each document: an equal share each, a short document's
+    leftover shared among the longer ones (water-filling), `budget` in all or every token."""
+    take, left, open_docs = [0] * len(lengths), budget, sorted(range(len(lengths)), key=lengths.__getitem__)
+    while open_docs and left > 0:
+        share = max(1, left // len(open_docs))
+        for i in list(open_docs):
+            extra = min(share, lengths[i] - take[i], left)
+            take[i] += extra
+            left -= extra
+            if take[i] == lengths[i]:
+                open_docs.remove(i)
+    return take
+
+
+def windows(tokenizer, val: Path, e: P.EvaluateParams) -> ScoredText:
+    """Windows of seq_len + 1 tokens over the start of every held-out document, max_tokens targets in all.
+
+    Each document gives its first tokens, an equal share of the budget (all of a short one), then
+    EOS; the excerpts run on into one stream, cut into non-overlapping windows, so every document
+    is scored and each target token is counted to its own document.
+    """
+    texts = [row["text"] for row in read_jsonl(val)]
+    if not texts:
+        raise ValueError(f"{val}: holds no document")
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    take = fair_shares([len(d) for d in ids], e.max_tokens + 1 - len(ids))  # +1: the first token is no target
+    stream = np.fromiter((t for d, k in zip(ids, take) for t in (*d[:k], tokenizer.eos_token_id)), dtype=np.int64)
+    doc = np.repeat(np.arange(len(ids)), [k + 1 for k in take])
+    window = min(e.seq_len, len(stream) - 1)
+    n = (len(stream) - 1) // window
+    rows = np.stack([stream[i * window:i * window + window + 1] for i in range(n)])
+    doc_of = np.stack([doc[i * window + 1:i * window + window + 1] for i in range(n)])
+    return ScoredText(rows=rows, doc_of=doc_of, documents=len(ids), text="\n\n".join(texts))
 
 
 @torch.no_grad()
-def token_nll(model, rows: np.ndarray, batch_size: int, precision: str = "fp32") -> np.ndarray:
-    """Next-token NLL (nats) of every target token of every window: shape (windows, seq_len)."""
+def token_nll(model, rows: np.ndarray, batch_size: int, precision: str = "fp32",
+              routing: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Next-token NLL (nats) of every target token of every window, shape (windows, seq_len), and
+    with `routing` (a merged model) in the same pass each token's share of routing weight per expert,
+    (windows, seq_len, experts): the top-k weights, renormalised, averaged over layers."""
     model.eval()
-    out = []
+    nll, shares = [], []
     for start in range(0, len(rows), batch_size):
         batch = torch.from_numpy(rows[start:start + batch_size])
         with autocast(precision):
-            logits = model(input_ids=batch[:, :-1]).logits.float()
-        out.append(torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none").numpy())
-    return np.concatenate(out)
+            out = model(input_ids=batch[:, :-1], output_router_logits=routing)
+        logits = out.logits.float()
+        nll.append(torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none").numpy())
+        if routing:
+            k, total = model.config.num_experts_per_tok, 0
+            for layer_logits in out.router_logits:
+                probs = torch.softmax(layer_logits.float(), -1)
+                top, idx = probs.topk(k, -1)
+                weights = torch.zeros_like(probs).scatter_(1, idx, top)
+                total = total + weights / weights.sum(-1, keepdim=True)
+            shares.append((total / len(out.router_logits)).view(*batch[:, 1:].shape, -1).numpy())
+    return np.concatenate(nll), np.concatenate(shares) if routing else None
 
 
-@torch.no_grad()
+def expert_shares(shares: np.ndarray) -> list[float]:
+    """Each expert's share of the routing weight over all tokens, from token_nll's per-token shares."""
+    return shares.reshape(-1, shares.shape[-1]).mean(0).tolist()
+
+
 def routing_share(model, rows: np.ndarray, batch_size: int, precision: str = "fp32") -> list[float]:
     """Share of the routing weight each expert gets on these tokens (top-k weights, layers averaged)."""
-    total = torch.zeros(model.config.num_experts, dtype=torch.float64)
-    k = model.config.num_experts_per_tok
-    for start in range(0, len(rows), batch_size):
-        batch = torch.from_numpy(rows[start:start + batch_size])
-        with autocast(precision):
-            router_logits = model(input_ids=batch[:, :-1], output_router_logits=True).router_logits
-        for logits in router_logits:
-            probs = torch.softmax(logits.float(), -1)
-            top, idx = probs.topk(k, -1)
-            weights = torch.zeros_like(probs).scatter_(1, idx, top)
-            total += (weights / weights.sum(-1, keepdim=True)).sum(0).double()
-    return (total / total.sum()).tolist()
+    return expert_shares(token_nll(model, rows, batch_size, precision, routing=True)[1])
 
 
-def xz_bits_per_byte(tokenizer, rows: np.ndarray) -> float:
-    """What `xz -9e` spends per byte of the scored text: a model compressing worse has learned nothing."""
-    data = tokenizer.decode(rows[:, 1:].reshape(-1).tolist()).encode("utf-8")
+def xz_bits_per_byte(data: bytes) -> float:
+    """What `xz -9e` spends per byte of this text: a model compressing worse has learned nothing. xz
+    needs bytes to learn from (a few KB are not enough), so it is given the very bytes the models
+    scored, and the whole split beside them."""
     return 8 * len(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)) / max(len(data), 1)
 
 
@@ -98,12 +147,6 @@ def side_by_side(prompt: str, tokenizer, models: dict[str, torch.nn.Module], max
     for name, model in models.items():
         out[name] = continue_text(use_fast_experts(model), tokenizer, prompt, max_new_tokens)
     return out
-
-
-def summarise(nll: np.ndarray, rows: np.ndarray, sizes: np.ndarray) -> Score:
-    n_bytes = int(sizes[rows[:, 1:]].sum())
-    return Score(loss=float(nll.mean()), bits_per_byte=float(nll.sum() / math.log(2) / max(n_bytes, 1)),
-                 tokens=int(nll.size))
 
 
 def candidate_routers(tuned_dir: Path | None, oracle_dir: Path | None) -> dict[str, Path]:
@@ -119,8 +162,10 @@ def candidate_routers(tuned_dir: Path | None, oracle_dir: Path | None) -> dict[s
 def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, e: P.EvaluateParams,
                     inference: P.InferenceParams, reference_dir: Path | None = None,
                     tuned_dir: Path | None = None, dp_baseline_dir: Path | None = None,
-                    oracle_dir: Path | None = None) -> tuple[DomainEvaluation, torch.nn.Module]:
-    """Loss of the anchor, of the merged model as shipped (experts not opted out) and of its baselines.
+                    oracle_dir: Path | None = None) -> tuple[DomainEvaluation, torch.nn.Module, dict[str, np.ndarray]]:
+    """Loss of the anchor, of the merged model as shipped (experts not opted out) and of its baselines,
+    with paired intervals over documents; also the model as shipped and each configuration's NLL per
+    document (which stays with the text).
 
     The model as shipped has the tuned router when stage tune_router ran; then every router it
     fitted (and the oracle's) is scored too, as router/<method>, and router/none is the router as
@@ -132,39 +177,49 @@ def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, 
     merged in the DP expert's place, the price of DP on the owner's own domain.
     """
     tokenizer = AutoTokenizer.from_pretrained(anchor_dir)
-    rows = windows(tokenize_corpus(tokenizer, val), e)
-    sizes = token_bytes(tokenizer)
+    text = windows(tokenizer, val, e)
+    rows = text.rows
+    target_bytes = token_bytes(tokenizer)[rows[:, 1:]]
     owners = merged_owners(merged_dir)
     experts = resolve_experts(None, owners, inference.disabled)
     index = {o: 1 + owners.index(o) for o in experts}
     keep = list(index.values())
-    as_merged = AutoModelForCausalLM.from_pretrained(merged_dir)  # the stock class, or the one keeping biases
+    # bf16: the weights converted once at load, every model derived from them too (autocast over fp32
+    # weights converted them again at every batch).
+    dtype = torch.bfloat16 if e.precision == "bf16" else torch.float32
+
+    def load(folder: Path):
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+
+    as_merged = load(merged_dir)  # the stock class, or the one keeping biases
     tuned = tuned_dir is not None and has_model(tuned_dir)
-    full = AutoModelForCausalLM.from_pretrained(tuned_dir) if tuned else as_merged
+    full = load(tuned_dir) if tuned else as_merged
     merged = slice_experts(full, keep)
-    models: dict[str, Score] = {}
+    doc_nll: dict[str, np.ndarray] = {}  # per configuration, each document's summed NLL (nats)
 
-    def score(name: str, model) -> np.ndarray:
-        nll = token_nll(use_fast_experts(model), rows, e.batch_size, e.precision)
-        models[name] = summarise(nll, rows, sizes)
-        return nll
+    def score(name: str, model, routing: bool = False):
+        nll, shares = token_nll(use_fast_experts(model), rows, e.batch_size, e.precision, routing)
+        doc_nll[name] = text.per_document(nll)
+        return (nll, shares) if routing else nll
 
-    anchor = AutoModelForCausalLM.from_pretrained(anchor_dir)
+    anchor = load(anchor_dir)
     score("anchor", anchor)
-    score("merged", merged)
     # Where this domain's tokens go: the diagnosis when the merged model trails BTM or opt-outs spill over.
-    routing = dict(zip(["public", *experts], routing_share(merged, rows, e.batch_size, e.precision)))
+    shares = score("merged", merged, routing=True)[1]
+    routing = dict(zip(["public", *experts], expert_shares(shares)))
+    # Per document, the share on the public expert plus the domain's own (the public one alone on public text).
+    own = shares[..., 0] + (shares[..., 1 + experts.index(domain)] if domain in experts else 0)
+    own_share = text.per_document(own)
     routing_untuned, shipped_method, held_out_loss = None, None, None
     if tuned:
         tuning = read_json(tuned_dir / TUNING_INFO)
         shipped_method, shipped_router = tuning["method"], router_state(full)
         held_out_loss = {m: i["held_out_loss"] for m, i in tuning["methods"].items() if "held_out_loss" in i} or None
         untuned = slice_experts(as_merged, keep)
-        score(router(UNTUNED), untuned)
-        routing_untuned = dict(zip(["public", *experts], routing_share(untuned, rows, e.batch_size, e.precision)))
+        routing_untuned = dict(zip(["public", *experts], expert_shares(score(router(UNTUNED), untuned, routing=True)[1])))
         for method, path in candidate_routers(tuned_dir, oracle_dir).items():
             if method == shipped_method:
-                models[router(method)] = models["merged"]
+                doc_nll[router(method)] = doc_nll["merged"]
                 continue
             set_router_state(full, load_file(path), str(path))
             score(router(method), slice_experts(full, keep))
@@ -172,11 +227,11 @@ def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, 
     if e.baselines and experts:
         score("soup", soup_model(merged))
         singles = np.stack([score(alone(o), slice_experts(as_merged, [index[o]])) for o in experts])
-        models["btm"] = summarise(btm_token_nll(singles, e.btm_temperature, e.btm_top_k), rows, sizes)
+        doc_nll["btm"] = text.per_document(btm_token_nll(singles, e.btm_temperature, e.btm_top_k))
         for o in experts:
             score(without(o), slice_experts(full, [index[k] for k in experts if k != o]))
     if reference_dir is not None and has_model(reference_dir):
-        score("unrestricted", AutoModelForCausalLM.from_pretrained(reference_dir))
+        score("unrestricted", load(reference_dir))
     generations, dp_baseline = None, None
     if e.continuation_tokens:
         compared = {"anchor": anchor, "merged": merged}
@@ -196,13 +251,23 @@ def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, 
         if isinstance(full, FlexOlmoForCausalLM):  # router biases are kept in a FlexOlmo router only
             toggled = "keep" if not isinstance(full, BiasedFlexOlmoForCausalLM) else "drop"
             score(router_bias(toggled), slice_experts(toggled_router_bias(full, merged_dir), keep))
-    # Built last: pydantic copies `models`, and every score above must be in it.
+    doc_tokens, doc_bytes = text.per_document(np.ones(rows[:, 1:].shape)), text.per_document(target_bytes)
+    models, compared, resamples = scores(doc_nll, doc_tokens, doc_bytes, e.bootstrap_seed)
+    draws = resample(text.documents, seed=e.bootstrap_seed)  # the same draw `scores` used: paired
+    scored_bytes = tokenizer.decode(rows[:, 1:].reshape(-1).tolist(), skip_special_tokens=True).encode("utf-8")
+    whole = text.text.encode("utf-8")
     result = DomainEvaluation(domain=domain, experts=experts, models=models, routing=routing,
                               routing_untuned=routing_untuned, router_method=shipped_method,
                               router_held_out_loss=held_out_loss,
-                              xz_bits_per_byte=xz_bits_per_byte(tokenizer, rows), generations=generations,
-                              dp_baseline=dp_baseline)
-    return result, use_fast_experts(merged)
+                              scored=Documents(documents=text.documents, tokens=int(doc_tokens.sum()),
+                                               bytes=int(doc_bytes.sum()), resamples=resamples,
+                                               split_bytes=len(whole)),
+                              comparisons=compared,
+                              own_routing=mean_interval(own_share, doc_tokens, draws),
+                              xz_bits_per_byte=xz_bits_per_byte(scored_bytes),
+                              xz_split_bits_per_byte=xz_bits_per_byte(whole),
+                              generations=generations, dp_baseline=dp_baseline)
+    return result, use_fast_experts(merged), doc_nll
 
 
 def write_trace_page(domain: str, model, tokenizer, index_dir: Path, params: P.Params, out: Path) -> int:
@@ -235,19 +300,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--trace-page", type=Path, help="where the traced samples' HTML page goes (with --index)")
     ap.add_argument("--dp-baseline", type=Path, help="the owner's non-DP twin expert (scored if trained)")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--documents", type=Path, help="each configuration's NLL per document (private: the owner's folder)")
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = ap.parse_args(argv)
     params = P.load(args.params)
-    result, merged = evaluate_domain(args.domain, args.val, args.anchor, args.merged, params.evaluate,
-                                     params.inference, args.reference, args.tuned, args.dp_baseline,
-                                     args.oracle)
+    result, merged, doc_nll = evaluate_domain(args.domain, args.val, args.anchor, args.merged, params.evaluate,
+                                              params.inference, args.reference, args.tuned, args.dp_baseline,
+                                              args.oracle)
     write_json(args.out, result.model_dump(exclude_none=True))
+    if args.documents:  # per document: stays where the text is (the owner's folder), never published
+        write_json(args.documents, {name: sums.round(4).tolist() for name, sums in doc_nll.items()})
     if args.index and args.trace_page:
         spans = write_trace_page(args.domain, merged, AutoTokenizer.from_pretrained(args.merged), args.index, params,
                                  args.trace_page)
         print(f"traced {len(params.trace.sample_prompts)} generated samples in {args.domain}'s index: {spans} spans")
     m = result.models
-    print(f"evaluate {args.domain}: anchor {m['anchor'].loss:.3f}, merged {m['merged'].loss:.3f}"
+    print(f"evaluate {args.domain}: {result.scored.documents} documents, {result.scored.tokens} tokens; anchor "
+          f"{m['anchor'].loss_interval.text()}, merged {m['merged'].loss_interval.text()} nats/token"
           + (f", soup {m['soup'].loss:.3f}, btm {m['btm'].loss:.3f}" if "btm" in m else ""))
 
 

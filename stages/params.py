@@ -289,7 +289,8 @@ class RouterTuningParams(Strict):
 
 
 class EvaluateParams(Strict):
-    max_tokens: int = Field(ge=64, description="held-out tokens scored per domain")
+    max_tokens: int = Field(ge=64, description="held-out tokens scored per domain, shared over all its documents")
+    bootstrap_seed: int = Field(default=0, description="the document resample every configuration shares")
     batch_size: int = Field(ge=1)
     seq_len: int = Field(ge=8)
     baselines: bool = Field(default=True, description="also score each owner's model alone, soup, BTM, opt-outs")
@@ -298,7 +299,7 @@ class EvaluateParams(Strict):
     ablations: bool = Field(default=False, description="also score the merged model at other top-k and bias settings")
     ablation_top_k: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 2],
                                                               description="top-k values scored by the ablations")
-    precision: Literal["fp32", "bf16"] = Field(default="fp32", description="bf16: score with matmuls autocast to bfloat16")
+    precision: Literal["fp32", "bf16"] = Field(default="fp32", description="bf16: score with the weights in bfloat16")
     continuation_tokens: int = Field(default=32, ge=0, description="tokens the anchor, merged and opted-out models "
                                                                    "continue each domain's prompt with (0: none)")
     prompts: dict[str, str] = Field(default_factory=lambda: {"default": "The"},

@@ -68,6 +68,7 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("evaluate_owner", "owner", "evaluate", "one", "evaluation",
               public_inputs=("models/anchor", "models/merged", "models/merged_tuned", "models/merged_oracle",
                              "models/unrestricted"),
+              scratch=("owners/*/evaluation_documents.json",),  # per document: stays with the owner, untracked
               published=(("results/{owner}/evaluation.json", "evaluations/{owner}.json"),
                          ("results/{owner}/trace.html", "evaluations/{owner}.trace.html")),
               lineage=("trace_page",)),

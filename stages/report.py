@@ -16,6 +16,7 @@ import markdown_it
 
 from stages import params as P
 from stages.artifacts import SYNTHETIC_STATS
+from stages.evidence import Interval, Verdict, average, combine, judge, judge_within
 from stages.io import read_json, temp_path, write_json, write_text
 from stages.results import (
     ABLATION_PREFIXES,
@@ -27,6 +28,7 @@ from stages.results import (
     UNTUNED,
     WITHOUT,
     DomainEvaluation,
+    Score,
     alone,
     read_evaluation,
     without,
@@ -54,26 +56,37 @@ def collect(evaluations: Path, domains: set[str] | None = None) -> list[DomainEv
     return sorted(rows, key=lambda r: (not r.is_public, r.domain))
 
 
-def compared_losses(row: DomainEvaluation, field: str = "loss") -> dict[str, float]:
+MODEL_OF = {c: c for c in COMPARED}  # the main table's column -> the scored model ("own expert": per domain)
+
+
+def compared_scores(row: DomainEvaluation) -> dict[str, Score]:
     """The main table's models for one domain; 'own expert' is the domain owner's model alone."""
     picked = {"own expert": row.score(alone(row.domain))}
     picked.update({k: row.score(k) for k in ("anchor", "soup", "btm", "merged", "unrestricted")})
-    return {k: getattr(picked[k], field) for k in COMPARED if picked.get(k)}
+    return {k: picked[k] for k in COMPARED if picked.get(k)}
+
+
+def compared_losses(row: DomainEvaluation, field: str = "loss") -> dict[str, float]:
+    return {k: getattr(v, field) for k, v in compared_scores(row).items()}
 
 
 def bpb_markdown(rows: list[DomainEvaluation]) -> str:
-    """Bits per byte of every compared model beside xz -9e on the same text (worse than xz: nothing learned)."""
+    """Bits per byte of every compared model beside xz -9e on the very bytes scored and on the whole
+    split (worse than xz: nothing learned), with how much text was scored."""
     rows = [r for r in rows if r.xz_bits_per_byte is not None]
     if not rows:
         return ""
     cols = [c for c in COMPARED if any(c in compared_losses(r) for r in rows)]
-    lines = ["| domain | " + " | ".join(f"{c} bpb" for c in cols) + " | xz -9e bpb | merged vs xz |",
-             "|---|" + "---:|" * (len(cols) + 2)]
+    lines = ["| domain | documents | tokens | bytes | " + " | ".join(f"{c} bpb" for c in cols)
+             + " | xz -9e, same bytes | xz -9e, whole split |", "|---|" + "---:|" * (len(cols) + 5)]
     for r in rows:
-        bpb = compared_losses(r, "bits_per_byte")
-        cells = [f"{bpb[c]:.3f}" if c in bpb else "" for c in cols]
-        xz = r.xz_bits_per_byte
-        lines.append(f"| {r.domain} | " + " | ".join(cells) + f" | {xz:.3f} | {_pct(bpb['merged'], xz)} |")
+        scores = compared_scores(r)
+        cells = [_ci(scores[c], "bits_per_byte") if c in scores else "" for c in cols]
+        sc = r.scored
+        size = f"{sc.documents} | {sc.tokens:,} | {sc.bytes:,}" if sc else " | | "
+        whole = (f"{r.xz_split_bits_per_byte:.3f} ({sc.split_bytes:,} bytes)"
+                 if r.xz_split_bits_per_byte is not None and sc and sc.split_bytes else "")
+        lines.append(f"| {r.domain} | {size} | " + " | ".join(cells) + f" | {r.xz_bits_per_byte:.3f} | {whole} |")
     return "\n".join(lines) + "\n"
 
 
@@ -101,22 +114,47 @@ def _pct(new: float, old: float) -> str:
     return f"{_gap(new, old):+.1f}%"
 
 
+def _ci(score: Score, field: str = "loss") -> str:
+    """A mean with its 95 % interval over documents, `3.282 [3.250, 3.311]` (the point alone for an old file)."""
+    interval = score.loss_interval if field == "loss" else score.bpb_interval
+    return interval.text() if interval else f"{getattr(score, field):.3f}"
+
+
+def _rel(interval: Interval | None) -> str:
+    """A relative difference with its paired interval, `-1.2% [-2.0, -0.4]`."""
+    if interval is None:
+        return ""
+    return f"{interval.value * 100:+.1f}% [{interval.low * 100:+.1f}, {interval.high * 100:+.1f}]"
+
+
+def owners_relative(rows: list[DomainEvaluation], a: str, b: str) -> Interval | None:
+    """The owners' average of "A vs B", each domain resampled on its own (None unless every owner has it)."""
+    owned = [r.compared(a, b) for r in rows if not r.is_public]
+    return average(owned) if owned and all(owned) else None
+
+
+def owners_mean_interval(rows: list[DomainEvaluation], model: str) -> Interval | None:
+    """A model's mean loss averaged over the owners' domains, with its interval."""
+    owned = [r.score(model) for r in rows if not r.is_public]
+    return average([o.loss_interval for o in owned]) if owned and all(o and o.loss_interval for o in owned) else None
+
+
 def table_markdown(rows: list[DomainEvaluation]) -> str:
+    """Mean held-out loss with its 95 % interval over documents, per domain and compared model."""
     cols = [c for c in COMPARED if any(c in compared_losses(r) for r in rows)]
-    lines = [f"Merged model with the experts of: public, {', '.join(rows[0].experts) or '(no owner)'}.", "",
-             "| domain | " + " | ".join(f"{c} loss" for c in cols) + " | merged vs anchor | anchor bpb | merged bpb |",
-             "|---|" + "---:|" * (len(cols) + 3)]
+    lines = [f"Merged model with the experts of: public, {', '.join(rows[0].experts) or '(no owner)'}. "
+             "Loss in nats per token, [95 % interval] over the domain's documents, resampled alike for every "
+             "model (paired); each domain's documents and tokens are in the bits-per-byte table.", "",
+             "| domain | " + " | ".join(f"{c} loss" for c in cols) + " | merged vs anchor |",
+             "|---|" + "---:|" * (len(cols) + 1)]
     for r in rows:
-        losses = compared_losses(r)
-        cells = [f"{losses[c]:.3f}" if c in losses else "" for c in cols]
-        a, m = r.models["anchor"], r.models["merged"]
-        lines.append(f"| {r.domain} | " + " | ".join(cells) + f" | {_pct(m.loss, a.loss)} | "
-                     f"{a.bits_per_byte:.3f} | {m.bits_per_byte:.3f} |")
-    owners = [compared_losses(r) for r in rows if not r.is_public]
-    if owners:
-        mean = {c: sum(o[c] for o in owners) / len(owners) for c in cols if all(c in o for o in owners)}
-        lines.append("| owners' average | " + " | ".join(f"{mean[c]:.3f}" if c in mean else "" for c in cols)
-                     + f" | {_pct(mean['merged'], mean['anchor'])} | | |")
+        scores = {c: compared_scores(r)[c] for c in cols if c in compared_scores(r)}
+        cells = [_ci(scores[c]) if c in scores else "" for c in cols]
+        lines.append(f"| {r.domain} | " + " | ".join(cells) + f" | {_rel(r.compared('merged', 'anchor'))} |")
+    if any(not r.is_public for r in rows):
+        means = {c: owners_mean_interval(rows, MODEL_OF[c]) if c != "own expert" else None for c in cols}
+        lines.append("| owners' average | " + " | ".join(means[c].text() if means[c] else "" for c in cols)
+                     + f" | {_rel(owners_relative(rows, 'merged', 'anchor'))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -145,14 +183,15 @@ def ablation_markdown(rows: list[DomainEvaluation]) -> str:
 
 
 def router_markdown(rows: list[DomainEvaluation]) -> str:
-    """Each router the evaluation scored (as merged, each tuning method, the oracle) on every domain."""
+    """Each router the evaluation scored (as merged, each tuning method, the oracle) on every domain, and
+    each against the router as merged (owners' average, paired interval: no router is ranked on less)."""
     methods = [m for m in ROUTER_METHODS if any(ROUTER + m in r.models for r in rows)]
     if not methods:
         return ""
     btm = owners_mean(rows, "btm")
     proxy = rows[0].router_held_out_loss or {}
-    lines = ["| router | " + " | ".join(r.domain for r in rows) + " | owners' average | vs BTM | held-out synthetic |",
-             "|---|" + "---:|" * (len(rows) + 3)]
+    lines = ["| router | " + " | ".join(r.domain for r in rows) + " | owners' average | vs as merged | vs BTM | "
+             "held-out synthetic |", "|---|" + "---:|" * (len(rows) + 4)]
     for m in methods:
         name = ROUTER + m
         cells = [f"{r.models[name].loss:.3f}" if name in r.models else "" for r in rows]
@@ -160,82 +199,82 @@ def router_markdown(rows: list[DomainEvaluation]) -> str:
         label = {UNTUNED: "(a) none, as merged", "public_lm": "(b) public proxies, LM loss",
                  "synthetic_lm": "(c) synthetic proxies, LM loss", "synthetic_ridge": "(d) synthetic proxies, ridge",
                  ORACLE: "(e) oracle: owners' real text"}[m] + (" **shipped**" if m == rows[0].router_method else "")
+        versus = "" if m == UNTUNED else _rel(owners_relative(rows, name, ROUTER + UNTUNED))
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {f'{mean:.3f}' if mean is not None else ''} | "
-                     f"{_pct(mean, btm) if mean is not None and btm else ''} | "
+                     f"{versus} | {_pct(mean, btm) if mean is not None and btm else ''} | "
                      f"{f'{proxy[m]:.3f}' if m in proxy else ''} |")
     return "\n".join(lines) + "\n"
 
 
-def targets(rows: list[DomainEvaluation]) -> list[tuple[str, bool, str]]:
-    """The FlexOlmo paper's ordering, checked on these numbers: (target, met, the numbers behind it).
+def targets(rows: list[DomainEvaluation]) -> list[tuple[str, Verdict, str]]:
+    """The FlexOlmo paper's ordering, judged by the intervals: (target, verdict, the numbers behind it).
 
-    Averages are over the owners' domains; a target whose models were not scored is left out.
+    Met only when the 95 % interval clears the threshold, missed when it lies on the wrong side,
+    otherwise it cannot tell at this budget. Averages are over the owners' domains, each domain
+    resampled on its own; a target whose models were not scored is left out.
     """
-    merged = owners_mean(rows, "merged")
-    if merged is None:
-        return []
-    out = []
+    out: list[tuple[str, Verdict, str]] = []
 
-    def versus(name: str, model: str, strict: bool = True) -> None:
-        other = owners_mean(rows, model)
-        if other is not None:
-            met = merged < other if strict else merged <= other
-            out.append((name, met, f"merged {merged:.3f} vs {other:.3f}"))
+    def beats(name: str, model: str, limit: float = 0.0) -> None:
+        gap = owners_relative(rows, "merged", model)
+        if gap is not None:
+            out.append((name, judge(gap, limit, below=True), f"merged vs {model}: {_rel(gap)}"))
 
-    versus("merged beats the anchor", "anchor")
-    scored = [r for r in rows if r.xz_bits_per_byte is not None and not r.is_public]
+    beats("merged beats the anchor", "anchor")
+    scored = [r for r in rows if r.xz_bits_per_byte is not None and not r.is_public and r.models["merged"].bpb_interval]
     if scored:
-        worse = [r.domain for r in scored if r.models["merged"].bits_per_byte >= r.xz_bits_per_byte]
-        out.append(("merged compresses every owner's text better than xz -9e", not worse,
-                    f"worse than xz on {', '.join(worse)}" if worse else
-                    "merged bpb below xz's on " + ", ".join(r.domain for r in scored)))
+        verdicts = {r.domain: judge(r.models["merged"].bpb_interval, r.xz_bits_per_byte, below=True) for r in scored}
+        out.append(("merged compresses every owner's text better than xz -9e (on the same bytes)",
+                    combine(list(verdicts.values())),
+                    ", ".join(f"{r.domain} {_ci(r.models['merged'], 'bits_per_byte')} vs {r.xz_bits_per_byte:.3f}"
+                              for r in scored)))
     singles = sorted(rows[0].owners_with(ALONE))
-    if singles:
-        means = {o: owners_mean(rows, alone(o)) for o in singles}
-        best = min(means, key=means.get)
-        out.append(("merged beats every single expert", all(merged < v for v in means.values()),
-                    f"merged {merged:.3f} vs best single ({best}) {means[best]:.3f}"))
-    versus("merged beats the soup", "soup")
-    versus("merged is no worse than BTM", "btm", strict=False)
-    reference = owners_mean(rows, "unrestricted")
-    if reference is not None:
-        gap = (merged - reference) / reference * 100
-        out.append((f"merged within {UNRESTRICTED_GAP_LIMIT:.0f}% of the unrestricted reference",
-                    gap <= UNRESTRICTED_GAP_LIMIT, f"merged {merged:.3f} vs unrestricted {reference:.3f} ({gap:+.1f}%)"))
-    owned = [r for r in rows if not r.is_public and r.score(alone(r.domain))]
+    gaps = {o: owners_relative(rows, "merged", alone(o)) for o in singles}
+    if gaps and all(gaps.values()):
+        out.append(("merged beats every single expert", combine([judge(g, 0.0, below=True) for g in gaps.values()]),
+                    ", ".join(f"vs {o} {_rel(g)}" for o, g in gaps.items())))
+    beats("merged beats the soup", "soup")
+    beats("merged beats BTM", "btm")
+    beats(f"merged within {UNRESTRICTED_GAP_LIMIT:.0f}% of the unrestricted reference", "unrestricted",
+          UNRESTRICTED_GAP_LIMIT / 100)
+    owned = {r.domain: r.compared("merged", alone(r.domain)) for r in rows if not r.is_public}
+    owned = {d: g for d, g in owned.items() if g}
     if owned:
-        gaps = {r.domain: _gap(r.models["merged"].loss, r.models[alone(r.domain)].loss) for r in owned}
-        worst = max(gaps, key=gaps.get)
-        out.append((f"each domain within {OWN_MODEL_LIMIT:.0f}% of its owner's own model", gaps[worst] <= OWN_MODEL_LIMIT,
-                    ", ".join(f"{d} {g:+.1f}%" for d, g in gaps.items())))
+        out.append((f"each domain within {OWN_MODEL_LIMIT:.0f}% of its owner's own model",
+                    combine([judge(g, OWN_MODEL_LIMIT / 100, below=True) for g in owned.values()]),
+                    ", ".join(f"{d} {_rel(g)}" for d, g in owned.items())))
     public = next((r for r in rows if r.is_public), None)
-    if public is not None:
-        gap = _gap(public.models["merged"].loss, public.models["anchor"].loss)
-        out.append((f"public text within {PUBLIC_ANCHOR_LIMIT:.0f}% of the anchor", gap <= PUBLIC_ANCHOR_LIMIT,
-                    f"merged {public.models['merged'].loss:.3f} vs anchor {public.models['anchor'].loss:.3f} ({gap:+.1f}%)"))
-    shares = {r.domain: r.routing.get("public", 0.0) + (0.0 if r.is_public else r.routing.get(r.domain, 0.0))
-              for r in rows if r.routing}
+    if public is not None and public.compared("merged", "anchor"):
+        gap = public.compared("merged", "anchor")
+        out.append((f"public text within {PUBLIC_ANCHOR_LIMIT:.0f}% of the anchor",
+                    judge(gap, PUBLIC_ANCHOR_LIMIT / 100, below=True), f"merged vs anchor: {_rel(gap)}"))
+    shares = {r.domain: r.own_routing for r in rows if r.own_routing}
     if shares:
-        low = min(shares, key=shares.get)
-        out.append((f"each domain puts >= {OWN_ROUTING_MIN:.0%} of its routing weight on its own expert plus the public one",
-                    shares[low] >= OWN_ROUTING_MIN, ", ".join(f"{d} {v:.0%}" for d, v in shares.items())))
-    removed, domains, cells = optout_matrix(rows)
-    for o, row in zip(removed, cells):
-        own = row[domains.index(o)] if o in domains else None
-        others = [abs(v) for d, v in zip(domains, row) if d != o]
-        worst = max(others, default=0.0)
-        out.append((f"removing {o} raises {o}'s loss and moves others < {OPTOUT_OTHERS_LIMIT:.0f}%",
-                    own is not None and own > 0 and worst < OPTOUT_OTHERS_LIMIT,
-                    f"{o}: {own:+.1f}%, largest other change {worst:.1f}%" if own is not None else "domain not scored"))
+        out.append((f"each domain puts >= {OWN_ROUTING_MIN:.0%} of its routing weight on its own expert plus the "
+                    "public one", combine([judge(v, OWN_ROUTING_MIN, below=False) for v in shares.values()]),
+                    ", ".join(f"{d} {v.text(0, 100, '%')}" for d, v in shares.items())))
+    by_domain = {r.domain: r for r in rows}
+    for o in sorted({k.removeprefix(WITHOUT) for r in rows for k in r.models if k.startswith(WITHOUT)}):
+        own = by_domain[o].compared(without(o), "merged") if o in by_domain else None
+        others = {d: r.compared(without(o), "merged") for d, r in by_domain.items() if d != o}
+        others = {d: g for d, g in others.items() if g}
+        if own is None or not others:
+            continue
+        verdict = combine([judge(own, 0.0, below=False),
+                           *(judge_within(g, OPTOUT_OTHERS_LIMIT / 100) for g in others.values())])
+        worst = max(others, key=lambda d: max(abs(others[d].low), abs(others[d].high)))
+        out.append((f"removing {o} raises {o}'s loss and moves others < {OPTOUT_OTHERS_LIMIT:.0f}%", verdict,
+                    f"{o}: {_rel(own)}; widest other {worst}: {_rel(others[worst])}"))
     return out
 
 
-def targets_markdown(rows: list[dict]) -> str:
+def targets_markdown(rows: list[DomainEvaluation]) -> str:
     found = targets(rows)
     if not found:
         return ""
-    lines = ["| target | met | numbers |", "|---|:---:|---|"]
-    lines += [f"| {name} | {'yes' if met else '**no**'} | {numbers} |" for name, met, numbers in found]
+    lines = ["| target | verdict | numbers [95 % interval] |", "|---|:---:|---|"]
+    lines += [f"| {name} | {verdict if verdict != 'missed' else '**missed**'} | {numbers} |"
+              for name, verdict, numbers in found]
     return "\n".join(lines) + "\n"
 
 
@@ -395,6 +434,15 @@ def _save(fig, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _error_bars(scores: list[Score], field: str):
+    """matplotlib's yerr for these scores' 95 % intervals (None when a score has none: an old file)."""
+    intervals = [s.loss_interval if field == "loss" else s.bpb_interval for s in scores]
+    if not all(intervals):
+        return None
+    return [[getattr(s, field) - i.low for s, i in zip(scores, intervals)],
+            [i.high - getattr(s, field) for s, i in zip(scores, intervals)]]
+
+
 def plot_losses(rows: list[DomainEvaluation], path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -404,12 +452,13 @@ def plot_losses(rows: list[DomainEvaluation], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(1.6 * len(domains) + 2, 3.8))
     for j, c in enumerate(cols):
         xs = [i - 0.4 + width * (j + 0.5) for i, r in enumerate(rows) if c in compared_losses(r)]
-        ys = [compared_losses(r)[c] for r in rows if c in compared_losses(r)]
-        ax.bar(xs, ys, width=width, label=c, color=COLORS[c])
+        picked = [compared_scores(r)[c] for r in rows if c in compared_losses(r)]
+        ax.bar(xs, [p.loss for p in picked], width=width, label=c, color=COLORS[c], yerr=_error_bars(picked, "loss"),
+               error_kw={"elinewidth": 0.8, "capsize": 2})
     ax.set_xticks(range(len(domains)), domains)
     ax.set_ylim(min(min(compared_losses(r).values()) for r in rows) * 0.95, None)
     ax.set_ylabel("held-out loss (nats/token)")
-    ax.set_title("Held-out loss per domain")
+    ax.set_title("Held-out loss per domain (bars: 95 % intervals over documents)")
     ax.legend(ncol=len(cols), fontsize=8)
     _save(fig, path)
 
@@ -426,14 +475,15 @@ def plot_bpb(rows: list[DomainEvaluation], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 2, 3.8))
     for j, c in enumerate(cols):
         xs = [i - 0.4 + width * (j + 0.5) for i, r in enumerate(rows) if c in compared_losses(r)]
-        ys = [compared_losses(r, "bits_per_byte")[c] for r in rows if c in compared_losses(r)]
-        ax.bar(xs, ys, width=width, label=c, color=COLORS[c])
+        picked = [compared_scores(r)[c] for r in rows if c in compared_losses(r)]
+        ax.bar(xs, [p.bits_per_byte for p in picked], width=width, label=c, color=COLORS[c],
+               yerr=_error_bars(picked, "bits_per_byte"), error_kw={"elinewidth": 0.8, "capsize": 2})
     for i, r in enumerate(rows):
         ax.hlines(r.xz_bits_per_byte, i - 0.45, i + 0.45, color="black", linewidth=2,
                   label="xz -9e" if i == 0 else None)
     ax.set_xticks(range(len(rows)), [r.domain for r in rows])
     ax.set_ylabel("held-out bits per byte")
-    ax.set_title("Bits per byte per domain (lower is better); black: xz -9e on the same text")
+    ax.set_title("Bits per byte per domain (lower is better); black: xz -9e on the same bytes")
     ax.legend(ncol=len(cols) + 1, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1))  # below: clear of the lines
     _save(fig, path)
     return True
@@ -552,10 +602,14 @@ def page_html(rows: list[DomainEvaluation], images: list[str], audits: list[dict
     main_table = md.render(table_markdown(rows))
     bpb = bpb_markdown(rows)
     bpb_html = ("<h2>Bits per byte, and xz -9e as the floor</h2><p>A model that compresses the held-out text worse "
-                "than xz -9e has learned nothing about it.</p>" + md.render(bpb)) if bpb else ""
+                "than xz -9e has learned nothing about it. xz is run on the very bytes the models scored, and on the "
+                "whole held-out split (xz learns from the bytes it has: on a few KB it is far worse).</p>"
+                + md.render(bpb)) if bpb else ""
     goals = targets_markdown(rows)
-    goals_html = ("<h2>Targets (the FlexOlmo paper's ordering)</h2><p>Averages over the owners' domains. "
-                  "A target not met is reported, not tuned away.</p>" + md.render(goals)) if goals else ""
+    goals_html = ("<h2>Targets (the FlexOlmo paper's ordering)</h2><p>Averages over the owners' domains, each "
+                  "resampled on its own. A target is met only when its 95 % interval clears the threshold, missed "
+                  "when the interval lies on the wrong side, and otherwise cannot be told at this budget. A target "
+                  "not met is reported, not tuned away.</p>" + md.render(goals)) if goals else ""
     ablations = ablation_markdown(rows)
     privacy = audit_markdown(audits or [])
     privacy_html = ("<h2>Privacy audit (each owner, on its own machine)</h2><p>Rates with Wilson 95 % intervals. "
@@ -627,6 +681,15 @@ BTM mixes the owners' models by how well each predicted the text so far.</p>
 """
 
 
+def metric_values(score: Score) -> dict[str, float]:
+    """A score as metrics (metrics/eval.json, MLflow): the means and their 95 % intervals."""
+    out = score.model_dump(include={"loss", "bits_per_byte"})
+    for name, interval in (("loss", score.loss_interval), ("bpb", score.bpb_interval)):
+        if interval:
+            out |= {f"{name}_low": interval.low, f"{name}_high": interval.high}
+    return out
+
+
 def report(evaluations: Path, out_dir: Path, metrics: Path, training_logs: dict[str, Path] | None = None,
            audits_dir: Path | None = None, published: Path | None = None, owners: list[str] | None = None,
            safety_path: Path | None = None) -> dict:
@@ -650,8 +713,10 @@ def report(evaluations: Path, out_dir: Path, metrics: Path, training_logs: dict[
     safety = read_json(safety_path) if safety_path and safety_path.exists() else None
     if plot_safety(safety, out_dir / "safety.png"):
         images.append("safety.png")
-    summary = {r.domain: {m: v.model_dump(include={"loss", "bits_per_byte"}) for m, v in r.models.items()}
+    summary = {r.domain: {m: metric_values(v) for m, v in r.models.items()}
+               | {name: iv.model_dump(include={"value", "low", "high"}) for name, iv in (r.comparisons or {}).items()}
                | ({"xz": {"bits_per_byte": r.xz_bits_per_byte}} if r.xz_bits_per_byte is not None else {})
+               | ({"xz_split": {"bits_per_byte": r.xz_split_bits_per_byte}} if r.xz_split_bits_per_byte else {})
                for r in rows}
     owner_names = owners or [r.domain for r in rows if not r.is_public]
     synthetic_table = synthetic_markdown(published, owner_names)

@@ -318,11 +318,19 @@ def test_report_shows_every_baseline_and_the_optout_matrix(smoke_workspace):
     assert set(summary) == {"public", *OWNERS}
     # xz -9e of the same held-out text, the floor a model must beat; the side-by-side continuations.
     html = (reports / "report.html").read_text()
-    assert "xz -9e bpb" in html and "compresses every owner's text better than xz -9e" in html
+    assert "xz -9e, same bytes" in html and "compresses every owner's text better than xz -9e" in html
     for domain in summary:
         xz = summary[domain].pop("xz")["bits_per_byte"]
         evaluation = json.loads((ws / "evaluations" / f"{domain}.json").read_text())
         assert 0.5 < xz < 8 and evaluation["xz_bits_per_byte"] == xz
+        assert summary[domain].pop("xz_split")["bits_per_byte"] == evaluation["xz_split_bits_per_byte"]
+        # Every comparison the report states, with its paired interval; every mean with its own.
+        compared = {k: summary[domain].pop(k) for k in list(summary[domain]) if " vs " in k}
+        assert {"merged vs anchor", "merged vs btm", "merged vs soup"} <= set(compared), sorted(compared)
+        assert all(c["low"] <= c["value"] <= c["high"] for c in compared.values())
+        assert all(m["loss_low"] <= m["loss"] <= m["loss_high"] for m in summary[domain].values())
+        scored = evaluation["scored"]
+        assert scored["tokens"] >= 1000 or scored["tokens"] >= scored["split_bytes"] / 8, scored
         g = evaluation["generations"]
         assert set(g) == {"prompt", "anchor", "merged"} | ({f"without/{domain}"} if domain != "public" else set())
         assert f"<code>{g['prompt']}</code>" in html and all(isinstance(v, str) for v in g.values())

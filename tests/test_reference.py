@@ -14,7 +14,7 @@ from stages.io import write_json, write_jsonl
 from stages.model.router_fit import domain_targets, ridge
 from stages.package import PackageRefused, create_owner_key, enrol_owner_key, sign_package
 from stages.report import targets
-from stages.results import DomainEvaluation, Score
+from stages.results import DomainEvaluation
 from stages.train_unrestricted import train_unrestricted
 from stages.tune_router import pick_proxy, tune_router
 
@@ -130,7 +130,6 @@ def _tuned_on_synthetic_sets(root, corpora, tmp_path, **router_tuning):
 
 def test_closed_form_router_sends_each_owners_text_to_its_expert(tiny_anchor_dir, corpora, tmp_path):
     from stages.evaluate import routing_share, windows
-    from stages.train.loop import tokenize_corpus
 
     root, _, _ = tiny_anchor_dir
     params, keyring, info = _tuned_on_synthetic_sets(root, corpora, tmp_path, method="synthetic_ridge", compare=[],
@@ -145,7 +144,7 @@ def test_closed_form_router_sends_each_owners_text_to_its_expert(tiny_anchor_dir
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
     e = params.evaluate.model_copy(update={"max_tokens": 128, "seq_len": 16})
     for i, o in enumerate(OWNERS):
-        rows = windows(tokenize_corpus(tokenizer, corpora[o]), e)
+        rows = windows(tokenizer, corpora[o], e).rows
         other = 2 - i  # the other owner's expert
         share = [routing_share(m, rows, 4) for m in (before, after)]
         # The other owner's expert loses most of what it got; the public expert and the owner's keep the rest.
@@ -209,48 +208,71 @@ def test_proxy_documents_are_the_ones_routed_most_to_each_expert():
     assert pick_proxy(share, lengths, {1: 15, 2: 5}) == {1: [2, 0], 2: [1]}
 
 
-def _rows(merged: dict, others: dict) -> list[DomainEvaluation]:
+def _domain(domain: str, losses: dict[str, float], spread: float = 0.002, routing: float | None = None,
+            documents: int = 40, seed: int = 0) -> DomainEvaluation:
+    """A domain's evaluation as stage evaluate builds it, from per-document NLLs: the documents differ
+    a lot (20 %), each configuration's own noise per document is `spread`; `routing` is the share on
+    the public expert plus the domain's own."""
+    from stages.evidence import mean_interval, resample
+    from stages.results import scores
+
+    rng = np.random.default_rng(seed)
+    tokens, n_bytes = np.full(documents, 100.0), np.full(documents, 400.0)
+    difficulty = 1 + 0.2 * rng.standard_normal(documents)
+    doc_nll = {m: v * difficulty * (1 + spread * rng.standard_normal(documents)) * tokens for m, v in losses.items()}
+    models, compared, _ = scores(doc_nll, tokens, n_bytes)
+    own = None if routing is None else mean_interval(
+        tokens * np.clip(routing + 0.02 * rng.standard_normal(documents), 0, 1), tokens, resample(documents))
+    return DomainEvaluation(domain=domain, experts=["a", "b"], routing={}, models=models, comparisons=compared,
+                            own_routing=own)
+
+
+def _rows(merged: tuple, others: dict, spread: float = 0.002) -> list[DomainEvaluation]:
     """Evaluation records for two owner domains: {model: (loss on a, loss on b)}."""
     models = {"merged": merged, **others}
-    return [DomainEvaluation(domain=d, experts=["a", "b"], routing={},
-                             models={m: Score(loss=v[i], bits_per_byte=1.0, tokens=100) for m, v in models.items()})
-            for i, d in enumerate("ab")]
+    return [_domain(d, {m: v[i] for m, v in models.items()}, spread, seed=i) for i, d in enumerate("ab")]
 
 
-def test_targets_are_judged_on_the_numbers():
+def test_targets_are_judged_by_their_intervals():
     rows = _rows((5.0, 5.0), {"anchor": (5.5, 5.5), "soup": (5.4, 5.4), "btm": (4.9, 5.0), "unrestricted": (4.8, 4.8),
                               "alone/a": (4.9, 5.6), "alone/b": (5.6, 5.2),
                               "without/a": (5.3, 5.02), "without/b": (5.0, 5.1)})
-    met = {name: ok for name, ok, _ in targets(rows)}
-    assert met["merged beats the anchor"] and met["merged beats the soup"]
-    assert met["merged beats every single expert"]
-    assert not met["merged is no worse than BTM"]  # 5.0 vs 4.95
-    assert not met["merged within 3% of the unrestricted reference"]  # +4.2%
-    assert met["removing a raises a's loss and moves others < 1%"]  # b moves +0.4%
-    assert met["removing b raises b's loss and moves others < 1%"]
-    rows[1].models["without/a"].loss = 5.2  # b moves +4% when a is removed
-    assert not dict((n, ok) for n, ok, _ in targets(rows))["removing a raises a's loss and moves others < 1%"]
+    verdict = {name: v for name, v, _ in targets(rows)}
+    assert verdict["merged beats the anchor"] == verdict["merged beats the soup"] == "met"
+    assert verdict["merged beats every single expert"] == "met"
+    assert verdict["merged beats BTM"] == "missed"  # +1.0 % on a, 0 on b
+    assert verdict["merged within 3% of the unrestricted reference"] == "missed"  # +4.2 %
+    assert verdict["removing a raises a's loss and moves others < 1%"] == "met"  # b moves +0.4 %
+    assert verdict["removing b raises b's loss and moves others < 1%"] == "met"
+    moved = _rows((5.0, 5.0), {"without/a": (5.3, 5.2)})  # b moves +4 % when a is removed
+    assert dict((n, v) for n, v, _ in targets(moved))["removing a raises a's loss and moves others < 1%"] == "missed"
 
 
-def test_routing_own_model_and_public_targets_are_judged_on_the_numbers():
-    rows = _rows((5.0, 5.0), {"anchor": (5.5, 5.5), "alone/a": (4.96, 5.6), "alone/b": (5.6, 4.9)})
-    public = DomainEvaluation(domain="public", experts=["a", "b"], routing={"public": 0.5, "a": 0.3, "b": 0.2},
-                              models={m: Score(loss=v, bits_per_byte=1.0, tokens=100)
-                                      for m, v in {"merged": 4.02, "anchor": 4.0}.items()})
-    rows[0].routing = {"public": 0.3, "a": 0.35, "b": 0.35}  # 65 % on its own expert plus the public one
-    rows[1].routing = {"public": 0.3, "a": 0.45, "b": 0.25}  # 55 %
-    found = {name: (ok, numbers) for name, ok, numbers in targets([public, *rows])}
-    ok, numbers = found["each domain within 1% of its owner's own model"]
-    assert not ok and numbers == "a +0.8%, b +2.0%"
-    assert found["public text within 1% of the anchor"] == (True, "merged 4.020 vs anchor 4.000 (+0.5%)")
-    ok, numbers = found["each domain puts >= 60% of its routing weight on its own expert plus the public one"]
-    assert not ok and numbers == "public 50%, a 65%, b 55%"
-    rows[1].routing = {"public": 0.4, "a": 0.2, "b": 0.4}
-    rows[1].models["merged"].loss = 4.9
-    public.routing = {"public": 0.7, "a": 0.2, "b": 0.1}
-    met = {name: ok for name, ok, _ in targets([public, *rows])}
-    assert met["each domain within 1% of its owner's own model"]
-    assert met["each domain puts >= 60% of its routing weight on its own expert plus the public one"]
+def test_a_gap_inside_the_documents_noise_cannot_be_told():
+    """0.3 % apart with 5 % noise per document: neither met nor missed (the report once called it met)."""
+    rows = _rows((5.0, 5.0), {"anchor": (5.015, 5.015), "soup": (5.3, 5.3)}, spread=0.05)
+    found = {name: (v, numbers) for name, v, numbers in targets(rows)}
+    verdict, numbers = found["merged beats the anchor"]
+    assert verdict == "cannot tell at this budget" and numbers.startswith("merged vs anchor: "), numbers
+    assert found["merged beats the soup"][0] == "met"
+
+
+def test_routing_own_model_and_public_targets_are_judged_by_their_intervals():
+    public = _domain("public", {"merged": 4.02, "anchor": 4.0}, routing=0.5, seed=3)
+    rows = [_domain("a", {"merged": 5.0, "alone/a": 4.96}, routing=0.65, seed=4),
+            _domain("b", {"merged": 5.0, "alone/b": 4.9}, routing=0.55, seed=5)]
+    found = {name: (v, numbers) for name, v, numbers in targets([public, *rows])}
+    verdict, numbers = found["each domain within 1% of its owner's own model"]
+    assert verdict == "missed" and numbers.startswith("a +0.8% [") and ", b +2." in numbers, numbers
+    assert found["public text within 1% of the anchor"][0] == "met"  # +0.5 %, interval well inside 1 %
+    verdict, numbers = found["each domain puts >= 60% of its routing weight on its own expert plus the public one"]
+    assert verdict == "missed" and numbers.startswith("public 50% ["), numbers
+    rows = [_domain("a", {"merged": 5.0, "alone/a": 4.99}, routing=0.65, seed=4),
+            _domain("b", {"merged": 4.9, "alone/b": 4.9}, routing=0.75, seed=5)]
+    public = _domain("public", {"merged": 4.02, "anchor": 4.0}, routing=0.7, seed=3)
+    verdict = {name: v for name, v, _ in targets([public, *rows])}
+    assert verdict["each domain within 1% of its owner's own model"] == "met"
+    assert verdict["each domain puts >= 60% of its routing weight on its own expert plus the public one"] == "met"
 
 
 def test_evaluation_record_of_an_old_merge_has_no_bias_to_toggle(tmp_path):

@@ -105,7 +105,8 @@ def toggled_router_bias(model: FlexOlmoForCausalLM, merged_dir: Path) -> FlexOlm
         config = BiasedFlexOlmoConfig(**{k: v for k, v in model.config.to_dict().items() if k != "model_type"})
         model_class = BiasedFlexOlmoForCausalLM
         for i in range(config.num_hidden_layers):
-            state[f"model.layers.{i}.mlp.gate.bias"] = torch.tensor([0.0] + [e["router_bias"][i] for e in experts[1:]])
+            state[f"model.layers.{i}.mlp.gate.bias"] = torch.tensor([0.0] + [e["router_bias"][i] for e in experts[1:]],
+                                                                  dtype=model.dtype)
     return assemble(lambda: model_class(config), state, model)
 
 

@@ -1,0 +1,78 @@
+"""Scoring speed of the evaluation: held-out tokens per second of a merged model, side by side.
+
+    .venv/bin/python benchmarks/evaluation.py [--experts 6] [--tokens 2048] [--repeats 2]
+
+The model is SmolLM2-135M's shape (Llama: hidden 576, 30 layers, 9 heads / 3 KV heads, FFN 1536,
+vocab 49,152) merged into Qwen2MoeForCausalLM with `--experts` experts, all of them routed (the
+default's top-k), random weights (no download: speed depends on the shape only). Each way of
+scoring runs the same windows in one process, alternating, best of --repeats:
+
+- autocast: fp32 weights, matmuls autocast to bf16, batch 4 (stage evaluate as it was);
+- bf16 weights, batch 4 / 8 / 16: the weights converted once (evaluate.precision: bf16 now);
+- fp32, batch 4, for scale.
+
+It prints tokens/s of each and the ratio to the first, and the seconds a default evaluation of one
+domain would spend scoring (14 configurations x evaluate.max_tokens tokens, at the best rate).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import LlamaConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stages.evaluate import token_nll  # noqa: E402
+from stages.model.fast_moe import use_fast_experts  # noqa: E402
+from stages.model.moe import moe_config, moe_model  # noqa: E402
+
+SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+               num_key_value_heads=3, max_position_embeddings=2048, rope_theta=100000.0, rms_norm_eps=1e-5,
+               tie_word_embeddings=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--experts", type=int, default=6)
+    ap.add_argument("--tokens", type=int, default=2048, help="target tokens scored per way and repeat")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--configurations", type=int, default=14, help="models a default evaluation scores")
+    ap.add_argument("--max-tokens", type=int, default=4096, help="evaluate.max_tokens of the default")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    config = moe_config(LlamaConfig(**SMOLLM2), num_experts=args.experts, top_k=args.experts)
+    fp32 = use_fast_experts(moe_model(config).eval())
+    bf16 = use_fast_experts(copy.deepcopy(fp32).to(torch.bfloat16))
+    rows = np.random.default_rng(0).integers(0, 49152, (args.tokens // args.seq_len, args.seq_len + 1))
+    ways = {"autocast bf16, fp32 weights, batch 4": (fp32, 4, "bf16"),
+            "bf16 weights, batch 4": (bf16, 4, "fp32"), "bf16 weights, batch 8": (bf16, 8, "fp32"),
+            "bf16 weights, batch 16": (bf16, 16, "fp32"), "fp32, batch 4": (fp32, 4, "fp32")}
+    best = {w: float("inf") for w in ways}
+    nll = {}
+    for _ in range(args.repeats):
+        for way, (model, batch, precision) in ways.items():
+            t0 = time.perf_counter()
+            nll[way] = token_nll(model, rows, batch, precision)[0]
+            best[way] = min(best[way], time.perf_counter() - t0)
+    tokens = rows[:, 1:].size
+    base = tokens / best[next(iter(ways))]
+    print(f"{args.experts} experts (all routed), SmolLM2 shape, {tokens} tokens in windows of {args.seq_len}, "
+          f"{torch.get_num_threads()} threads")
+    for way, seconds in best.items():
+        rate = tokens / seconds
+        gap = abs(nll[way].mean() - nll["fp32, batch 4"].mean()) / nll["fp32, batch 4"].mean()
+        print(f"  {way:<38} {rate:7.0f} tokens/s  {rate / base:4.2f}x   mean NLL {gap:.1e} from fp32")
+    top = max(tokens / s for s in best.values())
+    print(f"a default evaluation's scoring at the best rate: {args.configurations} x {args.max_tokens} tokens "
+          f"= {args.configurations * args.max_tokens / top:.0f} s (the merged model's size; smaller ones are faster)")
+
+
+if __name__ == "__main__":
+    main()
