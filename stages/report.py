@@ -439,8 +439,9 @@ def _error_bars(scores: list[Score], field: str):
     intervals = [s.loss_interval if field == "loss" else s.bpb_interval for s in scores]
     if not all(intervals):
         return None
-    return [[getattr(s, field) - i.low for s, i in zip(scores, intervals)],
-            [i.high - getattr(s, field) for s, i in zip(scores, intervals)]]
+    # A percentile interval of a ratio need not hold its point estimate: the bar then starts at the point.
+    return [[max(0.0, getattr(s, field) - i.low) for s, i in zip(scores, intervals)],
+            [max(0.0, i.high - getattr(s, field)) for s, i in zip(scores, intervals)]]
 
 
 def plot_losses(rows: list[DomainEvaluation], path: Path) -> None:

@@ -68,7 +68,7 @@ def test_a_llama_anchor_goes_through_the_smoke_pipeline(tmp_path):
         assert {"anchor", "merged", "soup", "btm"} <= set(evaluation["models"]) and evaluation["xz_bits_per_byte"] > 0
         assert "merged" in evaluation["generations"]
     assert "traced in news" in (ws / "evaluations" / "news.trace.html").read_text()
-    assert "xz -9e bpb" in (ws / "reports" / "report.html").read_text()
+    assert "xz -9e, same bytes" in (ws / "reports" / "report.html").read_text()
     gen = run_consort("generate", "--prompt", "The", "--max-new-tokens", "4", "--experts", "code",
                       "--workspace", str(ws), cwd=tmp_path)
     assert gen.stdout.startswith("The") and "experts: public, code]" in gen.stderr
