@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, FlexOlmoForCausalL
 
 from stages import params as P
 from stages.artifacts import MANIFEST, ORACLE_ROUTER, ROUTER_CANDIDATES, TUNING_INFO, WEIGHTS, has_model
-from stages.evidence import Documents, mean_interval, resample
+from stages.evidence import Documents, mean_interval
 from stages.io import read_json, read_jsonl, write_json, write_text
 from stages.model.baselines import btm_token_nll, soup_model
 from stages.model.experts import (
@@ -252,15 +252,14 @@ def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, 
             toggled = "keep" if not isinstance(full, BiasedFlexOlmoForCausalLM) else "drop"
             score(router_bias(toggled), slice_experts(toggled_router_bias(full, merged_dir), keep))
     doc_tokens, doc_bytes = text.per_document(np.ones(rows[:, 1:].shape)), text.per_document(target_bytes)
-    models, compared, resamples = scores(doc_nll, doc_tokens, doc_bytes, e.bootstrap_seed)
-    draws = resample(text.documents, seed=e.bootstrap_seed)  # the same draw `scores` used: paired
+    models, compared, draws = scores(doc_nll, doc_tokens, doc_bytes, e.bootstrap_seed)
     scored_bytes = tokenizer.decode(rows[:, 1:].reshape(-1).tolist(), skip_special_tokens=True).encode("utf-8")
     whole = text.text.encode("utf-8")
     result = DomainEvaluation(domain=domain, experts=experts, models=models, routing=routing,
                               routing_untuned=routing_untuned, router_method=shipped_method,
                               router_held_out_loss=held_out_loss,
                               scored=Documents(documents=text.documents, tokens=int(doc_tokens.sum()),
-                                               bytes=int(doc_bytes.sum()), resamples=resamples,
+                                               bytes=int(doc_bytes.sum()), resamples=len(draws),
                                                split_bytes=len(whole)),
                               comparisons=compared,
                               own_routing=mean_interval(own_share, doc_tokens, draws),

@@ -96,9 +96,9 @@ def read_evaluation(path: Path) -> DomainEvaluation:
 
 
 def scores(doc_nll: dict[str, np.ndarray], doc_tokens: np.ndarray, doc_bytes: np.ndarray,
-           seed: int = 0) -> tuple[dict[str, Score], dict[str, Interval], int]:
+           seed: int = 0) -> tuple[dict[str, Score], dict[str, Interval], np.ndarray]:
     """Each configuration's Score, and the comparisons the report states, from per-document NLL sums
-    on the same documents: (scores, comparisons, resamples). One document resample, shared by all."""
+    on the same documents: (scores, comparisons, the document resample they all share)."""
     draws = resample(len(doc_tokens), seed=seed)
     models = {name: Score(loss=float(sums.sum() / doc_tokens.sum()),
                           bits_per_byte=float(sums.sum() / math.log(2) / max(doc_bytes.sum(), 1)),
@@ -112,4 +112,4 @@ def scores(doc_nll: dict[str, np.ndarray], doc_tokens: np.ndarray, doc_bytes: np
     if router(UNTUNED) in doc_nll:
         pairs += [(n, router(UNTUNED)) for n in doc_nll if n.startswith(ROUTER) and n != router(UNTUNED)]
     compared = {f"{a} vs {b}": relative_interval(doc_nll[a], doc_nll[b], draws) for a, b in pairs}
-    return models, compared, len(draws)
+    return models, compared, draws
