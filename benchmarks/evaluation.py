@@ -15,6 +15,10 @@ With --gguf the weights are SmolLM2's own (every expert a copy of its FFN, route
 
 It prints tokens/s of each and the ratio to the first, and the seconds a default evaluation of one
 domain would spend scoring (14 configurations x evaluate.max_tokens tokens, at the best rate).
+
+Then the owners' models and opt-outs (2 x (experts - 1) configurations, fp32, batch 8), side by
+side: each sliced out of the merged model and scored in turn (stage evaluate until 2026-12-07)
+against all of them in masked batches over the same weights (evaluate.masked_token_nll).
 """
 from __future__ import annotations
 
@@ -30,7 +34,8 @@ from transformers import LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.evaluate import token_nll  # noqa: E402
+from stages.evaluate import masked_token_nll, token_nll  # noqa: E402
+from stages.model.experts import slice_experts  # noqa: E402
 from stages.model.fast_moe import use_fast_experts  # noqa: E402
 from stages.model.moe import moe_config, moe_model  # noqa: E402
 
@@ -94,6 +99,21 @@ def main() -> None:
     top = max(tokens / s for s in best.values())
     print(f"a default evaluation's scoring at the best rate: {args.configurations} x {args.max_tokens} tokens "
           f"= {args.configurations * args.max_tokens / top:.0f} s (the merged model's size; smaller ones are faster)")
+    owners = range(1, args.experts)
+    keeps = [[o] for o in owners] + [[k for k in owners if k != o] for o in owners]
+    ways = {"sliced, one by one": lambda: [token_nll(use_fast_experts(slice_experts(fp32, keep)), rows, 8)[0]
+                                           for keep in keeps],
+            "masked batches": lambda: masked_token_nll(fp32, rows, keeps, 8)}
+    best = {w: float("inf") for w in ways}
+    for _ in range(args.repeats):
+        for way, run in ways.items():
+            t0 = time.perf_counter()
+            nll[way] = run()
+            best[way] = min(best[way], time.perf_counter() - t0)
+    gap = max(np.abs(a - b).max() for a, b in zip(*(nll[w] for w in ways)))
+    print(f"{len(keeps)} owners' models and opt-outs, fp32, batch 8 (largest token NLL gap {gap:.1e}):")
+    for way, seconds in best.items():
+        print(f"  {way:<38} {seconds:7.1f} s  {best['sliced, one by one'] / seconds:4.2f}x")
 
 
 if __name__ == "__main__":

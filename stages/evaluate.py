@@ -22,6 +22,7 @@ from stages.io import read_json, read_jsonl, write_json, write_text
 from stages.model.baselines import btm_token_nll, soup_model
 from stages.model.experts import (
     continue_text,
+    expert_masks,
     merged_owners,
     resolve_experts,
     slice_experts,
@@ -124,6 +125,21 @@ def token_nll(model, rows: np.ndarray, batch_size: int, precision: str = "fp32",
     return np.concatenate(nll), np.concatenate(shares) if routing else None
 
 
+def masked_token_nll(model, rows: np.ndarray, keeps: list[list[int]], batch_size: int,
+                     precision: str = "fp32") -> list[np.ndarray]:
+    """token_nll of `slice_experts(model, keep)` for each keep, scored without a copy of the model:
+    every batch carries each configuration's copy of the same windows (experts.expert_masks)."""
+    per_part = max(1, batch_size // len(keeps))
+    parts: list[list[np.ndarray]] = [[] for _ in keeps]
+    with expert_masks(model, keeps):
+        for start in range(0, len(rows), per_part):
+            chunk = rows[start:start + per_part]
+            nll = token_nll(model, np.tile(chunk, (len(keeps), 1)), len(chunk) * len(keeps), precision)[0]
+            for part, values in zip(parts, np.split(nll, len(keeps))):
+                part.append(values)
+    return [np.concatenate(part) for part in parts]
+
+
 def expert_shares(shares: np.ndarray) -> list[float]:
     """Each expert's share of the routing weight over all tokens, from token_nll's per-token shares."""
     return shares.reshape(-1, shares.shape[-1]).mean(0).tolist()
@@ -202,6 +218,11 @@ def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, 
         doc_nll[name] = text.per_document(nll)
         return (nll, shares) if routing else nll
 
+    def score_masked(model, keeps: dict[str, list[int]]) -> list[np.ndarray]:
+        nlls = masked_token_nll(use_fast_experts(model), rows, list(keeps.values()), e.batch_size, e.precision)
+        doc_nll.update({name: text.per_document(nll) for name, nll in zip(keeps, nlls)})
+        return nlls
+
     anchor = load(anchor_dir)
     score("anchor", anchor)
     # Where this domain's tokens go: the diagnosis when the merged model trails BTM or opt-outs spill over.
@@ -226,10 +247,9 @@ def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, 
         set_router_state(full, shipped_router)
     if e.baselines and experts:
         score("soup", soup_model(merged))
-        singles = np.stack([score(alone(o), slice_experts(as_merged, [index[o]])) for o in experts])
+        singles = np.stack(score_masked(as_merged, {alone(o): [index[o]] for o in experts}))
         doc_nll["btm"] = text.per_document(btm_token_nll(singles, e.btm_temperature, e.btm_top_k))
-        for o in experts:
-            score(without(o), slice_experts(full, [index[k] for k in experts if k != o]))
+        score_masked(full, {without(o): [index[k] for k in experts if k != o] for o in experts})
     if reference_dir is not None and has_model(reference_dir):
         score("unrestricted", load(reference_dir))
     generations, dp_baseline = None, None

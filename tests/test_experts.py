@@ -1,12 +1,16 @@
 """Opt-in/opt-out: slicing an expert out, choosing experts, and recording the choice in params."""
+import copy
+
 import pytest
 import torch
 import yaml
-from transformers import FlexOlmoConfig, FlexOlmoForCausalLM
+from transformers import FlexOlmoConfig, FlexOlmoForCausalLM, LlamaConfig
 
 from flows.workspace import PROJECT_ROOT, read_project_params, set_expert_enabled
 from stages import params as P
-from stages.model.experts import resolve_experts, slice_experts, with_top_k
+from stages.model.experts import expert_masks, resolve_experts, slice_experts, with_top_k
+from stages.model.fast_moe import GROUPED_MIN_TOKENS, use_fast_experts
+from stages.model.moe import BiasedFlexOlmoConfig, BiasedFlexOlmoForCausalLM, assemble, moe_config, moe_model
 
 
 def random_merged(num_experts: int = 4, top_k: int | None = None) -> FlexOlmoForCausalLM:
@@ -22,29 +26,6 @@ def random_merged(num_experts: int = 4, top_k: int | None = None) -> FlexOlmoFor
     return model
 
 
-def logits_with_masked_expert(model: FlexOlmoForCausalLM, expert: int, ids: torch.Tensor, fill: float) -> torch.Tensor:
-    """The model's logits when one expert's router logit is replaced by `fill` (-inf masks it)."""
-    originals = []
-    for layer in model.model.layers:
-        gate = layer.mlp.gate
-        originals.append(gate.forward)
-
-        def forward(hidden, gate=gate):
-            logits = torch.nn.functional.linear(hidden.reshape(-1, gate.hidden_dim), gate.weight)
-            logits[:, expert] = fill
-            probs = torch.softmax(logits, dim=-1, dtype=torch.float)
-            top, index = torch.topk(probs, gate.top_k, dim=-1)
-            return logits, top.to(logits.dtype), index
-
-        gate.forward = forward
-    try:
-        with torch.no_grad():
-            return model(input_ids=ids).logits
-    finally:
-        for layer, original in zip(model.model.layers, originals):
-            layer.mlp.gate.forward = original
-
-
 @pytest.mark.parametrize("top_k", [4, 2])
 def test_slicing_an_expert_out_equals_masking_its_logit(top_k):
     model = random_merged(top_k=top_k)
@@ -53,11 +34,56 @@ def test_slicing_an_expert_out_equals_masking_its_logit(top_k):
     assert sliced.config.num_experts == 3 and sliced.config.num_experts_per_tok == min(top_k, 3)
     with torch.no_grad():
         got = sliced(input_ids=ids).logits
-    masked = logits_with_masked_expert(model, 2, ids, float("-inf"))
+        with expert_masks(model, [[1, 3]]):
+            masked = model(input_ids=ids).logits
     torch.testing.assert_close(got, masked, rtol=1e-5, atol=1e-5)
     # A zeroed router row still gets softmax weight (exp(0) > 0): not the same as removal.
-    zeroed = logits_with_masked_expert(model, 2, ids, 0.0)
-    assert (zeroed - masked).abs().max() > 1e-3
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in zeroed.model.layers:
+            layer.mlp.gate.weight[2] = 0.0
+        assert (zeroed(input_ids=ids).logits - masked).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["flex_olmo", "biased", "qwen2_moe"])
+@pytest.mark.parametrize("top_k", [6, 3])
+def test_a_masked_batch_scores_each_part_as_its_sliced_model(family, top_k):
+    """Opt-outs and owners' models scored in one batch over the same weights equal the sliced models,
+    through the fast experts' grouped path (every expert at weight 0 skipped) and the stock loop."""
+    model = with_family(random_merged(num_experts=6, top_k=top_k), family)
+    keeps = [[1, 2, 3, 4, 5], [2, 3, 4, 5], [1, 3, 4, 5], [1], [4]]  # merged, two opt-outs, two owners alone
+    for length in (40, GROUPED_MIN_TOKENS):  # per part; five parts of 40 tokens take the stock loop
+        ids = torch.randint(2, 80, (1, length), generator=torch.Generator().manual_seed(length))
+        fast = use_fast_experts(copy.deepcopy(model))
+        with torch.no_grad(), expert_masks(fast, keeps):
+            parts = fast(input_ids=ids.repeat(len(keeps), 1)).logits
+        for keep, got in zip(keeps, parts):
+            with torch.no_grad():
+                want = slice_experts(model, keep)(input_ids=ids).logits[0]
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def with_family(model: FlexOlmoForCausalLM, family: str):
+    """The same random weights as a merged model of another class: with router biases, or Qwen2Moe."""
+    if family == "flex_olmo":
+        return model
+    state = dict(model.state_dict())
+    settings = {k: v for k, v in model.config.to_dict().items() if k != "model_type"}
+    if family == "biased":
+        config = BiasedFlexOlmoConfig(**settings)
+        for i in range(config.num_hidden_layers):
+            state[f"model.layers.{i}.mlp.gate.bias"] = torch.tensor([0.0, -2.0, -0.5, 0.0, -1.0, -3.0])
+        return assemble(lambda: BiasedFlexOlmoForCausalLM(config), state, model)
+    llama = LlamaConfig(**{k: settings[k] for k in ("vocab_size", "hidden_size", "intermediate_size",
+                                                     "num_hidden_layers", "num_attention_heads",
+                                                     "num_key_value_heads", "max_position_embeddings")})
+    config = moe_config(llama, num_experts=6, top_k=model.config.num_experts_per_tok)
+    qwen = moe_model(config)
+    for key, value in qwen.state_dict().items():
+        state.setdefault(key, value)  # the empty shared expert and its gate
+    state = {k: v for k, v in state.items() if k in qwen.state_dict()}
+    qwen.load_state_dict(state)
+    return qwen.eval()
 
 
 def test_slicing_keeps_public_expert_and_caps_top_k():

@@ -7,10 +7,14 @@ and, unlike zeroing the row, leaves no trace of the expert in any output. The pu
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, FlexOlmoConfig, FlexOlmoForCausalLM
+from transformers.models.flex_olmo.modeling_flex_olmo import FlexOlmoTopKRouter
+from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
 
 from stages.artifacts import MERGED_INFO, merged_owners
 from stages.io import read_json
@@ -54,6 +58,37 @@ def slice_experts(model: FlexOlmoForCausalLM, keep: list[int]) -> FlexOlmoForCau
         sliced = key.endswith(("mlp.gate.weight", "mlp.gate.bias", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"))
         state[key] = value.index_select(0, index).clone() if sliced else value
     return assemble(lambda: type(model)(config), state, model)
+
+
+@contextmanager
+def expert_masks(model: FlexOlmoForCausalLM, keeps: list[list[int]]) -> Iterator[None]:
+    """Within it, a batch made of len(keeps) equal parts runs part i as `slice_experts(model, keeps[i])`
+    would, on the same weights: each router's logits of the experts not kept are -inf before its
+    softmax and top-k, so they get weight 0 and the fast experts path skips them.
+
+    Opt-outs and owners' models are scored this way without a copy of the experts per configuration.
+    """
+    allowed = torch.zeros(len(keeps), model.config.num_experts, dtype=torch.bool)
+    for part, keep in enumerate(keeps):
+        allowed[part, sorted({0, *keep})] = True
+
+    def masked(router, inputs, output):
+        logits = output[0]
+        if logits.shape[0] % len(keeps):
+            raise ValueError(f"a batch of {logits.shape[0]} tokens does not split into {len(keeps)} equal parts")
+        logits = logits.masked_fill(~allowed.repeat_interleave(logits.shape[0] // len(keeps), 0), float("-inf"))
+        top, index = torch.softmax(logits, dtype=torch.float, dim=-1).topk(router.top_k, dim=-1)  # the stock router's steps
+        if router.norm_topk_prob:
+            top = top / top.sum(dim=-1, keepdim=True)
+        return logits, top.to(logits.dtype), index
+
+    hooks = [m.register_forward_hook(masked) for m in model.modules()
+             if isinstance(m, (FlexOlmoTopKRouter, Qwen2MoeTopKRouter))]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def with_expert_from(model: FlexOlmoForCausalLM, index: int, tensors: dict[str, torch.Tensor]) -> FlexOlmoForCausalLM:

@@ -45,11 +45,13 @@ class _FastExperts:
 
     def _grouped(self, x, top_k_index, top_k_weights):
         k = top_k_index.shape[1]
-        flat_expert = top_k_index.reshape(-1)
-        order = torch.argsort(flat_expert, stable=True)
+        flat_expert, flat_weight = top_k_index.reshape(-1), top_k_weights.reshape(-1)
+        # An expert at weight 0 (opted out under experts.expert_masks) adds nothing: it is not computed.
+        live = torch.nonzero(flat_weight, as_tuple=True)[0]
+        order = live[torch.argsort(flat_expert[live], stable=True)]
         token_of = order // k
-        counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()
-        weights = top_k_weights.reshape(-1)[order]
+        counts = torch.bincount(flat_expert[live], minlength=self.num_experts).tolist()
+        weights = flat_weight[order]
         out = torch.zeros_like(x)
         start = 0
         for expert, count in enumerate(counts):
