@@ -321,16 +321,15 @@ def dp_markdown(rows: list[DomainEvaluation], published: Path | None) -> str:
         dp, m = trained.get("dp"), r.models
         if not dp:
             continue
-        own, own_twin = m[alone(r.domain)].loss, m[DP_ALONE].loss
-        merged, merged_twin = m["merged"].loss, m[DP_MERGED].loss
         step, step_twin = trained["train_seconds"] / trained["steps"], twin["train_seconds"] / twin["steps"]
         lines.append(f"| {r.domain} | {dp['epsilon']:.2f} at {dp['delta']:g} ({dp['accountant']}) | "
-                     f"{dp['noise_multiplier']:.3f} | {m['anchor'].loss:.3f} | {own:.3f} | {own_twin:.3f} "
-                     f"({_pct(own, own_twin)}) | {merged:.3f} | {merged_twin:.3f} ({_pct(merged, merged_twin)}) | "
+                     f"{dp['noise_multiplier']:.3f} | {_ci(m['anchor'])} | {_ci(m[alone(r.domain)])} | "
+                     f"{_ci(m[DP_ALONE])} | {_rel(r.compared(alone(r.domain), DP_ALONE))} | {_ci(m['merged'])} | "
+                     f"{_ci(m[DP_MERGED])} | {_rel(r.compared('merged', DP_MERGED))} | "
                      f"{step:.2f} s | {step_twin:.2f} s ({step / step_twin:.2f}x) |")
     return _table("| owner | epsilon spent at delta (accountant) | noise multiplier | anchor loss | own expert, DP | "
-                  "own expert, no DP (DP vs no DP) | merged, DP | merged with the no-DP expert (DP vs no DP) | "
-                  "step, DP | step, no DP (ratio) |", 2, 8, lines)
+                  "own expert, no DP | DP vs no DP | merged, DP | merged with the no-DP expert | DP vs no DP | "
+                  "step, DP | step, no DP (ratio) |", 2, 10, lines)
 
 
 def _table(header: str, text_columns: int, number_columns: int, rows: list[str]) -> str:

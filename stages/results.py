@@ -95,10 +95,10 @@ def read_evaluation(path: Path) -> DomainEvaluation:
         raise ValueError(f"{path}: not an evaluation written by stage evaluate ({err}); run it again") from None
 
 
-def scores(doc_nll: dict[str, np.ndarray], doc_tokens: np.ndarray, doc_bytes: np.ndarray,
-           seed: int = 0) -> tuple[dict[str, Score], dict[str, Interval], np.ndarray]:
+def scores(doc_nll: dict[str, np.ndarray], doc_tokens: np.ndarray, doc_bytes: np.ndarray, seed: int = 0,
+           domain: str | None = None) -> tuple[dict[str, Score], dict[str, Interval], np.ndarray]:
     """Each configuration's Score, and the comparisons the report states, from per-document NLL sums
-    on the same documents: (scores, comparisons, the document resample they all share)."""
+    on the same documents of `domain`: (scores, comparisons, the document resample they all share)."""
     draws = resample(len(doc_tokens), seed=seed)
     models = {name: Score(loss=float(sums.sum() / doc_tokens.sum()),
                           bits_per_byte=float(sums.sum() / math.log(2) / max(doc_bytes.sum(), 1)),
@@ -106,8 +106,11 @@ def scores(doc_nll: dict[str, np.ndarray], doc_tokens: np.ndarray, doc_bytes: np
                           bpb_interval=mean_interval(sums, doc_bytes, draws, 1 / math.log(2)))
               for name, sums in doc_nll.items()}
     # The merged model against every other configuration (negative: merged is better), each opt-out
-    # against the merged model (its rise), each router against the router as merged.
+    # against the merged model (its rise), each router against the router as merged, a DP owner's
+    # model against its non-DP twin's.
     pairs = [("merged", n) for n in doc_nll if n != "merged"]
+    if DP_ALONE in doc_nll and domain is not None:
+        pairs.append((alone(domain), DP_ALONE))
     pairs += [(n, "merged") for n in doc_nll if n.startswith(WITHOUT)]
     if router(UNTUNED) in doc_nll:
         pairs += [(n, router(UNTUNED)) for n in doc_nll if n.startswith(ROUTER) and n != router(UNTUNED)]

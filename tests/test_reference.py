@@ -220,7 +220,7 @@ def _domain(domain: str, losses: dict[str, float], spread: float = 0.002, routin
     tokens, n_bytes = np.full(documents, 100.0), np.full(documents, 400.0)
     difficulty = 1 + 0.2 * rng.standard_normal(documents)
     doc_nll = {m: v * difficulty * (1 + spread * rng.standard_normal(documents)) * tokens for m, v in losses.items()}
-    models, compared, _ = scores(doc_nll, tokens, n_bytes)
+    models, compared, _ = scores(doc_nll, tokens, n_bytes, domain=domain)
     own = None if routing is None else mean_interval(
         tokens * np.clip(routing + 0.02 * rng.standard_normal(documents), 0, 1), tokens, resample(documents))
     return DomainEvaluation(domain=domain, experts=["a", "b"], routing={}, models=models, comparisons=compared,
@@ -273,6 +273,26 @@ def test_routing_own_model_and_public_targets_are_judged_by_their_intervals():
     verdict = {name: v for name, v, _ in targets([public, *rows])}
     assert verdict["each domain within 1% of its owner's own model"] == "met"
     assert verdict["each domain puts >= 60% of its routing weight on its own expert plus the public one"] == "met"
+
+
+def test_the_price_of_dp_is_stated_with_paired_intervals(tmp_path):
+    """A DP owner's model and the merged model against its non-DP twin's, each with its interval."""
+    from stages.report import dp_markdown
+
+    row = _domain("a", {"merged": 5.0, "anchor": 5.5, "alone/a": 5.2, "dp_baseline/alone": 5.0,
+                        "dp_baseline/merged": 4.98})
+    row.dp_baseline = {"train_seconds": 10.0, "steps": 10}
+    write_json(tmp_path / "a" / "train_metrics.json", {"train_seconds": 30.0, "steps": 10, "dp": {
+        "epsilon": 7.9, "delta": 1e-5, "accountant": "prv", "noise_multiplier": 0.8}})
+    table = dp_markdown([row], tmp_path)
+    cells = [c.strip() for c in table.splitlines()[-1].strip("|").split("|")]
+    m = row.models
+    assert cells[:6] == ["a", "7.90 at 1e-05 (prv)", "0.800", m["anchor"].loss_interval.text(),
+                         m["alone/a"].loss_interval.text(), m["dp_baseline/alone"].loss_interval.text()]
+    assert cells[6].startswith("+4.0% [") and cells[9].startswith("+0.")  # DP vs no DP: own (+4 %), merged (+0.4 %)
+    low, high = (float(x) for x in cells[6].split("[")[1].rstrip("]").split(","))
+    assert 3.5 < low < 4.0 < high < 4.5, cells[6]  # paired: the documents' 20 % spread cancels
+    assert cells[-1] == "1.00 s (3.00x)"
 
 
 def test_evaluation_record_of_an_old_merge_has_no_bias_to_toggle(tmp_path):
