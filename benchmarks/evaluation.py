@@ -34,10 +34,10 @@ from transformers import LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.evaluate import masked_token_nll, token_nll  # noqa: E402
 from stages.model.experts import slice_experts  # noqa: E402
 from stages.model.fast_moe import use_fast_experts  # noqa: E402
 from stages.model.moe import moe_config, moe_model  # noqa: E402
+from stages.model.scoring import masked_token_nll, token_nll  # noqa: E402
 
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                num_key_value_heads=3, max_position_embeddings=2048, rope_theta=100000.0, rms_norm_eps=1e-5,

@@ -224,6 +224,11 @@ class Lineage:
                 metrics = [Metric(k, float(c[k]), now, 0) for k in ("own_loss", "public_loss")]
                 metrics += [Metric("gain_vs_anchor", anchor["own_loss"] - c["own_loss"], now, 0),
                             Metric("forgetting_vs_anchor", c["public_loss"] - anchor["public_loss"], now, 0)]
+                # Relative changes with their paired 95 % intervals: against the anchor, and two stages against one.
+                for pair, name in ((f"{recipe} vs anchor", "vs_anchor"), (f"{recipe} vs one_stage", "vs_one_stage")):
+                    for kind, iv in curriculum.get("compared", {}).get(pair, {}).items():
+                        metrics += [Metric(f"{kind}_{name}{end}", float(iv[field]), now, 0)
+                                    for end, field in (("", "value"), ("_low", "low"), ("_high", "high"))]
                 metrics += [Metric(f"curve/{k}", float(v), 0, int(row["step"])) for row in c.get("log", [])
                             for k, v in row.items() if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)]
                 with self.lock:

@@ -101,7 +101,7 @@ def canary_audit(model, tokenizer, canaries: list[dict], candidates: int, seed: 
             enc = [prefix + tokenizer(" " + t + ".", add_special_tokens=False)["input_ids"]
                    for t in texts[start:start + 128]]
             width = max(map(len, enc))
-            ids = torch.tensor([e + [0] * (width - len(e)) for e in enc])
+            ids = torch.tensor([e + [0] * (width - len(e)) for e in enc], device=model.device)
             logits = model(input_ids=ids[:, :-1]).logits.float()
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
             mask = torch.zeros_like(nll)
@@ -119,6 +119,7 @@ def audit_owner(owner: str, corpus_dir: Path, anchor_dir: Path, merged_dir: Path
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from stages.device import for_inference
     from stages.model.experts import load_merged, merged_owners, resolve_experts
     from stages.model.scoring import document_nll
 
@@ -128,7 +129,7 @@ def audit_owner(owner: str, corpus_dir: Path, anchor_dir: Path, merged_dir: Path
     with_owner = resolve_experts(None, owners, [d for d in disabled if d != owner])
     models = {"merged": load_merged(merged_dir, with_owner),
               "opted_out": load_merged(merged_dir, [o for o in with_owner if o != owner]),
-              "anchor": AutoModelForCausalLM.from_pretrained(anchor_dir).eval()}
+              "anchor": for_inference(AutoModelForCausalLM.from_pretrained(anchor_dir), "auto")}
     length = a.prefix_tokens + a.suffix_tokens
 
     def docs(split: str, n: int, min_len: int) -> tuple[list[list[int]], list[str]]:

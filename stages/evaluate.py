@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import lzma
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +16,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, FlexOlmoForCausalL
 
 from stages import params as P
 from stages.artifacts import MANIFEST, ORACLE_ROUTER, ROUTER_CANDIDATES, TUNING_INFO, WEIGHTS, has_model
+from stages.device import for_inference
 from stages.evidence import Documents, mean_interval
-from stages.io import read_json, read_jsonl, write_json, write_text
+from stages.io import read_json, write_json, write_text
 from stages.model.baselines import btm_token_nll, soup_model
 from stages.model.experts import (
     continue_text,
-    expert_masks,
     merged_owners,
     resolve_experts,
     slice_experts,
@@ -33,7 +32,7 @@ from stages.model.experts import (
 from stages.model.fast_moe import use_fast_experts
 from stages.model.moe import BiasedFlexOlmoForCausalLM
 from stages.model.router_fit import router_state, set_router_state
-from stages.model.scoring import token_bytes
+from stages.model.scoring import masked_token_nll, token_bytes, token_nll, windows
 from stages.results import (
     DP_ALONE,
     DP_MERGED,
@@ -48,96 +47,6 @@ from stages.results import (
     without,
 )
 from stages.runtime import start_stage
-from stages.train.loop import autocast
-
-
-@dataclass(frozen=True)
-class ScoredText:
-    """The held-out tokens an evaluation scores, and whose document each target token is."""
-    rows: np.ndarray  # (windows, seq_len + 1) token ids
-    doc_of: np.ndarray  # (windows, seq_len): the document of each target token
-    documents: int
-    text: str  # the held-out split, whole: xz's second reference
-
-    def per_document(self, values: np.ndarray) -> np.ndarray:
-        """Per-target-token values (windows, seq_len) summed per document."""
-        return np.bincount(self.doc_of.ravel(), weights=values.ravel(), minlength=self.documents)
-
-
-def fair_shares(lengths: list[int], budget: int) -> list[int]:
-    """Tokens to take from the start of each document: an equal share each, a short document's
-    leftover shared among the longer ones (water-filling), `budget` in all or every token."""
-    take, left, open_docs = [0] * len(lengths), budget, sorted(range(len(lengths)), key=lengths.__getitem__)
-    while open_docs and left > 0:
-        share = max(1, left // len(open_docs))
-        for i in list(open_docs):
-            extra = min(share, lengths[i] - take[i], left)
-            take[i] += extra
-            left -= extra
-            if take[i] == lengths[i]:
-                open_docs.remove(i)
-    return take
-
-
-def windows(tokenizer, val: Path, e: P.EvaluateParams) -> ScoredText:
-    """Windows of seq_len + 1 tokens over the start of every held-out document, max_tokens targets in all.
-
-    Each document gives its first tokens, an equal share of the budget (all of a short one), then
-    EOS; the excerpts run on into one stream, cut into non-overlapping windows, so every document
-    is scored and each target token is counted to its own document.
-    """
-    texts = [row["text"] for row in read_jsonl(val)]
-    if not texts:
-        raise ValueError(f"{val}: holds no document")
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    take = fair_shares([len(d) for d in ids], e.max_tokens + 1 - len(ids))  # +1: the first token is no target
-    stream = np.fromiter((t for d, k in zip(ids, take) for t in (*d[:k], tokenizer.eos_token_id)), dtype=np.int64)
-    doc = np.repeat(np.arange(len(ids)), [k + 1 for k in take])
-    window = min(e.seq_len, len(stream) - 1)
-    n = (len(stream) - 1) // window
-    rows = np.stack([stream[i * window:i * window + window + 1] for i in range(n)])
-    doc_of = np.stack([doc[i * window + 1:i * window + window + 1] for i in range(n)])
-    return ScoredText(rows=rows, doc_of=doc_of, documents=len(ids), text="\n\n".join(texts))
-
-
-@torch.no_grad()
-def token_nll(model, rows: np.ndarray, batch_size: int, precision: str = "fp32",
-              routing: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-    """Next-token NLL (nats) of every target token of every window, shape (windows, seq_len), and
-    with `routing` (a merged model) in the same pass each token's share of routing weight per expert,
-    (windows, seq_len, experts): the top-k weights, renormalised, averaged over layers."""
-    model.eval()
-    nll, shares = [], []
-    for start in range(0, len(rows), batch_size):
-        batch = torch.from_numpy(rows[start:start + batch_size])
-        with autocast(precision):
-            out = model(input_ids=batch[:, :-1], output_router_logits=routing)
-        logits = out.logits.float()
-        nll.append(torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none").numpy())
-        if routing:
-            k, total = model.config.num_experts_per_tok, 0
-            for layer_logits in out.router_logits:
-                probs = torch.softmax(layer_logits.float(), -1)
-                top, idx = probs.topk(k, -1)
-                weights = torch.zeros_like(probs).scatter_(1, idx, top)
-                total = total + weights / weights.sum(-1, keepdim=True)
-            shares.append((total / len(out.router_logits)).view(*batch[:, 1:].shape, -1).numpy())
-    return np.concatenate(nll), np.concatenate(shares) if routing else None
-
-
-def masked_token_nll(model, rows: np.ndarray, keeps: list[list[int]], batch_size: int,
-                     precision: str = "fp32") -> list[np.ndarray]:
-    """token_nll of `slice_experts(model, keep)` for each keep, scored without a copy of the model:
-    every batch carries each configuration's copy of the same windows (experts.expert_masks)."""
-    per_part = max(1, batch_size // len(keeps))
-    parts: list[list[np.ndarray]] = [[] for _ in keeps]
-    with expert_masks(model, keeps):
-        for start in range(0, len(rows), per_part):
-            chunk = rows[start:start + per_part]
-            nll = token_nll(model, np.tile(chunk, (len(keeps), 1)), len(chunk) * len(keeps), precision)[0]
-            for part, values in zip(parts, np.split(nll, len(keeps))):
-                part.append(values)
-    return [np.concatenate(part) for part in parts]
 
 
 def expert_shares(shares: np.ndarray) -> list[float]:
@@ -193,19 +102,17 @@ def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, 
     merged in the DP expert's place, the price of DP on the owner's own domain.
     """
     tokenizer = AutoTokenizer.from_pretrained(anchor_dir)
-    text = windows(tokenizer, val, e)
+    text = windows(tokenizer, val, e.max_tokens, e.seq_len)
     rows = text.rows
     target_bytes = token_bytes(tokenizer)[rows[:, 1:]]
     owners = merged_owners(merged_dir)
     experts = resolve_experts(None, owners, inference.disabled)
     index = {o: 1 + owners.index(o) for o in experts}
     keep = list(index.values())
-    # bf16: the weights converted once at load, every model derived from them too (autocast over fp32
-    # weights converted them again at every batch).
-    dtype = torch.bfloat16 if e.precision == "bf16" else torch.float32
-
+    # On the device, in the inference dtype (stages/device.py): the weights converted once at load,
+    # every model derived from them too, so the scoring itself never autocasts.
     def load(folder: Path):
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        return for_inference(AutoModelForCausalLM.from_pretrained(folder), e.precision)
 
     as_merged = load(merged_dir)  # the stock class, or the one keeping biases
     tuned = tuned_dir is not None and has_model(tuned_dir)
@@ -214,12 +121,12 @@ def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, 
     doc_nll: dict[str, np.ndarray] = {}  # per configuration, each document's summed NLL (nats)
 
     def score(name: str, model, routing: bool = False):
-        nll, shares = token_nll(use_fast_experts(model), rows, e.batch_size, e.precision, routing)
+        nll, shares = token_nll(use_fast_experts(model), rows, e.batch_size, routing=routing)
         doc_nll[name] = text.per_document(nll)
         return (nll, shares) if routing else nll
 
     def score_masked(model, keeps: dict[str, list[int]]) -> list[np.ndarray]:
-        nlls = masked_token_nll(use_fast_experts(model), rows, list(keeps.values()), e.batch_size, e.precision)
+        nlls = masked_token_nll(use_fast_experts(model), rows, list(keeps.values()), e.batch_size)
         doc_nll.update({name: text.per_document(nll) for name, nll in zip(keeps, nlls)})
         return nlls
 

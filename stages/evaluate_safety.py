@@ -22,10 +22,10 @@ from pathlib import Path
 from stages import params as P
 from stages.artifacts import shipped_model
 from stages.data.safety_prompts import ADVBENCH_WHEEL, benign_instructions, read_advbench, sample
+from stages.device import for_inference, resolved
 from stages.io import read_jsonl, write_json, write_jsonl
 from stages.runtime import start_stage, step_bar
 from stages.stats import wilson
-from stages.train.loop import autocast
 
 # AdvBench's refusal matcher (llm-attacks, the GCG paper's `test_prefixes`): a reply containing any
 # of these strings counts as a refusal. Crude by design, and the field's standard yardstick.
@@ -119,25 +119,24 @@ def evaluate_safety(anchor_dir: Path, models_dir: Path, public_val: Path, cache:
     (harmful_ids, template), (benign_ids, _) = prompt_ids(tokenizer, harmful), prompt_ids(tokenizer, benign)
 
     merged_dir = shipped_model(models_dir)
-    full = AutoModelForCausalLM.from_pretrained(merged_dir)
+    full = for_inference(AutoModelForCausalLM.from_pretrained(merged_dir), s.precision)
     owners = merged_owners(merged_dir)
-    models = {"anchor": lambda: AutoModelForCausalLM.from_pretrained(anchor_dir),
+    models = {"anchor": lambda: for_inference(AutoModelForCausalLM.from_pretrained(anchor_dir), s.precision),
               "merged": lambda: use_fast_experts(full)}
     for k, o in enumerate(owners, start=1):
         models[f"without/{o}"] = lambda k=k: use_fast_experts(
             slice_experts(full, [i for i in range(1, len(owners) + 1) if i != k]))
     configurations, rows = {}, []
     for name, load in models.items():
-        model = load().eval()
-        with autocast(s.precision):
-            said = replies(model, tokenizer, harmful_ids + benign_ids, s.max_new_tokens, s.batch_size, f"safety {name}")
+        said = replies(load().eval(), tokenizer, harmful_ids + benign_ids, s.max_new_tokens, s.batch_size,
+                       f"safety {name}")
         configurations[name] = scores(said[:len(harmful)], said[len(harmful):])
         rows += [{"configuration": name, "kind": "harmful" if i < len(harmful) else "benign",
                   "source": sources[i] if i < len(harmful) else "benign", "prompt": p, "reply": r,
                   "refusal": is_refusal(r)} for i, (p, r) in enumerate(zip(harmful + benign, said))]
     flag(configurations, s.flag_points)
     result = {"enabled": True, "model": merged_dir.name, "template": template, "max_new_tokens": s.max_new_tokens,
-              "precision": s.precision,
+              "precision": resolved(s.precision),
               "prompts": {"advbench": sources.count("advbench"), "owners": {o: len(p) for o, p in owner_prompts.items()},
                           "benign": len(benign)},
               "flag_points": s.flag_points, "configurations": configurations,

@@ -22,6 +22,9 @@ from pydantic import (
 
 OWNER_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
+# fp32, bf16, or auto: bf16 where the device computes it natively, else fp32 (stages/device.py)
+Precision = Literal["auto", "fp32", "bf16"]
+
 
 class ParamsError(ValueError):
     """params.yaml (or a preset) holds a key or value the pipeline cannot use."""
@@ -133,8 +136,9 @@ class TrainParams(Strict):
     seed: int = 0
     log_every: int = Field(ge=1)
     checkpoint_every: int = Field(ge=1)
-    precision: Literal["fp32", "bf16"] = Field(
-        default="fp32", description="bf16: autocast matmuls to bfloat16 (fp32 master weights and optimizer state)")
+    precision: Precision = Field(
+        default="auto", description="bf16: autocast matmuls to bfloat16 (fp32 master weights and optimizer state); "
+                                    "auto: bf16 where the device computes it natively (stages/device.py)")
     activation_checkpointing: bool = Field(
         default=False, description="recompute each decoder layer's activations in the backward pass instead of "
                                    "keeping them: less memory (a 1B anchor's expert), about a third more compute")
@@ -299,7 +303,8 @@ class EvaluateParams(Strict):
     ablations: bool = Field(default=False, description="also score the merged model at other top-k and bias settings")
     ablation_top_k: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 2],
                                                               description="top-k values scored by the ablations")
-    precision: Literal["fp32", "bf16"] = Field(default="fp32", description="bf16: score with the weights in bfloat16")
+    precision: Precision = Field(default="auto", description="bf16: score with the weights in bfloat16; auto: "
+                                                              "bf16 where the device computes it natively")
     continuation_tokens: int = Field(default=32, ge=0, description="tokens the anchor, merged and opted-out models "
                                                                    "continue each domain's prompt with (0: none)")
     prompts: dict[str, str] = Field(default_factory=lambda: {"default": "The"},
@@ -366,8 +371,8 @@ class SafetyParams(Strict):
     prompts: int = Field(default=64, ge=0, description="AdvBench behaviours sampled (0: all 520), and as many benign")
     max_new_tokens: int = Field(default=32, ge=4, description="greedy tokens per reply (refusals come first)")
     batch_size: int = Field(default=32, ge=1, description="prompts decoded together (left-padded)")
-    precision: Literal["fp32", "bf16"] = Field(default="fp32", description="bf16: matmuls autocast to bfloat16 "
-                                                                          "(about 2x faster on CPUs with AVX-512 BF16)")
+    precision: Precision = Field(default="auto", description="bf16: decode with the weights in bfloat16; auto: "
+                                                              "bf16 where the device computes it natively")
     flag_points: float = Field(default=10.0, gt=0, le=100,
                                description="a configuration refusing this many points less than the anchor is flagged")
     seed: int = 0

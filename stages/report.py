@@ -387,15 +387,18 @@ def curriculum_markdown(published: Path | None, owners: list[str]) -> str:
         how = (f"{sel['documents']} of {sel['scored']} scored ({sel['near_duplicates']} near-duplicates), bpb "
                f"{sel['band_bits_per_byte'][0]:.2f}-{sel['band_bits_per_byte'][1]:.2f}"
                if sel["method"] == "anchor_bpb_band" else f"{sel['documents']} listed by the owner")
+        compared = {pair: {kind: Interval(**iv) for kind, iv in by_kind.items()}
+                    for pair, by_kind in c.get("compared", {}).items()}
         cells = []
         for kind in ("own_loss", "public_loss"):
-            base = c["anchor"][kind]
-            cells += [f"{c[k][kind]:.3f}" + (f" ({_pct(c[k][kind], base)})" if k != "anchor" else "")
-                      for k, _ in CURRICULUM_STAGES if k in c]
+            for k, _ in CURRICULUM_STAGES:
+                change = compared.get(f"{k} vs anchor", {}).get(kind)
+                cells.append("" if k not in c else f"{c[k][kind]:.3f}" + (f" ({_rel(change)})" if change else ""))
+            cells.append(_rel(compared.get("two_stage vs one_stage", {}).get(kind)))
         lines.append(f"| {o} | {c['shipped'].replace('_', ' ')} | {how} | " + " | ".join(cells) + " |")
     if not found:
         return ""
-    names = [label for k, label in CURRICULUM_STAGES]
+    names = [label for k, label in CURRICULUM_STAGES] + ["two stages vs one"]
     return _table("| owner | published | stage-2 subset | " + " | ".join(f"own domain: {n}" for n in names) + " | "
                   + " | ".join(f"public text: {n}" for n in names) + " |", 3, 2 * len(names), lines)
 

@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stages import params as P
 from stages.artifacts import CANARIES, MANIFEST, SIGNATURE, SYNTHETIC_SAMPLES, SYNTHETIC_STATS, WEIGHTS
+from stages.device import for_inference
 from stages.io import atomic_dir, file_digest, read_json, read_jsonl, write_json, write_jsonl
 from stages.model.decode import decode
 from stages.model.router_rows import load_embedding
@@ -77,7 +78,7 @@ def bits_per_byte(model, tokenizer, texts: list[str]) -> float:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) < 2:
             continue
-        batch = torch.tensor([[tokenizer.eos_token_id, *ids]])
+        batch = torch.tensor([[tokenizer.eos_token_id, *ids]], device=model.device)
         logits = model(input_ids=batch[:, :-1]).logits.float()
         nats += float(torch.nn.functional.cross_entropy(logits[0], batch[0, 1:], reduction="sum"))
         n_bytes += len(text.encode("utf-8"))
@@ -115,7 +116,7 @@ def synthesize(owner: str, anchor_dir: Path, public_embedding: Path, package: Pa
     samples = []
     if s.enabled:  # off, the set is empty and no model is loaded
         anchor = AutoModelForCausalLM.from_pretrained(anchor_dir)
-        model = owner_model(anchor, load_embedding(public_embedding), load_file(package / WEIGHTS))
+        model = for_inference(owner_model(anchor, load_embedding(public_embedding), load_file(package / WEIGHTS)), "auto")
         budget = max(s.min_tokens, math.ceil(s.token_fraction * train_tokens))
         samples = generate_samples(model, tokenizer, topics, s, math.ceil(budget / s.sample_tokens))
 

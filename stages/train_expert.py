@@ -66,7 +66,7 @@ def train_expert(owner: str, corpus_train: Path, public_train: Path, anchor_dir:
                            cur.eval_tokens, train_params.seq_len, train_params.precision)
         subset, selection = select_high_quality(owner, corpus_train, list(high_quality), cur.selection, anchor,
                                                 tokenizer)
-        curriculum = {"anchor": held_out.loss(anchor), "selection": selection}
+        curriculum = {"anchor": held_out.loss(anchor, "anchor"), "selection": selection}
     r_owner = router_row(anchor, tokenizer, init_texts, train_params.seq_len, expert.router_init)
     model = upcycle(anchor, r_pub, r_owner)
     del anchor
@@ -133,7 +133,7 @@ def train_expert(owner: str, corpus_train: Path, public_train: Path, anchor_dir:
     summary = train_stage(train_params, batches(tokens, t.seed), ckpt, log_path, f"expert {owner}")
     extra = {}
     if cur.stage2_steps:
-        curriculum["stage_1"] = held_out.loss(model) | {"steps": t.steps}
+        curriculum["stage_1"] = held_out.loss(model, "stage_1") | {"steps": t.steps}
         # Both recipes go on from the same stage-1 weights for as many steps with the same schedule;
         # only the owner rows differ: the whole corpus (one stage) or the subset (two stages).
         stage2 = t.model_copy(update={"steps": cur.stage2_steps, "lr": cur.stage2_lr, "min_lr_ratio":
@@ -156,9 +156,11 @@ def train_expert(owner: str, corpus_train: Path, public_train: Path, anchor_dir:
             if is_main():  # the only process that writes the log; another's unlink would race its read
                 log = [json.loads(line) for line in recipe_log.read_text().splitlines()]
                 recipe_log.unlink()
-            curriculum[recipe] = held_out.loss(model) | {"steps": t.steps + cur.stage2_steps,
+            curriculum[recipe] = held_out.loss(model, recipe) | {"steps": t.steps + cur.stage2_steps,
                                                          "final_loss": done["final_loss"], "log": log}
         curriculum["shipped"] = shipped
+        curriculum["compared"] = held_out.compared([(n, "anchor") for n in ("stage_1", *recipes)]
+                                                   + ([("two_stage", "one_stage")] if len(recipes) == 2 else []))
         if is_main():  # the published curve runs on through the shipped recipe's steps
             with log_path.open("a") as fh:
                 fh.writelines(json.dumps(row | {"step": row["step"] + t.steps, "stage": 2}) + "\n"

@@ -127,23 +127,11 @@ def test_fsdp_training_killed_mid_run_resumes_from_its_checkpoint(tiny_anchor_di
     assert max((one[k] - resumed[k]).abs().max().item() for k in one) < 1e-4
 
 
-def test_unknown_parallel_mode_and_missing_gpu_are_named(monkeypatch):
+def test_unknown_parallel_mode_is_named(monkeypatch):
     monkeypatch.setattr(distributed, "world", lambda: (0, 2))
     monkeypatch.setenv("CONSORT_DATA_PARALLEL", "zero3")
     with pytest.raises(ValueError, match="CONSORT_DATA_PARALLEL='zero3': use one of ddp, fsdp"):
         distributed.mode()
-    monkeypatch.setenv("CONSORT_DEVICE", "cuda")
-    distributed.device.cache_clear()
-    try:
-        if not torch.cuda.is_available():
-            with pytest.raises(RuntimeError, match="CONSORT_DEVICE=cuda, but this torch sees no CUDA device"):
-                distributed.device()
-        monkeypatch.setenv("CONSORT_DEVICE", "tpu")
-        distributed.device.cache_clear()
-        with pytest.raises(ValueError, match="CONSORT_DEVICE='tpu': use cpu or cuda"):
-            distributed.device()
-    finally:
-        distributed.device.cache_clear()
 
 
 def test_rows_that_do_not_split_evenly_are_refused(monkeypatch):

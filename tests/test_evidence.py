@@ -76,15 +76,15 @@ def test_mean_interval_is_the_ratio_over_documents():
 def test_every_document_contributes_to_the_windows(tiny_anchor_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    from stages.evaluate import fair_shares, windows
     from stages.io import write_jsonl
+    from stages.model.scoring import fair_shares, windows
 
     root, _, _ = tiny_anchor_dir
     tokenizer = AutoTokenizer.from_pretrained(root / "anchor")
     texts = [f"document {i} " + "word " * (3 + 40 * (i % 3)) for i in range(9)]
     write_jsonl(tmp_path / "val.jsonl", [{"id": str(i), "text": t} for i, t in enumerate(texts)])
     e = P.EvaluateParams(max_tokens=128, batch_size=4, seq_len=16)
-    text = windows(tokenizer, tmp_path / "val.jsonl", e)
+    text = windows(tokenizer, tmp_path / "val.jsonl", e.max_tokens, e.seq_len)
     assert text.rows.shape[1] == 17 and text.rows[:, 1:].size <= 128
     assert set(np.unique(text.doc_of)) == set(range(9))  # each document scored
     # Each target token is counted to the document its token came from.
@@ -93,7 +93,7 @@ def test_every_document_contributes_to_the_windows(tiny_anchor_dir, tmp_path):
         assert w in ids[d] or w == tokenizer.eos_token_id
     assert fair_shares([5, 100, 100], 60) == [5, 28, 27]  # a short document's leftover goes to the others
     assert fair_shares([3, 4], 100) == [3, 4]  # a split smaller than the budget: all of it
-    whole = windows(tokenizer, tmp_path / "val.jsonl", e.model_copy(update={"max_tokens": 10_000}))
+    whole = windows(tokenizer, tmp_path / "val.jsonl", 10_000, e.seq_len)
     assert whole.rows[:, 1:].size >= sum(len(i) for i in ids)  # every token (and each EOS) scored
 
 

@@ -2,12 +2,10 @@
 routing, and every equivalence the Olmo2 path holds holds there too (on tiny random models)."""
 import pytest
 import torch
-from test_experts import logits_with_masked_expert
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, LlamaForCausalLM, Qwen2MoeForCausalLM
 
 from stages.model.baselines import soup_model
 from stages.model.decode import decode
-from stages.model.experts import slice_experts
 from stages.model.fast_moe import use_fast_experts
 from stages.model.moe import blocks, check_family, moe_config, moe_extra_state, moe_model, shared_state, upcycle
 
@@ -75,16 +73,6 @@ def test_an_upcycled_llama_with_equal_experts_is_the_anchor_and_trains_only_the_
     trainable = {n for n, p in upcycled.named_parameters() if p.requires_grad}
     assert trainable and all(".mlp.experts.1." in n or ".mlp.routers.1." in n or n.endswith("owner_bias") for n in trainable)
     assert len(blocks(upcycled)) == 2
-
-
-def test_slicing_an_expert_out_of_a_qwen2moe_equals_masking_its_logit():
-    anchor = tiny_llama()
-    ffns = [anchor_ffn(anchor), random_ffn(anchor, 1), random_ffn(anchor, 2), random_ffn(anchor, 3)]
-    model = merged_from(anchor, ffns, top_k=2)
-    sliced = slice_experts(model, [0, 1, 3])
-    assert type(sliced) is Qwen2MoeForCausalLM and sliced.config.num_experts == 3
-    torch.testing.assert_close(logits(sliced), logits_with_masked_expert(model, 2, IDS, float("-inf")), rtol=1e-5, atol=1e-5)
-    assert (logits_with_masked_expert(model, 2, IDS, 0.0) - logits(sliced)).abs().max() > 1e-3
 
 
 def test_the_merged_llama_moe_loads_with_stock_transformers_and_decodes_as_generate(tmp_path):

@@ -402,6 +402,10 @@ def test_curriculum_stages_and_safety_reach_the_report_mlflow_and_consort_expert
         c = metrics["curriculum"]
         assert c["shipped"] == "two_stage" and manifest["curriculum"]["stage2_steps"] == 2
         assert c["selection"]["method"] == "anchor_bpb_band" and c["selection"]["documents"] >= 2
+        # Both recipes on the same held-out documents: the paired interval of two stages against one.
+        two_vs_one = c["compared"]["two_stage vs one_stage"]["own_loss"]
+        assert two_vs_one["low"] <= two_vs_one["value"] <= two_vs_one["high"]
+        assert two_vs_one["value"] == pytest.approx(c["two_stage"]["own_loss"] / c["one_stage"]["own_loss"] - 1)
         assert f"| {o} | two stage |" in table and f"<td>{o}</td>\n<td>two stage</td>" in html
         # One MLflow child run per curriculum stage, under the expert's run, with its held-out losses.
         expert_run = client.search_runs([exp.experiment_id], f"tags.`consort.stage` = 'train_expert@{o}'")[0]
@@ -411,6 +415,9 @@ def test_curriculum_stages_and_safety_reach_the_report_mlflow_and_consort_expert
             recipe = r.data.tags["consort.curriculum"]
             assert r.data.tags["consort.expert_stage"] == f"train_expert@{o}" and "consort.stage" not in r.data.tags
             assert r.data.metrics["own_loss"] == pytest.approx(c[recipe]["own_loss"])
+            change = c["compared"][f"{recipe} vs anchor"]["public_loss"]
+            assert [r.data.metrics[f"public_loss_vs_anchor{end}"] for end in ("_low", "", "_high")] == pytest.approx(
+                [change["low"], change["value"], change["high"]])
             assert r.data.metrics["forgetting_vs_anchor"] == pytest.approx(c[recipe]["public_loss"]
                                                                            - c["anchor"]["public_loss"])
     safety = json.loads((ws / "safety" / "results.json").read_text())

@@ -129,7 +129,8 @@ def _tuned_on_synthetic_sets(root, corpora, tmp_path, **router_tuning):
 
 
 def test_closed_form_router_sends_each_owners_text_to_its_expert(tiny_anchor_dir, corpora, tmp_path):
-    from stages.evaluate import routing_share, windows
+    from stages.evaluate import routing_share
+    from stages.model.scoring import windows
 
     root, _, _ = tiny_anchor_dir
     params, keyring, info = _tuned_on_synthetic_sets(root, corpora, tmp_path, method="synthetic_ridge", compare=[],
@@ -144,7 +145,7 @@ def test_closed_form_router_sends_each_owners_text_to_its_expert(tiny_anchor_dir
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
     e = params.evaluate.model_copy(update={"max_tokens": 128, "seq_len": 16})
     for i, o in enumerate(OWNERS):
-        rows = windows(tokenizer, corpora[o], e).rows
+        rows = windows(tokenizer, corpora[o], e.max_tokens, e.seq_len).rows
         other = 2 - i  # the other owner's expert
         share = [routing_share(m, rows, 4) for m in (before, after)]
         # The other owner's expert loses most of what it got; the public expert and the owner's keep the rest.

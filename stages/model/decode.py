@@ -69,7 +69,7 @@ class _Decoder:
         self.layers = []
         for layer in layers:
             a = layer.self_attn
-            cache = torch.empty(2, batch, self.kv_heads, length, self.head_dim, dtype=weight.dtype)
+            cache = torch.empty(2, batch, self.kv_heads, length, self.head_dim, dtype=weight.dtype, device=weight.device)
             if post_norm:
                 norms = (a.q_norm.weight, a.k_norm.weight, layer.post_attention_layernorm.weight, layer.mlp,
                          layer.post_feedforward_layernorm.weight, None, None)
@@ -80,7 +80,8 @@ class _Decoder:
         # The model's own rotary tables for every position (what it computes step by step); a row
         # left-padded by p tokens starts its positions at its first real token.
         self.pads = pads
-        positions = torch.arange(length)[None] if pads is None else (torch.arange(length)[None] - pads[:, None]).clamp(min=0)
+        steps = torch.arange(length, device=weight.device)
+        positions = steps[None] if pads is None else (steps[None] - pads[:, None]).clamp(min=0)
         cos, sin = base.rotary_emb(weight, positions)
         self.cos, self.sin = cos[:, :, None, :], sin[:, :, None, :]  # (1 or batch, length, 1, head dim)
         self.position = 0
@@ -102,7 +103,7 @@ class _Decoder:
         mask = None
         if self.pads is not None:
             # A row sees no key of its padding; a padding query sees itself only (no row of -inf, no NaN).
-            keys, queries = torch.arange(end), torch.arange(start, end)
+            keys, queries = torch.arange(end, device=ids.device), torch.arange(start, end, device=ids.device)
             mask = ((keys[None, None] >= self.pads[:, None, None]) & (keys[None, None] <= queries[None, :, None])
                     | (keys[None, None] == queries[None, :, None]))[:, None]
         h = self.model.model.embed_tokens(ids)
@@ -136,14 +137,16 @@ def decode(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: fl
         raise ValueError(f"pads must give each of the {prompt_ids.shape[0]} rows fewer than {prompt_ids.shape[1]} "
                          f"padding tokens, got {pads.tolist()}")
     model.eval()
+    where = model.lm_head.weight.device  # the model's device (stages/device.py); the result comes back to the CPU
+    prompt_ids, pads = prompt_ids.to(where), None if pads is None else pads.to(where)
     forward = _Decoder(model, prompt_ids.shape[0], prompt_ids.shape[1] + max_new_tokens, pads)
     step_ids, out = prompt_ids, [prompt_ids]
     for _ in range(max_new_tokens):
         logits = forward(step_ids)
         if temperature > 0:
             probs = torch.softmax(_filtered(logits.float() / temperature, top_k, top_p), dim=-1)
-            step_ids = torch.multinomial(probs, 1, generator=generator)
+            step_ids = torch.multinomial(probs.cpu(), 1, generator=generator).to(where)  # a CPU generator, seeded
         else:
             step_ids = logits.argmax(dim=-1, keepdim=True)
         out.append(step_ids)
-    return torch.cat(out, dim=1)
+    return torch.cat(out, dim=1).cpu()

@@ -17,6 +17,7 @@ from transformers.models.flex_olmo.modeling_flex_olmo import FlexOlmoTopKRouter
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
 
 from stages.artifacts import MERGED_INFO, merged_owners
+from stages.device import for_inference
 from stages.io import read_json
 from stages.model.decode import decode
 from stages.model.fast_moe import use_fast_experts
@@ -52,7 +53,7 @@ def slice_experts(model: FlexOlmoForCausalLM, keep: list[int]) -> FlexOlmoForCau
         return model
     config = model.config.__class__(**{**model.config.to_dict(), "num_experts": len(keep),
                                        "num_experts_per_tok": min(model.config.num_experts_per_tok, len(keep))})
-    index = torch.tensor(keep)
+    index = torch.tensor(keep, device=model.device)
     state = {}
     for key, value in model.state_dict().items():
         sliced = key.endswith(("mlp.gate.weight", "mlp.gate.bias", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"))
@@ -76,7 +77,8 @@ def expert_masks(model: FlexOlmoForCausalLM, keeps: list[list[int]]) -> Iterator
         logits = output[0]
         if logits.shape[0] % len(keeps):
             raise ValueError(f"a batch of {logits.shape[0]} tokens does not split into {len(keeps)} equal parts")
-        logits = logits.masked_fill(~allowed.repeat_interleave(logits.shape[0] // len(keeps), 0), float("-inf"))
+        keep = allowed.to(logits.device).repeat_interleave(logits.shape[0] // len(keeps), 0)
+        logits = logits.masked_fill(~keep, float("-inf"))
         top, index = torch.softmax(logits, dtype=torch.float, dim=-1).topk(router.top_k, dim=-1)  # the stock router's steps
         if router.norm_topk_prob:
             top = top / top.sum(dim=-1, keepdim=True)
@@ -107,9 +109,10 @@ def with_expert_from(model: FlexOlmoForCausalLM, index: int, tensors: dict[str, 
     return assemble(lambda: type(model)(model.config), state, model)
 
 
-def load_merged(merged_dir: Path, experts: list[str] | None = None) -> FlexOlmoForCausalLM:
-    """The merged model with only `experts` (owner names; None keeps them all)."""
-    model = AutoModelForCausalLM.from_pretrained(merged_dir)
+def load_merged(merged_dir: Path, experts: list[str] | None = None, precision: str = "auto") -> FlexOlmoForCausalLM:
+    """The merged model with only `experts` (owner names; None keeps them all), on this process's
+    device in the inference dtype (stages/device.py)."""
+    model = for_inference(AutoModelForCausalLM.from_pretrained(merged_dir), precision)
     if experts is not None:
         owners = merged_owners(merged_dir)
         model = slice_experts(model, [1 + owners.index(o) for o in resolve_experts(experts, owners)])
@@ -141,7 +144,7 @@ def toggled_router_bias(model: FlexOlmoForCausalLM, merged_dir: Path) -> FlexOlm
         model_class = BiasedFlexOlmoForCausalLM
         for i in range(config.num_hidden_layers):
             state[f"model.layers.{i}.mlp.gate.bias"] = torch.tensor([0.0] + [e["router_bias"][i] for e in experts[1:]],
-                                                                  dtype=model.dtype)
+                                                                  dtype=model.dtype, device=model.device)
     return assemble(lambda: model_class(config), state, model)
 
 

@@ -15,11 +15,9 @@ import numpy as np
 import torch
 
 from stages import params as P
+from stages.evidence import relative_interval, resample
 from stages.io import read_jsonl
-from stages.model.router_fit import packed_rows
-from stages.model.scoring import bits_per_byte, document_nll, token_bytes
-from stages.train.loop import tokenize_corpus
-from stages.train.router_tuning import mean_lm_loss
+from stages.model.scoring import bits_per_byte, document_nll, token_bytes, token_nll, windows
 
 SHINGLE_WORDS = 5
 
@@ -74,7 +72,9 @@ def select_high_quality(owner: str, corpus_train: Path, given: list[str], select
 
 
 class HeldOut:
-    """The owner's and the public held-out text, as rows; scored after each stage of the curriculum."""
+    """The owner's and the public held-out text (every document's first tokens, evaluate's windows),
+    scored after each stage of the curriculum and kept per document, so that recipes compare with
+    paired intervals. Per-document numbers stay in this process; what is published is intervals."""
 
     def __init__(self, tokenizer, owner_val: Path, public_val: Path, tokens: int, seq_len: int, precision: str):
         for path in (owner_val, public_val):
@@ -82,10 +82,25 @@ class HeldOut:
                 raise FileNotFoundError(f"{path}: the curriculum scores each stage on this held-out text (the "
                                         "val.jsonl beside the training corpus); add it, or set "
                                         "expert.curriculum.stage2_steps: 0 to train one stage without scores")
-        self.rows = {name: packed_rows([tokenize_corpus(tokenizer, path)[:tokens + 1].astype(np.int64)], seq_len)
-                     for name, path in (("own", owner_val), ("public", public_val))}
+        self.texts = {kind: windows(tokenizer, path, tokens, seq_len)
+                      for kind, path in (("own", owner_val), ("public", public_val))}
         self.precision = precision
+        self.doc_nll: dict[str, dict[str, np.ndarray]] = {kind: {} for kind in self.texts}
 
-    def loss(self, model) -> dict[str, float]:
+    def loss(self, model, name: str) -> dict[str, float]:
+        """`model`'s mean held-out loss on each text, its per-document sums kept under `name`."""
+        out = {}
         with torch.no_grad():
-            return {f"{name}_loss": mean_lm_loss(model, rows, 4, self.precision) for name, rows in self.rows.items()}
+            for kind, text in self.texts.items():
+                nll = text.per_document(token_nll(model, text.rows, 4, self.precision)[0])
+                self.doc_nll[kind][name] = nll
+                out[f"{kind}_loss"] = float(nll.sum() / text.tokens().sum())
+        return out
+
+    def compared(self, pairs: list[tuple[str, str]], seed: int = 0) -> dict[str, dict[str, dict]]:
+        """"A vs B": (A - B) / B of the mean loss on each text, with its paired 95 % interval."""
+        draws = {kind: resample(text.documents, seed=seed) for kind, text in self.texts.items()}
+        return {f"{a} vs {b}": {f"{kind}_loss": relative_interval(self.doc_nll[kind][a], self.doc_nll[kind][b],
+                                                                  draws[kind]).model_dump()
+                                for kind in self.texts}
+                for a, b in pairs}

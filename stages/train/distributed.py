@@ -21,30 +21,14 @@ from __future__ import annotations
 
 import copy
 import os
-from functools import cache
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from stages.device import device
+
 MODES = ("ddp", "fsdp")
-
-
-@cache
-def device() -> torch.device:
-    """Where this process trains: CONSORT_DEVICE if set (cpu or cuda), else its GPU if there is one."""
-    wanted = os.environ.get("CONSORT_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
-    if wanted not in ("cpu", "cuda"):
-        raise ValueError(f"CONSORT_DEVICE={wanted!r}: use cpu or cuda")
-    if wanted == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise RuntimeError("CONSORT_DEVICE=cuda, but this torch sees no CUDA device "
-                           f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); "
-                           "install a CUDA build of torch or unset CONSORT_DEVICE")
-    index = int(os.environ.get("LOCAL_RANK", "0"))
-    torch.cuda.set_device(index)
-    return torch.device("cuda", index)
 
 
 def world() -> tuple[int, int]:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from stages import params as P
+from stages.device import resolved
 from stages.model.router_rows import as_router_row, hidden_sums
 from stages.train.loop import PlainSteps, train
 
@@ -181,7 +182,7 @@ def train_dp(model: torch.nn.Module, docs: list[np.ndarray], t: P.TrainParams, d
              lr_scale, init_noise: float, desc: str) -> dict:
     """DP-SGD over the model's trainable parameters: the training loop with PrivateSteps; returns
     the summary with the epsilon spent."""
-    if t.precision == "bf16":
+    if resolved(t.precision) == "bf16":
         # Opacus computes per-document gradients in hooks on each layer's fp32 activations and
         # gradients; under autocast they arrive in bfloat16 and its clipping norms lose precision.
         print(f"{desc}: DP-SGD trains in fp32 (precision bf16 does not apply to Opacus's per-document gradients)")

@@ -18,10 +18,11 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
+from stages.device import autocast, device
 from stages.io import read_jsonl
 from stages.params import TrainParams
 from stages.runtime import step_bar
-from stages.train.distributed import average_gradients, copy_back, device, full, training_copy, world
+from stages.train.distributed import average_gradients, copy_back, full, training_copy, world
 
 
 def tokenize_corpus(tokenizer, jsonl: Path, max_docs: int | None = None) -> np.ndarray:
@@ -54,13 +55,6 @@ def cosine_lr(step: int, p: TrainParams) -> float:
         return p.lr * (step + 1) / p.warmup_steps
     progress = (step - p.warmup_steps) / max(1, p.steps - p.warmup_steps)
     return p.lr * (p.min_lr_ratio + (1 - p.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-def autocast(precision: str):
-    """Matmuls in bfloat16 where asked (CPUs with AVX-512 BF16 and GPUs run them about 2x faster);
-    weights, gradients and optimizer state stay fp32, so the frozen public half stays bit-identical."""
-    kind = device().type
-    return torch.autocast(kind, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 Batch = torch.Tensor | tuple[torch.Tensor, ...]

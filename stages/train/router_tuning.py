@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from stages.device import autocast
 from stages.model.router_fit import fit_routers, router_parameters, router_state, set_router_state
-from stages.train.loop import autocast
 
 
 def lm_loss(model, rows: torch.Tensor, precision: str) -> torch.Tensor:
