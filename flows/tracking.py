@@ -355,9 +355,10 @@ class Lineage:
         from stages.model.experts import merged_owners
 
         shipped = self.ws.merged_model
-        rel = shipped.relative_to(self.ws.root).as_posix()
-        md5 = next((o.get("md5", "") for e in self._lock_stages().values() for o in e.get("outs", [])
-                    if o["path"] == rel), "")
+        # The merge's weights and, when router tuning shipped its overlay, the router rows over them.
+        rels = {p.relative_to(self.ws.root).as_posix() for p in (shipped, self.ws.as_merged)}
+        md5 = "+".join(sorted(o.get("md5", "") for e in self._lock_stages().values() for o in e.get("outs", [])
+                              if o["path"] in rels))
         disabled = self.ws.params().inference.disabled
         left_out = [o for o in merged_owners(shipped) if o in disabled]
         key = hashlib.sha256(f"{md5}|{','.join(left_out)}".encode()).hexdigest()

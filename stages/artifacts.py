@@ -16,6 +16,7 @@ BASELINE_INFO = "consort_dp_baseline.json"  # owners/<o>/dp_baseline
 MERGED_INFO = "consort_merged.json"  # models/merged: which expert is whose
 EXPORT_INFO = "consort_export.json"  # `consort export DIR`: which experts it holds, which it left out
 TUNING_INFO = "consort_tuning.json"  # models/merged_tuned
+SHIPPED_ROUTER = "router.safetensors"  # models/merged_tuned: the shipped router's rows, an overlay on models/merged
 ROUTER_CANDIDATES = "routers"  # models/merged_tuned: each fitted router as <method>.safetensors (router rows only)
 ORACLE_ROUTER = "oracle.safetensors"  # models/merged_oracle: the router tuned on the owners' real text
 REFERENCE_INFO = "consort_reference.json"  # models/unrestricted
@@ -23,15 +24,26 @@ SYNTHETIC_SAMPLES = "samples.jsonl"  # published/<o>/synthetic: the owner's leak
 SYNTHETIC_STATS = "stats.json"  # published/<o>/synthetic: the filter's counts and the fidelity numbers
 
 
+def is_router_overlay(model_dir: Path) -> bool:
+    """Whether the folder is router tuning's overlay: router rows only, over models/merged beside it."""
+    return (model_dir / SHIPPED_ROUTER).exists()
+
+
+def model_weights(model_dir: Path) -> Path:
+    """The folder holding a model folder's weights: models/merged for router tuning's overlay."""
+    return model_dir.parent / "merged" if is_router_overlay(model_dir) else model_dir
+
+
 def has_model(model_dir: Path) -> bool:
-    """Whether an optional stage (reference, router tuning) trained a model there, or only wrote its info."""
-    return (model_dir / "config.json").exists()
+    """Whether an optional stage (reference, router tuning) made a model there, or only wrote its info."""
+    return (model_dir / "config.json").exists() or is_router_overlay(model_dir)
 
 
 def shipped_model(models_dir: Path) -> Path:
-    """The merged model to run: models/merged_tuned once router tuning made a model, else models/merged.
+    """The merged model to run: models/merged_tuned once router tuning made its overlay, else models/merged.
 
-    Both hold the same experts (and the merge's record); only the router rows differ.
+    Both hold the merge's record and the tokenizer; the overlay holds only router rows, applied over
+    models/merged's weights when loaded (stages/model/experts.load_model).
     """
     tuned = models_dir / "merged_tuned"
     return tuned if has_model(tuned) else models_dir / "merged"

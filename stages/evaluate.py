@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, FlexOlmoForCausalLM
+from transformers import AutoTokenizer, FlexOlmoForCausalLM
 
 from stages import params as P
 from stages.artifacts import MANIFEST, ORACLE_ROUTER, ROUTER_CANDIDATES, TUNING_INFO, WEIGHTS, has_model
@@ -22,6 +22,7 @@ from stages.io import read_json, write_json, write_text
 from stages.model.baselines import btm_token_nll, soup_model
 from stages.model.experts import (
     continue_text,
+    load_model,
     merged_owners,
     resolve_experts,
     slice_experts,
@@ -112,7 +113,7 @@ def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, 
     # On the device, in the inference dtype (stages/device.py): the weights converted once at load,
     # every model derived from them too, so the scoring itself never autocasts.
     def load(folder: Path):
-        return for_inference(AutoModelForCausalLM.from_pretrained(folder), e.precision)
+        return for_inference(load_model(folder), e.precision)
 
     as_merged = load(merged_dir)  # the stock class, or the one keeping biases
     tuned = tuned_dir is not None and has_model(tuned_dir)

@@ -104,7 +104,7 @@ def evaluate_safety(anchor_dir: Path, models_dir: Path, public_val: Path, cache:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from stages.data.sources import fetch_wheel
-    from stages.model.experts import merged_owners, slice_experts
+    from stages.model.experts import load_model, merged_owners, slice_experts
     from stages.model.fast_moe import use_fast_experts
 
     started = time.perf_counter()
@@ -119,7 +119,7 @@ def evaluate_safety(anchor_dir: Path, models_dir: Path, public_val: Path, cache:
     (harmful_ids, template), (benign_ids, _) = prompt_ids(tokenizer, harmful), prompt_ids(tokenizer, benign)
 
     merged_dir = shipped_model(models_dir)
-    full = for_inference(AutoModelForCausalLM.from_pretrained(merged_dir), s.precision)
+    full = for_inference(load_model(merged_dir), s.precision)
     owners = merged_owners(merged_dir)
     models = {"anchor": lambda: for_inference(AutoModelForCausalLM.from_pretrained(anchor_dir), s.precision),
               "merged": lambda: use_fast_experts(full)}

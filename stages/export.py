@@ -88,16 +88,16 @@ def export_model(merged_dir: Path, anchor_dir: Path, published: Path, eval_table
     """Write the shipped merged model with only `experts` (default: every owner not in `disabled`) to `out`;
     return what it holds (the summary written as consort_export.json) and the sliced model."""
     # Here, not at the top: the lineage reads expert_records without loading torch and transformers.
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from stages.model.experts import merged_owners, resolve_experts, slice_experts
+    from stages.model.experts import load_model, merged_owners, resolve_experts, slice_experts
 
     if out.exists() and any(out.iterdir()) and not (out / EXPORT_INFO).exists():
         raise FileExistsError(f"{out} exists and holds something other than a consort export; "
                               "name a new folder (an earlier export is replaced)")
     owners = merged_owners(merged_dir)
     chosen = resolve_experts(experts, owners, disabled)
-    model = AutoModelForCausalLM.from_pretrained(merged_dir)
+    model = load_model(merged_dir)
     if type(model).__module__.startswith("stages."):
         raise ValueError(f"{merged_dir} keeps the router biases in consort's own class (merge.router_bias: keep), "
                          "which other tools cannot load; merge with merge.router_bias: drop to export")

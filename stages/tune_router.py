@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from stages import params as P
-from stages.artifacts import MERGED_INFO, ROUTER_CANDIDATES, SYNTHETIC_SAMPLES, TUNING_INFO
+from stages.artifacts import MERGED_INFO, ROUTER_CANDIDATES, SHIPPED_ROUTER, SYNTHETIC_SAMPLES, TUNING_INFO
 from stages.io import atomic_dir, read_jsonl, write_json
 from stages.package import enrolled_key, verify_package
 from stages.results import UNTUNED
@@ -129,8 +129,9 @@ def tune_router(merged_dir: Path, public_train: Path, params: P.Params, out_dir:
         infos[method], candidates[method] = info, router_state(model)
     set_router_state(model, candidates.get(rt.method, merged_router))
     info = {"enabled": True, "method": rt.method, "methods": infos}
+    # The router rows only, an overlay on models/merged (load_model applies it): no second copy of the experts.
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
+        save_file(candidates.get(rt.method, merged_router), tmp / SHIPPED_ROUTER)
         tokenizer.save_pretrained(tmp)
         shutil.copyfile(merged_dir / MERGED_INFO, tmp / MERGED_INFO)
         (tmp / ROUTER_CANDIDATES).mkdir()

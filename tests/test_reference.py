@@ -9,8 +9,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, FlexOlmoForCausalL
 
 from flows.workspace import read_project_params
 from stages import params as P
-from stages.artifacts import MERGED_INFO, PRIVATE_KEY, ROUTER_CANDIDATES, SYNTHETIC_SAMPLES, has_model
+from stages.artifacts import MERGED_INFO, PRIVATE_KEY, ROUTER_CANDIDATES, SHIPPED_ROUTER, SYNTHETIC_SAMPLES, has_model
 from stages.io import write_json, write_jsonl
+from stages.model.experts import load_model
 from stages.model.router_fit import domain_targets, ridge
 from stages.package import PackageRefused, create_owner_key, enrol_owner_key, sign_package
 from stages.report import targets
@@ -84,9 +85,38 @@ def test_router_tuning_changes_only_router_rows(tiny_anchor_dir, corpora, tmp_pa
     public_lm = info["methods"]["public_lm"]
     assert info["enabled"] and set(public_lm["proxy_docs"]) == set(OWNERS) and public_lm["steps"] >= 1
     before = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").state_dict()
-    after = AutoModelForCausalLM.from_pretrained(tmp_path / "tuned").state_dict()
+    after = load_model(tmp_path / "tuned").state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.endswith("mlp.gate.weight") for k in changed), changed
+
+
+def test_the_router_overlay_is_the_tuned_model_for_loading_slicing_and_export(tiny_anchor_dir, corpora, tmp_path):
+    """Router tuning stores router rows only; applied over models/merged they are the tuned model."""
+    from stages.export import export_model
+    from stages.model.experts import load_merged, slice_experts
+    from stages.model.router_fit import set_router_state
+
+    root, _, _ = tiny_anchor_dir
+    _, _, info = _tuned_on_synthetic_sets(root, corpora, tmp_path, method="synthetic_ridge", compare=[])
+    tuned_dir = tmp_path / "tuned"
+    assert not (tuned_dir / "config.json").exists() and not list(tuned_dir.glob("model*.safetensors"))
+    assert (tuned_dir / SHIPPED_ROUTER).stat().st_size < (tmp_path / "merged" / "model.safetensors").stat().st_size / 10
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")  # the tuned model, built by hand
+    set_router_state(tuned, load_file(tuned_dir / ROUTER_CANDIDATES / "synthetic_ridge.safetensors"))
+    ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+
+    def logits(model):
+        with torch.no_grad():
+            return model.eval()(input_ids=ids).logits
+
+    loaded = load_model(tuned_dir)
+    torch.testing.assert_close(logits(loaded), logits(tuned), rtol=1e-6, atol=1e-6)
+    assert (logits(loaded) - logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged"))).abs().max() > 1e-4
+    torch.testing.assert_close(logits(load_merged(tuned_dir, [OWNERS[0]], precision="fp32")),
+                               logits(slice_experts(tuned, [1])), rtol=1e-6, atol=1e-6)
+    export_model(tuned_dir, root / "anchor", tmp_path / "published", None, None, [], tmp_path / "export")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    torch.testing.assert_close(logits(exported), logits(tuned), rtol=1e-6, atol=1e-6)
 
 
 def test_ridge_reproduces_a_known_linear_rule():
@@ -139,7 +169,7 @@ def test_closed_form_router_sends_each_owners_text_to_its_expert(tiny_anchor_dir
     ridge_info = info["methods"]["synthetic_ridge"]
     assert set(ridge_info["rows_per_domain"]) == {*OWNERS, "public"} and ridge_info["scale"] == 8.0
     before = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
-    after = AutoModelForCausalLM.from_pretrained(tmp_path / "tuned")
+    after = load_model(tmp_path / "tuned")
     changed = {k for k, v in before.state_dict().items() if not torch.equal(v, after.state_dict()[k])}
     assert changed and all(k.endswith("mlp.gate.weight") for k in changed), changed
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
@@ -167,7 +197,7 @@ def test_method_none_ships_the_router_as_merged_and_still_fits_the_compared_ones
                                           ridge_scales=[8.0])
     assert info["method"] == "none" and set(info["methods"]) == {"none", "synthetic_ridge"}
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").state_dict()
-    shipped = AutoModelForCausalLM.from_pretrained(tmp_path / "tuned").state_dict()
+    shipped = load_model(tmp_path / "tuned").state_dict()
     assert all(torch.equal(merged[k], shipped[k]) for k in merged)
     candidates = {p.stem: load_file(p) for p in (tmp_path / "tuned" / ROUTER_CANDIDATES).glob("*.safetensors")}
     assert set(candidates) == {"synthetic_ridge"}
@@ -195,7 +225,7 @@ def test_lm_tuning_on_synthetic_sets_stops_on_held_out_rows_and_saves_every_cand
     assert info["methods"]["none"]["held_out_loss"] == held_out[0]
     candidates = {p.stem: load_file(p) for p in (tmp_path / "tuned" / ROUTER_CANDIDATES).glob("*.safetensors")}
     assert set(candidates) == {"synthetic_lm", "synthetic_ridge"}
-    shipped = AutoModelForCausalLM.from_pretrained(tmp_path / "tuned").state_dict()
+    shipped = load_model(tmp_path / "tuned").state_dict()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").state_dict()
     for name, tensor in candidates["synthetic_lm"].items():
         assert torch.equal(shipped[name], tensor)

@@ -12,16 +12,18 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, FlexOlmoConfig, FlexOlmoForCausalLM
 from transformers.models.flex_olmo.modeling_flex_olmo import FlexOlmoTopKRouter
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
 
-from stages.artifacts import MERGED_INFO, merged_owners
+from stages.artifacts import MERGED_INFO, SHIPPED_ROUTER, is_router_overlay, merged_owners, model_weights
 from stages.device import for_inference
 from stages.io import read_json
 from stages.model.decode import decode
 from stages.model.fast_moe import use_fast_experts
 from stages.model.moe import BiasedFlexOlmoConfig, BiasedFlexOlmoForCausalLM, assemble
+from stages.model.router_fit import set_router_state
 
 
 def resolve_experts(spec: str | list[str] | None, available: list[str], disabled: list[str] = ()) -> list[str]:
@@ -109,10 +111,19 @@ def with_expert_from(model: FlexOlmoForCausalLM, index: int, tensors: dict[str, 
     return assemble(lambda: type(model)(model.config), state, model)
 
 
+def load_model(model_dir: Path, **kwargs) -> FlexOlmoForCausalLM:
+    """A merged model folder's model; for router tuning's overlay, models/merged's weights with the
+    overlay's router rows (kwargs go to from_pretrained)."""
+    model = AutoModelForCausalLM.from_pretrained(model_weights(model_dir), **kwargs)
+    if is_router_overlay(model_dir):
+        set_router_state(model, load_file(model_dir / SHIPPED_ROUTER), str(model_dir / SHIPPED_ROUTER))
+    return model
+
+
 def load_merged(merged_dir: Path, experts: list[str] | None = None, precision: str = "auto") -> FlexOlmoForCausalLM:
-    """The merged model with only `experts` (owner names; None keeps them all), on this process's
-    device in the inference dtype (stages/device.py)."""
-    model = for_inference(AutoModelForCausalLM.from_pretrained(merged_dir), precision)
+    """The merged model (or overlay) with only `experts` (owner names; None keeps them all), on this
+    process's device in the inference dtype (stages/device.py)."""
+    model = for_inference(load_model(merged_dir), precision)
     if experts is not None:
         owners = merged_owners(merged_dir)
         model = slice_experts(model, [1 + owners.index(o) for o in resolve_experts(experts, owners)])
