@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a machine with a CUDA GPU: the smoke pipeline on the pretrained SmolLM2 anchor in bf16 on
-# the GPU, then the expert-training benchmark there; a PASS/FAIL line per step, under 8 minutes.
+# the GPU, a PASS/FAIL line per stage that runs a model (each stage's log says its device:
+# stages/device.py), the run's time split per stage, then the expert-training benchmark there.
 #
 #     bash benchmarks/gpu_check.sh [WORKDIR]     (default: a fresh folder under /tmp)
 #
@@ -31,13 +32,26 @@ import sys, yaml
 params = yaml.safe_load(open("params.yaml"))
 smoke = params["presets"]["smoke"]
 smoke["anchor"] = {"source": params["anchor"]["source"]}
-smoke["expert"]["train"]["precision"] = "bf16"
-smoke["evaluate"]["precision"] = "bf16"
+smoke["expert"]["train"]["precision"] = "auto"  # the device rule: bf16 on a GPU
+smoke["evaluate"]["precision"] = "auto"
+smoke["safety"]["precision"] = "auto"
 smoke["evaluate"]["seq_len"] = 128
 smoke.pop("tokenizer", None)
 yaml.safe_dump(params, open(sys.argv[1], "w"), sort_keys=False)
 EOF
 step pipeline timeout 420 .venv/bin/consort run --preset smoke --params "$work/params.yaml" --workspace "$work/ws"
+# Every stage that ran a model said where: each must have run on the GPU.
+for family in train_expert train_dp_baseline synthesize tune_router evaluate_safety evaluate_owner evaluate_public audit train_unrestricted; do
+  logs=$(ls "$work"/ws/.consort/logs/"$family"*.log 2>/dev/null)
+  if [ -z "$logs" ]; then echo "FAIL  $family on the GPU: no stage log"; status=1; continue; fi
+  if grep -L "^device: cuda" $logs | grep -q .; then
+    echo "FAIL  $family on the GPU: $(grep -L '^device: cuda' $logs | xargs -n1 basename | tr '\n' ' ')"; status=1
+  else
+    echo "PASS  $family on the GPU ($(echo "$logs" | wc -l) stage(s))"
+  fi
+done
+echo "time split of the smoke run on the GPU (seconds per stage, largest first):"
+grep -E "^\s+ran\s" "$work/pipeline.log" | awk '{print $3, $2}' | sort -rn | head -20
 step merged_model "$py" -c "
 import sys, torch
 from transformers import AutoModelForCausalLM

@@ -13,13 +13,23 @@ from functools import cache
 
 import torch
 
+from stages.runtime import in_stage
+
 DEVICE_VARIABLE = "CONSORT_DEVICE"
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @cache
 def device() -> torch.device:
-    """Where this process runs its models: CONSORT_DEVICE if set (cpu or cuda), else its GPU if there is one."""
+    """Where this process runs its models: CONSORT_DEVICE if set (cpu or cuda), else its GPU if there is one.
+    A pipeline stage says which in its log (benchmarks/gpu_check.sh reads it)."""
+    chosen = _device()
+    if in_stage():
+        print(f"device: {chosen}", flush=True)
+    return chosen
+
+
+def _device() -> torch.device:
     wanted = os.environ.get(DEVICE_VARIABLE, "cuda" if torch.cuda.is_available() else "cpu")
     if wanted not in ("cpu", "cuda"):
         raise ValueError(f"{DEVICE_VARIABLE}={wanted!r}: use cpu or cuda")

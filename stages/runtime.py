@@ -31,6 +31,11 @@ def logging_to_file() -> bool:
     return bool(os.environ.get(LOGS_VARIABLE)) and bool(_dvc_stage())
 
 
+def in_stage() -> bool:
+    """Whether this process is a stage the pipeline (DVC) runs."""
+    return bool(_dvc_stage())
+
+
 def _dvc_stage() -> str:
     return os.environ.get("DVC_STAGE", "").rsplit(":", 1)[-1]  # "dvc.yaml:name" outside the repo root
 

@@ -385,6 +385,25 @@ def test_report_shows_every_baseline_and_the_optout_matrix(smoke_workspace):
     assert "traced in news" in (ws / "evaluations" / "news.trace.html").read_text()
 
 
+def test_an_evaluation_in_bf16_weights_scores_within_half_a_percent_of_fp32(smoke_workspace):
+    """The device rule's bf16 inference weights (stages/device.py) move no loss the report states by 0.5 %."""
+    from stages import params as P
+    from stages.evaluate import evaluate_domain
+
+    ws, _ = smoke_workspace
+    params = P.load(ws / "params.yaml")
+    e = params.evaluate.model_copy(update={"precision": "bf16", "baselines": False, "ablations": False,
+                                           "continuation_tokens": 0})
+    models = ws / "models"
+    got, _, _ = evaluate_domain("code", ws / "owners" / "code" / "corpus" / "val.jsonl", models / "anchor",
+                                models / "merged", e, params.inference, tuned_dir=models / "merged_tuned")
+    fp32 = json.loads((ws / "evaluations" / "code.json").read_text())["models"]
+    assert params.evaluate.precision == "fp32" and set(got.models) >= {"anchor", "merged"}
+    for name, score in got.models.items():
+        assert score.loss == pytest.approx(fp32[name]["loss"], rel=0.005), name
+        assert score.loss != fp32[name]["loss"]  # it did score in bf16
+
+
 def test_curriculum_stages_and_safety_reach_the_report_mlflow_and_consort_experts(smoke_workspace):
     ws, _ = smoke_workspace
     client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
