@@ -212,6 +212,19 @@ def run_stage(workspace: str, stage: str, force: bool = False, upstream: list[di
 
 
 # A thread per stage: a task waiting for its cores must never keep a ready stage from starting.
+RUN_TIMES = Path(".consort") / "run_times.json"  # in the workspace: the last run's seconds per stage
+
+
+def write_run_times(root: Path, preset: str, wall_seconds: float, results: list[dict], failed: list[str]) -> None:
+    """The last run's wall time and each stage's seconds, for benchmarks/results_page.py (never typed into docs)."""
+    record = {"preset": preset, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "wall_seconds": round(wall_seconds, 1), "failed": failed,
+              "stages": {r["stage"]: {"outcome": r["outcome"], "seconds": round(r["seconds"], 1)} for r in results}}
+    path = root / RUN_TIMES
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+
+
 @flow(name="consort-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=64), log_prints=True)
 def pipeline(workspace: str, preset: str = "default", track: bool = True, force: list[str] | None = None) -> list[dict]:
     """Run every stage of the workspace's dvc.yaml in dependency order, recording lineage in MLflow.
@@ -220,6 +233,7 @@ def pipeline(workspace: str, preset: str = "default", track: bool = True, force:
     stage code, so this is how a code change reaches the outputs); their dependants follow.
     """
     global _lineage, _params, _cpu, _changed, _console
+    started = time.time()
     ws = Workspace(Path(workspace))
     params = ws.params()
     _params = params.model_dump(mode="json")
@@ -250,6 +264,7 @@ def pipeline(workspace: str, preset: str = "default", track: bool = True, force:
             elif state.is_failed():  # stages skipped because of it are not failures of their own
                 failed.append((stage, fut.result(raise_on_failure=False)))
     _console = None
+    write_run_times(ws.root, preset, time.time() - started, results, [s for s, _ in failed])
     if lineage is not None:
         summary_path = ws.root / "metrics" / "eval.json"
         summary = json.loads(summary_path.read_text()) if summary_path.exists() and not failed else None
