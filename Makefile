@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PRESET ?= default
 WORKSPACE ?= workspace
 
-.PHONY: run test test-slow lint install browser clean
+.PHONY: run results test test-slow lint install browser clean
 
 $(BIN)/consort: pyproject.toml requirements/overrides.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ install: $(BIN)/consort
 
 run: install
 	$(BIN)/consort run --preset $(PRESET) --workspace $(WORKSPACE)
+
+# docs/results/<preset>.md: the last run's seconds per stage and the report's tables (generated, never typed).
+results: install
+	$(BIN)/python -m flows.results_page $(WORKSPACE) docs/results/$(PRESET).md
 
 # The trace page is tested in a real headless Chromium: Debian's, driven by Selenium.
 browser:

@@ -385,6 +385,21 @@ def test_report_shows_every_baseline_and_the_optout_matrix(smoke_workspace):
     assert "traced in news" in (ws / "evaluations" / "news.trace.html").read_text()
 
 
+def test_the_results_page_is_generated_from_the_run_and_its_report(smoke_workspace, tmp_path):
+    from flows.results_page import results_page
+
+    ws, _ = smoke_workspace
+    run = json.loads((ws / ".consort" / "run_times.json").read_text())
+    assert run["preset"] == "smoke" and not run["failed"] and run["wall_seconds"] > 0
+    assert run["stages"]["merge_experts"]["outcome"] == "ran" and run["stages"]["merge_experts"]["seconds"] > 0
+    page = results_page(ws, tmp_path / "results" / "smoke.md")
+    assert f"| merge_experts | ran | {run['stages']['merge_experts']['seconds']:.1f} |" in page
+    assert all(f"| {stage} |" in page for stage in run["stages"])
+    assert (ws / "reports" / "eval_table.md").read_text().strip() in page
+    assert (tmp_path / "results" / "smoke" / "loss_by_domain.png").stat().st_size > 500
+    assert "![loss_by_domain.png](smoke/loss_by_domain.png)" in page
+
+
 def test_an_evaluation_in_bf16_weights_scores_within_half_a_percent_of_fp32(smoke_workspace):
     """The device rule's bf16 inference weights (stages/device.py) move no loss the report states by 0.5 %."""
     from stages import params as P
