@@ -19,10 +19,12 @@ $(BIN)/consort: pyproject.toml requirements/overrides.txt
 
 install: $(BIN)/consort
 
+# Then docs/results/<preset>.md: the run's seconds per stage and the report's tables, generated.
 run: install
 	$(BIN)/consort run --preset $(PRESET) --workspace $(WORKSPACE)
+	$(BIN)/python -m flows.results_page $(WORKSPACE) docs/results/$(PRESET).md
 
-# docs/results/<preset>.md: the last run's seconds per stage and the report's tables (generated, never typed).
+# The results page again, from the last run (make run writes it).
 results: install
 	$(BIN)/python -m flows.results_page $(WORKSPACE) docs/results/$(PRESET).md
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.console import StageConsole
-from flows.workspace import Workspace, quiet_dvc
+from flows.workspace import PROJECT_ROOT, Workspace, quiet_dvc
 from stages import registry
 from stages.runtime import LOGS_VARIABLE, failure_file, log_file, threads_variable
 
@@ -217,7 +218,9 @@ RUN_TIMES = Path(".consort") / "run_times.json"  # in the workspace: the last ru
 
 def write_run_times(root: Path, preset: str, wall_seconds: float, results: list[dict], failed: list[str]) -> None:
     """The last run's wall time and each stage's seconds, for benchmarks/results_page.py (never typed into docs)."""
+    head = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     record = {"preset": preset, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "commit": head.stdout.strip() or "unknown",
               "wall_seconds": round(wall_seconds, 1), "failed": failed,
               "stages": {r["stage"]: {"outcome": r["outcome"], "seconds": round(r["seconds"], 1)} for r in results}}
     path = root / RUN_TIMES
