@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import lzma
+import time
 from pathlib import Path
 
 import numpy as np
@@ -121,14 +122,22 @@ def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, 
     merged = slice_experts(full, keep)
     doc_nll: dict[str, np.ndarray] = {}  # per configuration, each document's summed NLL (nats)
 
+    started = time.perf_counter()
+
+    def scored(names) -> None:  # progress: one line per configuration, in the stage's log
+        print(f"evaluate {domain}: scored {', '.join(names)} on {rows[:, 1:].size} tokens "
+              f"({time.perf_counter() - started:.0f} s since the start)", flush=True)
+
     def score(name: str, model, routing: bool = False):
         nll, shares = token_nll(use_fast_experts(model), rows, e.batch_size, routing=routing)
         doc_nll[name] = text.per_document(nll)
+        scored([name])
         return (nll, shares) if routing else nll
 
     def score_masked(model, keeps: dict[str, list[int]]) -> list[np.ndarray]:
         nlls = masked_token_nll(use_fast_experts(model), rows, list(keeps.values()), e.batch_size)
         doc_nll.update({name: text.per_document(nll) for name, nll in zip(keeps, nlls)})
+        scored(list(keeps))
         return nlls
 
     anchor = load(anchor_dir)
