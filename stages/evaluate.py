@@ -188,7 +188,7 @@ def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, 
         if isinstance(full, FlexOlmoForCausalLM):  # router biases are kept in a FlexOlmo router only
             toggled = "keep" if not isinstance(full, BiasedFlexOlmoForCausalLM) else "drop"
             score(router_bias(toggled), slice_experts(toggled_router_bias(full, merged_dir), keep))
-    doc_tokens, doc_bytes = text.per_document(np.ones(rows[:, 1:].shape)), text.per_document(target_bytes)
+    doc_tokens, doc_bytes = text.tokens(), text.per_document(target_bytes)
     models, compared, draws = scores(doc_nll, doc_tokens, doc_bytes, e.bootstrap_seed, domain)
     scored_bytes = tokenizer.decode(rows[:, 1:].reshape(-1).tolist(), skip_special_tokens=True).encode("utf-8")
     whole = text.text.encode("utf-8")
