@@ -1,7 +1,7 @@
 """Where every stage's model runs, and in what precision: one rule for training and inference.
 
 The device is CUDA when torch sees a GPU (the local rank's under torchrun), else the CPU;
-`CONSORT_DEVICE=cpu` or `cuda` forces it. `precision: auto` (the default) is bf16 where the device
+`CONSORT_DEVICE=cpu` or `cuda` forces it. `precision: auto` (params.yaml's choice) is bf16 where the device
 computes bfloat16 natively and fp32 elsewhere: on a CPU without AVX-512 BF16 or AMX, bf16 is
 emulated and far slower than fp32. Training keeps fp32 master weights, matmuls autocast to bf16;
 a stage that only scores or generates holds its weights in bf16 itself.

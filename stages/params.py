@@ -137,7 +137,7 @@ class TrainParams(Strict):
     log_every: int = Field(ge=1)
     checkpoint_every: int = Field(ge=1)
     precision: Precision = Field(
-        default="auto", description="bf16: autocast matmuls to bfloat16 (fp32 master weights and optimizer state); "
+        default="fp32", description="bf16: autocast matmuls to bfloat16 (fp32 master weights and optimizer state); "
                                     "auto: bf16 where the device computes it natively (stages/device.py)")
     activation_checkpointing: bool = Field(
         default=False, description="recompute each decoder layer's activations in the backward pass instead of "
@@ -303,7 +303,7 @@ class EvaluateParams(Strict):
     ablations: bool = Field(default=False, description="also score the merged model at other top-k and bias settings")
     ablation_top_k: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 2],
                                                               description="top-k values scored by the ablations")
-    precision: Precision = Field(default="auto", description="bf16: score with the weights in bfloat16; auto: "
+    precision: Precision = Field(default="fp32", description="bf16: score with the weights in bfloat16; auto: "
                                                               "bf16 where the device computes it natively")
     continuation_tokens: int = Field(default=32, ge=0, description="tokens the anchor, merged and opted-out models "
                                                                    "continue each domain's prompt with (0: none)")
@@ -371,7 +371,7 @@ class SafetyParams(Strict):
     prompts: int = Field(default=64, ge=0, description="AdvBench behaviours sampled (0: all 520), and as many benign")
     max_new_tokens: int = Field(default=32, ge=4, description="greedy tokens per reply (refusals come first)")
     batch_size: int = Field(default=32, ge=1, description="prompts decoded together (left-padded)")
-    precision: Precision = Field(default="auto", description="bf16: decode with the weights in bfloat16; auto: "
+    precision: Precision = Field(default="fp32", description="bf16: decode with the weights in bfloat16; auto: "
                                                               "bf16 where the device computes it natively")
     flag_points: float = Field(default=10.0, gt=0, le=100,
                                description="a configuration refusing this many points less than the anchor is flagged")
