@@ -232,8 +232,8 @@ def write_run_times(root: Path, preset: str, wall_seconds: float, results: list[
 def pipeline(workspace: str, preset: str = "default", track: bool = True, force: list[str] | None = None) -> list[dict]:
     """Run every stage of the workspace's dvc.yaml in dependency order, recording lineage in MLflow.
 
-    `force` names stages to run even though DVC finds them up to date (DVC does not track the
-    stage code, so this is how a code change reaches the outputs); their dependants follow.
+    `force` names stages to run even though DVC finds them up to date (the project code a stage runs
+    is among its deps, flows/workspace.with_code_deps; an installed library is not); their dependants follow.
     """
     global _lineage, _params, _cpu, _changed, _console
     started = time.time()
