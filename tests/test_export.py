@@ -4,12 +4,14 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import run_consort
 from safetensors.torch import load_file
 
 from stages.artifacts import shipped_model
+from stages.model.experts import load_model
 
 # Loads the export in a fresh interpreter (-I: no project on the path) and says whether consort was imported.
 LOAD_STOCK = """
@@ -35,6 +37,13 @@ def stored_digests(checkpoint) -> set[str]:
                                                    for row in v}
 
 
+def shipped_checkpoint(ws, folder) -> Path:
+    """The shipped model's checkpoint as save_pretrained writes it (router tuning's overlay applied
+    over models/merged): what an export or a registered version is compared with."""
+    load_model(shipped_model(ws / "models")).save_pretrained(folder)
+    return folder / "model.safetensors"
+
+
 def expert_digests(checkpoint, k: int) -> set[str]:
     """Expert k's tensors as the checkpoint stores them (one FFN per expert) and its router rows."""
     state = load_file(checkpoint)
@@ -44,7 +53,6 @@ def expert_digests(checkpoint, k: int) -> set[str]:
 
 def test_an_export_without_news_loads_stock_and_holds_no_news_tensor(smoke_workspace, tmp_path):
     ws, _ = smoke_workspace
-    merged_dir = shipped_model(ws / "models")
     info = json.loads((ws / "models" / "merged" / "consort_merged.json").read_text())
     owners = [e["owner"] for e in info["experts"][1:]]
     out = tmp_path / "export"  # opting out through the workspace's params: tests/test_federated.py
@@ -56,7 +64,7 @@ def test_an_export_without_news_loads_stock_and_holds_no_news_tensor(smoke_works
                                        text=True, check=True).stdout.splitlines()[-1])
     assert loaded == {"class": "FlexOlmoForCausalLM", "experts": len(owners), "new_tokens": 3, "consort": False}
 
-    merged, exported = merged_dir / "model.safetensors", out / "model.safetensors"
+    merged, exported = shipped_checkpoint(ws, tmp_path / "shipped"), out / "model.safetensors"
     news, kept = expert_digests(merged, 1 + owners.index("news")), stored_digests(exported)
     layers = sum(key.endswith("mlp.gate.weight") for key in load_file(merged))
     assert len(news) == 4 * layers  # gate, up and down projections and the router row, per layer

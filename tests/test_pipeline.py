@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from flows.pipeline import CpuScheduler, stage_graph, topological_order
 from flows.workspace import prepare_workspace, read_project_params
 from stages import params as P
-from stages.artifacts import MANIFEST, shipped_model
+from stages.artifacts import MANIFEST
 
 OWNERS = ["code", "literature", "manuals", "math", "news"]
 
@@ -491,12 +491,12 @@ def test_opting_an_expert_out_reruns_only_what_follows_the_merge(smoke_workspace
     # The run registered a version without news, now the current one; none of news's tensors is in it.
     from urllib.parse import urlparse
 
-    from test_export import expert_digests, stored_digests
+    from test_export import expert_digests, shipped_checkpoint, stored_digests
 
     current = client.get_model_version_by_alias("consort-merged", "current")
     assert current.tags["left_out"] == "news" and current.run_id == latest.info.run_id
     owners = [e["owner"] for e in json.loads((ws / "models" / "merged" / "consort_merged.json").read_text())["experts"]]
-    shipped = shipped_model(ws / "models") / "model.safetensors"
+    shipped = shipped_checkpoint(ws, tmp_path / "shipped")
     registered = stored_digests(Path(urlparse(current.source).path) / "model" / "model.safetensors")
     assert not expert_digests(shipped, owners.index("news")) & registered
     assert expert_digests(shipped, owners.index("code")) <= registered
