@@ -16,7 +16,7 @@ import yaml
 from conftest import PROJECT, run_consort
 from mlflow.tracking import MlflowClient
 
-from flows.pipeline import CpuScheduler, stage_graph, topological_order
+from flows.pipeline import CpuScheduler, dvc_state, stage_graph, topological_order
 from flows.workspace import prepare_workspace, read_project_params
 from stages import params as P
 from stages.artifacts import MANIFEST
@@ -389,12 +389,12 @@ def test_the_results_page_is_generated_from_the_run_and_its_report(smoke_workspa
     from flows.results_page import results_page
 
     ws, _ = smoke_workspace
-    run = json.loads((ws / ".consort" / "run_times.json").read_text())
+    run = json.loads((ws / ".consort" / "run_times.json").read_text())  # the workspace's last run: any test's
     assert run["preset"] == "smoke" and not run["failed"] and run["wall_seconds"] > 0
-    assert run["stages"]["merge_experts"]["outcome"] == "ran" and run["stages"]["merge_experts"]["seconds"] > 0
+    assert run["stages"] and set(run["stages"]) <= set(dvc_state(ws, with_status=False)[0]) and len(run["commit"]) >= 7
     page = results_page(ws, tmp_path / "results" / "smoke.md")
-    assert f"| merge_experts | ran | {run['stages']['merge_experts']['seconds']:.1f} |" in page
-    assert all(f"| {stage} |" in page for stage in run["stages"])
+    for stage, r in run["stages"].items():
+        assert f"| {stage} | {r['outcome']} | {r['seconds']:.1f} |" in page
     assert (ws / "reports" / "eval_table.md").read_text().strip() in page
     assert (tmp_path / "results" / "smoke" / "loss_by_domain.png").stat().st_size > 500
     assert "![loss_by_domain.png](smoke/loss_by_domain.png)" in page
