@@ -217,7 +217,7 @@ RUN_TIMES = Path(".consort") / "run_times.json"  # in the workspace: the last ru
 
 
 def write_run_times(root: Path, preset: str, wall_seconds: float, results: list[dict], failed: list[str]) -> None:
-    """The last run's wall time and each stage's seconds, for benchmarks/results_page.py (never typed into docs)."""
+    """The last run's wall time and each stage's seconds, for flows/results_page.py (never typed into docs)."""
     head = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     record = {"preset": preset, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "commit": head.stdout.strip() or "unknown",

@@ -5,7 +5,7 @@ into the README or the docs.
 
 It reads the workspace's last run (.consort/run_times.json: wall time and seconds per stage) and its
 report (reports/eval_table.md: every table with its 95 % intervals and the targets' verdicts), says
-which commit and machine made them, and copies the report's loss and bits-per-byte plots beside it.
+which commit and machine made them, and copies the report's plots beside it.
 """
 from __future__ import annotations
 
