@@ -49,10 +49,10 @@ def test_slicing_an_expert_out_equals_masking_its_logit(top_k):
 @pytest.mark.parametrize("top_k", [6, 3])
 def test_a_masked_batch_scores_each_part_as_its_sliced_model(family, top_k):
     """Opt-outs and owners' models scored in one batch over the same weights equal the sliced models,
-    through the fast experts' grouped path (every expert at weight 0 skipped) and the stock loop."""
+    through the fast experts' grouped path, which skips every expert at weight 0, short batches too."""
     model = with_family(random_merged(num_experts=6, top_k=top_k), family)
     keeps = [[1, 2, 3, 4, 5], [2, 3, 4, 5], [1, 3, 4, 5], [1], [4]]  # merged, two opt-outs, two owners alone
-    for length in (40, GROUPED_MIN_TOKENS):  # per part; five parts of 40 tokens take the stock loop
+    for length in (40, GROUPED_MIN_TOKENS):  # per part: 200 tokens in all, and the many-token size
         ids = torch.randint(2, 80, (1, length), generator=torch.Generator().manual_seed(length))
         fast = use_fast_experts(copy.deepcopy(model))
         with torch.no_grad(), expert_masks(fast, keeps):

@@ -31,7 +31,8 @@ class _FastExperts:
         n = hidden_states.shape[0]
         if n == 1:
             return self._one_token(hidden_states, top_k_index, top_k_weights)
-        if n >= GROUPED_MIN_TOKENS:
+        # A masked batch (experts.expert_masks) routes to experts at weight 0: only the grouped path skips them.
+        if n >= GROUPED_MIN_TOKENS or bool((top_k_weights == 0).any()):
             return self._grouped(hidden_states, top_k_index, top_k_weights)
         return super().forward(hidden_states, top_k_index, top_k_weights)
 
