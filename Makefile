@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PRESET ?= default
 WORKSPACE ?= workspace
 
-.PHONY: run results test test-slow lint install browser clean
+.PHONY: run study results test test-slow lint install browser clean
 
 $(BIN)/consort: pyproject.toml requirements/overrides.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ install: $(BIN)/consort
 run: install
 	$(BIN)/consort run --preset $(PRESET) --workspace $(WORKSPACE)
 	$(BIN)/python -m flows.results_page $(WORKSPACE) docs/results/$(PRESET).md
+
+# The FlexOlmo study on SmolLM2 (issue 32), in its own workspace: docs/results/study.md and its time split.
+study:
+	$(MAKE) run PRESET=study WORKSPACE=workspace-study
 
 # The results page again, from the last run (make run writes it).
 results: install

@@ -82,7 +82,7 @@ def stage_costs(graph: dict[str, list[str]], params) -> dict[str, float]:
     """Relative CPU cost of each heavy stage: training tokens for an expert or the reference, 1 for the rest."""
     def expert_tokens(owner: str) -> float:
         t = params.expert_train(owner)
-        return float(t.steps * t.batch_size * t.seq_len)
+        return float((t.steps + params.expert.curriculum.stage2_steps) * t.batch_size * t.seq_len)
 
     costs = {}
     for stage in graph:
@@ -99,7 +99,7 @@ def stage_costs(graph: dict[str, list[str]], params) -> dict[str, float]:
         elif name == "train_unrestricted" and params.unrestricted.enabled:
             # All owners' tokens, each through top-k of all experts instead of 2: measured 717 vs
             # ~1,000 tokens/s on one core, so 1.4x an expert's cost per token.
-            costs[stage] = 1.4 * sum(expert_tokens(o) for o in params.owners)
+            costs[stage] = 1.4 * params.unrestricted.token_fraction * sum(expert_tokens(o) for o in params.owners)
         else:
             costs[stage] = 1.0
     return costs

@@ -73,12 +73,24 @@ def results_page(workspace: Path, out: Path) -> str:
     return page
 
 
+def time_split(workspace: Path) -> str:
+    """Stage seconds summed per stage (its owners' runs together), largest first: where the run went."""
+    run = json.loads((workspace / RUN_TIMES).read_text())
+    split: dict[str, float] = {}
+    for stage, record in run["stages"].items():
+        if record["outcome"] != "cached":
+            split[stage.partition("@")[0]] = split.get(stage.partition("@")[0], 0.0) + record["seconds"]
+    parts = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in sorted(split.items(), key=lambda kv: -kv[1]))
+    return f"wall {run['wall_seconds']:.0f} s; stage seconds: {parts or 'none (every stage cached)'}"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("workspace", type=Path)
     ap.add_argument("out", type=Path, help="the page to write, e.g. docs/results/default.md")
     args = ap.parse_args(argv)
     results_page(args.workspace, args.out)
+    print(f"time split of the run: {time_split(args.workspace)}")
     print(f"wrote {args.out}")
 
 

@@ -260,6 +260,9 @@ class MergeParams(Strict):
 class UnrestrictedParams(Strict):
     """The reference trained on all owners' data in one place (it exists only to measure the gap)."""
     enabled: bool = Field(default=False, description="train it (the study preset does); off: the stage writes a stub")
+    token_fraction: float = Field(
+        default=1.0, gt=0, le=1, description="its training tokens / all expert trainings' tokens together: 1 is the "
+        "paper's equal budget; below 1 a weaker reference, which the report's target row names")
 
 
 RouterMethod = Literal["none", "public_lm", "synthetic_lm", "synthetic_ridge"]
@@ -502,6 +505,8 @@ def resolve(raw: dict[str, Any], preset: str = "default", origin: str = "params.
             # owners, and a file with owners of its own must not get them back (half-defined).
             overrides["owners"] = {o: v for o, v in overrides["owners"].items() if o in raw["owners"]}
         raw = _deep_merge(raw, overrides)
+        if isinstance(raw.get("owners"), dict):  # a preset leaves an owner out by setting it to null
+            raw["owners"] = {o: v for o, v in raw["owners"].items() if v is not None}
     # Dump the validated model, so every default is spelled out for DVC to track.
     resolved = parse(raw, origin=f"{origin} (preset {preset})").model_dump(mode="json", exclude_none=True)
     _refuse_interpolation(resolved, f"{origin} (preset {preset})")

@@ -206,12 +206,13 @@ def router_markdown(rows: list[DomainEvaluation]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def targets(rows: list[DomainEvaluation]) -> list[tuple[str, Verdict, str]]:
+def targets(rows: list[DomainEvaluation], reference_share: float = 1.0) -> list[tuple[str, Verdict, str]]:
     """The FlexOlmo paper's ordering, judged by the intervals: (target, verdict, the numbers behind it).
 
     Met only when the 95 % interval clears the threshold, missed when it lies on the wrong side,
     otherwise it cannot tell at this budget. Averages are over the owners' domains, each domain
-    resampled on its own; a target whose models were not scored is left out.
+    resampled on its own; a target whose models were not scored is left out. `reference_share`: the
+    unrestricted reference's training tokens / the experts' together (below 1, a weaker reference).
     """
     out: list[tuple[str, Verdict, str]] = []
 
@@ -235,7 +236,8 @@ def targets(rows: list[DomainEvaluation]) -> list[tuple[str, Verdict, str]]:
                     ", ".join(f"vs {o} {_rel(g)}" for o, g in gaps.items())))
     beats("merged beats the soup", "soup")
     beats("merged beats BTM", "btm")
-    beats(f"merged within {UNRESTRICTED_GAP_LIMIT:.0f}% of the unrestricted reference", "unrestricted",
+    weaker = "" if reference_share >= 1 else f" (trained on {reference_share:.0%} of the experts' tokens)"
+    beats(f"merged within {UNRESTRICTED_GAP_LIMIT:.0f}% of the unrestricted reference{weaker}", "unrestricted",
           UNRESTRICTED_GAP_LIMIT / 100)
     owned = {r.domain: r.compared("merged", alone(r.domain)) for r in rows if not r.is_public}
     owned = {d: g for d, g in owned.items() if g}
@@ -268,8 +270,8 @@ def targets(rows: list[DomainEvaluation]) -> list[tuple[str, Verdict, str]]:
     return out
 
 
-def targets_markdown(rows: list[DomainEvaluation]) -> str:
-    found = targets(rows)
+def targets_markdown(rows: list[DomainEvaluation], reference_share: float = 1.0) -> str:
+    found = targets(rows, reference_share)
     if not found:
         return ""
     lines = ["| target | verdict | numbers [95 % interval] |", "|---|:---:|---|"]
@@ -594,7 +596,7 @@ def plot_curves(logs: dict[str, Path], path: Path) -> bool:
 
 def page_html(rows: list[DomainEvaluation], images: list[str], audits: list[dict] | None = None,
               dp_table: str = "", synthetic_table: str = "", curriculum_table: str = "", safety_table: str = "",
-              safety: dict | None = None) -> str:
+              safety: dict | None = None, goals: str = "") -> str:
     models = sorted({k for r in rows for k in r.models}, key=lambda k: (k.count("/"), k))
     head = "".join(f"<th>{html.escape(m)}</th>" for m in models)
     body = "".join(
@@ -608,7 +610,6 @@ def page_html(rows: list[DomainEvaluation], images: list[str], audits: list[dict
                 "than xz -9e has learned nothing about it. xz is run on the very bytes the models scored, and on the "
                 "whole held-out split (xz learns from the bytes it has: on a few KB it is far worse).</p>"
                 + md.render(bpb)) if bpb else ""
-    goals = targets_markdown(rows)
     goals_html = ("<h2>Targets (the FlexOlmo paper's ordering)</h2><p>Averages over the owners' domains, each "
                   "resampled on its own. A target is met only when its 95 % interval clears the threshold, missed "
                   "when the interval lies on the wrong side, and otherwise cannot be told at this budget. A target "
@@ -695,8 +696,9 @@ def metric_values(score: Score) -> dict[str, float]:
 
 def report(evaluations: Path, out_dir: Path, metrics: Path, training_logs: dict[str, Path] | None = None,
            audits_dir: Path | None = None, published: Path | None = None, owners: list[str] | None = None,
-           safety_path: Path | None = None) -> dict:
-    """The report over the public domain and `owners` (default: every evaluation found)."""
+           safety_path: Path | None = None, reference_share: float = 1.0) -> dict:
+    """The report over the public domain and `owners` (default: every evaluation found); `reference_share`
+    as targets() takes it."""
     domains = None if owners is None else {"public", *owners}
     rows = collect(evaluations, domains)
     dp_table = dp_markdown(rows, published)
@@ -724,12 +726,13 @@ def report(evaluations: Path, out_dir: Path, metrics: Path, training_logs: dict[
     owner_names = owners or [r.domain for r in rows if not r.is_public]
     synthetic_table = synthetic_markdown(published, owner_names)
     curriculum_table, safety_table = curriculum_markdown(published, owner_names), safety_markdown(safety)
-    tables = (table_markdown(rows), bpb_markdown(rows), targets_markdown(rows), router_markdown(rows),
+    goals = targets_markdown(rows, reference_share)
+    tables = (table_markdown(rows), bpb_markdown(rows), goals, router_markdown(rows),
               ablation_markdown(rows), curriculum_table, safety_table, dp_table,
               synthetic_table, audit_markdown(audits))
     write_text(out_dir / "eval_table.md", "\n".join(t for t in tables if t))
     write_text(out_dir / "report.html", page_html(rows, images, audits, dp_table, synthetic_table, curriculum_table,
-                                                  safety_table, safety))
+                                                  safety_table, safety, goals))
     write_json(metrics, summary)
     return summary
 
@@ -747,14 +750,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--metrics", type=Path, required=True, help="where the loss of every model goes (JSON)")
     ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="its `owners` are the report's")
     args = ap.parse_args(argv)
-    owners = list(P.load(args.params).owners)  # outputs of owners no longer in params must not feed it
+    params = P.load(args.params)
+    owners = list(params.owners)  # outputs of owners no longer in params must not feed it
     logs = {"anchor": args.anchor_log} if args.anchor_log else {}
     if args.published:
         logs |= {o: args.published / o / "train_log.jsonl" for o in owners
                  if (args.published / o / "train_log.jsonl").exists()}
     if args.reference_log and args.reference_log.exists() and args.reference_log.stat().st_size:
         logs["unrestricted"] = args.reference_log
-    report(args.evaluations, args.out, args.metrics, logs, args.audits, args.published, owners, args.safety)
+    report(args.evaluations, args.out, args.metrics, logs, args.audits, args.published, owners, args.safety,
+           params.unrestricted.token_fraction)
     print((args.out / "eval_table.md").read_text(), end="")
     print(f"report: {args.out / 'report.html'}")
 

@@ -27,8 +27,11 @@ from stages.runtime import start_stage
 
 
 def joint_train_params(params: P.Params) -> P.TrainParams:
-    """expert.train with as many steps as all owners' expert trainings together."""
-    steps = sum(params.expert_train(o).steps for o in params.owners)
+    """expert.train with as many steps as all owners' expert trainings together (stage 2's included),
+    times unrestricted.token_fraction."""
+    stage2 = params.expert.curriculum.stage2_steps  # either recipe trains them (stages 1 on the stage-1 mix)
+    total = sum(params.expert_train(o).steps + stage2 for o in params.owners)
+    steps = max(1, round(total * params.unrestricted.token_fraction))
     return params.expert.train.model_copy(update={"steps": steps})
 
 

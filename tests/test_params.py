@@ -82,9 +82,29 @@ def test_a_preset_leaves_out_the_demo_owners_a_file_does_not_have(preset):
     raw["owners"] = {"clinic": {"data": {"max_chars": 10000, "sources": [{"kind": "folder", "path": "/tmp/clinic"}]}},
                      "news": raw["owners"]["news"]}
     params = P.parse(P.resolve(raw, preset))
-    assert list(params.owners) == ["clinic", "news"]
-    smoke_news = project_params()["presets"][preset].get("owners", {}).get("news", {}).get("train", {})
-    assert params.expert_train("news").steps == smoke_news.get("steps", params.expert.train.steps)
+    preset_owners = project_params()["presets"][preset].get("owners", {})
+    left_out = {o for o, v in preset_owners.items() if v is None}  # the study leaves news out
+    assert list(params.owners) == [o for o in ("clinic", "news") if o not in left_out]
+    if "news" in params.owners:
+        preset_news = (preset_owners.get("news") or {}).get("train", {})
+        assert params.expert_train("news").steps == preset_news.get("steps", params.expert.train.steps)
+
+
+def test_a_preset_leaves_an_owner_out_with_null_and_the_reference_follows():
+    """`owners: {news: null}` in a preset drops that owner; the unrestricted reference trains on
+    unrestricted.token_fraction of all remaining experts' steps, stage 2's included."""
+    from stages.train_unrestricted import joint_train_params
+
+    raw = project_params()
+    raw["presets"] = {"two": {"owners": {o: None for o in list(raw["owners"])[2:]},
+                              "expert": {"train": {"steps": 10}, "curriculum": {"stage2_steps": 5}},
+                              "unrestricted": {"enabled": True, "token_fraction": 0.5}}}
+    params = P.parse(P.resolve(raw, "two"))
+    assert list(params.owners) == list(raw["owners"])[:2]
+    assert joint_train_params(params).steps == round(0.5 * sum(params.expert_train(o).steps + 5 for o in params.owners))
+    raw["presets"]["two"]["unrestricted"]["token_fraction"] = 1.5
+    with pytest.raises(P.ParamsError, match="token_fraction"):
+        P.resolve(raw, "two")
 
 
 def test_disable_then_enable_gives_back_the_identical_file(tmp_path):
