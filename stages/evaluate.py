@@ -36,9 +36,14 @@ from stages.model.moe import BiasedFlexOlmoForCausalLM
 from stages.model.router_fit import router_state, set_router_state
 from stages.model.scoring import masked_token_nll, token_bytes, token_nll, windows
 from stages.results import (
+    ANCHOR,
+    BTM,
     DP_ALONE,
     DP_MERGED,
+    MERGED,
     ORACLE,
+    SOUP,
+    UNRESTRICTED,
     UNTUNED,
     DomainEvaluation,
     alone,
@@ -141,9 +146,9 @@ def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, 
         return nlls
 
     anchor = load(anchor_dir)
-    score("anchor", anchor)
+    score(ANCHOR, anchor)
     # Where this domain's tokens go: the diagnosis when the merged model trails BTM or opt-outs spill over.
-    shares = score("merged", merged, routing=True)[1]
+    shares = score(MERGED, merged, routing=True)[1]
     routing = dict(zip(["public", *experts], expert_shares(shares)))
     # Per document, the share on the public expert plus the domain's own (the public one alone on public text).
     own = shares[..., 0] + (shares[..., 1 + experts.index(domain)] if domain in experts else 0)
@@ -157,21 +162,21 @@ def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, 
         routing_untuned = dict(zip(["public", *experts], expert_shares(score(router(UNTUNED), untuned, routing=True)[1])))
         for method, path in candidate_routers(tuned_dir, oracle_dir).items():
             if method == shipped_method:
-                doc_nll[router(method)] = doc_nll["merged"]
+                doc_nll[router(method)] = doc_nll[MERGED]
                 continue
             set_router_state(full, load_file(path), str(path))
             score(router(method), slice_experts(full, keep))
         set_router_state(full, shipped_router)
     if e.baselines and experts:
-        score("soup", soup_model(merged))
+        score(SOUP, soup_model(merged))
         singles = np.stack(score_masked(as_merged, {alone(o): [index[o]] for o in experts}))
-        doc_nll["btm"] = text.per_document(btm_token_nll(singles, e.btm_temperature, e.btm_top_k))
+        doc_nll[BTM] = text.per_document(btm_token_nll(singles, e.btm_temperature, e.btm_top_k))
         score_masked(full, {without(o): [index[k] for k in experts if k != o] for o in experts})
     if reference_dir is not None and has_model(reference_dir):
-        score("unrestricted", load(reference_dir))
+        score(UNRESTRICTED, load(reference_dir))
     generations, dp_baseline = None, None
     if e.continuation_tokens:
-        compared = {"anchor": anchor, "merged": merged}
+        compared = {ANCHOR: anchor, MERGED: merged}
         if domain in index:
             compared[without(domain)] = slice_experts(full, [index[k] for k in experts if k != domain])
         generations = side_by_side(e.prompts.get(domain, e.prompts.get("default", "The")), tokenizer,
@@ -253,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     m = result.models
     print(f"evaluate {args.domain}: {result.scored.documents} documents, {result.scored.tokens} tokens; anchor "
           f"{m['anchor'].loss_interval.text()}, merged {m['merged'].loss_interval.text()} nats/token"
-          + (f", soup {m['soup'].loss:.3f}, btm {m['btm'].loss:.3f}" if "btm" in m else ""))
+          + (f", soup {m[SOUP].loss:.3f}, btm {m[BTM].loss:.3f}" if BTM in m else ""))
 
 
 if __name__ == "__main__":

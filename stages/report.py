@@ -21,10 +21,15 @@ from stages.io import read_json, temp_path, write_json, write_text
 from stages.results import (
     ABLATION_PREFIXES,
     ALONE,
+    ANCHOR,
+    BTM,
     DP_ALONE,
     DP_MERGED,
+    MERGED,
     ORACLE,
     ROUTER,
+    SOUP,
+    UNRESTRICTED,
     UNTUNED,
     WITHOUT,
     DomainEvaluation,
@@ -35,9 +40,10 @@ from stages.results import (
 )
 from stages.runtime import start_stage
 
-COMPARED = ("anchor", "own expert", "soup", "btm", "merged", "unrestricted")  # main table columns, in order
-COLORS = {"anchor": "#9aa5b1", "own expert": "#f2a541", "soup": "#7fb77e", "btm": "#b07cc6", "merged": "#2f6fdf",
-          "unrestricted": "#444444"}
+OWN = "own expert"  # the domain owner's model alone, a column of the main table
+COMPARED = (ANCHOR, OWN, SOUP, BTM, MERGED, UNRESTRICTED)  # main table columns, in order
+COLORS = {ANCHOR: "#9aa5b1", OWN: "#f2a541", SOUP: "#7fb77e", BTM: "#b07cc6", MERGED: "#2f6fdf",
+          UNRESTRICTED: "#444444"}
 # The router comparison's rows, in the issue's order (a)-(e): as merged, then each tuning method.
 ROUTER_METHODS = (UNTUNED, "public_lm", "synthetic_lm", "synthetic_ridge", ORACLE)
 OPTOUT_OTHERS_LIMIT = 1.0  # % a domain may move when another owner's expert is removed (issue target)
@@ -61,8 +67,8 @@ MODEL_OF = {c: c for c in COMPARED}  # the main table's column -> the scored mod
 
 def compared_scores(row: DomainEvaluation) -> dict[str, Score]:
     """The main table's models for one domain; 'own expert' is the domain owner's model alone."""
-    picked = {"own expert": row.score(alone(row.domain))}
-    picked.update({k: row.score(k) for k in ("anchor", "soup", "btm", "merged", "unrestricted")})
+    picked = {OWN: row.score(alone(row.domain))}
+    picked.update({k: row.score(k) for k in (ANCHOR, SOUP, BTM, MERGED, UNRESTRICTED)})
     return {k: picked[k] for k in COMPARED if picked.get(k)}
 
 
@@ -152,7 +158,7 @@ def table_markdown(rows: list[DomainEvaluation]) -> str:
         cells = [_ci(scores[c]) if c in scores else "" for c in cols]
         lines.append(f"| {r.domain} | " + " | ".join(cells) + f" | {_rel(r.compared('merged', 'anchor'))} |")
     if any(not r.is_public for r in rows):
-        means = {c: owners_mean_interval(rows, MODEL_OF[c]) if c != "own expert" else None for c in cols}
+        means = {c: owners_mean_interval(rows, MODEL_OF[c]) if c != OWN else None for c in cols}
         lines.append("| owners' average | " + " | ".join(means[c].text() if means[c] else "" for c in cols)
                      + f" | {_rel(owners_relative(rows, 'merged', 'anchor'))} |")
     return "\n".join(lines) + "\n"
@@ -173,11 +179,11 @@ def ablation_markdown(rows: list[DomainEvaluation]) -> str:
         return ""
     lines = ["| model | " + " | ".join(r.domain for r in rows) + " | owners' average |",
              "|---|" + "---:|" * (len(rows) + 1)]
-    for v in ["merged", *variants]:
+    for v in [MERGED, *variants]:
         cells = [f"{r.models[v].loss:.3f}" if v in r.models else "" for r in rows]
         mean = owners_mean(rows, v)
-        base = owners_mean(rows, "merged")
-        avg = f"{mean:.3f} ({_pct(mean, base)})" if mean is not None and v != "merged" else (f"{mean:.3f}" if mean else "")
+        base = owners_mean(rows, MERGED)
+        avg = f"{mean:.3f} ({_pct(mean, base)})" if mean is not None and v != MERGED else (f"{mean:.3f}" if mean else "")
         lines.append(f"| {v} | " + " | ".join(cells) + f" | {avg} |")
     return "\n".join(lines) + "\n"
 
@@ -188,7 +194,7 @@ def router_markdown(rows: list[DomainEvaluation]) -> str:
     methods = [m for m in ROUTER_METHODS if any(ROUTER + m in r.models for r in rows)]
     if not methods:
         return ""
-    btm = owners_mean(rows, "btm")
+    btm = owners_mean(rows, BTM)
     proxy = rows[0].router_held_out_loss or {}
     lines = ["| router | " + " | ".join(r.domain for r in rows) + " | owners' average | vs as merged | vs BTM | "
              "held-out synthetic |", "|---|" + "---:|" * (len(rows) + 4)]
@@ -217,37 +223,37 @@ def targets(rows: list[DomainEvaluation], reference_share: float = 1.0) -> list[
     out: list[tuple[str, Verdict, str]] = []
 
     def beats(name: str, model: str, limit: float = 0.0) -> None:
-        gap = owners_relative(rows, "merged", model)
+        gap = owners_relative(rows, MERGED, model)
         if gap is not None:
             out.append((name, judge(gap, limit, below=True), f"merged vs {model}: {_rel(gap)}"))
 
-    beats("merged beats the anchor", "anchor")
-    scored = [r for r in rows if r.xz_bits_per_byte is not None and not r.is_public and r.models["merged"].bpb_interval]
+    beats("merged beats the anchor", ANCHOR)
+    scored = [r for r in rows if r.xz_bits_per_byte is not None and not r.is_public and r.models[MERGED].bpb_interval]
     if scored:
-        verdicts = {r.domain: judge(r.models["merged"].bpb_interval, r.xz_bits_per_byte, below=True) for r in scored}
+        verdicts = {r.domain: judge(r.models[MERGED].bpb_interval, r.xz_bits_per_byte, below=True) for r in scored}
         out.append(("merged compresses every owner's text better than xz -9e (on the same bytes)",
                     combine(list(verdicts.values())),
                     ", ".join(f"{r.domain} {_ci(r.models['merged'], 'bits_per_byte')} vs {r.xz_bits_per_byte:.3f}"
                               for r in scored)))
     singles = sorted(rows[0].owners_with(ALONE))
-    gaps = {o: owners_relative(rows, "merged", alone(o)) for o in singles}
+    gaps = {o: owners_relative(rows, MERGED, alone(o)) for o in singles}
     if gaps and all(gaps.values()):
         out.append(("merged beats every single expert", combine([judge(g, 0.0, below=True) for g in gaps.values()]),
                     ", ".join(f"vs {o} {_rel(g)}" for o, g in gaps.items())))
-    beats("merged beats the soup", "soup")
-    beats("merged beats BTM", "btm")
+    beats("merged beats the soup", SOUP)
+    beats("merged beats BTM", BTM)
     weaker = "" if reference_share >= 1 else f" (trained on {reference_share:.0%} of the experts' tokens)"
-    beats(f"merged within {UNRESTRICTED_GAP_LIMIT:.0f}% of the unrestricted reference{weaker}", "unrestricted",
+    beats(f"merged within {UNRESTRICTED_GAP_LIMIT:.0f}% of the unrestricted reference{weaker}", UNRESTRICTED,
           UNRESTRICTED_GAP_LIMIT / 100)
-    owned = {r.domain: r.compared("merged", alone(r.domain)) for r in rows if not r.is_public}
+    owned = {r.domain: r.compared(MERGED, alone(r.domain)) for r in rows if not r.is_public}
     owned = {d: g for d, g in owned.items() if g}
     if owned:
         out.append((f"each domain within {OWN_MODEL_LIMIT:.0f}% of its owner's own model",
                     combine([judge(g, OWN_MODEL_LIMIT / 100, below=True) for g in owned.values()]),
                     ", ".join(f"{d} {_rel(g)}" for d, g in owned.items())))
     public = next((r for r in rows if r.is_public), None)
-    if public is not None and public.compared("merged", "anchor"):
-        gap = public.compared("merged", "anchor")
+    if public is not None and public.compared(MERGED, ANCHOR):
+        gap = public.compared(MERGED, ANCHOR)
         out.append((f"public text within {PUBLIC_ANCHOR_LIMIT:.0f}% of the anchor",
                     judge(gap, PUBLIC_ANCHOR_LIMIT / 100, below=True), f"merged vs anchor: {_rel(gap)}"))
     shares = {r.domain: r.own_routing for r in rows if r.own_routing}
@@ -257,8 +263,8 @@ def targets(rows: list[DomainEvaluation], reference_share: float = 1.0) -> list[
                     ", ".join(f"{d} {v.text(0, 100, '%')}" for d, v in shares.items())))
     by_domain = {r.domain: r for r in rows}
     for o in sorted({k.removeprefix(WITHOUT) for r in rows for k in r.models if k.startswith(WITHOUT)}):
-        own = by_domain[o].compared(without(o), "merged") if o in by_domain else None
-        others = {d: r.compared(without(o), "merged") for d, r in by_domain.items() if d != o}
+        own = by_domain[o].compared(without(o), MERGED) if o in by_domain else None
+        others = {d: r.compared(without(o), MERGED) for d, r in by_domain.items() if d != o}
         others = {d: g for d, g in others.items() if g}
         if own is None or not others:
             continue
@@ -422,7 +428,7 @@ def optout_matrix(rows: list[DomainEvaluation]) -> tuple[list[str], list[str], l
     """(experts removed, domains, % change in loss vs the full merged model)."""
     removed = rows[0].owners_with(WITHOUT)
     domains = [r.domain for r in rows]
-    cells = [[(r.models[without(o)].loss - r.models["merged"].loss) / r.models["merged"].loss * 100
+    cells = [[(r.models[without(o)].loss - r.models[MERGED].loss) / r.models[MERGED].loss * 100
               for r in rows] for o in removed]
     return removed, domains, cells
 

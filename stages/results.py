@@ -11,8 +11,9 @@ from pydantic import BaseModel, ConfigDict
 from stages.evidence import Documents, Interval, mean_interval, relative_interval, resample
 from stages.io import read_json
 
-# Names of the models an evaluation scores beyond "anchor", "merged" (the model as shipped: with
-# the tuned router when router tuning ran), "soup", "btm" and "unrestricted".
+# The names of the models an evaluation scores: MERGED is the model as shipped (with the tuned router
+# when router tuning ran); the prefixed names below are built by the functions that follow.
+ANCHOR, MERGED, SOUP, BTM, UNRESTRICTED = "anchor", "merged", "soup", "btm", "unrestricted"
 ALONE, WITHOUT, TOP_K, ROUTER_BIAS, ROUTER = "alone/", "without/", "top_k/", "router_bias/", "router/"
 UNTUNED, ORACLE = "none", "oracle"  # router/none: the router as merged; router/oracle: tuned on owners' real text
 DP_ALONE, DP_MERGED = "dp_baseline/alone", "dp_baseline/merged"
@@ -108,10 +109,10 @@ def scores(doc_nll: dict[str, np.ndarray], doc_tokens: np.ndarray, doc_bytes: np
     # The merged model against every other configuration (negative: merged is better), each opt-out
     # against the merged model (its rise), each router against the router as merged, a DP owner's
     # model against its non-DP twin's.
-    pairs = [("merged", n) for n in doc_nll if n != "merged"]
+    pairs = [(MERGED, n) for n in doc_nll if n != MERGED]
     if DP_ALONE in doc_nll and domain is not None:
         pairs.append((alone(domain), DP_ALONE))
-    pairs += [(n, "merged") for n in doc_nll if n.startswith(WITHOUT)]
+    pairs += [(n, MERGED) for n in doc_nll if n.startswith(WITHOUT)]
     if router(UNTUNED) in doc_nll:
         pairs += [(n, router(UNTUNED)) for n in doc_nll if n.startswith(ROUTER) and n != router(UNTUNED)]
     compared = {f"{a} vs {b}": relative_interval(doc_nll[a], doc_nll[b], draws) for a, b in pairs}

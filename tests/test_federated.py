@@ -1,4 +1,4 @@
-"""The multi-machine workflow exactly as the README's "Running with owners on separate machines"
+"""The multi-machine workflow exactly as docs/federated.md ("Running with owners on separate machines")
 tells it, with two owners of one's own (a folder of documents, and the demo's news) and a third
 that enrols but never starts its worker: `consort server`, `owner init`, `enrol`, `owner worker`,
 `coordinate --allow-missing`, TLS trace services on 127.0.0.2 and 127.0.0.3 with `remote-owner add`
@@ -74,7 +74,7 @@ def consortium_params(tmp_path: Path) -> Path:
 
 
 def self_signed(folder: Path, ip: str) -> tuple[Path, Path]:
-    """The README's openssl recipe: a self-signed certificate with the service's IP in its SAN."""
+    """docs/federated.md's openssl recipe: a self-signed certificate with the service's IP in its SAN."""
     cert, key = folder / "service.pem", folder / "service.key"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
                     "-keyout", str(key), "-out", str(cert), "-days", "30", "-subj", f"/CN={ip}",

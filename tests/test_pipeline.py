@@ -386,7 +386,8 @@ def test_report_shows_every_baseline_and_the_optout_matrix(smoke_workspace):
 
 
 def test_the_results_page_is_generated_from_the_run_and_its_report(smoke_workspace, tmp_path):
-    from flows.results_page import results_page
+    from flows.results_page import results_page, time_split
+    from stages.io import file_digest
 
     ws, _ = smoke_workspace
     run = json.loads((ws / ".consort" / "run_times.json").read_text())  # the workspace's last run: any test's
@@ -396,8 +397,19 @@ def test_the_results_page_is_generated_from_the_run_and_its_report(smoke_workspa
     for stage, r in run["stages"].items():
         assert f"| {stage} | {r['outcome']} | {r['seconds']:.1f} |" in page
     assert (ws / "reports" / "eval_table.md").read_text().strip() in page
-    assert (tmp_path / "results" / "smoke" / "loss_by_domain.png").stat().st_size > 500
-    assert "![loss_by_domain.png](smoke/loss_by_domain.png)" in page
+    for plot in ("loss_by_domain.png", "optout_heatmap.png", "routing.png"):  # the heat map and routing map
+        assert (tmp_path / "results" / "smoke" / plot).stat().st_size > 500
+        assert f"![{plot}](smoke/{plot})" in page
+    for section in ("| target | verdict |", "| owner | published | stage-2 subset |", "| configuration | refusal"):
+        assert section in page  # the targets, the curriculum and the safety tables
+    assert f"commit {run['commit']}" in page and file_digest(ws / "params.yaml")[:16] in page
+    for domain, models in json.loads((ws / "metrics" / "eval.json").read_text()).items():
+        merged = models["merged"]  # the numbers are the run's metrics, with their intervals
+        assert f"{merged['loss']:.3f} [{merged['loss_low']:.3f}, {merged['loss_high']:.3f}]" in page, domain
+    split = time_split(ws)
+    assert split.startswith(f"wall {run['wall_seconds']:.0f} s")
+    ran = {s.partition("@")[0] for s, r in run["stages"].items() if r["outcome"] != "cached"}
+    assert all(f"{name} " in split for name in ran)
 
 
 def test_an_evaluation_in_bf16_weights_scores_within_half_a_percent_of_fp32(smoke_workspace):

@@ -50,7 +50,8 @@ def test_unrestricted_reference_trains_every_expert_on_all_owners_data(tiny_anch
     out = tmp_path / "ref"
     summary = train_unrestricted(corpora, root / "public.jsonl", root / "anchor", root / "emb", params, out,
                                  tmp_path / "log.jsonl", tmp_path / "ckpt.pt")
-    assert summary["steps"] == 4 + 6  # the experts' steps together
+    stage2 = params.expert.curriculum.stage2_steps
+    assert stage2 and summary["steps"] == 4 + 6 + 2 * stage2  # the experts' steps together, stage 2's included
     model = AutoModelForCausalLM.from_pretrained(out)
     assert type(model) is FlexOlmoForCausalLM and model.config.num_experts == 3
     assert model.config.num_experts_per_tok == min(params.merge.top_k or 3, 3)
