@@ -7,12 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import PROJECT
 from dvc.repo import Repo
 
-from flows import cli
 from flows import pipeline as pipeline_module
 from flows.console import StageConsole, last_line, log_tail
+from flows.prefect_env import prefect_environment
 from stages.runtime import LOGS_VARIABLE, log_file
 
 STAGE_SCRIPT = """
@@ -125,7 +126,7 @@ def test_prefect_processes_drop_the_server_pools_shutdown_noise_and_keep_other_e
     # a child set up the same way shows what a run's console would show.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     monkeypatch.setattr(os, "environ", env)
-    cli._prefect_environment(tmp_path)
+    prefect_environment(tmp_path)
     probe = ("from prefect.logging.configuration import setup_logging\n"
              "import logging\n"
              "setup_logging()\n"
@@ -135,3 +136,28 @@ def test_prefect_processes_drop_the_server_pools_shutdown_noise_and_keep_other_e
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert "cancelled mid-rollback" not in out.stderr
     assert "a store error" in out.stderr and "a server crash" in out.stderr
+
+
+def test_every_command_takes_one_workspace_option_and_an_owner_must_name_its_own():
+    import argparse
+
+    from flows.cli import DEFAULT_WORKSPACE, build_parser
+
+    def commands(parser, prefix=()):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    yield from commands(child, (*prefix, name))
+        if prefix and not any(isinstance(a, argparse._SubParsersAction) for a in parser._actions):
+            yield prefix, parser
+
+    found = dict(commands(build_parser()))
+    assert len(found) == 17
+    for name, parser in found.items():
+        (option,) = [a for a in parser._actions if "--workspace" in a.option_strings]
+        if name[0] == "owner":
+            assert option.required and option.help == "the owner's workspace", name
+            with pytest.raises(SystemExit):
+                build_parser().parse_args([*name, *(["x"] if name[-1] in ("publish", "worker", "init") else [])])
+        else:
+            assert option.default == DEFAULT_WORKSPACE and option.help.startswith("the workspace: "), name
