@@ -79,24 +79,22 @@ class CpuScheduler:
 
 
 def stage_costs(graph: dict[str, list[str]], params) -> dict[str, float]:
-    """Relative CPU cost of each heavy stage: training tokens for an expert or the reference, 1 for the rest."""
+    """Relative CPU cost of each heavy stage, by its registry entry's cost class (stages/registry.py)."""
     def expert_tokens(owner: str) -> float:
         t = params.expert_train(owner)
         return float((t.steps + params.expert.curriculum.stage2_steps) * t.batch_size * t.seq_len)
 
     costs = {}
     for stage in graph:
-        if registry.spec(stage).cores == "none":
-            continue
-        name, _, owner = stage.partition("@")
-        if name == "train_expert" and owner in params.owners:
+        entry, owner = registry.spec(stage), stage.partition("@")[2]
+        dp = owner in params.owners and params.owners[owner].dp
+        if entry.cores == "none" or (entry.cost == "dp_twin_tokens" and not dp):
+            continue  # bookkeeping, or a stub: no core of its own
+        if entry.cost in ("expert_tokens", "dp_twin_tokens") and owner in params.owners:
             # A DP-SGD step computes per-document gradients: measured 1.4-1.6x a plain step on the
             # scratch anchor, 2-5x on SmolLM2 (the Poisson-sampled batch varies).
-            costs[stage] = expert_tokens(owner) * (3.0 if params.owners[owner].dp else 1.0)
-        elif name == "train_dp_baseline" and owner in params.owners:
-            if params.owners[owner].dp:  # otherwise a stub that needs no core of its own
-                costs[stage] = expert_tokens(owner)
-        elif name == "train_unrestricted" and params.unrestricted.enabled:
+            costs[stage] = expert_tokens(owner) * (3.0 if dp and entry.cost == "expert_tokens" else 1.0)
+        elif entry.cost == "all_experts_tokens" and params.unrestricted.enabled:
             # All owners' tokens, each through top-k of all experts instead of 2: measured 717 vs
             # ~1,000 tokens/s on one core, so 1.4x an expert's cost per token.
             costs[stage] = 1.4 * params.unrestricted.token_fraction * sum(expert_tokens(o) for o in params.owners)

@@ -191,7 +191,7 @@ def coordinate(workspace: str, store: str, preset: str = "default", allow_missin
     """The whole pipeline with every owner's stages on that owner's worker."""
     from prefect.runtime import flow_run
 
-    from flows.tracking import Lineage
+    from flows.tracking import Lineage, record_remote_expert
     from flows.workspace import Workspace
 
     root = Path(workspace)
@@ -226,7 +226,7 @@ def coordinate(workspace: str, store: str, preset: str = "default", allow_missin
             if phase == "train":
                 for o in owners:
                     manifest = json.loads((root / "published" / o / "expert" / MANIFEST).read_text())
-                    lineage.record_remote_expert(o, manifest, results[o].get("flow_run"))
+                    record_remote_expert(lineage, o, manifest, results[o].get("flow_run"))
             summary["stages"] += run_coordinator_stages(root, registry.in_phase(after, "coordinator"), lineage, logged)
             if phase == "train":
                 publish_public(root, shared, "evaluate")

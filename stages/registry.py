@@ -19,7 +19,12 @@ Phase = Literal["before_owners", "train", "after_training", "evaluate", "after_e
 # "none": light bookkeeping, not scheduled; "one": stages that come in groups and run side by
 # side, one core each (an expert, an evaluation or audit per domain); "all": every core.
 Cores = Literal["none", "one", "all"]
-# Lineage hooks (flows/tracking.py): extra tags and links a stage's MLflow run gets.
+# How the scheduler weighs a stage against others waiting for cores (flows/pipeline.stage_costs):
+# "unit" alike; "expert_tokens" the owner's training tokens (x3 under DP-SGD); "dp_twin_tokens" the
+# same, but only for a DP owner (others get a stub that needs no core); "all_experts_tokens" the
+# unrestricted reference's share of all experts' tokens, at 1.4x an expert's cost per token.
+Cost = Literal["unit", "expert_tokens", "dp_twin_tokens", "all_experts_tokens"]
+# Lineage hooks (flows/lineage_hooks.py): extra tags and links a stage's MLflow run gets.
 Hook = Literal["anchor_source", "expert_links", "trace_page", "report_files", "curriculum_runs"]
 
 
@@ -37,6 +42,7 @@ class StageSpec:
     # reference stages: (output folder, info file) of the stub it writes when off, which a coordinator
     # (that never has the owners' data to train it) writes in its place, for the evaluation to find
     stub: tuple[str, str] | None = None
+    cost: Cost = "unit"
 
 
 STAGES: tuple[StageSpec, ...] = (
@@ -51,10 +57,10 @@ STAGES: tuple[StageSpec, ...] = (
               published=(("experts/{owner}/expert", "published/{owner}/expert"),
                          ("experts/{owner}/train_metrics.json", "published/{owner}/train_metrics.json"),
                          ("experts/{owner}/train_log.jsonl", "published/{owner}/train_log.jsonl")),
-              lineage=("curriculum_runs",)),
+              lineage=("curriculum_runs",), cost="expert_tokens"),
     StageSpec("train_dp_baseline", "owner", "train", "one", "training",
               public_inputs=("public/corpus", "models/anchor", "models/public_embedding"),
-              scratch=("owners/*/dp_baseline_checkpoint.pt*",)),
+              scratch=("owners/*/dp_baseline_checkpoint.pt*",), cost="dp_twin_tokens"),
     StageSpec("build_index", "owner", "train", "none", "training", public_inputs=("models/tokenizer",)),
     StageSpec("synthesize", "owner", "train", "one", "training",
               public_inputs=("models/anchor", "models/public_embedding"),
@@ -64,7 +70,7 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("tune_router_oracle", "reference", "after_training", "all", "training",
               stub=("models/merged_oracle", TUNING_INFO)),
     StageSpec("train_unrestricted", "reference", "after_training", "all", "training",
-              stub=("models/unrestricted", REFERENCE_INFO)),
+              stub=("models/unrestricted", REFERENCE_INFO), cost="all_experts_tokens"),
     StageSpec("evaluate_owner", "owner", "evaluate", "one", "evaluation",
               public_inputs=("models/anchor", "models/merged", "models/merged_tuned", "models/merged_oracle",
                              "models/unrestricted"),

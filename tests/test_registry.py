@@ -84,3 +84,25 @@ def test_every_public_input_is_made_by_a_coordinator_stage_or_stands_as_a_refere
         entry = registry.spec(name)
         if entry.side == "reference":
             assert entry.stub and entry.stub[0] in outputs(body(name)), name
+
+
+def test_the_scheduler_weighs_stages_by_their_registry_cost_class_and_every_hook_exists():
+    """Costs come from each entry's cost class, not from stage names; a lineage hook named in an
+    entry is one of flows/lineage_hooks.py's."""
+    from conftest import PROJECT
+
+    from flows.lineage_hooks import HOOKS
+    from flows.pipeline import stage_costs
+    from stages import params as P
+
+    params = P.parse(P.resolve(yaml.safe_load((PROJECT / "params.yaml").read_text()), "study"))
+    graph = {f"{name}@{o}": [] for name in ("train_expert", "train_dp_baseline", "evaluate_owner", "prepare_owner")
+             for o in params.owners} | {"train_unrestricted": [], "report": []}
+    costs = stage_costs(graph, params)
+    t = params.expert.train
+    tokens = (t.steps + params.expert.curriculum.stage2_steps) * t.batch_size * t.seq_len
+    assert all(costs[f"train_expert@{o}"] == tokens for o in params.owners)  # no DP owner in the study
+    assert not any(s.startswith(("train_dp_baseline", "prepare_owner")) for s in costs) and "report" not in costs
+    assert costs["train_unrestricted"] == pytest.approx(1.4 * params.unrestricted.token_fraction * tokens * 2)
+    assert all(costs[f"evaluate_owner@{o}"] == 1.0 for o in params.owners)
+    assert {h for s in registry.STAGES for h in s.lineage} <= set(HOOKS)
