@@ -13,9 +13,9 @@ from flows.prefect_env import need_prefect_server, prefect_environment
 
 def cmd_server(workspace: Path, port: int, mlflow_port: int) -> int:
     """The coordinator's Prefect server and MLflow UI on 127.0.0.1, until Ctrl-C."""
+    from flows.layout import Workspace
     from flows.processes import stop_on_sigterm, supervise
     from flows.remote import start_prefect_server
-    from flows.workspace import Workspace
 
     stop_on_sigterm()
     ws = Workspace(workspace.resolve())
@@ -42,7 +42,7 @@ def cmd_enrol(owner: str, key: Path, workspace: Path) -> int:
     if not key.exists():
         print(f"consort: {key}: no such key file (the owner's `consort owner init` printed its path)", file=sys.stderr)
         return 2
-    from flows.workspace import init_dvc_repo
+    from flows.repository import init_dvc_repo
 
     root = workspace.resolve()
     try:
@@ -58,7 +58,8 @@ def cmd_enrol(owner: str, key: Path, workspace: Path) -> int:
 def cmd_coordinate(workspace: Path, store: str, preset: str, params: Path | None, allow_missing: bool,
                    lost_after: float, owner_timeout: float) -> int:
     """The pipeline with every owner's stages on that owner's worker (owners on separate machines)."""
-    from flows.workspace import prepare_workspace, use_project_python
+    from flows.repository import use_project_python
+    from flows.workspace import prepare_workspace
     from stages.params import ParamsError
 
     if not need_prefect_server():
@@ -104,7 +105,7 @@ def cmd_coordinate(workspace: Path, store: str, preset: str, params: Path | None
         print(f"\nowner {owner} FAILED: {error}")
     print(f"\npipeline finished in {time.perf_counter() - t0:.0f} s; merged owners: {', '.join(summary['merged_owners'])}")
     print(f"merged model: {ws.merged_model}")
-    table = ws.root / "reports" / "eval_table.md"
+    table = ws.reports / "eval_table.md"
     if table.exists():
         print("\n" + table.read_text())
     return 0

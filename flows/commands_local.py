@@ -21,7 +21,8 @@ from stages.artifacts import MERGED_INFO
 
 
 def cmd_run(workspace: Path, preset: str, params: Path | None, force: list[str]) -> int:
-    from flows.workspace import commit_baseline, prepare_workspace, use_project_python
+    from flows.repository import commit_baseline, use_project_python
+    from flows.workspace import prepare_workspace
     from stages.params import ParamsError
 
     root = workspace.resolve()
@@ -57,7 +58,7 @@ def cmd_run(workspace: Path, preset: str, params: Path | None, force: list[str])
     if commit:
         print(f"workspace Git commit {commit[:8]}: the baseline `dvc exp run` and `dvc exp show` start from")
     print(f"\nmerged model: {ws.merged_model}")
-    table = ws.root / "reports" / "eval_table.md"
+    table = ws.reports / "eval_table.md"
     if table.exists() and verbosity() >= 0:
         print("\nheld-out loss per domain (nats/token; bpb = bits per byte):\n")
         print(table.read_text())
@@ -68,7 +69,8 @@ def cmd_run(workspace: Path, preset: str, params: Path | None, force: list[str])
 
 
 def cmd_ui(workspace: Path, params: Path | None, port: int, page_port: int) -> int:
-    from flows.workspace import Workspace, opted_out
+    from flows.layout import Workspace
+    from flows.params_file import opted_out
     from stages.params import ParamsError
 
     ws = Workspace(workspace.resolve())
@@ -104,7 +106,8 @@ def cmd_ui(workspace: Path, params: Path | None, port: int, page_port: int) -> i
 
 
 def cmd_experts(action: str, owner: str | None, workspace: Path, params: Path | None) -> int:
-    from flows.workspace import Workspace, opted_out, set_workspace_expert_enabled
+    from flows.layout import Workspace
+    from flows.params_file import opted_out, set_workspace_expert_enabled
     from stages.io import read_json
     from stages.params import ParamsError
 
@@ -182,7 +185,8 @@ def cmd_generate(prompt: str, experts: str | None, max_new_tokens: int, temperat
 
 def cmd_export(out: Path, experts: str | None, workspace: Path, params: Path | None) -> int:
     """The shipped merged model with only the enabled experts, as a stock checkpoint with a model card."""
-    from flows.workspace import Workspace, opted_out
+    from flows.layout import Workspace
+    from flows.params_file import opted_out
     from stages.params import ParamsError
 
     ws = Workspace(workspace.resolve())
@@ -195,7 +199,7 @@ def cmd_export(out: Path, experts: str | None, workspace: Path, params: Path | N
     try:
         disabled = opted_out(ws.root, params)
         summary, _ = export_model(ws.merged_model, ws.root / "models" / "anchor", ws.root / "published",
-                               ws.root / "reports" / "eval_table.md", experts, disabled, out.resolve())
+                               ws.reports / "eval_table.md", experts, disabled, out.resolve())
     except (ParamsError, ValueError, FileExistsError, FileNotFoundError) as err:
         print(f"consort: {err}", file=sys.stderr)
         return 2
@@ -232,7 +236,8 @@ def cmd_trace(workspace: Path, text: str | None, as_json: bool, prompt: str | No
               max_new_tokens: int, temperature: float, seed: int, params: Path | None) -> int:
     import json
 
-    from flows.workspace import Workspace, opted_out
+    from flows.layout import Workspace
+    from flows.params_file import opted_out
     from stages.artifacts import merged_owners
     from stages.params import ParamsError
     from tracing.coordinator import format_trace, load_registry, trace_everywhere
@@ -277,7 +282,8 @@ def cmd_trace(workspace: Path, text: str | None, as_json: bool, prompt: str | No
 def _generate(prompt: str, experts: str | None, max_new_tokens: int, temperature: float, seed: int, workspace: Path,
               params: Path | None) -> str | None:
     """The merged model's continuation of `prompt` with the experts asked for (or those enabled) (None on a bad input)."""
-    from flows.workspace import Workspace, opted_out
+    from flows.layout import Workspace
+    from flows.params_file import opted_out
 
     ws = Workspace(workspace.resolve())
     if not ws.merged_model.exists():

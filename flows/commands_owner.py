@@ -61,7 +61,7 @@ def owner_run(workspace: Path, store: str | None, phase: str) -> int:
     """Run the owner's phases (DVC skips what is up to date), fetching from and publishing to a store if given."""
     from flows.console import stage_line
     from flows.owner import fetch_public, publish, run_phase
-    from flows.workspace import use_project_python
+    from flows.repository import use_project_python
 
     try:
         ws, shared = _owner_workspace(workspace, store)

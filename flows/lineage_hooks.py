@@ -48,8 +48,8 @@ def _trace_page(lineage, run_id: str, stage: str, tags: dict) -> None:
 
 
 def _report_files(lineage, run_id: str, stage: str, tags: dict) -> None:
-    if (lineage.ws.root / "reports").exists():
-        lineage.client.log_artifacts(run_id, str(lineage.ws.root / "reports"), "report")
+    if (lineage.ws.reports).exists():
+        lineage.client.log_artifacts(run_id, str(lineage.ws.reports), "report")
 
 
 def _curriculum_runs(lineage, run_id: str, stage: str, tags: dict) -> None:

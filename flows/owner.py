@@ -22,8 +22,11 @@ from pathlib import Path
 
 import yaml
 
+from flows.layout import PROJECT_ROOT
+from flows.params_file import read_project_params
+from flows.repository import init_dvc_repo, quiet_dvc
 from flows.store import Store
-from flows.workspace import PROJECT_ROOT, init_dvc_repo, quiet_dvc, read_project_params, side_dvc_yaml
+from flows.workspace_dvc import side_dvc_yaml
 from stages import params as P
 from stages import registry
 from stages.artifacts import PUBLIC_KEY

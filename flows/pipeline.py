@@ -23,7 +23,8 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.console import StageConsole
-from flows.workspace import PROJECT_ROOT, Workspace, quiet_dvc
+from flows.layout import PROJECT_ROOT, Workspace
+from flows.repository import quiet_dvc
 from stages import registry
 from stages.runtime import LOGS_VARIABLE, failure_file, log_file, threads_variable
 
@@ -231,7 +232,7 @@ def pipeline(workspace: str, preset: str = "default", track: bool = True, force:
     """Run every stage of the workspace's dvc.yaml in dependency order, recording lineage in MLflow.
 
     `force` names stages to run even though DVC finds them up to date (the project code a stage runs
-    is among its deps, flows/workspace.with_code_deps; an installed library is not); their dependants follow.
+    is among its deps, flows/workspace_dvc.with_code_deps; an installed library is not); their dependants follow.
     """
     global _lineage, _params, _cpu, _changed, _console
     started = time.time()
@@ -270,7 +271,7 @@ def pipeline(workspace: str, preset: str = "default", track: bool = True, force:
         summary_path = ws.root / "metrics" / "eval.json"
         summary = json.loads(summary_path.read_text()) if summary_path.exists() and not failed else None
         # A failed run carries no report: the one on disk is an earlier run's, not this one's.
-        lineage.finish(not failed, summary, None if failed else ws.root / "reports")
+        lineage.finish(not failed, summary, None if failed else ws.reports)
     if failed:
         names = ", ".join(s for s, _ in failed)
         # The root causes come last, where a reader looks: the stage's own message, not DVC's wrapper.

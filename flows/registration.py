@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from flows.workspace import Workspace
+from flows.layout import Workspace
 from stages.artifacts import ANCHOR_INFO, MERGED_INFO
 from stages.export import expert_records, export_model
 
@@ -80,7 +80,7 @@ def register_export(lineage) -> None:
         with tempfile.TemporaryDirectory(dir=ws.root, prefix=".export-") as tmp:
             export = Path(tmp) / "export"
             _, model = export_model(shipped, ws.root / "models" / "anchor", ws.root / "published",
-                                    ws.root / "reports" / "eval_table.md", None, disabled, export)
+                                    ws.reports / "eval_table.md", None, disabled, export)
             # From a pipeline, not the checkpoint's path: this MLflow cannot read the task of
             # a local checkpoint with this transformers release.
             pipe = transformers.pipeline("text-generation", model=model,

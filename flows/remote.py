@@ -191,8 +191,8 @@ def coordinate(workspace: str, store: str, preset: str = "default", allow_missin
     """The whole pipeline with every owner's stages on that owner's worker."""
     from prefect.runtime import flow_run
 
+    from flows.layout import Workspace
     from flows.tracking import Lineage, record_remote_expert
-    from flows.workspace import Workspace
 
     root = Path(workspace)
     shared = Store.open(store, root)
@@ -234,7 +234,7 @@ def coordinate(workspace: str, store: str, preset: str = "default", allow_missin
         lineage.finish(False)
         raise
     eval_path = root / "metrics" / "eval.json"
-    lineage.finish(True, json.loads(eval_path.read_text()) if eval_path.exists() else None, root / "reports")
+    lineage.finish(True, json.loads(eval_path.read_text()) if eval_path.exists() else None, Workspace(root).reports)
     return summary
 
 

@@ -16,6 +16,7 @@ import platform
 import shutil
 from pathlib import Path
 
+from flows.layout import Workspace
 from flows.pipeline import RUN_TIMES
 from stages.io import file_digest
 
@@ -33,7 +34,8 @@ def machine() -> str:
 
 
 def results_page(workspace: Path, out: Path) -> str:
-    times_path, tables_path = workspace / RUN_TIMES, workspace / "reports" / "eval_table.md"
+    reports = Workspace(workspace).reports
+    times_path, tables_path = workspace / RUN_TIMES, reports / "eval_table.md"
     for path, what in ((times_path, "consort run"), (tables_path, "the report stage")):
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: {what} writes it; run `consort run --workspace {workspace}`")
@@ -61,11 +63,11 @@ def results_page(workspace: Path, out: Path) -> str:
              tables_path.read_text().strip(),
              ""]
     plots = out.with_suffix("")
-    shown = [name for name in PLOTS if (workspace / "reports" / name).exists()]
+    shown = [name for name in PLOTS if (reports / name).exists()]
     if shown:
         plots.mkdir(parents=True, exist_ok=True)
         for name in shown:
-            shutil.copy2(workspace / "reports" / name, plots / name)
+            shutil.copy2(reports / name, plots / name)
         lines += ["## Plots", "", *[f"![{name}]({plots.name}/{name})" for name in shown], ""]
     page = "\n".join(lines)
     out.parent.mkdir(parents=True, exist_ok=True)

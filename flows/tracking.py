@@ -25,10 +25,10 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from flows.dvc_lock import DvcState
+from flows.layout import PROJECT_ROOT, Workspace
 from flows.lineage_hooks import HOOKS
 from flows.metrics import numbers
 from flows.registration import register_export
-from flows.workspace import PROJECT_ROOT, Workspace
 from stages import registry
 from stages.artifacts import has_model
 from stages.io import file_digest

@@ -1,5 +1,6 @@
 """Stage code as DVC deps: each stage depends on its module and the project modules it imports."""
-from flows.workspace import PROJECT_ROOT, code_files, side_dvc_yaml
+from flows.layout import PROJECT_ROOT
+from flows.workspace_dvc import code_files, side_dvc_yaml
 
 
 def code_deps(stage: dict) -> set[str]:

@@ -13,7 +13,7 @@ import yaml
 from conftest import PROJECT, kill_tree
 from safetensors.torch import load_file
 
-from flows.workspace import read_project_params
+from flows.params_file import read_project_params
 from stages import params as P
 from stages.package import create_owner_key
 from stages.train import distributed

@@ -6,7 +6,8 @@ import torch
 import yaml
 from transformers import FlexOlmoConfig, FlexOlmoForCausalLM, LlamaConfig
 
-from flows.workspace import PROJECT_ROOT, read_project_params, set_expert_enabled
+from flows.layout import PROJECT_ROOT
+from flows.params_file import read_project_params, set_expert_enabled
 from stages import params as P
 from stages.model.experts import expert_masks, resolve_experts, slice_experts, with_top_k
 from stages.model.fast_moe import GROUPED_MIN_TOKENS, use_fast_experts
@@ -158,7 +159,9 @@ def test_opt_outs_live_with_the_workspace_and_its_source_file(tmp_path, capsys):
     """`experts disable` without --params edits the file the workspace was built from and the workspace's
     own params (export, generate and trace read them there); another --params is refused by name; a hand
     edit of the source file opts out at once."""
-    from flows.workspace import Workspace, opted_out, prepare_workspace, set_workspace_expert_enabled
+    from flows.layout import Workspace
+    from flows.params_file import opted_out, set_workspace_expert_enabled
+    from flows.workspace import prepare_workspace
 
     source = tmp_path / "consortium.yaml"
     source.write_text((PROJECT_ROOT / "params.yaml").read_text())

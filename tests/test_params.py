@@ -2,7 +2,9 @@ import pytest
 import yaml
 from conftest import run_consort
 
-from flows.workspace import PROJECT_ROOT, read_project_params, with_owner_params
+from flows.layout import PROJECT_ROOT
+from flows.params_file import read_project_params
+from flows.workspace_dvc import with_owner_params
 from stages import params as P
 
 PROJECT = PROJECT_ROOT
@@ -111,7 +113,7 @@ def test_disable_then_enable_gives_back_the_identical_file(tmp_path):
     """`consort experts disable` edits one line of the user's file; `enable` restores it byte for byte."""
     import difflib
 
-    from flows.workspace import set_expert_enabled
+    from flows.params_file import set_expert_enabled
 
     original = (PROJECT / "params.yaml").read_text()
     path = tmp_path / "params.yaml"
@@ -128,7 +130,7 @@ def test_disable_then_enable_gives_back_the_identical_file(tmp_path):
 
 
 def test_opting_out_rewrites_a_block_list_in_place(tmp_path):
-    from flows.workspace import set_expert_enabled
+    from flows.params_file import set_expert_enabled
 
     text = (PROJECT / "params.yaml").read_text()
     line = next(row for row in text.splitlines(keepends=True) if row.startswith("  disabled:"))
@@ -147,7 +149,7 @@ def test_cli_version_and_help_with_defaults(tmp_path):
 
 @pytest.mark.parametrize("section", ["inference: {}   # opt-outs\n", "inference:   # opt-outs\n", ""])
 def test_opting_out_where_the_list_is_missing_adds_it(tmp_path, section):
-    from flows.workspace import set_expert_enabled
+    from flows.params_file import set_expert_enabled
 
     text = (PROJECT / "params.yaml").read_text()
     start = text.index("inference:")

@@ -16,8 +16,9 @@ import yaml
 from conftest import PROJECT, run_consort
 from mlflow.tracking import MlflowClient
 
+from flows.params_file import read_project_params
 from flows.pipeline import CpuScheduler, dvc_state, stage_graph, topological_order
-from flows.workspace import prepare_workspace, read_project_params
+from flows.workspace import prepare_workspace
 from stages import params as P
 from stages.artifacts import MANIFEST
 

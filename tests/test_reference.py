@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, FlexOlmoForCausalLM
 
-from flows.workspace import read_project_params
+from flows.params_file import read_project_params
 from stages import params as P
 from stages.artifacts import MERGED_INFO, PRIVATE_KEY, ROUTER_CANDIDATES, SHIPPED_ROUTER, SYNTHETIC_SAMPLES, has_model
 from stages.io import write_json, write_jsonl

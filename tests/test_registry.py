@@ -73,7 +73,7 @@ def test_every_public_input_is_made_by_a_coordinator_stage_or_stands_as_a_refere
     """A coordinator runs only its own stages: whatever an owner phase fetches must come from one of
     them, or be a reference stage's stub it writes in its place (models/merged_oracle was neither,
     and `consort coordinate` failed after every merge)."""
-    from flows.workspace import write_reference_stubs
+    from flows.workspace_dvc import write_reference_stubs
 
     write_reference_stubs(tmp_path)
     made = {o for n in DVC if registry.spec(n).side == "coordinator" for o in outputs(body(n))}

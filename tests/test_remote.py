@@ -21,7 +21,7 @@ import yaml
 from conftest import PROJECT, SHARED_CACHE, kill_tree
 
 from flows.owner import OwnerError, OwnerWorkspace, init_owner
-from flows.workspace import side_dvc_yaml
+from flows.workspace_dvc import side_dvc_yaml
 
 OWNERS = ["code", "math", "news"]
 

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from flows import store as store_module
+from flows.repository import init_dvc_repo
 from flows.store import Store, StoreError
-from flows.workspace import init_dvc_repo
 from stages.package import PackageRefused, create_owner_key, sign_package, verify_package
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import yaml
 from dvc.repo import Repo
 
-from flows.workspace import commit_baseline, init_dvc_repo
+from flows.repository import commit_baseline, init_dvc_repo
 
 
 def _git(root: Path, *args: str) -> str:
