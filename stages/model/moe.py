@@ -10,6 +10,8 @@ packed layout, and the merge stacks the packages into the stock packed tensors.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -120,24 +122,7 @@ def project_bias(model: nn.Module) -> None:
 # Qwen2MoeForCausalLM set up to compute FlexOlmo's routing exactly: softmax over all experts,
 # top-k, no renormalisation; no shared expert (its width is 0, so it adds 0), no q/k/v biases.
 # Its attention, norms and RoPE are Llama's, so with every expert equal to the anchor's FFN it
-# computes the anchor.
-MOE_FAMILIES = {"olmo2": "FlexOlmoForCausalLM", "llama": "Qwen2MoeForCausalLM", "mistral": "Qwen2MoeForCausalLM"}
-
-
-def check_family(config, origin: str) -> str:
-    """The anchor's family (a key of MOE_FAMILIES), or a ValueError naming `origin` and what is supported."""
-    family = getattr(config, "model_type", "?")
-    supported = ", ".join(f"{f} (merged into {c})" for f, c in MOE_FAMILIES.items())
-    if family not in MOE_FAMILIES:
-        raise ValueError(f"{origin}: a {family!r} model; consort merges anchors of these families: {supported}")
-    if family != "olmo2":
-        if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-            raise ValueError(f"{origin}: a {family} model with attention or MLP biases, which the merged "
-                             f"{MOE_FAMILIES[family]} cannot hold; supported: {supported}")
-        if getattr(config, "sliding_window", None):
-            raise ValueError(f"{origin}: a {family} model with sliding-window attention; only full attention "
-                             f"is merged (sliding_window: null)")
-    return family
+# computes the anchor. A family is one record; adding one is docs/developer/adding-an-anchor-family.md.
 
 
 def architecture(config) -> dict:
@@ -157,35 +142,45 @@ def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def moe_config(dense_config, num_experts: int, top_k: int, keep_bias: bool = False):
-    """The config of the MoE model with `num_experts` experts of the anchor's shape, routed FlexOlmo's way."""
-    family = check_family(dense_config, "the anchor")
-    if family == "olmo2":
-        config_class = BiasedFlexOlmoConfig if keep_bias else FlexOlmoConfig
-        return config_class(**architecture(dense_config), attention_bias=dense_config.attention_bias,
-                            num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=False)
+@dataclass(frozen=True)
+class Family:
+    """An anchor family: the dense `model_type`s it takes, the MoE class its experts merge into, and
+    how to build one from the other."""
+    model_types: tuple[str, ...]
+    moe_class: type
+    moe_config_class: type
+    moe_config: Callable[..., object]       # (dense config, num_experts, top_k, keep_bias) -> MoE config
+    dense_model: Callable[..., nn.Module]   # (MoE config) -> an empty dense model of the family
+    unsupported: Callable[..., str | None]  # (dense config) -> what of it the MoE class cannot hold
+    extra_state: Callable[..., dict] = lambda config: {}  # (MoE config) -> tensors beyond anchor and experts
+
+
+def _olmo2_moe_config(dense, num_experts: int, top_k: int, keep_bias: bool):
+    config_class = BiasedFlexOlmoConfig if keep_bias else FlexOlmoConfig
+    return config_class(**architecture(dense), attention_bias=dense.attention_bias,
+                        num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=False)
+
+
+def _llama_moe_config(dense, num_experts: int, top_k: int, keep_bias: bool):
     if keep_bias:
         raise ValueError("merge.router_bias: keep is supported for Olmo2 anchors only (a biased FlexOlmo "
                          "router); with this Llama-family anchor use router_bias: drop")
-    return Qwen2MoeConfig(**architecture(dense_config), head_dim=head_dim(dense_config),
-                          moe_intermediate_size=dense_config.intermediate_size, shared_expert_intermediate_size=0,
+    return Qwen2MoeConfig(**architecture(dense), head_dim=head_dim(dense),
+                          moe_intermediate_size=dense.intermediate_size, shared_expert_intermediate_size=0,
                           num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=False,
                           qkv_bias=False, decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False)
 
 
-def moe_model(config) -> nn.Module:
-    """An empty model of the MoE class that `config` is for."""
-    if isinstance(config, BiasedFlexOlmoConfig):
-        return BiasedFlexOlmoForCausalLM(config)
-    if isinstance(config, FlexOlmoConfig):
-        return FlexOlmoForCausalLM(config)
-    return Qwen2MoeForCausalLM(config)
+def _llama_unsupported(config) -> str | None:
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        return "attention or MLP biases, which the merged Qwen2MoeForCausalLM cannot hold"
+    if getattr(config, "sliding_window", None):
+        return "sliding-window attention; only full attention is merged (sliding_window: null)"
+    return None
 
 
-def moe_extra_state(config) -> dict[str, torch.Tensor]:
-    """Tensors the MoE class holds beyond the anchor's and the experts': Qwen2Moe's empty shared expert."""
-    if isinstance(config, FlexOlmoConfig):
-        return {}
+def _qwen2moe_shared_expert(config) -> dict[str, torch.Tensor]:
+    """Qwen2Moe's empty shared expert: it adds 0."""
     h, state = config.hidden_size, {}
     for i in range(config.num_hidden_layers):
         prefix = f"model.layers.{i}.mlp.shared_expert"
@@ -196,12 +191,56 @@ def moe_extra_state(config) -> dict[str, torch.Tensor]:
     return state
 
 
+FAMILIES = (
+    Family(("olmo2",), FlexOlmoForCausalLM, FlexOlmoConfig, _olmo2_moe_config,
+           lambda c: Olmo2ForCausalLM(Olmo2Config(**architecture(c), attention_bias=c.attention_bias)),
+           lambda c: None),
+    Family(("llama", "mistral"), Qwen2MoeForCausalLM, Qwen2MoeConfig, _llama_moe_config,
+           lambda c: LlamaForCausalLM(LlamaConfig(**{**architecture(c), "intermediate_size": c.moe_intermediate_size},
+                                                  head_dim=head_dim(c), attention_bias=False, mlp_bias=False)),
+           _llama_unsupported, _qwen2moe_shared_expert),
+)
+MOE_FAMILIES = {t: f.moe_class.__name__ for f in FAMILIES for t in f.model_types}
+
+
+def _of_moe(config) -> Family:
+    return next(f for f in FAMILIES if isinstance(config, f.moe_config_class))
+
+
+def check_family(config, origin: str) -> str:
+    """The anchor's family (a key of MOE_FAMILIES), or a ValueError naming `origin` and what is supported."""
+    family = getattr(config, "model_type", "?")
+    supported = ", ".join(f"{f} (merged into {c})" for f, c in MOE_FAMILIES.items())
+    found = next((f for f in FAMILIES if family in f.model_types), None)
+    if found is None:
+        raise ValueError(f"{origin}: a {family!r} model; consort merges anchors of these families: {supported}")
+    problem = found.unsupported(config)
+    if problem:
+        raise ValueError(f"{origin}: a {family} model with {problem}; supported: {supported}")
+    return family
+
+
+def moe_config(dense_config, num_experts: int, top_k: int, keep_bias: bool = False):
+    """The config of the MoE model with `num_experts` experts of the anchor's shape, routed FlexOlmo's way."""
+    family = check_family(dense_config, "the anchor")
+    return next(f for f in FAMILIES if family in f.model_types).moe_config(dense_config, num_experts, top_k, keep_bias)
+
+
+def moe_model(config) -> nn.Module:
+    """An empty model of the MoE class that `config` is for."""
+    if isinstance(config, BiasedFlexOlmoConfig):
+        return BiasedFlexOlmoForCausalLM(config)
+    return _of_moe(config).moe_class(config)
+
+
+def moe_extra_state(config) -> dict[str, torch.Tensor]:
+    """Tensors the MoE class holds beyond the anchor's and the experts' (Qwen2Moe's empty shared expert)."""
+    return _of_moe(config).extra_state(config)
+
+
 def dense_model(config) -> nn.Module:
     """An empty dense model of the family of a MoE config (the soup baseline averages into it)."""
-    if isinstance(config, FlexOlmoConfig):
-        return Olmo2ForCausalLM(Olmo2Config(**architecture(config), attention_bias=config.attention_bias))
-    return LlamaForCausalLM(LlamaConfig(**{**architecture(config), "intermediate_size": config.moe_intermediate_size},
-                                        head_dim=head_dim(config), attention_bias=False, mlp_bias=False))
+    return _of_moe(config).dense_model(config)
 
 
 def assemble(build, state: dict[str, torch.Tensor], like: nn.Module) -> nn.Module:
