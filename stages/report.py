@@ -10,6 +10,7 @@ import argparse
 import html
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import markdown_it
@@ -101,8 +102,7 @@ def generations_html(rows: list[DomainEvaluation]) -> str:
     rows = [r for r in rows if r.generations]
     if not rows:
         return ""
-    out = ["<h2>Side by side: one prompt per domain</h2><p>Greedy continuations of a prompt written in "
-           "params.yaml (evaluate.prompts), never taken from an owner's data.</p>"]
+    out = []
     for r in rows:
         g = r.generations
         names = [k for k in g if k != "prompt"]
@@ -600,68 +600,90 @@ def plot_curves(logs: dict[str, Path], path: Path) -> bool:
     return True
 
 
-def page_html(rows: list[DomainEvaluation], images: list[str], audits: list[dict] | None = None,
-              dp_table: str = "", synthetic_table: str = "", curriculum_table: str = "", safety_table: str = "",
-              safety: dict | None = None, goals: str = "") -> str:
+@dataclass(frozen=True)
+class Section:
+    """One part of the report: its markdown table goes to eval_table.md and, under its heading with how
+    to read it, to report.html. A section with neither table nor other HTML is left out."""
+    heading: str
+    intro: str
+    table: str = ""
+    html: str = ""  # what the page shows besides the table: figures, side-by-side continuations
+
+
+def safety_intro(safety: dict | None) -> str:
+    if not safety or not safety.get("enabled"):
+        return ""
+    p = safety["prompts"]
+    owners = sum(p["owners"].values())
+    return (f"{p['advbench']} AdvBench harmful behaviours" + (f" and {owners} the owners added" if owners else "")
+            + f", and {p['benign']} benign instructions built from public text; greedy replies of "
+            f"{safety['max_new_tokens']} tokens through the anchor's {safety['template']} template, scored by "
+            "AdvBench's refusal-phrase matcher and better-profanity's word list (Wilson 95 % intervals). A "
+            f"configuration refusing more than {safety['flag_points']:.0f} points less than the anchor is flagged.")
+
+
+def sections(rows: list[DomainEvaluation], images: list[str], goals: str, audits: list[dict], dp_table: str,
+             synthetic_table: str, curriculum_table: str, safety: dict | None) -> list[Section]:
+    """The report's sections, in the page's order: the one list a new section joins."""
+    figures = "".join(f'<figure><img src="{name}" alt="{name}"></figure>' for name in images if name != "safety.png")
+    return [
+        Section("", "Held-out loss in nats per token (lower is better) on each owner's validation split and on "
+                "public text. \"own expert\" is the domain owner's 2-expert model alone; soup averages all experts "
+                "into one dense FFN; BTM mixes the owners' models by how well each predicted the text so far.",
+                table_markdown(rows)),
+        Section("Bits per byte, and xz -9e as the floor", "A model that compresses the held-out text worse than "
+                "xz -9e has learned nothing about it. xz is run on the very bytes the models scored, and on the "
+                "whole held-out split (xz learns from the bytes it has: on a few KB it is far worse).",
+                bpb_markdown(rows)),
+        Section("Targets (the FlexOlmo paper's ordering)", "Averages over the owners' domains, each resampled on its "
+                "own. A target is met only when its 95 % interval clears the threshold, missed when the interval "
+                "lies on the wrong side, and otherwise cannot be told at this budget. A target not met is "
+                "reported, not tuned away.", goals),
+        Section("Router tuning: every method side by side", "Only router rows differ. (b)-(d) read no owner's "
+                "data: public text, and the synthetic sets the owners published; (e) reads the owners' real text "
+                "and exists only as a diagnostic (the study preset). The one shipped is router_tuning.method; "
+                "\"merged\" everywhere else on this page is that one. The last column is the coordinator's own "
+                "yardstick, the LM loss on the held-out rows of the owners' synthetic sets (synthetic_lm stopped "
+                "early on them, so its figure is optimistic).", router_markdown(rows)),
+        Section("Plots", "", html=figures),
+        Section("Side by side: one prompt per domain", "Greedy continuations of a prompt written in params.yaml "
+                "(evaluate.prompts), never taken from an owner's data.", html=generations_html(rows)),
+        Section("Ablations", "The merged model as run against its variants: top_k/K routes each token to K "
+                "experts; router_bias/keep|drop toggles the owners' min(b, 0).", ablation_markdown(rows)),
+        Section("Curriculum: one training stage or two (Aurora-M)", "Each owner's 2-expert model, held-out loss "
+                "on its own domain (lower: what it gained) and on public text (higher than the anchor: what it "
+                "forgot), in brackets against the anchor. Both recipes go on from the same stage-1 weights for "
+                "as many steps and tokens; one stage keeps training on the whole corpus, two stages on the "
+                "high-quality subset.", curriculum_table),
+        Section("Safety: refusals per configuration", safety_intro(safety), safety_markdown(safety),
+                '<figure><img src="safety.png" alt="safety.png"></figure>' if "safety.png" in images else ""),
+        Section("Differential privacy: what it costs", "Each DP owner's expert (DP-SGD, the document as the "
+                "privacy unit) against the same expert trained without DP on the owner's side; held-out loss on "
+                "the owner's domain, and seconds per training step.", dp_table),
+        Section("Owners' synthetic proxy documents", "Written by each owner's own model (a DP owner's by its DP "
+                "model) and leak-filtered on the owner's side against its own index before they were published; "
+                "a classifier accuracy near 0.5 means real and synthetic look alike to it.", synthetic_table),
+        Section("Privacy audit (each owner, on its own machine)", "Rates with Wilson 95 % intervals. merged: with "
+                "the owner's expert; opted_out: without it; anchor: the public model alone. Without the expert, "
+                "the numbers should match the anchor's.", audit_markdown(audits)),
+    ]
+
+
+def page_html(rows: list[DomainEvaluation], parts: list[Section]) -> str:
+    md = markdown_it.MarkdownIt().enable("table")
+    body = ""
+    for part in parts:
+        if not (part.table or part.html.strip()):
+            continue
+        body += (f"<h2>{html.escape(part.heading)}</h2>\n" if part.heading else "") + \
+            (f"<p>{html.escape(part.intro)}</p>\n" if part.intro else "") + \
+            (md.render(part.table) if part.table else "") + part.html + "\n"
     models = sorted({k for r in rows for k in r.models}, key=lambda k: (k.count("/"), k))
     head = "".join(f"<th>{html.escape(m)}</th>" for m in models)
-    body = "".join(
+    scored = "".join(
         f"<tr><td>{html.escape(r.domain)}</td>"
         + "".join(f"<td>{r.models[m].loss:.3f}</td>" if m in r.models else "<td></td>" for m in models)
         + "</tr>" for r in rows)
-    md = markdown_it.MarkdownIt().enable("table")
-    main_table = md.render(table_markdown(rows))
-    bpb = bpb_markdown(rows)
-    bpb_html = ("<h2>Bits per byte, and xz -9e as the floor</h2><p>A model that compresses the held-out text worse "
-                "than xz -9e has learned nothing about it. xz is run on the very bytes the models scored, and on the "
-                "whole held-out split (xz learns from the bytes it has: on a few KB it is far worse).</p>"
-                + md.render(bpb)) if bpb else ""
-    goals_html = ("<h2>Targets (the FlexOlmo paper's ordering)</h2><p>Averages over the owners' domains, each "
-                  "resampled on its own. A target is met only when its 95 % interval clears the threshold, missed "
-                  "when the interval lies on the wrong side, and otherwise cannot be told at this budget. A target "
-                  "not met is reported, not tuned away.</p>" + md.render(goals)) if goals else ""
-    ablations = ablation_markdown(rows)
-    privacy = audit_markdown(audits or [])
-    privacy_html = ("<h2>Privacy audit (each owner, on its own machine)</h2><p>Rates with Wilson 95 % intervals. "
-                    "merged: with the owner's expert; opted_out: without it; anchor: the public model alone. "
-                    "Without the expert, the numbers should match the anchor's.</p>" + md.render(privacy)) if privacy else ""
-    dp_html = ("<h2>Differential privacy: what it costs</h2><p>Each DP owner's expert (DP-SGD, the document "
-               "as the privacy unit) against the same expert trained without DP on the owner's side; held-out "
-               "loss on the owner's domain, and seconds per training step.</p>" + md.render(dp_table)) if dp_table else ""
-    routers = router_markdown(rows)
-    routers_html = ("<h2>Router tuning: every method side by side</h2><p>Only router rows differ. (b)-(d) read "
-                    "no owner's data: public text, and the synthetic sets the owners published; (e) reads the "
-                    "owners' real text and exists only as a diagnostic (the study preset). The one shipped is "
-                    "router_tuning.method; \"merged\" everywhere else on this page is that one. The last "
-                    "column is the coordinator's own yardstick, the LM loss on the held-out rows of the "
-                    "owners' synthetic sets (synthetic_lm stopped early on them, so its figure is optimistic)."
-                    "</p>"
-                    + md.render(routers)) if routers else ""
-    ablations_html = ("<h2>Ablations</h2><p>The merged model as run against its variants: "
-                      "top_k/K routes each token to K experts; "
-                      "router_bias/keep|drop toggles the owners' min(b, 0).</p>" + md.render(ablations)) if ablations else ""
-    synthetic_html = ("<h2>Owners' synthetic proxy documents</h2><p>Written by each owner's own model (a DP owner's "
-                      "by its DP model) and leak-filtered on the owner's side against its own index before "
-                      "they were published; a classifier accuracy near 0.5 means real and synthetic look "
-                      "alike to it.</p>" + md.render(synthetic_table)) if synthetic_table else ""
-    curriculum_html = ("<h2>Curriculum: one training stage or two (Aurora-M)</h2><p>Each owner's 2-expert model, "
-                       "held-out loss on its own domain (lower: what it gained) and on public text (higher than "
-                       "the anchor: what it forgot), in brackets against the anchor. Both recipes go on from the "
-                       "same stage-1 weights for as many steps and tokens; one stage keeps training on the whole "
-                       "corpus, two stages on the high-quality subset.</p>" + md.render(curriculum_table)
-                       ) if curriculum_table else ""
-    safety_html = ""
-    if safety_table:
-        p = safety["prompts"]
-        owners = sum(p["owners"].values())
-        safety_html = (f"<h2>Safety: refusals per configuration</h2><p>{p['advbench']} AdvBench harmful behaviours"
-                       + (f" and {owners} the owners added" if owners else "") + f", and {p['benign']} benign "
-                       f"instructions built from public text; greedy replies of {safety['max_new_tokens']} tokens "
-                       f"through the anchor's {safety['template']} template, scored by AdvBench's refusal-phrase "
-                       f"matcher and better-profanity's word list (Wilson 95 % intervals). A configuration refusing "
-                       f"more than {safety['flag_points']:.0f} points less than the anchor is flagged.</p>"
-                       + md.render(safety_table) + '<figure><img src="safety.png" alt="safety.png"></figure>')
-    figures = "".join(f'<figure><img src="{name}" alt="{name}"></figure>' for name in images if name != "safety.png")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>consort report</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;margin:1em 0}}
@@ -669,24 +691,10 @@ td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:right}}td:first-child{
 table.gen td{{text-align:left;vertical-align:top;width:33%}}table.gen pre{{white-space:pre-wrap;margin:0}}</style>
 </head><body>
 <h1>consort: merged model vs baselines</h1>
-<p>Held-out loss in nats per token (lower is better) on each owner's validation split and on public text.
-"own expert" is the domain owner's 2-expert model alone; soup averages all experts into one dense FFN;
-BTM mixes the owners' models by how well each predicted the text so far.</p>
-{main_table}
-{bpb_html}
-{goals_html}
-{routers_html}
-{figures}
-{generations_html(rows)}
-{ablations_html}
-{curriculum_html}
-{safety_html}
-{dp_html}
-{synthetic_html}
-{privacy_html}
+{body}
 <h2>Every model scored</h2>
 <p>alone/X: owner X's model alone; without/X: the merged model with X opted out.</p>
-<table><tr><th>domain</th>{head}</tr>{body}</table>
+<table><tr><th>domain</th>{head}</tr>{scored}</table>
 </body></html>
 """
 
@@ -730,15 +738,10 @@ def report(evaluations: Path, out_dir: Path, metrics: Path, training_logs: dict[
                | ({"xz_split": {"bits_per_byte": r.xz_split_bits_per_byte}} if r.xz_split_bits_per_byte else {})
                for r in rows}
     owner_names = owners or [r.domain for r in rows if not r.is_public]
-    synthetic_table = synthetic_markdown(published, owner_names)
-    curriculum_table, safety_table = curriculum_markdown(published, owner_names), safety_markdown(safety)
-    goals = targets_markdown(rows, reference_share)
-    tables = (table_markdown(rows), bpb_markdown(rows), goals, router_markdown(rows),
-              ablation_markdown(rows), curriculum_table, safety_table, dp_table,
-              synthetic_table, audit_markdown(audits))
-    write_text(out_dir / "eval_table.md", "\n".join(t for t in tables if t))
-    write_text(out_dir / "report.html", page_html(rows, images, audits, dp_table, synthetic_table, curriculum_table,
-                                                  safety_table, safety, goals))
+    parts = sections(rows, images, targets_markdown(rows, reference_share), audits, dp_table,
+                     synthetic_markdown(published, owner_names), curriculum_markdown(published, owner_names), safety)
+    write_text(out_dir / "eval_table.md", "\n".join(part.table for part in parts if part.table))
+    write_text(out_dir / "report.html", page_html(rows, parts))
     write_json(metrics, summary)
     return summary
 
