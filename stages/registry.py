@@ -4,7 +4,7 @@ dvc.yaml stays the only DAG (commands, inputs, outputs, params); this table hold
 no field for: which side of the privacy boundary a stage runs on, in which phase, how many cores
 it takes, what an owner's stage needs from the coordinator and what it publishes, and how MLflow
 records it. The local pipeline, the owner's worker, the coordinator and the lineage all read it;
-tests/test_registry.py checks it against dvc.yaml. Adding a stage is one entry here plus its module.
+tests/test_registry.py checks it against dvc.yaml. What adding a stage takes: docs/developer/adding-a-stage.md.
 """
 from __future__ import annotations
 
