@@ -136,6 +136,8 @@ def cmd_experts(action: str, owner: str | None, workspace: Path, params: Path | 
         state = "always" if e["index"] == 0 else "disabled" if e["owner"] in disabled else "enabled"
         print(f"  {e['index']:>2}  {e['owner']:<14} {state:<9} {e.get('data_digest', '-')[:12]:<14} "
               f"{e.get('anchor_hash', info['anchor_hash'])[:12]}")
+    for line in takedown_lines(ws, [e["owner"] for e in info["experts"][1:]]):
+        print(line)
     safety = read_json(ws.safety_results) if ws.safety_results.exists() else {}
     if safety.get("enabled"):
         print(f"refusal of {safety['configurations']['anchor']['refusal']['n']} harmful prompts "
@@ -146,6 +148,25 @@ def cmd_experts(action: str, owner: str | None, workspace: Path, params: Path | 
                   f"{c['over_refusal']['rate']:>4.0%}" + (f"  FLAGGED ({c['points_below_anchor']:.0f} points below)"
                                                           if c["flagged"] else ""))
     return 0
+
+
+def takedown_lines(ws, owners: list[str]) -> list[str]:
+    """Each owner's erasure requests: done when its published package records as many ids as its
+    params ask to take down, pending until the next run retrains its expert."""
+    from stages.artifacts import MANIFEST
+    from stages.io import read_json
+
+    params, lines = ws.params(), []
+    for owner in owners:
+        asked = len(set(params.owners[owner].data.exclude)) if owner in params.owners else 0
+        manifest = ws.root / "published" / owner / "expert" / MANIFEST
+        done = (read_json(manifest).get("takedown") or {}) if manifest.exists() else {}
+        if asked or done:
+            state = "done" if done.get("requested", 0) == asked else (
+                f"pending: params ask {asked}, the published expert was trained without {done.get('requested', 0)}; "
+                "`consort run` retrains it")
+            lines.append(f"takedown {owner}: {asked} document id(s) ({state})")
+    return lines
 
 
 def cmd_prune(workspace: Path, yes: bool) -> int:

@@ -5,6 +5,7 @@ from pathlib import Path
 ANCHOR_INFO = "consort_anchor.json"  # models/anchor: its hash, source, licence
 EMBEDDING_FILE = "embedding.safetensors"  # a domain embedding (models/public_embedding)
 CANARIES = "canaries.json"  # owners/<o>/corpus: the planted canaries, for the audit
+TAKEN_DOWN = "taken_down.jsonl"  # owners/<o>/corpus: documents under an erasure request, for the owner's proof only
 MANIFEST = "consort_expert.json"  # an expert package: what the owner declares of it
 MANIFEST_VERSION = 4  # 3: tokenizer_hash, signed; 4: only the owner's tensors (expert.safetensors)
 WEIGHTS = "expert.safetensors"  # an expert package: the owner's tensors

@@ -93,6 +93,9 @@ class CorpusParams(Strict):
     sources: list[Source] = Field(min_length=1)
     max_chars: int = Field(gt=0, description="documents are sampled (seeded) up to this many characters")
     canaries: CanaryParams | None = None
+    exclude: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list, description="document ids taken down (an erasure request): dropped from the corpus, "
+        "so the index, the expert and all after it are rebuilt without them; the ids stay with the owner")
 
 
 # --- stages -----------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ content-derived id and split train/val by document with a fixed seed.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import random
 import re
 import unicodedata
@@ -13,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from stages import params as P
-from stages.artifacts import CANARIES
+from stages.artifacts import CANARIES, TAKEN_DOWN
 from stages.data.canaries import plant_canaries
 from stages.data.sources import describe, read_records
 from stages.io import atomic_dir, text_digest, write_json, write_jsonl
@@ -103,6 +104,14 @@ def prepare_corpus(corpus: P.CorpusParams, data: P.DataParams, name: str, out_di
     if len(kept) < 2:
         raise ValueError(f"corpus {name}: only {len(kept)} document(s); need at least 2 to split train/val")
     val, train = kept[:n_val], kept[n_val:]
+    # Taken down after the split, so that every other document stays where it was (train or val).
+    gone = set(corpus.exclude)
+    unknown = sorted(gone - {d["id"] for d in docs})
+    if unknown:
+        raise ValueError(f"corpus {name}: data.exclude names {len(unknown)} id(s) no document of its sources has, "
+                         f"e.g. {unknown[0]!r}; the ids are those in owners/{name}/corpus/*.jsonl (nothing was changed)")
+    taken_down = [d for d in kept if d["id"] in gone]
+    train, val = [d for d in train if d["id"] not in gone], [d for d in val if d["id"] not in gone]
     canaries = plant_canaries(train, val, corpus.canaries, name) if corpus.canaries else []
     stats = {
         "corpus": name,
@@ -115,12 +124,17 @@ def prepare_corpus(corpus: P.CorpusParams, data: P.DataParams, name: str, out_di
         stats["files_not_text"] = skipped
     if canaries:
         stats["canaries"] = len(canaries)
+    if gone:  # what a manifest may say of an erasure request: how many, and a digest of the ids (not the ids)
+        stats["takedown"] = {"requested": len(gone), "documents_removed": len(taken_down),
+                             "ids_digest": hashlib.sha256("\n".join(sorted(gone)).encode()).hexdigest()}
     with atomic_dir(out_dir) as tmp:
         write_jsonl(tmp / "train.jsonl", train)
         write_jsonl(tmp / "val.jsonl", val)
         write_json(tmp / "stats.json", stats)
         if canaries:  # private, like the corpus: the audit needs them, nobody else may see them
             write_json(tmp / CANARIES, canaries)
+        if taken_down:  # private: the owner's proof that the expert no longer knows them
+            write_jsonl(tmp / TAKEN_DOWN, taken_down)
     return stats
 
 

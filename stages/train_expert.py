@@ -175,11 +175,19 @@ def train_expert(owner: str, corpus_train: Path, public_train: Path, anchor_dir:
     summary["router_bias"] = [b.owner_bias.item() for b in blocks(model)]
 
     if is_main():
-        publish(model, owner, identity, data_digest, expert, train_params, summary, out_dir, **extra)
+        publish(model, owner, identity, data_digest, expert, train_params, summary, out_dir, **extra,
+                **takedown_of(corpus_train))
         ckpt.clear()
         for recipe in ("one_stage", "two_stage"):
             checkpoint.with_name(f"{checkpoint.name}.{recipe}").unlink(missing_ok=True)
     return summary
+
+
+def takedown_of(corpus_train: Path) -> dict:
+    """The corpus's erasure record (stage prepare_owner: counts and a digest of the ids), for the manifest."""
+    stats = corpus_train.parent / "stats.json"
+    record = read_json(stats).get("takedown") if stats.exists() else None
+    return {"takedown": record} if record else {}
 
 
 def publish(model, owner: str, identity: dict, data_digest: str, expert: P.ExpertParams, train_params: P.TrainParams,
@@ -232,7 +240,7 @@ def _train_expert_dp(owner: str, corpus_train: Path, public_train: Path, anchor,
     summary["corpus_tokens"] = int(sum(len(d) for d in docs))
     summary["dp"]["router_init"] = init
     publish(model, owner, identity, file_digest(corpus_train), expert, t, summary, out_dir,
-            dp=summary["dp"])
+            dp=summary["dp"], **takedown_of(corpus_train))
     return summary
 
 

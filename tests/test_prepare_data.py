@@ -112,3 +112,31 @@ def test_a_folder_of_only_binary_files_is_refused_by_name(tmp_path):
     with pytest.raises(SourceError, match=r"none of its 1 file\(s\) is text \(a.txt\)"):
         prepare_corpus(corpus, DATA, "clinic", tmp_path / "out", tmp_path / "cache")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_erasure_request_drops_exactly_those_documents_and_keeps_every_other_where_it_was(tmp_path):
+    """owners.<o>.data.exclude: the documents leave train and val, every other stays in its split,
+    stats say how many and a digest of the ids (never the ids), and the owner keeps the removed ones
+    privately for its proof; an id no document has is refused by name, with nothing written."""
+    import hashlib
+
+    from stages.artifacts import TAKEN_DOWN
+
+    folder = make_folder(tmp_path / "mine")
+    source = P.FolderSource(kind="folder", path=str(folder), text_field="body")
+    prepare_corpus(P.CorpusParams(max_chars=10**6, sources=[source]), DATA, "clinic", tmp_path / "before", tmp_path / "c")
+    before = {split: list(read_jsonl(tmp_path / "before" / f"{split}.jsonl")) for split in ("train", "val")}
+    gone = [before["train"][0]["id"], before["val"][0]["id"]]
+    corpus = P.CorpusParams(max_chars=10**6, sources=[source], exclude=gone)
+    stats = prepare_corpus(corpus, DATA, "clinic", tmp_path / "after", tmp_path / "c")
+    for split, docs in before.items():
+        after = list(read_jsonl(tmp_path / "after" / f"{split}.jsonl"))
+        assert after == [d for d in docs if d["id"] not in gone]
+    assert stats["takedown"] == {"requested": 2, "documents_removed": 2,
+                                 "ids_digest": hashlib.sha256("\n".join(sorted(gone)).encode()).hexdigest()}
+    assert not any(i in json.dumps(stats) for i in gone)
+    assert {d["id"] for d in read_jsonl(tmp_path / "after" / TAKEN_DOWN)} == set(gone)
+    typo = P.CorpusParams(max_chars=10**6, sources=[source], exclude=["clinic-0000000000000000"])
+    with pytest.raises(ValueError, match="data.exclude.*clinic-0000000000000000"):
+        prepare_corpus(typo, DATA, "clinic", tmp_path / "typo", tmp_path / "c")
+    assert not (tmp_path / "typo").exists()
