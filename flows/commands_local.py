@@ -150,23 +150,36 @@ def cmd_experts(action: str, owner: str | None, workspace: Path, params: Path | 
     return 0
 
 
-def takedown_lines(ws, owners: list[str]) -> list[str]:
-    """Each owner's erasure requests: done when its published package records as many ids as its
-    params ask to take down, pending until the next run retrains its expert."""
+def takedowns(ws, owners: list[str]) -> dict[str, tuple[int, int]]:
+    """Owner -> (document ids its params take down, ids its published expert was trained without), for
+    the owners with any: equal once the expert retrained, pending until then."""
     from stages.artifacts import MANIFEST
     from stages.io import read_json
 
-    params, lines = ws.params(), []
+    params, found = ws.params(), {}
     for owner in owners:
         asked = len(set(params.owners[owner].data.exclude)) if owner in params.owners else 0
         manifest = ws.root / "published" / owner / "expert" / MANIFEST
-        done = (read_json(manifest).get("takedown") or {}) if manifest.exists() else {}
+        done = ((read_json(manifest).get("takedown") or {}) if manifest.exists() else {}).get("requested", 0)
         if asked or done:
-            state = "done" if done.get("requested", 0) == asked else (
-                f"pending: params ask {asked}, the published expert was trained without {done.get('requested', 0)}; "
-                "`consort run` retrains it")
-            lines.append(f"takedown {owner}: {asked} document id(s) ({state})")
-    return lines
+            found[owner] = (asked, done)
+    return found
+
+
+def takedown_lines(ws, owners: list[str]) -> list[str]:
+    return [f"takedown {owner}: {asked} document id(s) (" + ("done" if asked == done else
+            f"pending: the published expert was trained without {done}; `consort run` retrains it") + ")"
+            for owner, (asked, done) in takedowns(ws, owners).items()]
+
+
+def pending_takedown(ws, chosen: list[str]) -> str | None:
+    """Why the model with the experts `chosen` must not run yet, or None: an expert still trained on
+    documents its owner has taken down."""
+    pending = [o for o, (asked, done) in takedowns(ws, chosen).items() if asked != done]
+    if not pending:
+        return None
+    return (f"{', '.join(pending)} asked to take documents down and the merged model still holds the expert "
+            f"trained on them: run `consort run` first, or leave them out with --experts")
 
 
 def cmd_prune(workspace: Path, yes: bool) -> int:
@@ -219,6 +232,12 @@ def cmd_export(out: Path, experts: str | None, workspace: Path, params: Path | N
 
     try:
         disabled = opted_out(ws.root, params)
+        from stages.artifacts import merged_owners
+        from stages.model.experts import resolve_experts
+
+        refused = pending_takedown(ws, resolve_experts(experts, merged_owners(ws.merged_model), disabled))
+        if refused:
+            raise ValueError(refused)
         summary, _ = export_model(ws.merged_model, ws.root / "models" / "anchor", ws.root / "published",
                                ws.reports / "eval_table.md", experts, disabled, out.resolve())
     except (ParamsError, ValueError, FileExistsError, FileNotFoundError) as err:
@@ -320,6 +339,10 @@ def _generate(prompt: str, experts: str | None, max_new_tokens: int, temperature
         chosen = resolve_experts(experts, merged_owners(ws.merged_model), disabled)
     except ValueError as err:
         print(f"consort: {err}", file=sys.stderr)
+        return None
+    refused = pending_takedown(ws, chosen)
+    if refused:
+        print(f"consort: {refused}", file=sys.stderr)
         return None
     tokenizer = AutoTokenizer.from_pretrained(ws.merged_model)
     model = load_merged(ws.merged_model, chosen)

@@ -38,7 +38,7 @@ def merged_lineage(lineage, expert_runs: dict[str, str], left_out: list[str]) ->
     for e in expert_records(ws.as_merged, ws.root / "published", owners):
         owner, run = e["owner"], expert_runs.get(e["owner"], "")
         tags |= {f"expert.{owner}.data_digest": e["data_digest"], f"expert.{owner}.package_hash": e["package_hash"],
-                 f"expert.{owner}.run_id": run}
+                 f"expert.{owner}.run_id": run, f"expert.{owner}.takedowns": str(e["takedowns"])}
         link = f"#/experiments/{lineage.experiment_id}/runs/{run}"
         rows.append(f"| {owner} | `{e['data_digest'][:16]}` | `{e['package_hash'][:16]}` | "
                     + (f"[{run[:8]}]({link})" if run else "") + " |")
@@ -102,3 +102,22 @@ def register_export(lineage) -> None:
     # `latest` is MLflow's own name for the newest version; `current` is what the last run ships.
     client.set_registered_model_alias(REGISTERED_MODEL, CURRENT_ALIAS, version)
     client.set_tag(lineage.parent, "consort.registered_version", version)
+    withdraw_taken_down(client, version)
+
+
+def withdraw_taken_down(client, current: str) -> list[str]:
+    """Tag `withdrawn` every other version holding an owner's expert trained before that owner's latest
+    takedown (fewer ids taken down than the current version's expert): nothing loads it by accident."""
+    versions = client.search_model_versions(f"name='{REGISTERED_MODEL}'")
+    now = next(v for v in versions if v.version == str(current)).tags
+    done = {k.split(".")[1]: int(v) for k, v in now.items() if k.startswith("expert.") and k.endswith(".takedowns")}
+    withdrawn = []
+    for v in versions:
+        stale = [o for o, n in done.items() if f"expert.{o}.data_digest" in v.tags
+                 and int(v.tags.get(f"expert.{o}.takedowns", "0")) < n]
+        if v.version != str(current) and stale and v.tags.get("withdrawn") != "true":
+            client.set_model_version_tag(REGISTERED_MODEL, v.version, "withdrawn", "true")
+            client.set_model_version_tag(REGISTERED_MODEL, v.version, "withdrawn_reason",
+                                         f"holds the expert of {', '.join(stale)} trained on documents taken down since")
+            withdrawn.append(v.version)
+    return withdrawn

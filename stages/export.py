@@ -16,7 +16,8 @@ from stages.package import package_hash
 
 
 def expert_records(merged_dir: Path, published: Path, owners: list[str]) -> list[dict]:
-    """What the card and the registry say of each expert: owner, data digest, package hash, DP epsilon."""
+    """What the card and the registry say of each expert: owner, data digest, package hash, DP epsilon, and
+    how many document ids its owner had taken down when it trained (its manifest's erasure record)."""
     by_owner = {e["owner"]: e for e in read_json(merged_dir / MERGED_INFO)["experts"][1:]}
     records = []
     for owner in owners:
@@ -25,7 +26,8 @@ def expert_records(merged_dir: Path, published: Path, owners: list[str]) -> list
         dp = manifest.get("dp")
         records.append({"owner": owner, "data_digest": by_owner[owner].get("data_digest", ""),
                         "package_hash": package_hash(package),
-                        "dp_epsilon": dp["epsilon"] if dp else None, "dp_delta": dp["delta"] if dp else None})
+                        "dp_epsilon": dp["epsilon"] if dp else None, "dp_delta": dp["delta"] if dp else None,
+                        "takedowns": (manifest.get("takedown") or {}).get("requested", 0)})
     return records
 
 
