@@ -109,15 +109,15 @@ def withdraw_taken_down(client, current: str) -> list[str]:
     """Tag `withdrawn` every other version holding an owner's expert trained before that owner's latest
     takedown (fewer ids taken down than the current version's expert): nothing loads it by accident."""
     versions = client.search_model_versions(f"name='{REGISTERED_MODEL}'")
-    now = next(v for v in versions if v.version == str(current)).tags
+    now = next(v for v in versions if str(v.version) == str(current)).tags
     done = {k.split(".")[1]: int(v) for k, v in now.items() if k.startswith("expert.") and k.endswith(".takedowns")}
     withdrawn = []
     for v in versions:
         stale = [o for o, n in done.items() if f"expert.{o}.data_digest" in v.tags
                  and int(v.tags.get(f"expert.{o}.takedowns", "0")) < n]
-        if v.version != str(current) and stale and v.tags.get("withdrawn") != "true":
+        if str(v.version) != str(current) and stale and v.tags.get("withdrawn") != "true":
             client.set_model_version_tag(REGISTERED_MODEL, v.version, "withdrawn", "true")
             client.set_model_version_tag(REGISTERED_MODEL, v.version, "withdrawn_reason",
                                          f"holds the expert of {', '.join(stale)} trained on documents taken down since")
-            withdrawn.append(v.version)
+            withdrawn.append(str(v.version))
     return withdrawn

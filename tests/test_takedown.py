@@ -1,0 +1,44 @@
+"""Erasure requests beyond the corpus: the registry withdraws model versions that hold an expert
+trained on documents taken down since, and the commands refuse an expert whose takedown is pending."""
+import json
+
+import yaml
+from conftest import PROJECT
+from mlflow.tracking import MlflowClient
+
+from flows.commands_local import pending_takedown, takedown_lines
+from flows.layout import Workspace
+from flows.registration import REGISTERED_MODEL, withdraw_taken_down
+from stages import params as P
+from stages.artifacts import MANIFEST
+
+
+def test_a_new_version_withdraws_the_versions_holding_an_expert_trained_before_a_takedown(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client.create_registered_model(REGISTERED_MODEL)
+    holds = [{"news": "0", "code": "0"}, {"code": "0"}, {"news": "1", "code": "0"}]  # v1, v2, v3 (current)
+    for experts in holds:
+        client.create_model_version(REGISTERED_MODEL, str(tmp_path), tags={
+            **{f"expert.{o}.data_digest": "d" for o in experts}, **{f"expert.{o}.takedowns": n for o, n in experts.items()}})
+    assert withdraw_taken_down(client, "3") == ["1"]  # v2 never held news's expert
+    tags = {v.version: v.tags for v in client.search_model_versions(f"name='{REGISTERED_MODEL}'")}
+    assert tags["1"]["withdrawn"] == "true" and "news" in tags["1"]["withdrawn_reason"]
+    assert "withdrawn" not in tags["2"] and "withdrawn" not in tags["3"]
+    assert withdraw_taken_down(client, "3") == []  # once
+
+
+def test_a_pending_takedown_is_listed_and_refused_until_the_expert_retrains(tmp_path):
+    raw = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    raw["owners"]["news"]["data"]["exclude"] = ["news-0123456789abcdef"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(P.resolve(raw)))
+    ws = Workspace(tmp_path)
+    package = tmp_path / "published" / "news" / "expert"
+    package.mkdir(parents=True)
+    (package / MANIFEST).write_text(json.dumps({"owner": "news"}))
+    assert takedown_lines(ws, ["code", "news"]) == [
+        "takedown news: 1 document id(s) (pending: the published expert was trained without 0; "
+        "`consort run` retrains it)"]
+    assert "news" in pending_takedown(ws, ["code", "news"]) and pending_takedown(ws, ["code"]) is None
+    (package / MANIFEST).write_text(json.dumps({"owner": "news", "takedown": {"requested": 1}}))
+    assert takedown_lines(ws, ["news"]) == ["takedown news: 1 document id(s) (done)"]
+    assert pending_takedown(ws, ["code", "news"]) is None
