@@ -21,7 +21,7 @@ def test_a_new_version_withdraws_the_versions_holding_an_expert_trained_before_a
         client.create_model_version(REGISTERED_MODEL, str(tmp_path), tags={
             **{f"expert.{o}.data_digest": "d" for o in experts}, **{f"expert.{o}.takedowns": n for o, n in experts.items()}})
     assert withdraw_taken_down(client, "3") == ["1"]  # v2 never held news's expert
-    tags = {v.version: v.tags for v in client.search_model_versions(f"name='{REGISTERED_MODEL}'")}
+    tags = {str(v.version): v.tags for v in client.search_model_versions(f"name='{REGISTERED_MODEL}'")}
     assert tags["1"]["withdrawn"] == "true" and "news" in tags["1"]["withdrawn_reason"]
     assert "withdrawn" not in tags["2"] and "withdrawn" not in tags["3"]
     assert withdraw_taken_down(client, "3") == []  # once
