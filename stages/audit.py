@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from stages import params as P
-from stages.artifacts import CANARIES
+from stages.artifacts import CANARIES, TAKEN_DOWN
 from stages.data.canaries import random_secret
 from stages.io import read_json, read_jsonl, write_json
 from stages.runtime import start_stage
@@ -157,7 +157,14 @@ def audit_owner(owner: str, corpus_dir: Path, anchor_dir: Path, merged_dir: Path
     canaries_path = corpus_dir / CANARIES
     canaries = read_json(canaries_path) if canaries_path.exists() else []
     anchor_nll = document_nll(models["anchor"], mia_train), document_nll(models["anchor"], mia_val)
-    result = {"owner": owner, "documents": n, "mia_documents": m, "models": {}}
+    # Documents under an erasure request: scored as members against the held-out ones, an AUC near
+    # 0.5 says the model keeps no trace of them (above it, they are still remembered).
+    gone_path = corpus_dir / TAKEN_DOWN
+    gone = [d[:a.mia_tokens] for d in (tokenizer([r["text"] for r in read_jsonl(gone_path)], add_special_tokens=False)
+                                        ["input_ids"] if gone_path.exists() else []) if len(d) >= 16]
+    gone_texts = [tokenizer.decode(d) for d in gone]
+    gone_anchor_nll = document_nll(models["anchor"], gone) if gone and m else []
+    result = {"owner": owner, "documents": n, "mia_documents": m, "taken_down_documents": len(gone), "models": {}}
     for name, model in models.items():
         entry: dict = {}
         if n:
@@ -170,6 +177,10 @@ def audit_owner(owner: str, corpus_dir: Path, anchor_dir: Path, merged_dir: Path
             others = mia_scores(document_nll(model, mia_val), anchor_nll[1], mia_texts[1])
             entry["mia"] = {k: {"auc": auc(members[k], others[k]), "tpr_at_1pct_fpr": tpr_at_fpr(members[k], others[k])}
                             for k in members if not (name == "anchor" and k == "anchor_ratio")}
+            if len(gone_anchor_nll):
+                taken = mia_scores(document_nll(model, gone), gone_anchor_nll, gone_texts)
+                entry["mia_taken_down"] = {k: {"auc": auc(taken[k], others[k])} for k in taken
+                                           if not (name == "anchor" and k == "anchor_ratio")}
         if canaries:
             found = canary_audit(model, tokenizer, canaries, a.canary_candidates, a.seed)
             entry["canaries"] = {str(r): {"extracted": wilson(sum(f["extracted"] for f in found if f["repeats"] == r),

@@ -299,10 +299,10 @@ def audit_markdown(audits: list[dict]) -> str:
         return ""
     repeats = sorted({r for a in audits for m in a["models"].values() for r in m.get("canaries", {})}, key=int)
     lines = ["| owner | model | greedy extraction: train | held-out | sampled extraction: train | held-out | "
-             "MIA AUC loss | zlib | Min-K% | vs anchor | TPR@1%FPR loss | "
+             "MIA AUC loss | zlib | Min-K% | vs anchor | TPR@1%FPR loss | taken down vs held-out: MIA AUC loss | "
              + " | ".join("held-out canaries found, exposure" if r == "0" else f"canaries {r}x found, exposure"
                           for r in repeats) + " |",
-             "|---|---|" + "---:|" * (9 + len(repeats))]
+             "|---|---|" + "---:|" * (10 + len(repeats))]
     for a in audits:
         for name, m in a["models"].items():
             mia = m.get("mia", {})
@@ -310,6 +310,8 @@ def audit_markdown(audits: list[dict]) -> str:
                      _rate(m.get("extraction_sampled_train")), _rate(m.get("extraction_sampled_held_out"))]
             cells += [f"{mia[k]['auc']:.2f}" if k in mia else "" for k in ("loss", "zlib", "min_k", "anchor_ratio")]
             cells.append(f"{mia['loss']['tpr_at_1pct_fpr']:.2f}" if "loss" in mia else "")
+            gone = m.get("mia_taken_down", {}).get("loss")
+            cells.append(f"{gone['auc']:.2f} ({a['taken_down_documents']} documents)" if gone else "")
             for r in repeats:
                 c = m.get("canaries", {}).get(r)
                 cells.append(f"{c['extracted']['k']}/{c['extracted']['n']}, {c['exposure']:.1f}" if c else "")
