@@ -15,6 +15,7 @@ from flows.commands_coordinator import cmd_coordinate, cmd_enrol, cmd_server
 from flows.commands_local import (
     cmd_experts,
     cmd_export,
+    cmd_forget,
     cmd_generate,
     cmd_prune,
     cmd_remote_owner,
@@ -23,7 +24,7 @@ from flows.commands_local import (
     cmd_trace,
     cmd_ui,
 )
-from flows.commands_owner import owner_init, owner_publish, owner_run, owner_serve, owner_worker
+from flows.commands_owner import owner_forget, owner_init, owner_publish, owner_run, owner_serve, owner_worker
 from flows.console import VERBOSITY_VARIABLE
 
 DEFAULT_WORKSPACE = Path("workspace")
@@ -128,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("action", nargs="?", choices=["list", "enable", "disable"], default="list")
     ex.add_argument("owner", nargs="?", help="the owner to enable or disable")
     ex.set_defaults(func=cmd_experts)
+    fg = sub.add_parser("forget", help="take documents of an owner down (an erasure request): the next run "
+                        "retrains without them", parents=[workspace, params_option(EDITED)])
+    fg.add_argument("owner")
+    fg.add_argument("ids", nargs="+", metavar="DOC_ID", help="ids as in owners/<owner>/corpus/*.jsonl")
+    fg.set_defaults(func=cmd_forget)
     pr = sub.add_parser("prune", help="delete what the workspace holds of owners removed from params.yaml",
                         parents=[workspace])
     pr.add_argument("--yes", action="store_true", help="delete (without it, only list)")
@@ -193,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 parents=[owner_workspace, phase])
     opub.add_argument("store", help="the shared store: a folder or dvc:NAME")
     opub.set_defaults(func=owner_publish)
+    ofg = owner_sub.add_parser("forget", help="take documents down: the next owner run retrains without them",
+                               parents=[owner_workspace])
+    ofg.add_argument("ids", nargs="+", metavar="DOC_ID", help="ids as in the owner's corpus/*.jsonl")
+    ofg.add_argument("--reason", default=None, help="kept with the request in the owner's workspace only")
+    ofg.set_defaults(func=owner_forget)
     oserve = owner_sub.add_parser("serve", help="the owner's trace service (127.0.0.1, or another address over TLS)",
                                   parents=[owner_workspace, listen])
     oserve.add_argument("--base-port", type=_port, default=None, help="listen on BASE_PORT + the owner's index "

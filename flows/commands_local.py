@@ -182,6 +182,24 @@ def pending_takedown(ws, chosen: list[str]) -> str | None:
             f"trained on them: run `consort run` first, or leave them out with --experts")
 
 
+def cmd_forget(owner: str, ids: list[str], workspace: Path, params: Path | None) -> int:
+    """An erasure request on one machine: the ids go to `owners.<owner>.data.exclude`; the next run takes
+    the documents down (docs/privacy.md)."""
+    from flows.params_file import forget_in_workspace
+    from stages.params import ParamsError
+
+    try:
+        added = forget_in_workspace(workspace.resolve(), owner, ids, params)
+    except (ParamsError, FileNotFoundError) as err:
+        print(f"consort: {err}", file=sys.stderr)
+        return 2
+    new = sorted({i for got in added.values() for i in got})
+    print(f"{owner}: {len(new)} document id(s) added to owners.{owner}.data.exclude in "
+          f"{', '.join(map(str, added))}" + ("" if new else " (all were listed already)") + "; `consort run` "
+          "takes them down, and until then generate, trace and export refuse the expert trained on them")
+    return 0
+
+
 def cmd_prune(workspace: Path, yes: bool) -> int:
     """Remove for good what a workspace holds of owners no longer in params.yaml."""
     from flows.workspace import removed_owner_paths

@@ -94,6 +94,31 @@ def owner_publish(workspace: Path, store: str, phase: str) -> int:
     return 0
 
 
+def owner_forget(ids: list[str], workspace: Path, reason: str | None) -> int:
+    """The owner's erasure request: the ids go to owners.<name>.data.exclude in its workspace's params.yaml,
+    and the request (date, ids, reason) to its own .consort/takedowns.jsonl, which never leaves it."""
+    import json
+    import time
+
+    from flows.params_file import forget_documents
+
+    try:
+        ws, _ = _owner_workspace(workspace, None)
+        added = forget_documents(ws.owner, ids, ws.root / "params.yaml")
+    except _owner_errors() as err:
+        print(f"consort: {err}", file=sys.stderr)
+        return 2
+    log = ws.root / ".consort" / "takedowns.jsonl"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as fh:
+        fh.write(json.dumps({"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "ids": added,
+                             "reason": reason or ""}) + "\n")
+    print(f"{ws.owner}: {len(added)} document id(s) to take down" + ("" if added else " (all were listed already)")
+          + f"; `consort owner run --workspace {workspace}` rebuilds the corpus, index and expert without them, "
+          "and `consort owner publish` sends the new package (its manifest says how many, never which)")
+    return 0
+
+
 def owner_serve(workspace: Path, base_port: int | None, host: str, tls_cert: Path | None, tls_key: Path | None,
                 allow_insecure_remote: bool) -> int:
     """The owner's own trace service: on 127.0.0.1, or on another address over TLS."""

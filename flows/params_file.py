@@ -96,27 +96,36 @@ def set_expert_enabled(owner: str, enabled: bool, params_file: Path | None = Non
     return True
 
 
-def replace_yaml_value(text: str, keys: tuple[str, str], flow_value: str) -> str:
-    """`text` with the value of the mapping entry keys[0].keys[1] replaced by `flow_value`.
+def replace_yaml_value(text: str, keys: tuple[str, ...], flow_value: str) -> str:
+    """`text` with the value of the mapping entry at the path `keys` replaced by `flow_value`.
 
     The node positions come from ruamel's round-trip parser; the edit itself is on the text, so
-    nothing outside the value moves. A missing entry is added (a missing section at the end).
+    nothing outside the value moves. A missing entry is added (a missing top-level section at the
+    end); the sections above a deeper entry must be there, in block style.
     """
     from ruamel.yaml import YAML
 
-    top, key = keys
+    *path, top, key = keys
     doc = YAML().load(text) or {}
+    for part in path:
+        doc = doc.get(part) if hasattr(doc, "get") else None
+        if doc is None or doc.fa.flow_style():
+            raise P.ParamsError(f"no block-style section {'.'.join(keys[:-1])} to edit; write {'.'.join(keys)} by hand")
     lines = text.splitlines(keepends=True)
     section = doc.get(top)
     if not section:  # no section, `top:` with nothing under it, or `top: {}`
         if top not in doc:
+            if path:
+                raise P.ParamsError(f"no section {'.'.join(keys[:-1])} to edit; write {'.'.join(keys)} by hand")
             return text + ("" if not text or text.endswith("\n") else "\n") + f"{top}:\n  {key}: {flow_value}\n"
-        line = doc.lc.key(top)[0]
+        line, col = doc.lc.key(top)
         if section is not None:  # the empty flow mapping gives way to a block one (a comment stays)
             lines[line] = re.sub(r"\{\s*\}", "", lines[line], count=1)
-        lines.insert(line + 1, f"  {key}: {flow_value}\n")
+        lines.insert(line + 1, " " * (col + 2) + f"{key}: {flow_value}\n")
         return "".join(lines)
     if key not in section:
+        if section.fa.flow_style():
+            raise P.ParamsError(f"{'.'.join(keys[:-1])} is written in flow style ({{...}}); add {key} to it by hand")
         line, col = section.lc.key(next(iter(section)))
         lines.insert(line, " " * col + f"{key}: {flow_value}\n")
         return "".join(lines)
@@ -175,3 +184,39 @@ def check_local_sources(params: P.Params, origin: str) -> None:
             if not any(path.iterdir()):
                 raise P.ParamsError(f"{origin}: {key}: {source.path} is empty; put the owner's documents "
                                     "in it (nothing was changed)")
+
+
+def forget_documents(owner: str, ids: list[str], path: Path) -> list[str]:
+    """Add document ids to `owners.<owner>.data.exclude` in the params file at `path` (only that value
+    changes; validated before it is written). Returns the ids not listed before."""
+    import json
+
+    from stages.io import write_text
+
+    text = path.read_text()
+    owners = (yaml.safe_load(text) or {}).get("owners") or {}
+    if owner not in owners:
+        raise P.ParamsError(f"{path}: no owner {owner!r}; owners are {', '.join(owners)}")
+    listed = ((owners[owner] or {}).get("data") or {}).get("exclude") or []
+    new = [i for i in dict.fromkeys(ids) if i not in listed]
+    if not new:
+        return []
+    value = "[" + ", ".join(i if re.fullmatch(r"[\w.-]+", i) else json.dumps(i) for i in [*listed, *new]) + "]"
+    new_text = replace_yaml_value(text, ("owners", owner, "data", "exclude"), value)
+    P.resolve(yaml.safe_load(new_text), origin=str(path))
+    write_text(path, new_text)
+    return new
+
+
+def forget_in_workspace(root: Path, owner: str, ids: list[str], params_file: Path | None = None) -> dict[Path, list[str]]:
+    """An erasure request where the workspace at `root` reads it: the params file it was built from (so
+    the next run takes the documents down) and its own params.yaml (so the commands refuse the old
+    expert at once). Every file is checked before any is written. Returns the ids added per file."""
+    ws = Workspace(root)
+    recorded = _check_params_file(ws, params_file) if ws.params_path.exists() else None
+    files = [recorded[0] if recorded else params_file or PROJECT_ROOT / "params.yaml"]
+    files += [ws.params_path] if ws.params_path.exists() else []
+    for path in files:
+        if owner not in ((yaml.safe_load(path.read_text()) or {}).get("owners") or {}):
+            raise P.ParamsError(f"{path}: no owner {owner!r}")
+    return {path: forget_documents(owner, ids, path) for path in files}

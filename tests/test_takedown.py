@@ -42,3 +42,27 @@ def test_a_pending_takedown_is_listed_and_refused_until_the_expert_retrains(tmp_
     (package / MANIFEST).write_text(json.dumps({"owner": "news", "takedown": {"requested": 1}}))
     assert takedown_lines(ws, ["news"]) == ["takedown news: 1 document id(s) (done)"]
     assert pending_takedown(ws, ["code", "news"]) is None
+
+
+def test_forget_adds_the_ids_to_the_owners_exclude_list_and_changes_nothing_else(tmp_path):
+    import difflib
+
+    import pytest
+
+    from flows.params_file import forget_documents
+
+    original = (PROJECT / "params.yaml").read_text()
+    path = tmp_path / "params.yaml"
+    path.write_text(original)
+    assert forget_documents("news", ["news-6ef6817f9422cc62", "news-6ef6817f9422cc62"], path) == ["news-6ef6817f9422cc62"]
+    assert forget_documents("news", ["news-6ef6817f9422cc62", "news-00000000000000ff"], path) == ["news-00000000000000ff"]
+    changed = [d for d in difflib.ndiff(original.splitlines(), path.read_text().splitlines()) if d[:2] in ("+ ", "- ")]
+    assert changed == ["+       exclude: [news-6ef6817f9422cc62, news-00000000000000ff]"]
+    assert P.parse(P.resolve(yaml.safe_load(path.read_text()))).owners["news"].data.exclude == [
+        "news-6ef6817f9422cc62", "news-00000000000000ff"]
+    with pytest.raises(P.ParamsError, match="no owner 'clinic'"):
+        forget_documents("clinic", ["x"], path)
+    resolved = tmp_path / "resolved.yaml"  # a workspace's own params.yaml, as yaml.safe_dump writes it
+    resolved.write_text(yaml.safe_dump(P.resolve(yaml.safe_load(original)), sort_keys=False))
+    forget_documents("code", ["code-1"], resolved)
+    assert P.parse(yaml.safe_load(resolved.read_text())).owners["code"].data.exclude == ["code-1"]
