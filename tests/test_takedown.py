@@ -2,6 +2,7 @@
 trained on documents taken down since, and the commands refuse an expert whose takedown is pending."""
 import json
 
+import pytest
 import yaml
 from conftest import PROJECT
 from mlflow.tracking import MlflowClient
@@ -47,8 +48,6 @@ def test_a_pending_takedown_is_listed_and_refused_until_the_expert_retrains(tmp_
 def test_forget_adds_the_ids_to_the_owners_exclude_list_and_changes_nothing_else(tmp_path):
     import difflib
 
-    import pytest
-
     from flows.params_file import forget_documents
 
     original = (PROJECT / "params.yaml").read_text()
@@ -66,3 +65,47 @@ def test_forget_adds_the_ids_to_the_owners_exclude_list_and_changes_nothing_else
     resolved.write_text(yaml.safe_dump(P.resolve(yaml.safe_load(original)), sort_keys=False))
     forget_documents("code", ["code-1"], resolved)
     assert P.parse(yaml.safe_load(resolved.read_text())).owners["code"].data.exclude == ["code-1"]
+
+
+@pytest.mark.slow  # retrains news's expert and re-runs the merge and every evaluation (about 3 minutes)
+def test_a_document_taken_down_leaves_the_index_the_expert_and_the_registry(smoke_workspace, tmp_path):
+    """The whole chain on the smoke run: a news document is in the index; `consort forget` makes the
+    commands refuse the old expert; the run re-runs news's stages and the coordinator's only; the index
+    no longer holds the document, the new package records one takedown and no id, the old registered
+    version is withdrawn, and the owner's audit scores the document against the held-out ones."""
+    from conftest import run_consort
+    from transformers import AutoTokenizer
+
+    from stages.io import read_jsonl
+    from tracing.index import open_engine
+
+    ws, _ = smoke_workspace
+    doc = next(read_jsonl(ws / "owners" / "news" / "corpus" / "train.jsonl"))
+    tokenizer = AutoTokenizer.from_pretrained(ws / "models" / "anchor")
+    span = tokenizer(doc["text"], add_special_tokens=False)["input_ids"][10:26]
+    assert open_engine(ws / "owners" / "news" / "index").count(input_ids=span)["count"] >= 1
+    params = tmp_path / "params.yaml"  # the workspace's resolved params, as the other re-running tests do
+    params.write_text((ws / "params.yaml").read_text())
+    client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+    before = client.get_model_version_by_alias("consort-merged", "current").version
+    run_consort("forget", "news", doc["id"], "--workspace", str(ws), "--params", str(params), cwd=ws.parent)
+    refused = run_consort("export", str(tmp_path / "out"), "--workspace", str(ws), cwd=ws.parent, check=False)
+    assert refused.returncode == 2 and "news asked to take documents down" in refused.stderr
+    assert "pending" in run_consort("experts", "--workspace", str(ws), cwd=ws.parent).stdout
+
+    proc = run_consort("run", "--workspace", str(ws), "--params", str(params), cwd=ws.parent)
+    ran = {line.split()[1] for line in proc.stdout.splitlines() if line.strip().startswith("ran ")}
+    assert {"prepare_owner@news", "build_index@news", "train_expert@news", "merge_experts"} <= ran
+    assert not any(s.endswith(("@code", "@math", "@literature", "@manuals")) and not s.startswith(("evaluate", "audit"))
+                   for s in ran), ran
+    assert open_engine(ws / "owners" / "news" / "index").count(input_ids=span)["count"] == 0
+    manifest = (ws / "published" / "news" / "expert" / "consort_expert.json").read_text()
+    assert json.loads(manifest)["takedown"]["requested"] == 1 and doc["id"] not in manifest
+    assert doc["id"] not in "".join(p.read_text(errors="ignore") for p in (ws / "published").rglob("*.json"))
+    old = client.get_model_version("consort-merged", before)
+    assert old.tags["withdrawn"] == "true" and "news" in old.tags["withdrawn_reason"]
+    assert client.get_model_version_by_alias("consort-merged", "current").version != before
+    audit = json.loads((ws / "audits" / "news.json").read_text())
+    assert audit["taken_down_documents"] == 1 and 0 <= audit["models"]["merged"]["mia_taken_down"]["loss"]["auc"] <= 1
+    assert "takedown news: 1 document id(s) (done)" in run_consort("experts", "--workspace", str(ws),
+                                                                   cwd=ws.parent).stdout
