@@ -17,7 +17,8 @@ Side = Literal["owner", "coordinator", "reference"]
 # Coordinator stages run before the owners train, between their two phases, or after them.
 Phase = Literal["before_owners", "train", "after_training", "evaluate", "after_evaluation"]
 # "none": light bookkeeping, not scheduled; "one": stages that come in groups and run side by
-# side, one core each (an expert, an evaluation or audit per domain); "all": every core.
+# side, one core each (an expert, an owner's evaluation or audit); "all": every core (the public
+# evaluation too: it waits out the owners' evaluations, then runs alone, measured 2026-12-07 in the study).
 Cores = Literal["none", "one", "all"]
 # How the scheduler weighs a stage against others waiting for cores (flows/pipeline.stage_costs):
 # "unit" alike; "expert_tokens" the owner's training tokens (x3 under DP-SGD); "dp_twin_tokens" the
@@ -81,7 +82,7 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("audit", "owner", "evaluate", "one", "evaluation",
               public_inputs=("models/anchor", "models/merged"),
               published=(("results/{owner}/audit.json", "audits/{owner}.json"),)),
-    StageSpec("evaluate_public", "coordinator", "after_evaluation", "one", "evaluation"),
+    StageSpec("evaluate_public", "coordinator", "after_evaluation", "all", "evaluation"),
     StageSpec("evaluate_safety", "coordinator", "after_evaluation", "one", "evaluation"),
     StageSpec("report", "coordinator", "after_evaluation", "none", "evaluation", lineage=("report_files",)),
 )
