@@ -16,7 +16,7 @@ from pathlib import Path
 import markdown_it
 
 from stages import params as P
-from stages.artifacts import SYNTHETIC_STATS
+from stages.artifacts import MANIFEST, SYNTHETIC_STATS
 from stages.evidence import Interval, Verdict, average, combine, judge, judge_within
 from stages.io import read_json, temp_path, write_json, write_text
 from stages.results import (
@@ -354,6 +354,23 @@ def _formatter(numbers: dict):
     return lambda key, fmt=".3f": format(numbers[key], fmt) if numbers.get(key) is not None else ""
 
 
+def takedown_markdown(published: Path | None, owners: list[str], audits: list[dict]) -> str:
+    """Per owner with an erasure request: what its published expert was trained without (a count and a
+    digest of the ids, never the ids) and, from its audit, whether the merged model still knows them."""
+    lines = []
+    for o in owners:
+        path = published / o / "expert" / MANIFEST if published else None
+        done = read_json(path).get("takedown") if path and path.exists() else None
+        if not done:
+            continue
+        audit = next((a for a in audits if a.get("owner") == o), {})
+        gone = audit.get("models", {}).get("merged", {}).get("mia_taken_down", {}).get("loss")
+        lines.append(f"| {o} | {done.get('applied', '')} | {done['requested']} | {done['documents_removed']} | "
+                     f"`{done['ids_digest'][:16]}` | " + (f"{gone['auc']:.2f}" if gone else "") + " |")
+    return _table("| owner | expert retrained | ids requested | documents removed | SHA-256 of the ids | "
+                  "merged: MIA AUC, removed vs held-out |", 2, 4, lines)
+
+
 def synthetic_markdown(published: Path | None, owners: list[str]) -> str:
     """Per owner: its synthetic proxy set (stage synthesize), what the leak filter cut, how close it is."""
     lines = []
@@ -625,7 +642,7 @@ def safety_intro(safety: dict | None) -> str:
 
 
 def sections(rows: list[DomainEvaluation], images: list[str], goals: str, audits: list[dict], dp_table: str,
-             synthetic_table: str, curriculum_table: str, safety: dict | None) -> list[Section]:
+             synthetic_table: str, curriculum_table: str, safety: dict | None, takedown_table: str = "") -> list[Section]:
     """The report's sections, in the page's order: the one list a new section joins."""
     figures = "".join(f'<figure><img src="{name}" alt="{name}"></figure>' for name in images if name != "safety.png")
     return [
@@ -665,6 +682,11 @@ def sections(rows: list[DomainEvaluation], images: list[str], goals: str, audits
         Section("Owners' synthetic proxy documents", "Written by each owner's own model (a DP owner's by its DP "
                 "model) and leak-filtered on the owner's side against its own index before they were published; "
                 "a classifier accuracy near 0.5 means real and synthetic look alike to it.", synthetic_table),
+        Section("Erasure requests", "Documents each owner took down (owners.<name>.data.exclude): its expert "
+                "retrained without them and was republished. The ids stay with the owner; what it published is "
+                "their count and digest. An AUC near 0.5 means the merged model tells the removed documents from "
+                "held-out ones no better than chance; copies exported before the takedown are beyond reach.",
+                takedown_table),
         Section("Privacy audit (each owner, on its own machine)", "Rates with Wilson 95 % intervals. merged: with "
                 "the owner's expert; opted_out: without it; anchor: the public model alone. Without the expert, "
                 "the numbers should match the anchor's.", audit_markdown(audits)),
@@ -741,7 +763,8 @@ def report(evaluations: Path, out_dir: Path, metrics: Path, training_logs: dict[
                for r in rows}
     owner_names = owners or [r.domain for r in rows if not r.is_public]
     parts = sections(rows, images, targets_markdown(rows, reference_share), audits, dp_table,
-                     synthetic_markdown(published, owner_names), curriculum_markdown(published, owner_names), safety)
+                     synthetic_markdown(published, owner_names), curriculum_markdown(published, owner_names), safety,
+                     takedown_markdown(published, owner_names, audits))
     write_text(out_dir / "eval_table.md", "\n".join(part.table for part in parts if part.table))
     write_text(out_dir / "report.html", page_html(rows, parts))
     write_json(metrics, summary)

@@ -7,6 +7,7 @@ owner publishes: a 2-expert `FlexOlmoForCausalLM` ([public FFN, owner FFN], rout
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -184,10 +185,11 @@ def train_expert(owner: str, corpus_train: Path, public_train: Path, anchor_dir:
 
 
 def takedown_of(corpus_train: Path) -> dict:
-    """The corpus's erasure record (stage prepare_owner: counts and a digest of the ids), for the manifest."""
+    """The corpus's erasure record (stage prepare_owner: counts and a digest of the ids), for the manifest,
+    with the day the expert was retrained without them."""
     stats = corpus_train.parent / "stats.json"
     record = read_json(stats).get("takedown") if stats.exists() else None
-    return {"takedown": record} if record else {}
+    return {"takedown": record | {"applied": datetime.now(UTC).date().isoformat()}} if record else {}
 
 
 def publish(model, owner: str, identity: dict, data_digest: str, expert: P.ExpertParams, train_params: P.TrainParams,

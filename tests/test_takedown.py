@@ -67,7 +67,23 @@ def test_forget_adds_the_ids_to_the_owners_exclude_list_and_changes_nothing_else
     assert P.parse(yaml.safe_load(resolved.read_text())).owners["code"].data.exclude == ["code-1"]
 
 
-@pytest.mark.slow  # retrains news's expert and re-runs the merge and every evaluation (about 3 minutes)
+def test_the_reports_erasure_section_shows_what_each_owner_published_and_no_id(tmp_path):
+    """The report's "Erasure requests" rows come from the published manifests and the owners' audits."""
+    from stages.report import takedown_markdown
+
+    record = {"requested": 2, "documents_removed": 1, "ids_digest": "ab" * 32, "applied": "2026-12-07"}
+    (tmp_path / "news" / "expert").mkdir(parents=True)
+    (tmp_path / "news" / "expert" / MANIFEST).write_text(json.dumps({"owner": "news", "takedown": record}))
+    (tmp_path / "code" / "expert").mkdir(parents=True)
+    (tmp_path / "code" / "expert" / MANIFEST).write_text(json.dumps({"owner": "code"}))
+    audits = [{"owner": "news", "models": {"merged": {"mia_taken_down": {"loss": {"auc": 0.5312}}}}}]
+    rows = [line for line in takedown_markdown(tmp_path, ["code", "news", "math"], audits).splitlines()
+            if line.startswith("| news") or line.startswith("| code")]
+    assert rows == ["| news | 2026-12-07 | 2 | 1 | `abababababababab` | 0.53 |"]
+    assert takedown_markdown(tmp_path, ["code"], audits) == ""
+
+
+@pytest.mark.slow  # retrains news's expert and re-runs the merge and every evaluation
 def test_a_document_taken_down_leaves_the_index_the_expert_and_the_registry(smoke_workspace, tmp_path):
     """The whole chain on the smoke run: a news document is in the index; `consort forget` makes the
     commands refuse the old expert; the run re-runs news's stages and the coordinator's only; the index
@@ -109,3 +125,6 @@ def test_a_document_taken_down_leaves_the_index_the_expert_and_the_registry(smok
     assert audit["taken_down_documents"] == 1 and 0 <= audit["models"]["merged"]["mia_taken_down"]["loss"]["auc"] <= 1
     assert "takedown news: 1 document id(s) (done)" in run_consort("experts", "--workspace", str(ws),
                                                                    cwd=ws.parent).stdout
+    erasures = (ws / "reports" / "report.html").read_text().split("<h2>Erasure requests</h2>")[1].split("<h2>")[0]
+    assert "<td>news</td>" in erasures and json.loads(manifest)["takedown"]["ids_digest"][:16] in erasures
+
