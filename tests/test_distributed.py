@@ -76,6 +76,7 @@ def _weights(folder) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.slow  # two torchrun processes: 53 s (2026-12-07)
 def test_anchor_and_expert_train_the_same_on_two_processes(tiny_anchor_dir, tmp_path):
     root, _, _ = tiny_anchor_dir
     params = _params(tmp_path)
@@ -107,6 +108,7 @@ def test_anchor_and_expert_train_the_same_on_two_processes(tiny_anchor_dir, tmp_
         assert (expert[f"layers.{i}.gate_up_proj"] - start).abs().max() > 1e-4
 
 
+@pytest.mark.slow  # two torchrun processes killed and restarted: 32 s (2026-12-07)
 def test_fsdp_training_killed_mid_run_resumes_from_its_checkpoint(tiny_anchor_dir, tmp_path):
     # The checkpoint of a sharded run holds whole tensors and the optimizer state by name: the
     # resumed run ends where one uninterrupted process ends.

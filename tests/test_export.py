@@ -125,6 +125,7 @@ metric_list:
 """
 
 
+@pytest.mark.slow  # lm-evaluation-harness on the export: 31 s (2026-12-07)
 def test_lm_eval_scores_the_export_as_consorts_own_scoring_does(smoke_workspace, tmp_path):
     """EleutherAI's harness (its `hf` model, a local loglikelihood_rolling task over an owner's
     held-out text) on the export, against consort's per-document scoring of the same documents."""

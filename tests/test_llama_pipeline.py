@@ -2,6 +2,7 @@
 downloaded) goes through every stage, and the merged model is a stock Qwen2MoeForCausalLM."""
 import json
 
+import pytest
 import torch
 import yaml
 from conftest import PROJECT, run_consort
@@ -28,6 +29,9 @@ def write_tiny_llama(root):
     return root / "llama"
 
 
+# A smoke pipeline of its own: 152 s of a 1,291 s suite (2026-12-07). The Llama family's merge,
+# slicing, export and decoding stay in the default suite (test_families).
+@pytest.mark.slow
 def test_a_llama_anchor_goes_through_the_smoke_pipeline(tmp_path):
     llama = write_tiny_llama(tmp_path)
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
