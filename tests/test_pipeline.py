@@ -279,7 +279,7 @@ def test_a_dvc_experiment_retrains_an_expert_in_its_copy_signing_its_package(smo
     assert yaml.safe_load((ws / "params.yaml").read_text())["owners"]["news"]["train"]["steps"] == steps
 
 
-@pytest.mark.slow  # re-trains an expert and re-runs all that follows it (about 3 minutes)
+@pytest.mark.slow  # re-trains an expert and re-runs all that follows it
 def test_a_param_change_reruns_only_its_branch(smoke_workspace, tmp_path):
     ws, _ = smoke_workspace
     client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
@@ -481,7 +481,7 @@ def test_curriculum_stages_and_safety_reach_the_report_mlflow_and_consort_expert
     assert listing.count("FLAGGED") == sum(c["flagged"] for c in configs.values())
 
 
-@pytest.mark.slow  # re-runs every evaluation and audit (about 3 minutes); slicing itself is tested in test_experts
+@pytest.mark.slow  # re-runs every evaluation and audit; slicing itself is tested in test_experts
 def test_opting_an_expert_out_reruns_only_what_follows_the_merge(smoke_workspace, tmp_path):
     ws, _ = smoke_workspace
     # The workspace's own resolved params (whatever earlier tests changed): only the opt-out differs.
@@ -624,7 +624,7 @@ def test_a_missing_data_folder_is_refused_before_anything_is_written(tmp_path):
     assert not ws.exists()  # no params, dvc.yaml, keys or MLflow run of a run that never started
 
 
-@pytest.mark.slow  # a pipeline of its own (about a minute)
+@pytest.mark.slow  # a pipeline of its own
 def test_a_failing_stage_ends_the_run_with_its_root_cause(tmp_path):
     folder = tmp_path / "clinic"
     folder.mkdir()
