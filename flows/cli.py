@@ -23,6 +23,7 @@ from flows.commands_local import (
     cmd_serve,
     cmd_trace,
     cmd_ui,
+    cmd_withdraw,
 )
 from flows.commands_owner import owner_forget, owner_init, owner_publish, owner_run, owner_serve, owner_worker
 from flows.console import VERBOSITY_VARIABLE
@@ -134,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     fg.add_argument("owner")
     fg.add_argument("ids", nargs="+", metavar="DOC_ID", help="ids as in owners/<owner>/corpus/*.jsonl")
     fg.set_defaults(func=cmd_forget)
+    wd = sub.add_parser("withdraw", help="an owner leaves the consortium: out of the params, the merge, the "
+                        "trace services and the registry's usable versions", parents=[workspace, params_option(EDITED)])
+    wd.add_argument("owner")
+    wd.set_defaults(func=cmd_withdraw)
     pr = sub.add_parser("prune", help="delete what the workspace holds of owners removed from params.yaml",
                         parents=[workspace])
     pr.add_argument("--yes", action="store_true", help="delete (without it, only list)")

@@ -185,11 +185,11 @@ def pending_takedown(ws, chosen: list[str]) -> str | None:
 def cmd_forget(owner: str, ids: list[str], workspace: Path, params: Path | None) -> int:
     """An erasure request on one machine: the ids go to `owners.<owner>.data.exclude`; the next run takes
     the documents down (docs/privacy.md)."""
-    from flows.params_file import forget_in_workspace
+    from flows.params_file import forget_documents, in_workspace
     from stages.params import ParamsError
 
     try:
-        added = forget_in_workspace(workspace.resolve(), owner, ids, params)
+        added = in_workspace(workspace.resolve(), owner, lambda path: forget_documents(owner, ids, path), params)
     except (ParamsError, FileNotFoundError) as err:
         print(f"consort: {err}", file=sys.stderr)
         return 2
@@ -197,6 +197,31 @@ def cmd_forget(owner: str, ids: list[str], workspace: Path, params: Path | None)
     print(f"{owner}: {len(new)} document id(s) added to owners.{owner}.data.exclude in "
           f"{', '.join(map(str, added))}" + ("" if new else " (all were listed already)") + "; `consort run` "
           "takes them down, and until then generate, trace and export refuse the expert trained on them")
+    return 0
+
+
+def cmd_withdraw(owner: str, workspace: Path, params: Path | None) -> int:
+    """An owner leaves the consortium: its section leaves the params files, its trace service the
+    registry; the next run merges without its expert and withdraws every registered version holding it."""
+    from flows.params_file import in_workspace, withdraw_owner
+    from stages.params import ParamsError
+    from tracing.coordinator import load_registry, write_registry
+
+    ws_root = workspace.resolve()
+    try:
+        edited = in_workspace(ws_root, owner, lambda path: withdraw_owner(owner, path), params)
+    except (ParamsError, FileNotFoundError) as err:
+        print(f"consort: {err}", file=sys.stderr)
+        return 2
+    registry = load_registry(ws_root)
+    service = registry.pop(owner, None)
+    if service:
+        write_registry(ws_root, registry)
+    print(f"{owner}: removed from {', '.join(map(str, edited))}"
+          + (f"; its trace service ({service['url']}) is no longer asked" if service else "")
+          + f". `consort run --workspace {workspace}` merges without its expert and tags every registered "
+          f"version holding it withdrawn; `consort prune --workspace {workspace} --yes` then deletes what the "
+          "workspace still holds of it")
     return 0
 
 

@@ -133,12 +133,7 @@ def replace_yaml_value(text: str, keys: tuple[str, ...], flow_value: str) -> str
     value_line, value_col = section.lc.value(key)
     if value_line != key_line or lines[key_line][value_col:value_col + 1] not in ("[", "{"):
         # Empty, or a block list over several lines: it becomes one flow list on the key's line.
-        end = key_line + 1
-        while end < len(lines) and (not lines[end].strip() or lines[end].lstrip().startswith("#")
-                                     or len(lines[end]) - len(lines[end].lstrip()) > key_col):
-            end += 1
-        while end > key_line + 1 and not lines[end - 1].strip():
-            end -= 1  # blank lines after the list belong to the layout, not to the value
+        end = _block_end(lines, key_line, key_col)
         head = lines[key_line]
         colon = head.index(":", key_col)
         comment = re.match(r"\s*(#.*)?", head[colon + 1:]).group(1)  # a comment after `key:` stays
@@ -148,6 +143,37 @@ def replace_yaml_value(text: str, keys: tuple[str, ...], flow_value: str) -> str
     line = lines[key_line]
     close = _flow_end(line, value_col)
     lines[key_line] = line[:value_col] + flow_value + line[close:]
+    return "".join(lines)
+
+
+def _block_end(lines: list[str], key_line: int, key_col: int) -> int:
+    """The line just past the block value of the entry at (key_line, key_col): the lines indented deeper
+    (comments and blank lines among them), but the blank lines after it, which belong to the layout."""
+    end = key_line + 1
+    while end < len(lines) and (not lines[end].strip() or lines[end].lstrip().startswith("#")
+                                 or len(lines[end]) - len(lines[end].lstrip()) > key_col):
+        end += 1
+    while end > key_line + 1 and not lines[end - 1].strip():
+        end -= 1
+    return end
+
+
+def remove_yaml_entry(text: str, keys: tuple[str, ...]) -> str:
+    """`text` without the mapping entry at the path `keys` (its key line and its block); the sections
+    above it must be in block style. Every other byte stays."""
+    from ruamel.yaml import YAML
+
+    *path, key = keys
+    doc = YAML().load(text) or {}
+    for part in path:
+        doc = doc.get(part) if hasattr(doc, "get") else None
+        if doc is None or doc.fa.flow_style():
+            raise P.ParamsError(f"no block-style section {'.'.join(path)} to edit; remove {'.'.join(keys)} by hand")
+    if key not in doc:
+        raise P.ParamsError(f"no entry {'.'.join(keys)} to remove")
+    lines = text.splitlines(keepends=True)
+    key_line, key_col = doc.lc.key(key)
+    del lines[key_line:_block_end(lines, key_line, key_col)]
     return "".join(lines)
 
 
@@ -208,10 +234,25 @@ def forget_documents(owner: str, ids: list[str], path: Path) -> list[str]:
     return new
 
 
-def forget_in_workspace(root: Path, owner: str, ids: list[str], params_file: Path | None = None) -> dict[Path, list[str]]:
-    """An erasure request where the workspace at `root` reads it: the params file it was built from (so
-    the next run takes the documents down) and its own params.yaml (so the commands refuse the old
-    expert at once). Every file is checked before any is written. Returns the ids added per file."""
+def withdraw_owner(owner: str, path: Path) -> None:
+    """Remove the owner's section from `owners` in the params file at `path` (validated before it is
+    written): it leaves the consortium, and the presets' settings for it no longer apply."""
+    from stages.io import write_text
+
+    text = path.read_text()
+    new_text = remove_yaml_entry(text, ("owners", owner))
+    raw = yaml.safe_load(new_text)
+    if "presets" in raw:
+        P.resolve(raw, origin=str(path))
+    else:  # a workspace's params.yaml is resolved already
+        P.parse(raw, origin=str(path))
+    write_text(path, new_text)
+
+
+def in_workspace(root: Path, owner: str, edit, params_file: Path | None = None) -> dict[Path, object]:
+    """`edit(path)` on each params file the workspace at `root` reads the owner from: the one it was built
+    from (so the next run has the change) and its own params.yaml (so the commands see it at once).
+    Every file is checked to hold the owner before any is edited. Returns each file's result."""
     ws = Workspace(root)
     recorded = _check_params_file(ws, params_file) if ws.params_path.exists() else None
     files = [recorded[0] if recorded else params_file or PROJECT_ROOT / "params.yaml"]
@@ -219,4 +260,4 @@ def forget_in_workspace(root: Path, owner: str, ids: list[str], params_file: Pat
     for path in files:
         if owner not in ((yaml.safe_load(path.read_text()) or {}).get("owners") or {}):
             raise P.ParamsError(f"{path}: no owner {owner!r}")
-    return {path: forget_documents(owner, ids, path) for path in files}
+    return {path: edit(path) for path in files}

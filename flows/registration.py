@@ -102,22 +102,25 @@ def register_export(lineage) -> None:
     # `latest` is MLflow's own name for the newest version; `current` is what the last run ships.
     client.set_registered_model_alias(REGISTERED_MODEL, CURRENT_ALIAS, version)
     client.set_tag(lineage.parent, "consort.registered_version", version)
-    withdraw_taken_down(client, version)
+    withdraw_stale(client, version, list(ws.params().owners))
 
 
-def withdraw_taken_down(client, current: str) -> list[str]:
-    """Tag `withdrawn` every other version holding an owner's expert trained before that owner's latest
-    takedown (fewer ids taken down than the current version's expert): nothing loads it by accident."""
+def withdraw_stale(client, current: str, roster: list[str]) -> list[str]:
+    """Tag `withdrawn` every other version holding an expert nobody may load any more: one trained
+    before its owner's latest takedown (fewer ids taken down than the current version's expert), or
+    the expert of an owner no longer in the roster (params' owners: it left the consortium; an
+    opted-out owner stays in it)."""
     versions = client.search_model_versions(f"name='{REGISTERED_MODEL}'")
     now = next(v for v in versions if str(v.version) == str(current)).tags
     done = {k.split(".")[1]: int(v) for k, v in now.items() if k.startswith("expert.") and k.endswith(".takedowns")}
     withdrawn = []
     for v in versions:
-        stale = [o for o, n in done.items() if f"expert.{o}.data_digest" in v.tags
-                 and int(v.tags.get(f"expert.{o}.takedowns", "0")) < n]
-        if str(v.version) != str(current) and stale and v.tags.get("withdrawn") != "true":
+        held = {k.split(".")[1] for k in v.tags if k.startswith("expert.") and k.endswith(".data_digest")}
+        reasons = [f"holds the expert of {o} trained on documents taken down since" for o, n in done.items()
+                   if o in held and int(v.tags.get(f"expert.{o}.takedowns", "0")) < n]
+        reasons += [f"holds the expert of {o}, who left the consortium" for o in sorted(held - set(roster))]
+        if str(v.version) != str(current) and reasons and v.tags.get("withdrawn") != "true":
             client.set_model_version_tag(REGISTERED_MODEL, v.version, "withdrawn", "true")
-            client.set_model_version_tag(REGISTERED_MODEL, v.version, "withdrawn_reason",
-                                         f"holds the expert of {', '.join(stale)} trained on documents taken down since")
+            client.set_model_version_tag(REGISTERED_MODEL, v.version, "withdrawn_reason", "; ".join(reasons))
             withdrawn.append(str(v.version))
     return withdrawn

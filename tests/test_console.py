@@ -152,7 +152,7 @@ def test_every_command_takes_one_workspace_option_and_an_owner_must_name_its_own
             yield prefix, parser
 
     found = dict(commands(build_parser()))
-    assert len(found) == 19
+    assert len(found) == 20
     for name, parser in found.items():
         (option,) = [a for a in parser._actions if "--workspace" in a.option_strings]
         if name[0] == "owner":

@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from flows.commands_local import pending_takedown, takedown_lines
 from flows.layout import Workspace
-from flows.registration import REGISTERED_MODEL, withdraw_taken_down
+from flows.registration import REGISTERED_MODEL, withdraw_stale
 from stages import params as P
 from stages.artifacts import MANIFEST
 
@@ -21,11 +21,23 @@ def test_a_new_version_withdraws_the_versions_holding_an_expert_trained_before_a
     for experts in holds:
         client.create_model_version(REGISTERED_MODEL, str(tmp_path), tags={
             **{f"expert.{o}.data_digest": "d" for o in experts}, **{f"expert.{o}.takedowns": n for o, n in experts.items()}})
-    assert withdraw_taken_down(client, "3") == ["1"]  # v2 never held news's expert
+    assert withdraw_stale(client, "3", ["news", "code"]) == ["1"]  # v2 never held news's expert
     tags = {str(v.version): v.tags for v in client.search_model_versions(f"name='{REGISTERED_MODEL}'")}
     assert tags["1"]["withdrawn"] == "true" and "news" in tags["1"]["withdrawn_reason"]
     assert "withdrawn" not in tags["2"] and "withdrawn" not in tags["3"]
-    assert withdraw_taken_down(client, "3") == []  # once
+    assert withdraw_stale(client, "3", ["news", "code"]) == []  # once
+
+
+def test_an_owner_that_leaves_has_every_version_holding_its_expert_withdrawn(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client.create_registered_model(REGISTERED_MODEL)
+    for experts in (["news", "code"], ["code"], ["code", "math"]):  # v3 (current): news left, math joined
+        client.create_model_version(REGISTERED_MODEL, str(tmp_path),
+                                    tags={f"expert.{o}.data_digest": "d" for o in experts})
+    assert withdraw_stale(client, "3", ["code", "math", "literature"]) == ["1"]
+    v1 = client.get_model_version(REGISTERED_MODEL, "1").tags
+    assert v1["withdrawn_reason"] == "holds the expert of news, who left the consortium"
+    assert "withdrawn" not in client.get_model_version(REGISTERED_MODEL, "2").tags
 
 
 def test_a_pending_takedown_is_listed_and_refused_until_the_expert_retrains(tmp_path):
@@ -81,6 +93,39 @@ def test_the_reports_erasure_section_shows_what_each_owner_published_and_no_id(t
             if line.startswith("| news") or line.startswith("| code")]
     assert rows == ["| news | 2026-12-07 | 2 | 1 | `abababababababab` | 0.53 |"]
     assert takedown_markdown(tmp_path, ["code"], audits) == ""
+
+
+def test_withdraw_removes_the_owner_from_both_params_files_and_the_trace_registry_and_nothing_else(tmp_path):
+    """`consort withdraw news` on a workspace: its section leaves the source params and the workspace's,
+    every other byte stays, its trace service leaves the registry; an unknown owner changes nothing."""
+    import difflib
+
+    from conftest import run_consort
+
+    from flows.params_file import record_source
+    from tracing.coordinator import load_registry, write_registry
+
+    source, ws = tmp_path / "params.yaml", tmp_path / "ws"
+    source.write_text((PROJECT / "params.yaml").read_text())
+    ws.mkdir()
+    (ws / "params.yaml").write_text(yaml.safe_dump(P.resolve(yaml.safe_load(source.read_text()), "smoke"),
+                                                   sort_keys=False))
+    record_source(ws, source, "smoke")
+    write_registry(ws, {"news": {"url": "http://127.0.0.1:8801"}, "code": {"url": "http://127.0.0.1:8802"}})
+    before = {p: p.read_text() for p in (source, ws / "params.yaml")}
+    refused = run_consort("withdraw", "clinic", "--workspace", str(ws), cwd=tmp_path, check=False)
+    assert refused.returncode == 2 and "no owner 'clinic'" in refused.stderr
+    assert {p: p.read_text() for p in before} == before
+    done = run_consort("withdraw", "news", "--workspace", str(ws), cwd=tmp_path)
+    assert "news: removed from" in done.stdout and "consort prune" in done.stdout
+    removed = [d for d in difflib.ndiff(before[source].splitlines(), source.read_text().splitlines()) if d[:2] == "- "]
+    assert removed[0] == "-   news:" and not [d for d in difflib.ndiff(before[source].splitlines(),
+                                                                        source.read_text().splitlines()) if d[:2] == "+ "]
+    for path in before:
+        resolved = P.resolve(yaml.safe_load(path.read_text()), "smoke") if path == source else \
+            yaml.safe_load(path.read_text())
+        assert "news" not in resolved["owners"] and {"code", "math"} <= set(resolved["owners"]), path
+    assert list(load_registry(ws)) == ["code"]
 
 
 @pytest.mark.slow  # retrains news's expert and re-runs the merge and every evaluation
