@@ -159,9 +159,13 @@ def audit_owner(owner: str, corpus_dir: Path, anchor_dir: Path, merged_dir: Path
     anchor_nll = document_nll(models["anchor"], mia_train), document_nll(models["anchor"], mia_val)
     # Documents under an erasure request: scored as members against the held-out ones, an AUC near
     # 0.5 says the model keeps no trace of them (above it, they are still remembered).
+    # Their prefixes are also given to the model: the extraction rate of their suffixes should be
+    # the held-out one.
     gone_path = corpus_dir / TAKEN_DOWN
-    gone = [d[:a.mia_tokens] for d in (tokenizer([r["text"] for r in read_jsonl(gone_path)], add_special_tokens=False)
-                                        ["input_ids"] if gone_path.exists() else []) if len(d) >= 16]
+    gone_ids = tokenizer([r["text"] for r in read_jsonl(gone_path)], add_special_tokens=False)["input_ids"] \
+        if gone_path.exists() else []
+    gone = [d[:a.mia_tokens] for d in gone_ids if len(d) >= 16]
+    gone_extract = [d[:length] for d in gone_ids if len(d) >= length]
     gone_texts = [tokenizer.decode(d) for d in gone]
     gone_anchor_nll = document_nll(models["anchor"], gone) if gone and m else []
     result = {"owner": owner, "documents": n, "mia_documents": m, "taken_down_documents": len(gone), "models": {}}
@@ -172,6 +176,10 @@ def audit_owner(owner: str, corpus_dir: Path, anchor_dir: Path, merged_dir: Path
                 exact, near = extraction(model, [d[:length] for d in ids], a, a.seed)
                 entry[f"extraction_greedy_{split}"] = wilson(exact, n)
                 entry[f"extraction_sampled_{split}"] = wilson(near, n)
+        if gone_extract:
+            exact, near = extraction(model, gone_extract, a, a.seed)
+            entry["extraction_greedy_taken_down"] = wilson(exact, len(gone_extract))
+            entry["extraction_sampled_taken_down"] = wilson(near, len(gone_extract))
         if m:
             members = mia_scores(document_nll(model, mia_train), anchor_nll[0], mia_texts[0])
             others = mia_scores(document_nll(model, mia_val), anchor_nll[1], mia_texts[1])

@@ -363,12 +363,15 @@ def takedown_markdown(published: Path | None, owners: list[str], audits: list[di
         done = read_json(path).get("takedown") if path and path.exists() else None
         if not done:
             continue
-        audit = next((a for a in audits if a.get("owner") == o), {})
-        gone = audit.get("models", {}).get("merged", {}).get("mia_taken_down", {}).get("loss")
+        merged = next((a for a in audits if a.get("owner") == o), {}).get("models", {}).get("merged", {})
+        gone = merged.get("mia_taken_down", {}).get("loss")
         lines.append(f"| {o} | {done.get('applied', '')} | {done['requested']} | {done['documents_removed']} | "
-                     f"`{done['ids_digest'][:16]}` | " + (f"{gone['auc']:.2f}" if gone else "") + " |")
+                     f"`{done['ids_digest'][:16]}` | " + (f"{gone['auc']:.2f}" if gone else "") + " | "
+                     f"{_rate(merged.get('extraction_greedy_taken_down'))} | "
+                     f"{_rate(merged.get('extraction_greedy_held_out'))} |")
     return _table("| owner | expert retrained | ids requested | documents removed | SHA-256 of the ids | "
-                  "merged: MIA AUC, removed vs held-out |", 2, 4, lines)
+                  "merged: MIA AUC, removed vs held-out | merged: greedy extraction, removed | held-out |",
+                  2, 6, lines)
 
 
 def synthetic_markdown(published: Path | None, owners: list[str]) -> str:

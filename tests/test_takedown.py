@@ -88,10 +88,13 @@ def test_the_reports_erasure_section_shows_what_each_owner_published_and_no_id(t
     (tmp_path / "news" / "expert" / MANIFEST).write_text(json.dumps({"owner": "news", "takedown": record}))
     (tmp_path / "code" / "expert").mkdir(parents=True)
     (tmp_path / "code" / "expert" / MANIFEST).write_text(json.dumps({"owner": "code"}))
-    audits = [{"owner": "news", "models": {"merged": {"mia_taken_down": {"loss": {"auc": 0.5312}}}}}]
+    audits = [{"owner": "news", "models": {"merged": {
+        "mia_taken_down": {"loss": {"auc": 0.5312}},
+        "extraction_greedy_taken_down": {"rate": 0.0, "low": 0.0, "high": 0.79, "n": 1},
+        "extraction_greedy_held_out": {"rate": 0.25, "low": 0.05, "high": 0.7, "n": 4}}}}]
     rows = [line for line in takedown_markdown(tmp_path, ["code", "news", "math"], audits).splitlines()
             if line.startswith("| news") or line.startswith("| code")]
-    assert rows == ["| news | 2026-12-07 | 2 | 1 | `abababababababab` | 0.53 |"]
+    assert rows == ["| news | 2026-12-07 | 2 | 1 | `abababababababab` | 0.53 | 0.00 [0.00, 0.79] | 0.25 [0.05, 0.70] |"]
     assert takedown_markdown(tmp_path, ["code"], audits) == ""
 
 
@@ -168,6 +171,7 @@ def test_a_document_taken_down_leaves_the_index_the_expert_and_the_registry(smok
     assert client.get_model_version_by_alias("consort-merged", "current").version != before
     audit = json.loads((ws / "audits" / "news.json").read_text())
     assert audit["taken_down_documents"] == 1 and 0 <= audit["models"]["merged"]["mia_taken_down"]["loss"]["auc"] <= 1
+    assert audit["models"]["merged"]["extraction_greedy_taken_down"]["n"] == 1
     assert "takedown news: 1 document id(s) (done)" in run_consort("experts", "--workspace", str(ws),
                                                                    cwd=ws.parent).stdout
     erasures = (ws / "reports" / "report.html").read_text().split("<h2>Erasure requests</h2>")[1].split("<h2>")[0]
