@@ -1,8 +1,16 @@
-"""Llama-family anchors: their experts merge into the stock Qwen2MoeForCausalLM with FlexOlmo's
+"""Llama-family and Qwen2 anchors: their experts merge into the stock Qwen2MoeForCausalLM with FlexOlmo's
 routing, and every equivalence the Olmo2 path holds holds there too (on tiny random models)."""
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, LlamaForCausalLM, Qwen2MoeForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2MoeForCausalLM,
+)
 
 from stages.model.baselines import soup_model
 from stages.model.decode import decode
@@ -22,6 +30,22 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
         for p in model.parameters():
             p.normal_(0, 0.2)  # norms away from 1, so that a norm put in the wrong place shows
     return model
+
+
+def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
+    """Llama's shape with Qwen2's q/k/v biases (random, like every other weight)."""
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True, pad_token_id=1, bos_token_id=0, eos_token_id=0)
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model
+
+
+TINY = {"llama": (tiny_llama, LlamaForCausalLM), "qwen2": (tiny_qwen2, Qwen2ForCausalLM)}
 
 
 def merged_from(anchor, experts: list[dict[str, torch.Tensor]], top_k: int, seed: int = 0):
@@ -56,8 +80,9 @@ def logits(model, ids=IDS):
         return model(input_ids=ids).logits
 
 
-def test_a_one_expert_merge_and_equal_experts_compute_the_anchor():
-    anchor = tiny_llama()
+@pytest.mark.parametrize("family", TINY)
+def test_a_one_expert_merge_and_equal_experts_compute_the_anchor(family):
+    anchor = TINY[family][0]()
     one = merged_from(anchor, [anchor_ffn(anchor)], top_k=1)
     assert type(one) is Qwen2MoeForCausalLM
     torch.testing.assert_close(logits(one), logits(anchor), rtol=1e-5, atol=1e-5)
@@ -66,8 +91,9 @@ def test_a_one_expert_merge_and_equal_experts_compute_the_anchor():
     torch.testing.assert_close(logits(three), logits(anchor), rtol=1e-5, atol=1e-5)
 
 
-def test_an_upcycled_llama_with_equal_experts_is_the_anchor_and_trains_only_the_owner_half():
-    anchor = tiny_llama()
+@pytest.mark.parametrize("family", TINY)
+def test_an_upcycled_anchor_with_equal_experts_is_the_anchor_and_trains_only_the_owner_half(family):
+    anchor = TINY[family][0]()
     upcycled = upcycle(anchor, torch.randn(32), torch.randn(32)).eval()
     torch.testing.assert_close(logits(upcycled), logits(anchor), rtol=1e-5, atol=1e-5)
     trainable = {n for n, p in upcycled.named_parameters() if p.requires_grad}
@@ -75,8 +101,9 @@ def test_an_upcycled_llama_with_equal_experts_is_the_anchor_and_trains_only_the_
     assert len(blocks(upcycled)) == 2
 
 
-def test_the_merged_llama_moe_loads_with_stock_transformers_and_decodes_as_generate(tmp_path):
-    anchor = tiny_llama()
+@pytest.mark.parametrize("family", TINY)
+def test_the_merged_moe_loads_with_stock_transformers_and_decodes_as_generate(tmp_path, family):
+    anchor = TINY[family][0]()
     model = merged_from(anchor, [anchor_ffn(anchor), random_ffn(anchor, 1), random_ffn(anchor, 2)], top_k=2)
     model.save_pretrained(tmp_path / "merged")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
@@ -89,17 +116,20 @@ def test_the_merged_llama_moe_loads_with_stock_transformers_and_decodes_as_gener
         assert torch.equal(ours, stock), type(m).__name__
 
 
-def test_the_soup_of_a_llama_moe_is_a_llama_with_the_averaged_ffn():
-    anchor = tiny_llama()
+@pytest.mark.parametrize("family", TINY)
+def test_the_soup_is_a_dense_model_of_the_anchors_family_with_the_averaged_ffn(family):
+    anchor = TINY[family][0]()
     model = merged_from(anchor, [anchor_ffn(anchor)] * 2, top_k=2)
     soup = soup_model(model)
-    assert type(soup) is LlamaForCausalLM
+    assert type(soup) is TINY[family][1]
     torch.testing.assert_close(logits(soup), logits(anchor), rtol=1e-5, atol=1e-5)
 
 
 def test_other_families_are_refused_with_the_supported_ones():
-    with pytest.raises(ValueError, match="gpt2.*olmo2.*llama"):
+    with pytest.raises(ValueError, match="gpt2.*olmo2.*llama.*qwen2"):
         check_family(GPT2Config(), "models/anchor")
+    with pytest.raises(ValueError, match="sliding-window"):
+        check_family(Qwen2Config(use_sliding_window=True, sliding_window=16), "models/anchor")
     biased = LlamaConfig(attention_bias=True)
     with pytest.raises(ValueError, match="biases"):
         check_family(biased, "models/anchor")

@@ -25,6 +25,8 @@ from transformers import (
     LlamaForCausalLM,
     Olmo2Config,
     Olmo2ForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
     Qwen2MoeConfig,
     Qwen2MoeForCausalLM,
 )
@@ -118,11 +120,11 @@ def project_bias(model: nn.Module) -> None:
 
 # --- families: the dense anchor and the stock MoE class its experts merge into --------------
 #
-# Olmo2 anchors merge into FlexOlmoForCausalLM. Llama-family anchors merge into
+# Olmo2 anchors merge into FlexOlmoForCausalLM. Llama-family and Qwen2 anchors merge into
 # Qwen2MoeForCausalLM set up to compute FlexOlmo's routing exactly: softmax over all experts,
-# top-k, no renormalisation; no shared expert (its width is 0, so it adds 0), no q/k/v biases.
-# Its attention, norms and RoPE are Llama's, so with every expert equal to the anchor's FFN it
-# computes the anchor. A family is one record; adding one is docs/developer/adding-an-anchor-family.md.
+# top-k, no renormalisation; no shared expert (its width is 0, so it adds 0); q/k/v biases for
+# Qwen2 only. Its attention, norms and RoPE are Llama's, so with every expert equal to the
+# anchor's FFN it computes the anchor. A family is one record; adding one is docs/developer/adding-an-anchor-family.md.
 
 
 def architecture(config) -> dict:
@@ -148,7 +150,7 @@ class Family:
     how to build one from the other."""
     model_types: tuple[str, ...]
     moe_class: type
-    moe_config_class: type
+    holds: Callable[..., bool]              # (MoE config) -> whether the family's merge made it
     moe_config: Callable[..., object]       # (dense config, num_experts, top_k, keep_bias) -> MoE config
     dense_model: Callable[..., nn.Module]   # (MoE config) -> an empty dense model of the family
     unsupported: Callable[..., str | None]  # (dense config) -> what of it the MoE class cannot hold
@@ -161,14 +163,17 @@ def _olmo2_moe_config(dense, num_experts: int, top_k: int, keep_bias: bool):
                         num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=False)
 
 
-def _llama_moe_config(dense, num_experts: int, top_k: int, keep_bias: bool):
-    if keep_bias:
-        raise ValueError("merge.router_bias: keep is supported for Olmo2 anchors only (a biased FlexOlmo "
-                         "router); with this Llama-family anchor use router_bias: drop")
-    return Qwen2MoeConfig(**architecture(dense), head_dim=head_dim(dense),
-                          moe_intermediate_size=dense.intermediate_size, shared_expert_intermediate_size=0,
-                          num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=False,
-                          qkv_bias=False, decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False)
+def _qwen2moe_config(qkv_bias: bool):
+    """The Qwen2Moe config builder of a family whose attention has q/k/v biases (Qwen2) or none (Llama)."""
+    def build(dense, num_experts: int, top_k: int, keep_bias: bool):
+        if keep_bias:
+            raise ValueError("merge.router_bias: keep is supported for Olmo2 anchors only (a biased FlexOlmo "
+                             f"router); with this {dense.model_type} anchor use router_bias: drop")
+        return Qwen2MoeConfig(**architecture(dense), head_dim=head_dim(dense),
+                              moe_intermediate_size=dense.intermediate_size, shared_expert_intermediate_size=0,
+                              num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=False,
+                              qkv_bias=qkv_bias, decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False)
+    return build
 
 
 def _llama_unsupported(config) -> str | None:
@@ -176,6 +181,12 @@ def _llama_unsupported(config) -> str | None:
         return "attention or MLP biases, which the merged Qwen2MoeForCausalLM cannot hold"
     if getattr(config, "sliding_window", None):
         return "sliding-window attention; only full attention is merged (sliding_window: null)"
+    return None
+
+
+def _qwen2_unsupported(config) -> str | None:
+    if getattr(config, "use_sliding_window", False):
+        return "sliding-window attention; only full attention is merged (use_sliding_window: false)"
     return None
 
 
@@ -192,19 +203,26 @@ def _qwen2moe_shared_expert(config) -> dict[str, torch.Tensor]:
 
 
 FAMILIES = (
-    Family(("olmo2",), FlexOlmoForCausalLM, FlexOlmoConfig, _olmo2_moe_config,
+    Family(("olmo2",), FlexOlmoForCausalLM, lambda c: isinstance(c, FlexOlmoConfig), _olmo2_moe_config,
            lambda c: Olmo2ForCausalLM(Olmo2Config(**architecture(c), attention_bias=c.attention_bias)),
            lambda c: None),
-    Family(("llama", "mistral"), Qwen2MoeForCausalLM, Qwen2MoeConfig, _llama_moe_config,
+    Family(("llama", "mistral"), Qwen2MoeForCausalLM, lambda c: isinstance(c, Qwen2MoeConfig) and not c.qkv_bias,
+           _qwen2moe_config(qkv_bias=False),
            lambda c: LlamaForCausalLM(LlamaConfig(**{**architecture(c), "intermediate_size": c.moe_intermediate_size},
                                                   head_dim=head_dim(c), attention_bias=False, mlp_bias=False)),
            _llama_unsupported, _qwen2moe_shared_expert),
+    # Qwen2's attention has q/k/v biases, which Qwen2Moe holds (qkv_bias); its norms and RoPE are Llama's.
+    Family(("qwen2",), Qwen2MoeForCausalLM, lambda c: isinstance(c, Qwen2MoeConfig) and c.qkv_bias,
+           _qwen2moe_config(qkv_bias=True),
+           lambda c: Qwen2ForCausalLM(Qwen2Config(**{**architecture(c), "intermediate_size": c.moe_intermediate_size},
+                                                  use_sliding_window=False)),
+           _qwen2_unsupported, _qwen2moe_shared_expert),
 )
 MOE_FAMILIES = {t: f.moe_class.__name__ for f in FAMILIES for t in f.model_types}
 
 
 def _of_moe(config) -> Family:
-    return next(f for f in FAMILIES if isinstance(config, f.moe_config_class))
+    return next(f for f in FAMILIES if f.holds(config))
 
 
 def check_family(config, origin: str) -> str:
