@@ -9,18 +9,22 @@ merge is refused, saying which check failed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
+from transformers.utils import GENERATION_CONFIG_NAME
 
 from stages import params as P
 from stages.artifacts import ANCHOR_INFO, MANIFEST, MANIFEST_VERSION, MERGED_INFO, PRESENT_OWNERS
 from stages.io import atomic_dir, file_digest, read_json, write_json
-from stages.model.moe import assemble, moe_config, moe_extra_state, moe_model, shared_state
+from stages.model.moe import moe_class, moe_config, moe_extra_state
 from stages.model.router_rows import load_embedding
-from stages.package import PackageRefused, enrolled_key, read_expert_tensors, verify_package
+from stages.model.tensor_files import DEFAULT_SHARD_BYTES, ShardWriter, TensorFiles
+from stages.package import PackageRefused, enrolled_key, open_expert_tensors, verify_package
 from stages.runtime import start_stage
 
 READABLE_MANIFESTS = (MANIFEST_VERSION,)  # earlier packages were unsigned (3: whole 2-expert models)
@@ -51,8 +55,9 @@ def anchor_identity(anchor_dir: Path) -> tuple[str, str]:
 
 
 def load_package(owner: str, package: Path, keyring: Path, c: PretrainedConfig, anchor_hash: str,
-                 tokenizer_hash: str) -> tuple[dict, dict]:
-    """(manifest, tensors) of a package whose signature, manifest and shapes (for anchor config `c`) all hold."""
+                 tokenizer_hash: str) -> tuple[dict, TensorFiles]:
+    """(manifest, tensors read on demand) of a package whose signature, manifest and shapes (for anchor
+    config `c`) all hold."""
     manifest_path = package / MANIFEST
     if not manifest_path.exists():
         raise MergeRefused(f"expert {owner}: {manifest_path} is missing; is {package} an expert package?")
@@ -60,7 +65,7 @@ def load_package(owner: str, package: Path, keyring: Path, c: PretrainedConfig, 
         verify_package(package, owner, enrolled_key(keyring, owner))
         manifest = json.loads(manifest_path.read_text())
         check_manifest(owner, manifest, anchor_hash, tokenizer_hash)
-        tensors = read_expert_tensors(package, owner, c.num_hidden_layers, c.hidden_size, c.intermediate_size)
+        tensors = open_expert_tensors(package, owner, c.num_hidden_layers, c.hidden_size, c.intermediate_size)
     except PackageRefused as err:
         raise MergeRefused(str(err)) from None
     return manifest, tensors
@@ -69,56 +74,72 @@ def load_package(owner: str, package: Path, keyring: Path, c: PretrainedConfig, 
 def check_package(owner: str, package: Path, keyring: Path, anchor_dir: Path) -> None:
     """Raise MergeRefused unless the merge would take this package (what a coordinator asks before
     merging, so that one refused owner can be left out instead of failing the merge)."""
-    load_package(owner, package, keyring, AutoConfig.from_pretrained(anchor_dir), *anchor_identity(anchor_dir))
+    _, tensors = load_package(owner, package, keyring, AutoConfig.from_pretrained(anchor_dir), *anchor_identity(anchor_dir))
+    tensors.close()
 
 
 def merge_experts(anchor_dir: Path, public_embedding: Path, experts: dict[str, Path], m: P.MergeParams,
-                  out_dir: Path, keyring: Path) -> dict:
+                  out_dir: Path, keyring: Path, shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
+    """Write the merged model into `out_dir`, tensor by tensor: the anchor's shared tensors as they are,
+    then each layer's stacked experts and router rows, in shards of at most `shard_bytes` (beside one
+    layer's tensors, all the merge holds in memory)."""
     if not experts:
         raise MergeRefused("no expert to merge: params.yaml lists no owner")
-    anchor = AutoModelForCausalLM.from_pretrained(anchor_dir)
-    anchor_state = anchor.state_dict()
+    c = AutoConfig.from_pretrained(anchor_dir)
     anchor_hash, tokenizer_hash = anchor_identity(anchor_dir)
     r_pub = load_embedding(public_embedding)
-    packages = {o: load_package(o, d, keyring, anchor.config, anchor_hash, tokenizer_hash) for o, d in experts.items()}
-
     num_experts = 1 + len(experts)
     top_k = min(m.top_k or num_experts, num_experts)
     keep_bias = m.router_bias == "keep"
     try:
-        config = moe_config(anchor.config, num_experts=num_experts, top_k=top_k, keep_bias=keep_bias)
+        config = moe_config(c, num_experts=num_experts, top_k=top_k, keep_bias=keep_bias)
     except ValueError as err:
         raise MergeRefused(f"{anchor_dir}: {err}") from None
-    merged_state = shared_state(anchor_state) | moe_extra_state(config)
-    biases = {o: [min(float(t[f"layers.{i}.bias"]), 0.0) for i in range(anchor.config.num_hidden_layers)]
-              for o, (_, t) in packages.items()}
-    for i in range(anchor.config.num_hidden_layers):
-        dense, layer = f"model.layers.{i}.mlp.", f"layers.{i}."
-        public_gate_up = torch.cat([anchor_state[dense + "gate_proj.weight"], anchor_state[dense + "up_proj.weight"]])
-        merged_state[dense + "experts.gate_up_proj"] = torch.stack(
-            [public_gate_up] + [t[layer + "gate_up_proj"] for _, t in packages.values()])
-        merged_state[dense + "experts.down_proj"] = torch.stack(
-            [anchor_state[dense + "down_proj.weight"]] + [t[layer + "down_proj"] for _, t in packages.values()])
-        merged_state[dense + "gate.weight"] = torch.stack(
-            [r_pub.view(-1)] + [t[layer + "router"] for _, t in packages.values()])
-        if keep_bias:  # the public expert has no bias; an owner's is min(b, 0) as trained
-            merged_state[dense + "gate.bias"] = torch.tensor([0.0] + [biases[o][i] for o in experts])
-    model = assemble(lambda: moe_model(config), merged_state, anchor)
-    info = {
-        "anchor_hash": anchor_hash,
-        "top_k": top_k,
-        "router_bias": m.router_bias,
-        "experts": [{"index": 0, "owner": "public"}] + [
-            {"index": i, "owner": owner, "data_digest": packages[owner][0]["data_digest"],
-             "anchor_hash": packages[owner][0]["anchor_hash"],
-             # kept here even when dropped from the weights, so the evaluation can score both ways
-             "router_bias": biases[owner]}
-            for i, owner in enumerate(experts, start=1)],
-    }
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(anchor_dir).save_pretrained(tmp)
-        write_json(tmp / MERGED_INFO, info)
+    with contextlib.ExitStack() as files:
+        anchor = files.enter_context(TensorFiles(anchor_dir))
+        packages = {}
+        for o, d in experts.items():
+            manifest, tensors = load_package(o, d, keyring, c, anchor_hash, tokenizer_hash)
+            packages[o] = manifest, files.enter_context(tensors)
+        biases = {o: [min(float(t.get(f"layers.{i}.bias")), 0.0) for i in range(c.num_hidden_layers)]
+                  for o, (_, t) in packages.items()}
+        with atomic_dir(out_dir) as tmp:
+            out = ShardWriter(tmp, shard_bytes)
+            for name in anchor.keys():
+                if ".mlp." not in name:  # shared verbatim (a tied lm_head is not in the anchor's files)
+                    out.add(name, anchor.get(name))
+            for name, tensor in moe_extra_state(config).items():
+                out.add(name, tensor)
+            for i in range(c.num_hidden_layers):
+                dense, layer = f"model.layers.{i}.mlp.", f"layers.{i}."
+                public_gate_up = torch.cat([anchor.get(dense + "gate_proj.weight"), anchor.get(dense + "up_proj.weight")])
+                out.add(dense + "experts.gate_up_proj", torch.stack(
+                    [public_gate_up] + [t.get(layer + "gate_up_proj") for _, t in packages.values()]))
+                out.add(dense + "experts.down_proj", torch.stack(
+                    [anchor.get(dense + "down_proj.weight")] + [t.get(layer + "down_proj") for _, t in packages.values()]))
+                out.add(dense + "gate.weight", torch.stack(
+                    [r_pub.view(-1)] + [t.get(layer + "router") for _, t in packages.values()]))
+                if keep_bias:  # the public expert has no bias; an owner's is min(b, 0) as trained
+                    out.add(dense + "gate.bias", torch.tensor([0.0] + [biases[o][i] for o in experts]))
+            out.close()
+            config.architectures = [moe_class(config).__name__]
+            config.dtype = anchor.get(next(iter(anchor.keys()))).dtype
+            config.save_pretrained(tmp)
+            if (anchor_dir / GENERATION_CONFIG_NAME).exists():
+                shutil.copy2(anchor_dir / GENERATION_CONFIG_NAME, tmp / GENERATION_CONFIG_NAME)
+            AutoTokenizer.from_pretrained(anchor_dir).save_pretrained(tmp)
+            info = {
+                "anchor_hash": anchor_hash,
+                "top_k": top_k,
+                "router_bias": m.router_bias,
+                "experts": [{"index": 0, "owner": "public"}] + [
+                    {"index": i, "owner": owner, "data_digest": packages[owner][0]["data_digest"],
+                     "anchor_hash": packages[owner][0]["anchor_hash"],
+                     # kept here even when dropped from the weights, so the evaluation can score both ways
+                     "router_bias": biases[owner]}
+                    for i, owner in enumerate(experts, start=1)],
+            }
+            write_json(tmp / MERGED_INFO, info)
     return info
 
 

@@ -167,25 +167,26 @@ def owner_model(anchor, r_pub, tensors: dict):
     return model.eval()
 
 
-def read_expert_tensors(package: Path, owner: str, num_layers: int, hidden: int, intermediate: int) -> dict:
-    """The package's tensors, checked against the shapes of this anchor; PackageRefused naming the first misfit."""
-    from safetensors.torch import load_file
+def open_expert_tensors(package: Path, owner: str, num_layers: int, hidden: int, intermediate: int):
+    """The package's tensors, read on demand (stages/model/tensor_files.py), their shapes checked against
+    this anchor's first; PackageRefused naming the first misfit."""
+    from stages.model.tensor_files import TensorFiles
 
     path = package / WEIGHTS
     if not path.exists():
         raise PackageRefused(f"expert {owner}: {path} is missing; is {package} an expert package of this version?")
-    tensors = load_file(path)
     shapes = {"gate_up_proj": (2 * intermediate, hidden), "down_proj": (hidden, intermediate), "router": (hidden,),
               "bias": ()}
     expected = {f"layers.{i}.{name}": shape for i in range(num_layers) for name, shape in shapes.items()}
-    for name, shape in expected.items():
-        if name not in tensors:
-            raise PackageRefused(f"expert {owner}: tensor {name} is missing from its package")
-        if tuple(tensors[name].shape) != shape:
-            raise PackageRefused(f"expert {owner}: tensor {name} has shape {tuple(tensors[name].shape)}, this anchor "
-                                 f"needs {shape}: the expert was built for another architecture")
-    extra = sorted(set(tensors) - set(expected))
-    if extra:
-        raise PackageRefused(f"expert {owner}: its package holds tensors this anchor has no place for: "
-                             f"{', '.join(extra[:3])}")
-    return tensors
+    with TensorFiles(path) as tensors:
+        for name, shape in expected.items():
+            if name not in tensors.where:
+                raise PackageRefused(f"expert {owner}: tensor {name} is missing from its package")
+            if tensors.shape(name) != shape:
+                raise PackageRefused(f"expert {owner}: tensor {name} has shape {tensors.shape(name)}, this anchor "
+                                     f"needs {shape}: the expert was built for another architecture")
+        extra = sorted(set(tensors.where) - set(expected))
+        if extra:
+            raise PackageRefused(f"expert {owner}: its package holds tensors this anchor has no place for: "
+                                 f"{', '.join(extra[:3])}")
+    return TensorFiles(path)

@@ -245,3 +245,32 @@ def test_the_keyring_keeps_an_owners_first_key(tmp_path):
     assert oct((tmp_path / "a" / "signing_key.pem").stat().st_mode & 0o777) == "0o600"
     with pytest.raises(PackageRefused, match="already holds a different key for owner 'alice'"):
         enrol_owner_key(create_owner_key(tmp_path / "b"), tmp_path / "ring", "alice")
+
+
+def test_a_merge_in_small_shards_holds_the_same_tensors_and_loads_with_stock_transformers(setup, tmp_path):
+    """The merge writes tensor by tensor; with shards smaller than a layer's experts the result is
+    the Hugging Face sharded layout, tensor for tensor the one-file merge."""
+    from safetensors import safe_open
+
+    from stages.model.tensor_files import INDEX_FILE, SINGLE_FILE, TensorFiles
+
+    root, anchor, r_pub = setup
+    dirs = {name: publish(root, name, anchor, r_pub, seed=20 + i)[1] for i, name in enumerate(["gamma", "delta"])}
+    merge_with_keyring(root / "anchor", root / "emb", dirs, P.MergeParams(), tmp_path / "one", keyring=KEYS["keyring"])
+    merge_with_keyring(root / "anchor", root / "emb", dirs, P.MergeParams(), tmp_path / "shards",
+                       keyring=KEYS["keyring"], shard_bytes=20_000)
+    assert (tmp_path / "one" / SINGLE_FILE).exists() and not (tmp_path / "one" / INDEX_FILE).exists()
+    weight_map = json.loads((tmp_path / "shards" / INDEX_FILE).read_text())["weight_map"]
+    files = sorted(set(weight_map.values()))
+    assert len(files) > 3 and files[-1].endswith(f"-of-{len(files):05d}.safetensors")
+    for file in files:  # every shard but one with several tensors is within the bound
+        with safe_open(tmp_path / "shards" / file, framework="pt") as f:
+            sizes = [f.get_tensor(k).numel() * 4 for k in f.keys()]
+        assert len(sizes) == 1 or sum(sizes) <= 20_000, file
+    with TensorFiles(tmp_path / "one") as one, TensorFiles(tmp_path / "shards") as shards:
+        assert sorted(one.keys()) == sorted(shards.keys()) == sorted(weight_map)
+        assert all(torch.equal(one.get(k), shards.get(k)) for k in one.keys())
+    ids = torch.randint(2, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = [AutoModelForCausalLM.from_pretrained(tmp_path / d)(input_ids=ids).logits for d in ("one", "shards")]
+    assert torch.equal(*logits)

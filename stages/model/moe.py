@@ -244,11 +244,14 @@ def moe_config(dense_config, num_experts: int, top_k: int, keep_bias: bool = Fal
     return next(f for f in FAMILIES if family in f.model_types).moe_config(dense_config, num_experts, top_k, keep_bias)
 
 
+def moe_class(config) -> type:
+    """The MoE class that `config` is for."""
+    return BiasedFlexOlmoForCausalLM if isinstance(config, BiasedFlexOlmoConfig) else _of_moe(config).moe_class
+
+
 def moe_model(config) -> nn.Module:
     """An empty model of the MoE class that `config` is for."""
-    if isinstance(config, BiasedFlexOlmoConfig):
-        return BiasedFlexOlmoForCausalLM(config)
-    return _of_moe(config).moe_class(config)
+    return moe_class(config)(config)
 
 
 def moe_extra_state(config) -> dict[str, torch.Tensor]:
