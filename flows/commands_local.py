@@ -281,7 +281,7 @@ def cmd_export(out: Path, experts: str | None, workspace: Path, params: Path | N
         refused = pending_takedown(ws, resolve_experts(experts, merged_owners(ws.merged_model), disabled))
         if refused:
             raise ValueError(refused)
-        summary, _ = export_model(ws.merged_model, ws.root / "models" / "anchor", ws.root / "published",
+        summary = export_model(ws.merged_model, ws.root / "models" / "anchor", ws.root / "published",
                                ws.reports / "eval_table.md", experts, disabled, out.resolve())
     except (ParamsError, ValueError, FileExistsError, FileNotFoundError) as err:
         print(f"consort: {err}", file=sys.stderr)

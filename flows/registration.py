@@ -79,8 +79,9 @@ def register_export(lineage) -> None:
         tags, note = merged_lineage(lineage, expert_runs, left_out)
         with tempfile.TemporaryDirectory(dir=ws.root, prefix=".export-") as tmp:
             export = Path(tmp) / "export"
-            _, model = export_model(shipped, ws.root / "models" / "anchor", ws.root / "published",
-                                    ws.reports / "eval_table.md", None, disabled, export)
+            export_model(shipped, ws.root / "models" / "anchor", ws.root / "published",
+                         ws.reports / "eval_table.md", None, disabled, export)
+            model = transformers.AutoModelForCausalLM.from_pretrained(export)
             # From a pipeline, not the checkpoint's path: this MLflow cannot read the task of
             # a local checkpoint with this transformers release.
             pipe = transformers.pipeline("text-generation", model=model,

@@ -86,35 +86,37 @@ def without_owners(tables: str, owners: list[str]) -> str:
 
 
 def export_model(merged_dir: Path, anchor_dir: Path, published: Path, eval_table: Path | None,
-                 experts: list[str] | str | None, disabled: list[str], out: Path):
-    """Write the shipped merged model with only `experts` (default: every owner not in `disabled`) to `out`;
-    return what it holds (the summary written as consort_export.json) and the sliced model."""
+                 experts: list[str] | str | None, disabled: list[str], out: Path) -> dict:
+    """Write the shipped merged model with only `experts` (default: every owner not in `disabled`) to `out`,
+    tensor by tensor in shards (stages/model/experts.write_sliced); return what it holds (the summary
+    written as consort_export.json)."""
     # Here, not at the top: the lineage reads expert_records without loading torch and transformers.
     from transformers import AutoTokenizer
 
-    from stages.model.experts import load_model, merged_owners, resolve_experts, slice_experts
+    from stages.artifacts import model_weights
+    from stages.model.experts import merged_owners, resolve_experts, write_sliced
+    from stages.model.moe import BiasedFlexOlmoConfig
 
     if out.exists() and any(out.iterdir()) and not (out / EXPORT_INFO).exists():
         raise FileExistsError(f"{out} exists and holds something other than a consort export; "
                               "name a new folder (an earlier export is replaced)")
     owners = merged_owners(merged_dir)
     chosen = resolve_experts(experts, owners, disabled)
-    model = load_model(merged_dir)
-    if type(model).__module__.startswith("stages."):
+    config = read_json(model_weights(merged_dir) / "config.json")
+    if config.get("model_type") == BiasedFlexOlmoConfig.model_type:
         raise ValueError(f"{merged_dir} keeps the router biases in consort's own class (merge.router_bias: keep), "
                          "which other tools cannot load; merge with merge.router_bias: drop to export")
-    model = slice_experts(model, [1 + owners.index(o) for o in chosen])
     info = read_json(merged_dir / MERGED_INFO)
     records = expert_records(merged_dir, published, chosen)
     left_out = [o for o in owners if o not in chosen]
     summary = {"source": merged_dir.name, "experts": records, "left_out": left_out,
-               "num_experts": model.config.num_experts, "top_k": model.config.num_experts_per_tok}
+               "num_experts": 1 + len(chosen), "top_k": min(config["num_experts_per_tok"], 1 + len(chosen))}
     # A left-out owner's evaluation numbers leave with its weights.
     table = without_owners(eval_table.read_text(), left_out) if eval_table and eval_table.exists() else ""
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
+        write_sliced(merged_dir, [1 + owners.index(o) for o in chosen], tmp)
         AutoTokenizer.from_pretrained(merged_dir).save_pretrained(tmp)
         write_json(tmp / EXPORT_INFO, summary | {"anchor_hash": info["anchor_hash"]})
         write_text(tmp / "README.md", model_card(read_json(anchor_dir / ANCHOR_INFO), records, left_out,
                                                  summary["top_k"], table))
-    return summary, model
+    return summary

@@ -274,3 +274,15 @@ def test_a_merge_in_small_shards_holds_the_same_tensors_and_loads_with_stock_tra
     with torch.no_grad():
         logits = [AutoModelForCausalLM.from_pretrained(tmp_path / d)(input_ids=ids).logits for d in ("one", "shards")]
     assert torch.equal(*logits)
+    # Slicing on disk (an export, an opt-out) equals slicing in memory, from shards into shards.
+    from stages.model.experts import slice_experts, write_sliced
+
+    (tmp_path / "sliced").mkdir()
+    write_sliced(tmp_path / "shards", [2], tmp_path / "sliced", shard_bytes=20_000)
+    assert (tmp_path / "sliced" / INDEX_FILE).exists()
+    on_disk = AutoModelForCausalLM.from_pretrained(tmp_path / "sliced")
+    in_memory = slice_experts(AutoModelForCausalLM.from_pretrained(tmp_path / "one"), [2])
+    assert on_disk.config.num_experts == 2
+    expected = in_memory.state_dict()
+    assert set(on_disk.state_dict()) == set(expected)
+    assert all(torch.equal(v, expected[k]) for k, v in on_disk.state_dict().items())

@@ -24,6 +24,7 @@ from stages.model.decode import decode
 from stages.model.fast_moe import use_fast_experts
 from stages.model.moe import BiasedFlexOlmoConfig, BiasedFlexOlmoForCausalLM, assemble
 from stages.model.router_fit import set_router_state
+from stages.model.tensor_files import DEFAULT_SHARD_BYTES, ShardWriter, TensorFiles
 
 
 def resolve_experts(spec: str | list[str] | None, available: list[str], disabled: list[str] = ()) -> list[str]:
@@ -58,9 +59,39 @@ def slice_experts(model: FlexOlmoForCausalLM, keep: list[int]) -> FlexOlmoForCau
     index = torch.tensor(keep, device=model.device)
     state = {}
     for key, value in model.state_dict().items():
-        sliced = key.endswith(("mlp.gate.weight", "mlp.gate.bias", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"))
-        state[key] = value.index_select(0, index).clone() if sliced else value
+        state[key] = value.index_select(0, index).clone() if key.endswith(SLICED) else value
     return assemble(lambda: type(model)(config), state, model)
+
+
+SLICED = ("mlp.gate.weight", "mlp.gate.bias", "mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+
+def write_sliced(model_dir: Path, keep: list[int], out_dir: Path, shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+    """Write `slice_experts(load_model(model_dir), keep)` into the folder `out_dir` (which must exist)
+    tensor by tensor, in shards (stages/model/tensor_files.py): never the whole model in memory. The
+    router overlay's rows replace the merge's before the slice."""
+    from transformers import AutoConfig, GenerationConfig
+
+    keep = sorted({0, *keep})
+    weights = model_weights(model_dir)
+    config = AutoConfig.from_pretrained(weights)
+    if any(i < 0 or i >= config.num_experts for i in keep):
+        raise ValueError(f"expert indices {keep} out of range for a model with {config.num_experts} experts")
+    overlay = load_file(model_dir / SHIPPED_ROUTER) if is_router_overlay(model_dir) else {}
+    index = torch.tensor(keep)
+    with TensorFiles(weights) as tensors:
+        if set(overlay) - set(tensors.keys()):
+            raise ValueError(f"{model_dir / SHIPPED_ROUTER}: its router tensors do not fit {weights} (was it fitted "
+                             "on another merge? run stage tune_router again)")
+        out = ShardWriter(out_dir, shard_bytes)
+        for name in tensors.keys():
+            value = overlay.get(name, tensors.get(name))
+            out.add(name, value.index_select(0, index) if name.endswith(SLICED) else value)
+        out.close()
+    config.num_experts, config.num_experts_per_tok = len(keep), min(config.num_experts_per_tok, len(keep))
+    config.save_pretrained(out_dir)
+    if (weights / "generation_config.json").exists():
+        GenerationConfig.from_pretrained(weights).save_pretrained(out_dir)
 
 
 @contextmanager
