@@ -1,6 +1,7 @@
-"""The merge past one machine's memory: seconds and peak RSS of the streamed merge at real shapes (issue 34).
+"""Past one machine's memory (issue 34): the streamed merge and an owner's expert step at real shapes.
 
     .venv/bin/python benchmarks/scale.py --root /tmp/bench-scale [--shape tinyllama] [--experts 4]
+    .venv/bin/python benchmarks/scale.py --root /tmp/bench-scale --expert-step [--steps 2]
 
 Random weights of real shapes, no download: an anchor of the shape (TinyLlama-1.1B: hidden 2048,
 FFN 5632, 22 layers; smollm2: SmolLM2-135M) and `--experts` signed expert packages are written
@@ -14,6 +15,11 @@ its wall seconds and its peak RSS:
 
 It prints the checkpoint's size beside them, and the same arithmetic for a 7B anchor with 7 owners'
 experts, labelled as a projection. Needs about 2.5x the merged checkpoint's size in free disk.
+
+--expert-step trains an owner's expert on the anchor of the shape (fp32 master weights, activation
+checkpointing, a batch of 8 x 256 tokens in micro-batches of 1) for --steps steps in a process of
+its own: peak RSS, tokens/s, and the achieved GFLOP/s beside the 2-thread GEMM peak measured in the
+same process (matmul of 4096 x 4096, fp32 and bf16).
 """
 from __future__ import annotations
 
@@ -141,11 +147,62 @@ def child(kind: str, anchor_dir: Path, packages: dict[str, Path], out: Path) -> 
                       "bytes": size}))
 
 
+def gemm_peak(dtype: torch.dtype, n: int = 4096, repeats: int = 3) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e9
+
+
+def expert_step(anchor_dir: Path, steps: int) -> None:
+    """One owner's expert trained on the anchor (the stage's recipe on random tokens); prints JSON."""
+    from transformers import AutoModelForCausalLM
+
+    from stages import params as P
+    from stages.device import native_bf16
+    from stages.model.moe import upcycle
+    from stages.train.loop import lm_losses, sample_batch, train
+
+    anchor = AutoModelForCausalLM.from_pretrained(anchor_dir)
+    h = anchor.config.hidden_size
+    model = upcycle(anchor, torch.randn(h) * 0.02, torch.randn(h) * 0.02)
+    del anchor
+    tokens = torch.randint(3, anchor_dir_vocab(anchor_dir), (200_000,)).numpy()
+    p = P.TrainParams(steps=steps, batch_size=8, seq_len=256, lr=1e-4, min_lr_ratio=0.1, warmup_steps=1,
+                      weight_decay=0.1, grad_clip=1.0, log_every=1,
+                      checkpoint_every=10**6, activation_checkpointing=True, grad_accumulation=8, precision="fp32")
+
+    def step_loss(module, rows):
+        ce, _ = lm_losses(module(input_ids=rows[:, :-1]).logits, rows[:, 1:])
+        return ce, {"loss": ce.item()}
+
+    log = anchor_dir.parent / "expert_step_log.jsonl"
+    summary = train(model, step_loss, lambda step: sample_batch(tokens, 8, 256, 0, step), p, None, log, "expert step")
+    active = sum(t.numel() for n, t in model.named_parameters() if ".mlp." not in n or ".experts.1." in n
+                 or ".experts.0." in n)
+    trained = sum(t.numel() for t in model.parameters() if t.requires_grad)
+    # Forward 2 flops per weight and token, backward 2 for the activations' gradients, 2 more where
+    # the weight is trained; checkpointing runs the forward once more.
+    flops_per_token = 2 * active + 2 * active + 2 * trained + 2 * active
+    print(json.dumps({"tokens_per_s": summary["tokens_per_s"], "gflops": summary["tokens_per_s"] * flops_per_token / 1e9,
+                      "peak_fp32": gemm_peak(torch.float32),
+                      # emulated bf16 (no AVX-512 BF16 or AMX) runs 4-50x slower than fp32: not measured there
+                      "peak_bf16": gemm_peak(torch.bfloat16) if native_bf16() else None,
+                      "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                      "trained_params": trained, "active_params": active}))
+
+
+def anchor_dir_vocab(anchor_dir: Path) -> int:
+    return json.loads((anchor_dir / "config.json").read_text())["vocab_size"]
+
+
 def measured(kind: str, anchor_dir: Path, packages: dict[str, Path], out: Path) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--child", kind, "--anchor", str(anchor_dir), "--out", str(out),
                            *[f"{o}={p}" for o, p in packages.items()]], capture_output=True, text=True, cwd=PROJECT)
     if proc.returncode:
-        raise SystemExit(f"{kind} merge failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"{kind} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -166,17 +223,34 @@ def main() -> None:
     ap.add_argument("--shape", choices=SHAPES, default="tinyllama")
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--in-memory", action="store_true", help="also the in-memory merge (needs ~3x the checkpoint)")
-    ap.add_argument("--child", choices=["streamed", "in_memory"], help=argparse.SUPPRESS)
+    ap.add_argument("--expert-step", action="store_true", help="an owner's expert step on the anchor of the shape")
+    ap.add_argument("--steps", type=int, default=2, help="--expert-step: optimizer steps (the first is not timed)")
+    ap.add_argument("--child", choices=["streamed", "in_memory", "expert_step"], help=argparse.SUPPRESS)
     ap.add_argument("--anchor", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("packages", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child == "expert_step":
+        return expert_step(args.anchor, args.steps)
     if args.child:
         return child(args.child, args.anchor, {p.split("=")[0]: Path(p.split("=", 1)[1]) for p in args.packages},
                      args.out)
     if not args.root:
         ap.error("--root is required")
     anchor_dir, packages = fixtures(args.root.resolve(), args.shape, args.experts)
+    if args.expert_step:
+        proc = subprocess.run([sys.executable, __file__, "--child", "expert_step", "--anchor", str(anchor_dir),
+                               "--steps", str(args.steps)], capture_output=True, text=True, cwd=PROJECT)
+        if proc.returncode:
+            raise SystemExit(f"expert step failed:\n{proc.stderr[-3000:]}")
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        bf16 = f"{r['peak_bf16']:.0f}" if r["peak_bf16"] else "not native here"
+        print(f"{args.shape} expert step (fp32, activation checkpointing, 8 x 256 tokens in 8 micro-batches): "
+              f"{r['tokens_per_s']:.1f} tokens/s, {r['gflops']:.0f} GFLOP/s = {r['gflops'] / r['peak_fp32']:.0%} of the "
+              f"fp32 GEMM peak measured beside it ({r['peak_fp32']:.0f}; bf16 {bf16}), "
+              f"peak RSS {r['peak_rss'] / 1e9:.1f} GB; {r['trained_params'] / 1e9:.2f}B trained of "
+              f"{r['active_params'] / 1e9:.2f}B active parameters")
+        return None
     kinds = ["streamed", "in_memory"] if args.in_memory else ["streamed"]
     results = {kind: measured(kind, anchor_dir, packages, anchor_dir.parent / f"merged-{kind}") for kind in kinds}
     for kind, r in results.items():
