@@ -21,9 +21,9 @@ from transformers.utils import GENERATION_CONFIG_NAME
 from stages import params as P
 from stages.artifacts import ANCHOR_INFO, MANIFEST, MANIFEST_VERSION, MERGED_INFO, PRESENT_OWNERS
 from stages.io import atomic_dir, file_digest, read_json, write_json
-from stages.model.moe import moe_class, moe_config, moe_extra_state
+from stages.model.moe import moe_class, moe_config, moe_extra_state, per_expert_checkpoint
 from stages.model.router_rows import load_embedding
-from stages.model.tensor_files import DEFAULT_SHARD_BYTES, ShardWriter, TensorFiles
+from stages.model.tensor_files import DEFAULT_SHARD_BYTES, ShardWriter, TensorFiles, stored_experts
 from stages.package import PackageRefused, enrolled_key, open_expert_tensors, verify_package
 from stages.runtime import start_stage
 
@@ -103,6 +103,7 @@ def merge_experts(anchor_dir: Path, public_embedding: Path, experts: dict[str, P
             packages[o] = manifest, files.enter_context(tensors)
         biases = {o: [min(float(t.get(f"layers.{i}.bias")), 0.0) for i in range(c.num_hidden_layers)]
                   for o, (_, t) in packages.items()}
+        per_expert = per_expert_checkpoint(config)
         with atomic_dir(out_dir) as tmp:
             out = ShardWriter(tmp, shard_bytes)
             for name in anchor.keys():
@@ -113,10 +114,11 @@ def merge_experts(anchor_dir: Path, public_embedding: Path, experts: dict[str, P
             for i in range(c.num_hidden_layers):
                 dense, layer = f"model.layers.{i}.mlp.", f"layers.{i}."
                 public_gate_up = torch.cat([anchor.get(dense + "gate_proj.weight"), anchor.get(dense + "up_proj.weight")])
-                out.add(dense + "experts.gate_up_proj", torch.stack(
-                    [public_gate_up] + [t.get(layer + "gate_up_proj") for _, t in packages.values()]))
-                out.add(dense + "experts.down_proj", torch.stack(
-                    [anchor.get(dense + "down_proj.weight")] + [t.get(layer + "down_proj") for _, t in packages.values()]))
+                gate_up = torch.stack([public_gate_up] + [t.get(layer + "gate_up_proj") for _, t in packages.values()])
+                down = torch.stack(
+                    [anchor.get(dense + "down_proj.weight")] + [t.get(layer + "down_proj") for _, t in packages.values()])
+                for name, tensor in stored_experts(dense, gate_up, down, per_expert):
+                    out.add(name, tensor)
                 out.add(dense + "gate.weight", torch.stack(
                     [r_pub.view(-1)] + [t.get(layer + "router") for _, t in packages.values()]))
                 if keep_bias:  # the public expert has no bias; an owner's is min(b, 0) as trained

@@ -7,6 +7,7 @@ and, unlike zeroing the row, leaves no trace of the expert in any output. The pu
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -64,6 +65,7 @@ def slice_experts(model: FlexOlmoForCausalLM, keep: list[int]) -> FlexOlmoForCau
 
 
 SLICED = ("mlp.gate.weight", "mlp.gate.bias", "mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+ONE_EXPERT = re.compile(r"^(.*\.mlp\.experts\.)(\d+)\.(.+)$")
 
 
 def write_sliced(model_dir: Path, keep: list[int], out_dir: Path, shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
@@ -85,8 +87,12 @@ def write_sliced(model_dir: Path, keep: list[int], out_dir: Path, shard_bytes: i
                              "on another merge? run stage tune_router again)")
         out = ShardWriter(out_dir, shard_bytes)
         for name in tensors.keys():
-            value = overlay.get(name, tensors.get(name))
-            out.add(name, value.index_select(0, index) if name.endswith(SLICED) else value)
+            one = ONE_EXPERT.match(name)  # a checkpoint storing each expert's FFN on its own: renumbered
+            if one and int(one[2]) in keep:
+                out.add(f"{one[1]}{keep.index(int(one[2]))}.{one[3]}", tensors.get(name))
+            elif not one:
+                value = overlay.get(name, tensors.get(name))
+                out.add(name, value.index_select(0, index) if name.endswith(SLICED) else value)
         out.close()
     config.num_experts, config.num_experts_per_tok = len(keep), min(config.num_experts_per_tok, len(keep))
     config.save_pretrained(out_dir)

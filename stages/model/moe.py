@@ -249,6 +249,17 @@ def moe_class(config) -> type:
     return BiasedFlexOlmoForCausalLM if isinstance(config, BiasedFlexOlmoConfig) else _of_moe(config).moe_class
 
 
+def per_expert_checkpoint(config) -> bool:
+    """Whether `save_pretrained` stores this MoE class's experts one FFN each (transformers' conversion
+    mapping for FlexOlmo and Qwen2Moe) rather than packed as the model holds them (the biased class)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    with torch.device("meta"):
+        model = moe_model(config)
+    return any("mlp.experts.gate_up_proj" in (getattr(t, "target_patterns", None) or [])
+               for t in get_model_conversion_mapping(model))
+
+
 def moe_model(config) -> nn.Module:
     """An empty model of the MoE class that `config` is for."""
     return moe_class(config)(config)

@@ -21,6 +21,21 @@ INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 2 * 1024**3  # as large as a shard in memory may be
 
 
+def stored_experts(prefix: str, gate_up: torch.Tensor, down: torch.Tensor, per_expert: bool):
+    """(name, tensor) pairs of one layer's experts as a checkpoint stores them: one FFN per expert
+    (`<prefix>experts.<k>.gate_proj.weight`, the Hugging Face layout of FlexOlmo and Qwen2Moe), or
+    the packed (experts, ...) tensors a model holds in memory (a class without that conversion)."""
+    if not per_expert:
+        yield prefix + "experts.gate_up_proj", gate_up
+        yield prefix + "experts.down_proj", down
+        return
+    inter = gate_up.shape[1] // 2  # packed gate rows first, then up rows
+    for k in range(gate_up.shape[0]):
+        yield f"{prefix}experts.{k}.gate_proj.weight", gate_up[k, :inter].clone()
+        yield f"{prefix}experts.{k}.up_proj.weight", gate_up[k, inter:].clone()
+        yield f"{prefix}experts.{k}.down_proj.weight", down[k].clone()
+
+
 class TensorFiles(contextlib.ExitStack):
     """The tensors of a model folder (one safetensors file or shards with their index), or of one
     .safetensors file, read on demand."""
