@@ -34,7 +34,8 @@ def trained_weights(root, corpus, tmp_path, name, dp=None, **train):
     return load_file(folder / "pkg" / WEIGHTS), losses
 
 
-@pytest.mark.parametrize("dp", [None, DP], ids=["plain", "dp"])
+# DP-SGD's per-document gradients over two micro-batches: 32 s of a 978 s suite (2026-12-07), slow.
+@pytest.mark.parametrize("dp", [None, pytest.param(DP, marks=pytest.mark.slow)], ids=["plain", "dp"])
 def test_an_expert_trained_in_two_micro_batches_equals_one_pass(tiny_anchor_dir, tmp_path, dp):
     """The owner's rows and the public rows (public_mix 0.25: 6 + 2 of 8) are split alike, so the
     owner-only loss and the router contrast keep their weights; under DP each document is still
