@@ -178,7 +178,8 @@ def open_expert_tensors(package: Path, owner: str, num_layers: int, hidden: int,
     shapes = {"gate_up_proj": (2 * intermediate, hidden), "down_proj": (hidden, intermediate), "router": (hidden,),
               "bias": ()}
     expected = {f"layers.{i}.{name}": shape for i in range(num_layers) for name, shape in shapes.items()}
-    with TensorFiles(path) as tensors:
+    tensors = TensorFiles(path)
+    try:
         for name, shape in expected.items():
             if name not in tensors.where:
                 raise PackageRefused(f"expert {owner}: tensor {name} is missing from its package")
@@ -189,4 +190,7 @@ def open_expert_tensors(package: Path, owner: str, num_layers: int, hidden: int,
         if extra:
             raise PackageRefused(f"expert {owner}: its package holds tensors this anchor has no place for: "
                                  f"{', '.join(extra[:3])}")
-    return TensorFiles(path)
+    except PackageRefused:
+        tensors.close()
+        raise
+    return tensors

@@ -44,6 +44,12 @@ def resolve_experts(spec: str | list[str] | None, available: list[str], disabled
     return [o for o in available if o in chosen]
 
 
+# The tensors with one row per expert (a model's own layout), and one expert's tensor in a checkpoint
+# that stores each expert's FFN on its own.
+SLICED = ("mlp.gate.weight", "mlp.gate.bias", "mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+ONE_EXPERT = re.compile(r"^(.*\.mlp\.experts\.)(\d+)\.(.+)$")
+
+
 def slice_experts(model: FlexOlmoForCausalLM, keep: list[int]) -> FlexOlmoForCausalLM:
     """A model with only the experts at indices `keep` (0, the public expert, is always kept).
 
@@ -62,10 +68,6 @@ def slice_experts(model: FlexOlmoForCausalLM, keep: list[int]) -> FlexOlmoForCau
     for key, value in model.state_dict().items():
         state[key] = value.index_select(0, index).clone() if key.endswith(SLICED) else value
     return assemble(lambda: type(model)(config), state, model)
-
-
-SLICED = ("mlp.gate.weight", "mlp.gate.bias", "mlp.experts.gate_up_proj", "mlp.experts.down_proj")
-ONE_EXPERT = re.compile(r"^(.*\.mlp\.experts\.)(\d+)\.(.+)$")
 
 
 def write_sliced(model_dir: Path, keep: list[int], out_dir: Path, shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
