@@ -23,7 +23,7 @@ from stages.artifacts import ANCHOR_INFO, MANIFEST, MANIFEST_VERSION, MERGED_INF
 from stages.io import atomic_dir, file_digest, read_json, write_json
 from stages.model.moe import moe_class, moe_config, moe_extra_state, per_expert_checkpoint
 from stages.model.router_rows import load_embedding
-from stages.model.tensor_files import DEFAULT_SHARD_BYTES, ShardWriter, TensorFiles, stored_experts
+from stages.model.tensor_files import DEFAULT_SHARD_BYTES, ShardWriter, TensorFiles
 from stages.package import PackageRefused, enrolled_key, open_expert_tensors, verify_package
 from stages.runtime import start_stage
 
@@ -113,12 +113,17 @@ def merge_experts(anchor_dir: Path, public_embedding: Path, experts: dict[str, P
                 out.add(name, tensor)
             for i in range(c.num_hidden_layers):
                 dense, layer = f"model.layers.{i}.mlp.", f"layers.{i}."
-                public_gate_up = torch.cat([anchor.get(dense + "gate_proj.weight"), anchor.get(dense + "up_proj.weight")])
-                gate_up = torch.stack([public_gate_up] + [t.get(layer + "gate_up_proj") for _, t in packages.values()])
-                down = torch.stack(
-                    [anchor.get(dense + "down_proj.weight")] + [t.get(layer + "down_proj") for _, t in packages.values()])
-                for name, tensor in stored_experts(dense, gate_up, down, per_expert):
-                    out.add(name, tensor)
+                public = [anchor.get(dense + p + "_proj.weight") for p in ("gate", "up", "down")]
+                if per_expert:  # one FFN per expert, as save_pretrained stores them: nothing stacked
+                    for k, ffn in enumerate([public] + [[*t.get(layer + "gate_up_proj").chunk(2), t.get(layer + "down_proj")]
+                                                       for _, t in packages.values()]):
+                        for p, tensor in zip(("gate", "up", "down"), ffn):
+                            out.add(f"{dense}experts.{k}.{p}_proj.weight", tensor.clone())
+                else:  # the model's own packed layout (the biased class)
+                    out.add(dense + "experts.gate_up_proj", torch.stack(
+                        [torch.cat(public[:2])] + [t.get(layer + "gate_up_proj") for _, t in packages.values()]))
+                    out.add(dense + "experts.down_proj", torch.stack(
+                        [public[2]] + [t.get(layer + "down_proj") for _, t in packages.values()]))
                 out.add(dense + "gate.weight", torch.stack(
                     [r_pub.view(-1)] + [t.get(layer + "router") for _, t in packages.values()]))
                 if keep_bias:  # the public expert has no bias; an owner's is min(b, 0) as trained

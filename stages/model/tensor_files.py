@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 SINGLE_FILE = "model.safetensors"
@@ -21,53 +20,66 @@ INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 2 * 1024**3  # as large as a shard in memory may be
 
 
-def stored_experts(prefix: str, gate_up: torch.Tensor, down: torch.Tensor, per_expert: bool):
-    """(name, tensor) pairs of one layer's experts as a checkpoint stores them: one FFN per expert
-    (`<prefix>experts.<k>.gate_proj.weight`, the Hugging Face layout of FlexOlmo and Qwen2Moe), or
-    the packed (experts, ...) tensors a model holds in memory (a class without that conversion)."""
-    if not per_expert:
-        yield prefix + "experts.gate_up_proj", gate_up
-        yield prefix + "experts.down_proj", down
-        return
-    inter = gate_up.shape[1] // 2  # packed gate rows first, then up rows
-    for k in range(gate_up.shape[0]):
-        yield f"{prefix}experts.{k}.gate_proj.weight", gate_up[k, :inter].clone()
-        yield f"{prefix}experts.{k}.up_proj.weight", gate_up[k, inter:].clone()
-        yield f"{prefix}experts.{k}.down_proj.weight", down[k].clone()
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
 
 
-class TensorFiles(contextlib.ExitStack):
+class TensorFiles(contextlib.AbstractContextManager):
     """The tensors of a model folder (one safetensors file or shards with their index), or of one
-    .safetensors file, read on demand."""
+    .safetensors file, read on demand. Read with plain file reads, not safetensors' memory map: the
+    pages of a mapped file count in the process's resident memory until it is closed (measured
+    2026-12-07: a streamed 1.1B merge peaked at 17.6 GB through the maps of its inputs)."""
 
     def __init__(self, where: Path) -> None:
-        super().__init__()
         where = Path(where)
         index = where / INDEX_FILE
         if index.exists():
-            self.where = {name: where / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+            files = {name: where / file for name, file in json.loads(index.read_text())["weight_map"].items()}
         else:
             file = where if where.suffix == ".safetensors" else where / SINGLE_FILE
             if not file.exists():
                 raise FileNotFoundError(f"{where}: neither {SINGLE_FILE} nor {INDEX_FILE}; is it a saved model?")
-            with safe_open(file, framework="pt") as f:
-                self.where = dict.fromkeys(f.keys(), file)
-        self._open: dict[Path, object] = {}
+            files = None
+        self.headers: dict[Path, tuple[int, dict]] = {}
+        if files is None:
+            self.where = dict.fromkeys(self._header(file)[1], file)
+        else:
+            self.where = files
+
+    def _header(self, path: Path) -> tuple[int, dict]:
+        """(where the data starts, the header's entries) of a safetensors file, read once."""
+        if path not in self.headers:
+            with path.open("rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+            header.pop("__metadata__", None)
+            self.headers[path] = (8 + size, header)
+        return self.headers[path]
 
     def keys(self) -> list[str]:
         return list(self.where)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._file(name).get_slice(name).get_shape())
+        return tuple(self._header(self.where[name])[1][name]["shape"])
 
     def get(self, name: str) -> torch.Tensor:
-        return self._file(name).get_tensor(name)
-
-    def _file(self, name: str):
         path = self.where[name]
-        if path not in self._open:
-            self._open[path] = self.enter_context(safe_open(path, framework="pt"))
-        return self._open[path]
+        start, header = self._header(path)
+        entry = header[name]
+        begin, end = entry["data_offsets"]
+        data = torch.empty(end - begin, dtype=torch.uint8)
+        with path.open("rb") as f:
+            f.seek(start + begin)
+            if f.readinto(data.numpy()) != end - begin:
+                raise ValueError(f"{path}: tensor {name} is cut short (a partly written file?)")
+        return data.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+    def close(self) -> None:
+        """Nothing stays open between reads; kept so that callers may close what they opened."""
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class ShardWriter:
