@@ -210,11 +210,11 @@ def projection(shape: str, experts: int, shard_bytes: float = 2 * 1024**3) -> st
     hidden, ffn, layers, heads, kv, vocab = SHAPES[shape]
     shared = 2 * vocab * hidden + layers * (2 * hidden * hidden + 2 * hidden * hidden * kv // heads)
     expert = layers * 3 * hidden * ffn
-    layer_bytes = 4 * 3 * hidden * ffn * (1 + experts)
+    expert_layer_bytes = 4 * 3 * hidden * ffn
     total = 4 * (shared + (1 + experts) * expert)
     return (f"projection, {shape} with {experts} owners' experts (fp32): checkpoint {total / 1e9:.0f} GB; "
-            f"in memory ~{3 * total / 1e9:.0f} GB; streamed ~{(shard_bytes + 2 * layer_bytes) / 1e9:.1f} GB "
-            f"(a 2 GiB shard, one layer's experts read and stacked)")
+            f"in memory ~{3 * total / 1e9:.0f} GB; streamed ~{(shard_bytes + 2 * expert_layer_bytes) / 1e9:.1f} GB "
+            f"plus the interpreter (a 2 GiB shard being filled, one expert's FFN of one layer read and copied)")
 
 
 def main() -> None:
