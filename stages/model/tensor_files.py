@@ -2,7 +2,7 @@
 
 A merge of a 7B anchor with 7 experts is hundreds of GB; holding the anchor, every package and the
 result at once (as building the model does) needs three times that. Reading a tensor when it is
-needed and writing shards as they fill keeps one shard and one layer in memory. The layout written
+needed and writing shards as they fill keeps one shard and a few tensors in memory. The layout written
 is the Hugging Face one (`model.safetensors`, or `model-0000k-of-0000n.safetensors` shards and
 `model.safetensors.index.json`), which `from_pretrained` and serving tools load.
 """
