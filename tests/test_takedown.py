@@ -132,7 +132,7 @@ def test_withdraw_removes_the_owner_from_both_params_files_and_the_trace_registr
 
 
 @pytest.mark.slow  # retrains news's expert and re-runs the merge and every evaluation
-def test_a_document_taken_down_leaves_the_index_the_expert_and_the_registry(smoke_workspace, tmp_path):
+def test_a_document_taken_down_leaves_the_index_the_expert_and_the_registry(tmp_path):
     """The whole chain on the smoke run: a news document is in the index; `consort forget` makes the
     commands refuse the old expert; the run re-runs news's stages and the coordinator's only; the index
     no longer holds the document, the new package records one takedown and no id, the old registered
@@ -143,13 +143,15 @@ def test_a_document_taken_down_leaves_the_index_the_expert_and_the_registry(smok
     from stages.io import read_jsonl
     from tracing.index import open_engine
 
-    ws, _ = smoke_workspace
+    # A workspace of its own, built from a copy of the params: `consort forget` edits the file a
+    # workspace was built from (and refuses another), and the run below changes the workspace.
+    params, ws = tmp_path / "params.yaml", tmp_path / "ws"
+    params.write_text((PROJECT / "params.yaml").read_text())
+    run_consort("run", "--preset", "smoke", "--workspace", str(ws), "--params", str(params), cwd=tmp_path)
     doc = next(read_jsonl(ws / "owners" / "news" / "corpus" / "train.jsonl"))
     tokenizer = AutoTokenizer.from_pretrained(ws / "models" / "anchor")
     span = tokenizer(doc["text"], add_special_tokens=False)["input_ids"][10:26]
     assert open_engine(ws / "owners" / "news" / "index").count(input_ids=span)["count"] >= 1
-    params = tmp_path / "params.yaml"  # the workspace's resolved params, as the other re-running tests do
-    params.write_text((ws / "params.yaml").read_text())
     client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
     before = client.get_model_version_by_alias("consort-merged", "current").version
     run_consort("forget", "news", doc["id"], "--workspace", str(ws), "--params", str(params), cwd=ws.parent)
@@ -157,7 +159,7 @@ def test_a_document_taken_down_leaves_the_index_the_expert_and_the_registry(smok
     assert refused.returncode == 2 and "news asked to take documents down" in refused.stderr
     assert "pending" in run_consort("experts", "--workspace", str(ws), cwd=ws.parent).stdout
 
-    proc = run_consort("run", "--workspace", str(ws), "--params", str(params), cwd=ws.parent)
+    proc = run_consort("run", "--preset", "smoke", "--workspace", str(ws), "--params", str(params), cwd=ws.parent)
     ran = {line.split()[1] for line in proc.stdout.splitlines() if line.strip().startswith("ran ")}
     assert {"prepare_owner@news", "build_index@news", "train_expert@news", "merge_experts"} <= ran
     assert not any(s.endswith(("@code", "@math", "@literature", "@manuals")) and not s.startswith(("evaluate", "audit"))
