@@ -20,32 +20,25 @@ from stages.model.moe import blocks, check_family, moe_config, moe_extra_state, 
 IDS = torch.randint(3, 90, (2, 10), generator=torch.Generator().manual_seed(1))
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+def tiny(config_class, model_class, seed: int = 0):
+    """A tiny random model of the family; every weight random (Qwen2's q/k/v biases too), norms away
+    from 1, so that a norm or bias put in the wrong place shows."""
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=True, pad_token_id=1, bos_token_id=0, eos_token_id=0)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)  # norms away from 1, so that a norm put in the wrong place shows
-    return model
-
-
-def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
-    """Llama's shape with Qwen2's q/k/v biases (random, like every other weight)."""
-    torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=True, pad_token_id=1, bos_token_id=0, eos_token_id=0)
-    model = Qwen2ForCausalLM(config).eval()
+    config = config_class(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                          tie_word_embeddings=True, pad_token_id=1, bos_token_id=0, eos_token_id=0)
+    model = model_class(config).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.2)
     return model
 
 
-TINY = {"llama": (tiny_llama, LlamaForCausalLM), "qwen2": (tiny_qwen2, Qwen2ForCausalLM)}
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    return tiny(LlamaConfig, LlamaForCausalLM, seed)
+
+
+TINY = {"llama": (tiny_llama, LlamaForCausalLM), "qwen2": (lambda: tiny(Qwen2Config, Qwen2ForCausalLM), Qwen2ForCausalLM)}
 
 
 def merged_from(anchor, experts: list[dict[str, torch.Tensor]], top_k: int, seed: int = 0):
