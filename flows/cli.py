@@ -1,7 +1,8 @@
 """The `consort` command. Each subcommand is a typed function of its options, grouped by who runs
-it: a user on one machine (flows/commands_local.py), the coordinator (flows/commands_coordinator.py)
-and an owner on its own machine (flows/commands_owner.py). This file maps the command line onto
-them; an option shared by several commands is declared once, below, and added to each as a parent.
+it: a user on one machine (flows/commands_local.py, erasure in flows/commands_erasure.py), the
+coordinator (flows/commands_coordinator.py) and an owner on its own machine (flows/commands_owner.py).
+This file maps the command line onto them; an option shared by several commands is declared once,
+below, and added to each as a parent.
 """
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ import sys
 from pathlib import Path
 
 from flows.commands_coordinator import cmd_coordinate, cmd_enrol, cmd_server
+from flows.commands_erasure import cmd_forget, cmd_withdraw
 from flows.commands_local import (
     cmd_experts,
     cmd_export,
-    cmd_forget,
     cmd_generate,
     cmd_prune,
     cmd_remote_owner,
@@ -23,7 +24,6 @@ from flows.commands_local import (
     cmd_serve,
     cmd_trace,
     cmd_ui,
-    cmd_withdraw,
 )
 from flows.commands_owner import owner_forget, owner_init, owner_publish, owner_run, owner_serve, owner_worker
 from flows.console import VERBOSITY_VARIABLE

@@ -7,7 +7,7 @@ import yaml
 from conftest import PROJECT
 from mlflow.tracking import MlflowClient
 
-from flows.commands_local import pending_takedown, takedown_lines
+from flows.commands_erasure import pending_takedown, takedown_lines
 from flows.layout import Workspace
 from flows.registration import REGISTERED_MODEL, withdraw_stale
 from stages import params as P
