@@ -165,7 +165,7 @@ def test_no_planted_secret_reaches_the_coordinator(smoke_workspace):
     assert len(files) > 50
     # Every owner's synthetic proxy set is among them (written by a model trained on the secrets).
     synthetic = {p.parts[-3] for p in files if p.name == "samples.jsonl" and p.parent.name == "synthetic"}
-    assert synthetic == {"code", "math", "literature", "news", "manuals"}, synthetic
+    assert synthetic == {"code", "math", "news"}, synthetic
     assert leaks(files, secrets) == []
 
 
@@ -206,7 +206,7 @@ def test_no_owner_text_reaches_the_coordinator_beyond_its_policy(smoke_workspace
     ws, _ = smoke_workspace
     runs = distinctive_runs(ws)
     owners = set(runs.values())
-    assert len(owners) == 5 and len(runs) > 10_000, (owners, len(runs))
+    assert owners == {"code", "math", "news"} and len(runs) > 6_000, (owners, len(runs))
     policies = owner_policies(ws)
     files = coordinator_visible_files(ws)
     assert any(f.name.endswith(".trace.html") for f in files)  # the lineage pages are among them
