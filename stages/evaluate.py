@@ -19,7 +19,7 @@ from stages import params as P
 from stages.artifacts import MANIFEST, ORACLE_ROUTER, ROUTER_CANDIDATES, TUNING_INFO, WEIGHTS, has_model
 from stages.device import for_inference
 from stages.evidence import Documents, mean_interval
-from stages.io import read_json, write_json, write_text
+from stages.io import read_json, write_json
 from stages.model.baselines import btm_token_nll, soup_model
 from stages.model.experts import (
     continue_text,
@@ -94,10 +94,10 @@ def candidate_routers(tuned_dir: Path | None, oracle_dir: Path | None) -> dict[s
 def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, e: P.EvaluateParams,
                     inference: P.InferenceParams, reference_dir: Path | None = None,
                     tuned_dir: Path | None = None, dp_baseline_dir: Path | None = None,
-                    oracle_dir: Path | None = None) -> tuple[DomainEvaluation, torch.nn.Module, dict[str, np.ndarray]]:
+                    oracle_dir: Path | None = None) -> tuple[DomainEvaluation, dict[str, np.ndarray]]:
     """Loss of the anchor, of the merged model as shipped (experts not opted out) and of its baselines,
-    with paired intervals over documents; also the model as shipped and each configuration's NLL per
-    document (which stays with the text).
+    with paired intervals over documents; also each configuration's NLL per document (which stays
+    with the text).
 
     The model as shipped has the tuned router when stage tune_router ran; then every router it
     fitted (and the oracle's) is scored too, as router/<method>, and router/none is the router as
@@ -208,23 +208,7 @@ def evaluate_domain(domain: str, val: Path, anchor_dir: Path, merged_dir: Path, 
                               xz_bits_per_byte=xz_bits_per_byte(scored_bytes),
                               xz_split_bits_per_byte=xz_bits_per_byte(whole),
                               generations=generations, dp_baseline=dp_baseline)
-    return result, use_fast_experts(merged), doc_nll
-
-
-def write_trace_page(domain: str, model, tokenizer, index_dir: Path, params: P.Params, out: Path) -> int:
-    """Trace the merged model's outputs for `trace.sample_prompts` in the owner's index.
-
-    The page is published with the lineage, so its prompts are generic text from params, never
-    the owner's documents; what it shows of the owner's data is what the owner's policy discloses.
-    """
-    from tracing.lineage import trace_page_html, traced_samples
-    from tracing.service import OwnerService
-
-    # index_dir is <workspace>/owners/<domain>/index: the service's settings and key live beside it.
-    service = OwnerService.from_workspace(index_dir.resolve().parents[2], domain, params)
-    samples = traced_samples(model, tokenizer, params.trace.sample_prompts, service)
-    write_text(out, trace_page_html(domain, samples, service.policy))
-    return sum(len(s["spans"]) for s in samples)
+    return result, doc_nll
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -237,24 +221,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reference", type=Path, help="the unrestricted reference's folder (scored if trained)")
     ap.add_argument("--tuned", type=Path, help="the router-tuned merged model's folder (shipped if tuned)")
     ap.add_argument("--oracle", type=Path, help="the oracle router's folder (scored if trained, with --tuned)")
-    ap.add_argument("--index", type=Path, help="the owner's index: trace generated samples in it")
-    ap.add_argument("--trace-page", type=Path, help="where the traced samples' HTML page goes (with --index)")
     ap.add_argument("--dp-baseline", type=Path, help="the owner's non-DP twin expert (scored if trained)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--documents", type=Path, help="each configuration's NLL per document (private: the owner's folder)")
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = ap.parse_args(argv)
     params = P.load(args.params)
-    result, merged, doc_nll = evaluate_domain(args.domain, args.val, args.anchor, args.merged, params.evaluate,
+    result, doc_nll = evaluate_domain(args.domain, args.val, args.anchor, args.merged, params.evaluate,
                                               params.inference, args.reference, args.tuned, args.dp_baseline,
                                               args.oracle)
     write_json(args.out, result.model_dump(exclude_none=True))
     if args.documents:  # per document: stays where the text is (the owner's folder), never published
         write_json(args.documents, {name: sums.round(4).tolist() for name, sums in doc_nll.items()})
-    if args.index and args.trace_page:
-        spans = write_trace_page(args.domain, merged, AutoTokenizer.from_pretrained(args.merged), args.index, params,
-                                 args.trace_page)
-        print(f"traced {len(params.trace.sample_prompts)} generated samples in {args.domain}'s index: {spans} spans")
     m = result.models
     print(f"evaluate {args.domain}: {result.scored.documents} documents, {result.scored.tokens} tokens; anchor "
           f"{m['anchor'].loss_interval.text()}, merged {m['merged'].loss_interval.text()} nats/token"

@@ -76,8 +76,10 @@ STAGES: tuple[StageSpec, ...] = (
               public_inputs=("models/anchor", "models/merged", "models/merged_tuned", "models/merged_oracle",
                              "models/unrestricted"),
               scratch=("owners/*/evaluation_documents.json",),  # per document: stays with the owner, untracked
-              published=(("results/{owner}/evaluation.json", "evaluations/{owner}.json"),
-                         ("results/{owner}/trace.html", "evaluations/{owner}.trace.html")),
+              published=(("results/{owner}/evaluation.json", "evaluations/{owner}.json"),)),
+    StageSpec("trace_page", "owner", "evaluate", "one", "evaluation",
+              public_inputs=("models/merged", "models/merged_tuned"),
+              published=(("results/{owner}/trace.html", "evaluations/{owner}.trace.html"),),
               lineage=("trace_page",)),
     StageSpec("audit", "owner", "evaluate", "one", "evaluation",
               public_inputs=("models/anchor", "models/merged"),

@@ -26,7 +26,7 @@ OWNERS = ["code", "math", "news"]  # the smoke preset's: one per trace policy, a
 
 
 def test_a_stage_tracks_only_the_owner_fields_it_reads(tmp_path):
-    """Read back by DVC itself: one owner's trace policy is tracked by that owner's evaluation alone,
+    """Read back by DVC itself: one owner's trace policy is tracked by that owner's trace page alone,
     and the merge tracks the roster, not the whole owners section."""
     from dvc.repo import Repo
 
@@ -35,7 +35,7 @@ def test_a_stage_tracks_only_the_owner_fields_it_reads(tmp_path):
         tracked = {s.name: {k for d in s.deps if hasattr(d, "params") for k in (d.params or [])}
                    for s in repo.index.stages}
     assert {name for name, keys in tracked.items() if any(k.startswith("owners.news.trace") for k in keys)} \
-        == {"evaluate_owner@news"}
+        == {"trace_page@news"}
     assert {k for k in tracked["merge_experts"] if k.startswith("owners")} == {f"owners.{o}.data" for o in OWNERS}
     assert not [name for name, keys in tracked.items() if "owners" in keys]
     assert {k for k in tracked["evaluate_safety"] if k.startswith("owners")} == {
@@ -53,6 +53,7 @@ def test_dvc_graph_becomes_task_order(tmp_path):
     # The report reads the published evaluations, training logs (the anchor's, the experts', the
     # reference's), the safety probe and the owners' synthetic sets' numbers.
     assert set(graph["report"]) == ({f"evaluate_owner@{o}" for o in OWNERS} | {"evaluate_public", "train_anchor"}
+                                    | {f"trace_page@{o}" for o in OWNERS}  # their pages are in evaluations/ too
                                     | {f"train_expert@{o}" for o in OWNERS} | {"train_unrestricted", "evaluate_safety"}
                                     | {f"audit@{o}" for o in OWNERS} | {f"synthesize@{o}" for o in OWNERS})
     assert set(graph["audit@news"]) == {"prepare_owner@news", "train_anchor", "merge_experts"}
@@ -63,7 +64,7 @@ def test_dvc_graph_becomes_task_order(tmp_path):
     assert set(graph["train_dp_baseline@math"]) == set(graph["train_expert@math"])
     assert "train_dp_baseline@math" in graph["evaluate_owner@math"]
     assert set(graph["build_index@news"]) == {"prepare_owner@news", "train_tokenizer"}
-    assert "build_index@news" in graph["evaluate_owner@news"]
+    assert "build_index@news" in graph["trace_page@news"] and "build_index@news" not in graph["evaluate_owner@news"]
     assert set(graph["evaluate_public"]) == {"prepare_public", "train_anchor", "merge_experts", "tune_router",
                                              "tune_router_oracle", "train_unrestricted"}
     order = topological_order(graph)
@@ -247,9 +248,9 @@ def test_dvc_experiments_run_in_a_copy_of_the_workspace_rerun_only_their_branch_
     assert {"dvc.yaml", "dvc.lock", "params.yaml", "metrics/eval.json", "keyring/news.pub"} <= set(tracked)
     assert not [t for t in tracked if re.match(r"owners/[^/]+/(corpus|keys|trace|index)/|mlflow\.db|cache/", t)]
     assert _git(ws, "status", "--porcelain", "--untracked-files=no") == ""  # the run committed its baseline
-    # Only code's evaluation (and the report, when the evaluation's floats differ in their last bits with the
-    # experiment's thread count); nothing before the merge, nor another owner's stage.
-    assert _experiment(ws, "owners.code.trace.snippet_chars=80") - {"report"} == {"evaluate_owner@code"}
+    # Only code's trace page (and the report, which reads the evaluations folder the page is in, when the page
+    # changed); not the evaluation, nothing before the merge, nor another owner's stage.
+    assert _experiment(ws, "owners.code.trace.snippet_chars=80") - {"report"} == {"trace_page@code"}
     baseline, experiments = _experiments_shown(ws)
     policy = [e["data"]["params"]["params.yaml"]["data"]["owners"]["code"]["trace"]["snippet_chars"] for e in experiments]
     assert 80 in policy and baseline["data"]["params"]["params.yaml"]["data"]["owners"]["code"]["trace"][
@@ -292,7 +293,7 @@ def test_a_param_change_reruns_only_its_branch(smoke_workspace, tmp_path):
     ran = {line.split()[1] for line in proc.stdout.splitlines() if line.strip().startswith("ran ")}
     expected = ({"train_expert@news", "train_dp_baseline@news", "train_unrestricted", "merge_experts", "tune_router",
                  "tune_router_oracle", "evaluate_public", "report"}
-                | {f"evaluate_owner@{o}" for o in OWNERS} | {f"audit@{o}" for o in OWNERS})
+                | {f"{s}@{o}" for s in ("evaluate_owner", "trace_page", "audit") for o in OWNERS})
     assert ran == expected, proc.stdout[-3000:]
     manifest = json.loads((ws / "published" / "news" / "expert" / "consort_expert.json").read_text())
     assert manifest["training"]["steps"] == 5
@@ -379,9 +380,9 @@ def test_report_shows_every_baseline_and_the_optout_matrix(smoke_workspace):
     recorded = json.loads((ws / "metrics" / "router_tuning.json").read_text())
     for method in ("none", "public_lm", "synthetic_lm", "synthetic_ridge"):
         assert tune_run.data.metrics[f"{method}.held_out_loss"] == recorded[method]["held_out_loss"] > 0
-    # Each owner's evaluation traced generated samples in its own index; the page is in its run.
+    # Each owner's trace page traced generated samples in its own index; the page is in its run.
     news_run = client.search_runs([client.get_experiment_by_name("consort").experiment_id],
-                                  filter_string="tags.`consort.stage` = 'evaluate_owner@news'")[0]
+                                  filter_string="tags.`consort.stage` = 'trace_page@news'")[0]
     assert [a.path for a in client.list_artifacts(news_run.info.run_id, "trace")] == ["trace/news.trace.html"]
     assert "traced in news" in (ws / "evaluations" / "news.trace.html").read_text()
 
@@ -423,7 +424,7 @@ def test_an_evaluation_in_bf16_weights_scores_within_half_a_percent_of_fp32(smok
     e = params.evaluate.model_copy(update={"precision": "bf16", "baselines": False, "ablations": False,
                                            "continuation_tokens": 0})
     models = ws / "models"
-    got, _, _ = evaluate_domain("code", ws / "owners" / "code" / "corpus" / "val.jsonl", models / "anchor",
+    got, _ = evaluate_domain("code", ws / "owners" / "code" / "corpus" / "val.jsonl", models / "anchor",
                                 models / "merged", e, params.inference, tuned_dir=models / "merged_tuned")
     fp32 = json.loads((ws / "evaluations" / "code.json").read_text())["models"]
     assert params.evaluate.precision == "fp32" and set(got.models) >= {"anchor", "merged"}
@@ -493,8 +494,8 @@ def test_opting_an_expert_out_reruns_only_what_follows_the_merge(smoke_workspace
     assert any(line.split()[1:3] == ["news", "disabled"] for line in listing.splitlines() if line.strip()[:1].isdigit())
     assert any(line.split()[1:3] == ["code", "enabled"] for line in listing.splitlines() if line.strip()[:1].isdigit())
     ran = {line.split()[1] for line in proc.stdout.splitlines() if line.strip().startswith("ran ")}
-    assert ran == ({"evaluate_public", "report"} | {f"evaluate_owner@{o}" for o in OWNERS}
-                   | {f"audit@{o}" for o in OWNERS}), proc.stdout[-3000:]
+    assert ran == ({"evaluate_public", "report"}
+                   | {f"{s}@{o}" for s in ("evaluate_owner", "trace_page", "audit") for o in OWNERS}), proc.stdout[-3000:]
     running = proc.stdout.split("experts of:")[1].splitlines()[0]
     assert "news" not in running and "code" in running
     client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")

@@ -29,7 +29,7 @@ OWNERS = ["code", "math", "news"]
 def test_owner_and_coordinator_stages_split_the_dag():
     owner = side_dvc_yaml("owner", PROJECT / "dvc.yaml")["stages"]
     assert set(owner) == {"prepare_owner", "train_expert", "train_dp_baseline", "build_index", "synthesize",
-                          "evaluate_owner", "audit"}
+                          "evaluate_owner", "trace_page", "audit"}
     assert all("foreach" in s for s in owner.values())
     coordinator = side_dvc_yaml("coordinator", PROJECT / "dvc.yaml")["stages"]
     assert "merge_experts" in coordinator and "train_unrestricted" not in coordinator
