@@ -153,8 +153,8 @@ def test_no_planted_secret_reaches_the_coordinator(smoke_workspace):
     ws, _ = smoke_workspace
     canaries = planted(ws)
     secrets = [c["secret"] for c in canaries]
-    # Five owners, one secret at each of 1x, 4x, 16x in training documents and one in a held-out one.
-    assert sorted(Counter(c["repeats"] for c in canaries).items()) == [(0, 5), (1, 5), (4, 5), (16, 5)]
+    # Three owners, one secret at each of 1x, 4x, 16x in training documents and one in a held-out one.
+    assert sorted(Counter(c["repeats"] for c in canaries).items()) == [(0, 3), (1, 3), (4, 3), (16, 3)]
     # The secrets are in the owners' data, each in its split (the scan below looks for something real).
     for c in canaries:
         split = "train" if c["repeats"] else "val"
@@ -176,7 +176,8 @@ def test_owners_signing_keys_stay_with_the_owners(smoke_workspace):
     ws, _ = smoke_workspace
     private = sorted(ws.glob("owners/*/keys/signing_key.pem"))
     owners = sorted(p.parts[-3] for p in private)
-    assert len(private) == 5 and sorted(p.name for p in (ws / "keyring").iterdir()) == [f"{o}.pub" for o in owners]
+    assert owners == ["code", "math", "news"]
+    assert sorted(p.name for p in (ws / "keyring").iterdir()) == [f"{o}.pub" for o in owners]
     # The PEM body and the raw key bytes inside it: neither may appear in any coordinator-visible file.
     needles = []
     for p in private:

@@ -19,7 +19,8 @@ def test_project_presets_are_valid(preset):
     resolved = P.resolve(project_params(), preset)
     params = P.parse(resolved)
     assert "presets" not in resolved
-    assert len(params.owners) >= 5
+    assert list(params.owners) == (["code", "math", "literature", "news", "manuals"] if preset == "default"
+                                   else ["code", "math", "news"])
     assert params.anchor.model.hidden_size == (384 if preset == "default" else 64)
 
 
