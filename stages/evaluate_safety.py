@@ -123,7 +123,7 @@ def evaluate_safety(anchor_dir: Path, models_dir: Path, public_val: Path, cache:
     owners = merged_owners(merged_dir)
     models = {"anchor": lambda: for_inference(AutoModelForCausalLM.from_pretrained(anchor_dir), s.precision),
               "merged": lambda: use_fast_experts(full)}
-    for k, o in enumerate(owners, start=1):
+    for k, o in enumerate(owners if s.without_each_owner else [], start=1):
         models[f"without/{o}"] = lambda k=k: use_fast_experts(
             slice_experts(full, [i for i in range(1, len(owners) + 1) if i != k]))
     configurations, rows = {}, []

@@ -340,8 +340,8 @@ def test_report_shows_every_baseline_and_the_optout_matrix(smoke_workspace):
         assert f"<code>{g['prompt']}</code>" in html and all(isinstance(v, str) for v in g.values())
     # The smoke preset turns on everything the study has: reference, router tuning, ablations.
     routers = {f"router/{m}" for m in ("none", "public_lm", "synthetic_lm", "synthetic_ridge", "oracle")}
-    expected = ({"anchor", "merged", "soup", "btm", "unrestricted", "top_k/1", "top_k/2", "top_k/6", "router_bias/keep"}
-                | routers | {f"alone/{o}" for o in OWNERS} | {f"without/{o}" for o in OWNERS})
+    expected = ({"anchor", "merged", "soup", "btm", "unrestricted", "top_k/1", "top_k/2", f"top_k/{1 + len(OWNERS)}",
+                 "router_bias/keep"} | routers | {f"alone/{o}" for o in OWNERS} | {f"without/{o}" for o in OWNERS})
     for domain, models in summary.items():
         # Shipped: the router the smoke preset's router_tuning.method fitted.
         assert models["router/synthetic_ridge"] == models["merged"] != models["router/none"], domain
@@ -481,6 +481,18 @@ def test_curriculum_stages_and_safety_reach_the_report_mlflow_and_consort_expert
     assert "refusal of 8 harmful prompts" in listing and all(f"without/{o}" in listing for o in OWNERS)
     assert listing.count("FLAGGED") == sum(c["flagged"] for c in configs.values())
 
+
+def test_the_safety_probe_without_each_owner_off_asks_the_anchor_and_the_merged_model_only(smoke_workspace, tmp_path):
+    """The default run's probe (safety.without_each_owner: false), on the smoke run's models."""
+    from stages.evaluate_safety import evaluate_safety
+
+    ws, _ = smoke_workspace
+    params = P.load(ws / "params.yaml")
+    probe = params.safety.model_copy(update={"prompts": 2, "max_new_tokens": 4, "without_each_owner": False})
+    result = evaluate_safety(ws / "models" / "anchor", ws / "models", ws / "public" / "corpus" / "val.jsonl",
+                             ws / "cache", probe, {}, tmp_path / "results.json", tmp_path / "replies.jsonl")
+    assert set(result["configurations"]) == {"anchor", "merged"}
+    assert len((tmp_path / "replies.jsonl").read_text().splitlines()) == 2 * 4
 
 @pytest.mark.slow  # re-runs every evaluation and audit; slicing itself is tested in test_experts
 def test_opting_an_expert_out_reruns_only_what_follows_the_merge(smoke_workspace, tmp_path):
