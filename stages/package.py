@@ -179,18 +179,14 @@ def open_expert_tensors(package: Path, owner: str, num_layers: int, hidden: int,
               "bias": ()}
     expected = {f"layers.{i}.{name}": shape for i in range(num_layers) for name, shape in shapes.items()}
     tensors = TensorFiles(path)
-    try:
-        for name, shape in expected.items():
-            if name not in tensors.where:
-                raise PackageRefused(f"expert {owner}: tensor {name} is missing from its package")
-            if tensors.shape(name) != shape:
-                raise PackageRefused(f"expert {owner}: tensor {name} has shape {tensors.shape(name)}, this anchor "
-                                     f"needs {shape}: the expert was built for another architecture")
-        extra = sorted(set(tensors.where) - set(expected))
-        if extra:
-            raise PackageRefused(f"expert {owner}: its package holds tensors this anchor has no place for: "
-                                 f"{', '.join(extra[:3])}")
-    except PackageRefused:
-        tensors.close()
-        raise
+    for name, shape in expected.items():
+        if name not in tensors.where:
+            raise PackageRefused(f"expert {owner}: tensor {name} is missing from its package")
+        if tensors.shape(name) != shape:
+            raise PackageRefused(f"expert {owner}: tensor {name} has shape {tensors.shape(name)}, this anchor "
+                                 f"needs {shape}: the expert was built for another architecture")
+    extra = sorted(set(tensors.where) - set(expected))
+    if extra:
+        raise PackageRefused(f"expert {owner}: its package holds tensors this anchor has no place for: "
+                             f"{', '.join(extra[:3])}")
     return tensors
