@@ -228,8 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     params = P.load(args.params)
     result, doc_nll = evaluate_domain(args.domain, args.val, args.anchor, args.merged, params.evaluate,
-                                              params.inference, args.reference, args.tuned, args.dp_baseline,
-                                              args.oracle)
+                                      params.inference, args.reference, args.tuned, args.dp_baseline, args.oracle)
     write_json(args.out, result.model_dump(exclude_none=True))
     if args.documents:  # per document: stays where the text is (the owner's folder), never published
         write_json(args.documents, {name: sums.round(4).tolist() for name, sums in doc_nll.items()})
