@@ -40,8 +40,8 @@ def corpus_documents(ws: Path, min_tokens: int, tokenizer):
             total += len(ids)
             yield row["id"], np.asarray(ids, dtype=np.int32)
     # Then distinct text from packages: the standard library's sources, then the installed packages'
-    # (about 390 MB of .py in this venv). Repeating a corpus instead makes the suffix sort's merge crawl
-    # on its long shared prefixes (measured 2026-12-07: 100M tokens of an 8x repeat still merging at 8 min).
+    # (about 390 MB of .py in this venv): a corpus repeated is not what an owner indexes, and made
+    # infini-gram's own suffix sort crawl (2026-12-07: 100M tokens of an 8x repeat still merging at 8 min).
     for kind in ("stdlib", "purelib"):
         for path in sorted(Path(sysconfig.get_paths()[kind]).rglob("*.py")):
             if total >= min_tokens:
@@ -53,12 +53,11 @@ def corpus_documents(ws: Path, min_tokens: int, tokenizer):
         raise SystemExit(f"only {total:,} tokens available, fewer than --min-tokens {min_tokens:,}")
 
 
-def peak_rss_gib(children: bool = False) -> float:
-    """Peak resident memory so far of this process (or of its finished children), GiB."""
+def peak_rss_gib() -> float:
+    """Peak resident memory so far of this process, GiB."""
     import resource
 
-    who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
-    return resource.getrusage(who).ru_maxrss / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def percentiles(ms: list[float]) -> str:
@@ -82,8 +81,7 @@ def main() -> None:
         docs = list(corpus_documents(ws, args.min_tokens, tokenizer))
         t_tok = time.perf_counter() - t0
         rss_before = peak_rss_gib()
-        stats = write_index(iter(docs), len(tokenizer), bow_token_ids(tokenizer), index_dir, tokenizer.eos_token_id,
-                            cpus=2)
+        stats = write_index(iter(docs), len(tokenizer), bow_token_ids(tokenizer), index_dir, tokenizer.eos_token_id)
         build = stats.seconds_write + stats.seconds_sort
         disk = sum(f.stat().st_size for f in index_dir.rglob("*") if f.is_file())
         print(f"corpus: {stats.documents:,} documents, {stats.tokens:,} tokens (tokenizing took {t_tok:.1f} s)")
@@ -91,8 +89,8 @@ def main() -> None:
               f"(write {stats.seconds_write:.1f} s, suffix sort {stats.seconds_sort:.1f} s)   goal >= 1,000,000 "
               f"tokens/s at 10M, 2,000,000 at 100M")
         print(f"index on disk: {disk / 2**30:.2f} GiB ({disk / stats.tokens:.1f} bytes per token); peak RSS "
-              f"{peak_rss_gib():.2f} GiB in this process ({rss_before:.2f} GiB before the build, the corpus held as "
-              f"int32), {peak_rss_gib(children=True):.2f} GiB in the suffix sort's processes")
+              f"{peak_rss_gib():.2f} GiB ({rss_before:.2f} GiB before the build, the corpus held as int32; the "
+              f"suffix sort runs in this process)")
 
         rng = random.Random(0)
         held_out = [tokenizer(r["text"], add_special_tokens=False)["input_ids"]

@@ -153,7 +153,7 @@ def main() -> None:
         for k, shard in enumerate(shards):
             index_dir = Path(tmp) / f"owner{k}"
             stats = write_index(iter(shard), len(tokenizer), bow_token_ids(tokenizer), index_dir,
-                                tokenizer.eos_token_id, cpus=2)
+                                tokenizer.eos_token_id)
             total += stats.tokens
             port = free_port()
             state = Path(tmp) / f"state{k}"

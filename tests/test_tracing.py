@@ -93,6 +93,40 @@ def test_index_refuses_what_would_crash_the_engine(tmp_path):
         open_engine(tmp_path)
 
 
+@pytest.mark.parametrize("vocab_size", [60_000, 70_000])  # u16 and u32 tokens
+def test_our_suffix_sort_is_the_byte_order_the_engine_searches(tmp_path, vocab_size):
+    """The suffix array against sorting every token-aligned suffix by its bytes, over documents that share
+    long runs (the separators and a repeated passage); for u16, byte for byte against infini-gram's own
+    indexer, whose format it is (for u32 that indexer asks for 32 GiB and aborts). The engine then counts
+    the repeated passage in every document that holds it."""
+    import shutil
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    passage = rng.integers(0, vocab_size, 40).tolist()
+    docs = [(str(i), rng.integers(0, vocab_size, int(rng.integers(1, 60))).tolist() + (passage if i % 3 else []))
+            for i in range(30)]
+    write_index(docs, vocab_size, [], tmp_path / "ours", eos_token_id=0)
+    width = 2 if vocab_size < 0xFFFF else 4
+    data = (tmp_path / "ours" / "tokenized.0").read_bytes()
+    pointer_bytes = int(np.ceil(np.log2(len(data)) / 8))
+    ours = (tmp_path / "ours" / "table.0").read_bytes()
+    offsets = [int.from_bytes(ours[k:k + pointer_bytes], "little") for k in range(0, len(ours), pointer_bytes)]
+    assert offsets == sorted(range(0, len(data), width), key=lambda o: data[o:])
+    if width == 2:
+        theirs = tmp_path / "theirs"
+        theirs.mkdir()
+        shutil.copy(tmp_path / "ours" / "tokenized.0", theirs / "tokenized.0")
+        args = dict(save_dir=str(theirs), temp_dir=str(theirs), worker_id=0, workers=1, shards=1, mem=1, cpus=1,
+                    token_width=width)
+        subprocess.run([sys.executable, "-c", "import json, sys; from argparse import Namespace; "
+                        "from infini_gram.indexing import build_sa; build_sa(Namespace(**json.loads(sys.argv[1])))",
+                        json.dumps(args)], check=True, capture_output=True)
+        assert ours == (theirs / "table.0").read_bytes()
+    assert open_engine(tmp_path / "ours").count(input_ids=passage)["count"] == sum(1 for i in range(30) if i % 3)
+
+
 def test_index_answers_like_brute_force_on_a_small_corpus(tmp_path, corpus):
     _, tok, docs, _ = corpus
     texts = ["the cat sat on the mat.", "a dog sat on the log.", "the cat ran."]

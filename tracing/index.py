@@ -1,11 +1,14 @@
-"""An owner's infini-gram index: written in the engine's on-disk format by us, suffix-sorted by infini-gram.
+"""An owner's infini-gram index: written in the engine's on-disk format by us, suffix-sorted by libdivsufsort.
 
 infini-gram's own indexing CLI knows only three hub tokenizers, so we write its files with the
 project's tokenizer (DESIGN.md section 4): `tokenized.0` (each document is a separator of 0xFF
 bytes, then its token ids little-endian), `offset.0` (u64 byte offset of each document),
 `metadata.0` + `metaoff.0` (one JSON line per document holding only its id, and their offsets),
-`unigram.0` ("id count" lines) and `bow_ids.txt` (the tokens that begin a word). Then
-`infini_gram.indexing.build_sa` writes the suffix array `table.0`.
+`unigram.0` ("id count" lines) and `bow_ids.txt` (the tokens that begin a word). The suffix array
+`table.0` is what infini-gram's `build_sa` writes (the byte offsets of the token-aligned suffixes in
+byte order, each in `ceil(log2(bytes) / 8)` bytes little-endian; tests compare the two), sorted by
+libdivsufsort (pydivsufsort) in this process: `build_sa`'s parallel sort and merge crawled at
+100M tokens on 2 cores.
 
 The engine's C++ has its asserts compiled out, so every crash case we know of is checked here
 before the engine sees the files.
@@ -15,8 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -31,8 +32,6 @@ INDEX_FILES = ("tokenized", "offset", "metadata", "metaoff", "unigram", "table")
 # The engine finds its files by string replacement on the path: a folder whose path holds one of
 # these words makes it open the wrong file and crash.
 ENGINE_PATH_WORDS = ("tokenized", "table", "offset", "metadata", "metaoff", "unigram")
-# build_sa with more than one CPU corrupts an index of a small corpus (measured under ~100 KB).
-MULTI_CPU_MIN_BYTES = 1 << 20
 
 
 class IndexBuildError(ValueError):
@@ -68,13 +67,21 @@ class IndexStats:
     seconds_sort: float
 
 
-# build_sa chdirs, prints every step and may exit(1): it runs in a Python process of its own.
-BUILD_SA = "import json, sys; from argparse import Namespace; from infini_gram.indexing import build_sa; " \
-           "build_sa(Namespace(**json.loads(sys.argv[1])))"
+def write_suffix_table(tokenized: Path, width: int, table: Path) -> None:
+    """Write the suffix array of `tokenized`'s token-aligned suffixes, as infini-gram's `table` file."""
+    from pydivsufsort import divsufsort
+
+    data = np.fromfile(tokenized, dtype=np.uint8)  # writable: pydivsufsort hands the buffer to C
+    pointer_bytes = int(np.ceil(np.log2(data.size) / 8))
+    order = divsufsort(data)  # every byte's suffix in byte order (int32, or int64 past 2 GiB)
+    aligned = order[order % width == 0].astype("<i8")
+    del order
+    # Each pointer is its offset's pointer_bytes low bytes, little-endian.
+    aligned.view(np.uint8).reshape(-1, 8)[:, :pointer_bytes].tofile(table)
 
 
 def write_index(docs: Iterable[tuple[str, list[int]]], vocab_size: int, bow_ids: list[int], out_dir: Path,
-                eos_token_id: int, mem_gib: int = 4, cpus: int = 1) -> IndexStats:
+                eos_token_id: int) -> IndexStats:
     """Write the index of `docs` (document id, token ids) to out_dir, atomically.
 
     Token ids must lie in [0, vocab_size); a document id is stored as the only metadata.
@@ -86,7 +93,7 @@ def write_index(docs: Iterable[tuple[str, list[int]]], vocab_size: int, bow_ids:
     sep = b"\xff" * width
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # The building folder's name adds only digits to a checked path (a random suffix could spell
-    # one of the engine's words); resolved, because build_sa chdirs.
+    # one of the engine's words).
     tmp = (out_dir.parent / f".{out_dir.name}.building-{os.getpid()}").resolve()
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -120,18 +127,7 @@ def write_index(docs: Iterable[tuple[str, list[int]]], vocab_size: int, bow_ids:
             ug.writelines(f"{i} {int(c)}\n" for i, c in enumerate(counts) if c)
         (tmp / BOW_IDS).write_text("".join(f"{i}\n" for i in bow_ids if 0 <= i < vocab_size))
         t1 = time.perf_counter()
-        ds_size = (tmp / f"tokenized.{SHARD}").stat().st_size
-        args = dict(save_dir=str(tmp), temp_dir=str(tmp), worker_id=0, workers=1, shards=1, mem=mem_gib,
-                    cpus=cpus if ds_size >= MULTI_CPU_MIN_BYTES else 1, token_width=width)
-        child = subprocess.run([sys.executable, "-c", BUILD_SA, json.dumps(args)], capture_output=True, text=True)
-        table = tmp / f"table.{SHARD}"
-        if child.returncode != 0 or not table.exists():
-            raise IndexBuildError(f"infini-gram's build_sa failed (exit code {child.returncode}) on {ds_size:,} bytes: "
-                              f"{(child.stdout + child.stderr)[-800:]}")
-        pointer_bytes = int(np.ceil(np.log2(ds_size) / 8))
-        if table.stat().st_size != pointer_bytes * ds_size // width:
-            raise IndexBuildError(f"suffix array {table} has {table.stat().st_size:,} bytes, expected "
-                              f"{pointer_bytes * ds_size // width:,}: the index is corrupt")
+        write_suffix_table(tmp / f"tokenized.{SHARD}", width, tmp / f"table.{SHARD}")
         t2 = time.perf_counter()
         info = {"documents": n_docs, "tokens": n_tokens, "vocab_size": vocab_size,
                 "token_dtype": token_dtype(vocab_size), "eos_token_id": eos_token_id, "version": 4}
