@@ -9,7 +9,6 @@ merge is refused, saying which check failed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -74,8 +73,7 @@ def load_package(owner: str, package: Path, keyring: Path, c: PretrainedConfig, 
 def check_package(owner: str, package: Path, keyring: Path, anchor_dir: Path) -> None:
     """Raise MergeRefused unless the merge would take this package (what a coordinator asks before
     merging, so that one refused owner can be left out instead of failing the merge)."""
-    _, tensors = load_package(owner, package, keyring, AutoConfig.from_pretrained(anchor_dir), *anchor_identity(anchor_dir))
-    tensors.close()
+    load_package(owner, package, keyring, AutoConfig.from_pretrained(anchor_dir), *anchor_identity(anchor_dir))
 
 
 def merge_experts(anchor_dir: Path, public_embedding: Path, experts: dict[str, Path], m: P.MergeParams,
@@ -95,58 +93,54 @@ def merge_experts(anchor_dir: Path, public_embedding: Path, experts: dict[str, P
         config = moe_config(c, num_experts=num_experts, top_k=top_k, keep_bias=keep_bias)
     except ValueError as err:
         raise MergeRefused(f"{anchor_dir}: {err}") from None
-    with contextlib.ExitStack() as files:
-        anchor = files.enter_context(TensorFiles(anchor_dir))
-        packages = {}
-        for o, d in experts.items():
-            manifest, tensors = load_package(o, d, keyring, c, anchor_hash, tokenizer_hash)
-            packages[o] = manifest, files.enter_context(tensors)
-        biases = {o: [min(float(t.get(f"layers.{i}.bias")), 0.0) for i in range(c.num_hidden_layers)]
-                  for o, (_, t) in packages.items()}
-        per_expert = per_expert_checkpoint(config)
-        with atomic_dir(out_dir) as tmp:
-            out = ShardWriter(tmp, shard_bytes)
-            for name in anchor.keys():
-                if ".mlp." not in name:  # shared verbatim (a tied lm_head is not in the anchor's files)
-                    out.add(name, anchor.get(name))
-            for name, tensor in moe_extra_state(config).items():
-                out.add(name, tensor)
-            for i in range(c.num_hidden_layers):
-                dense, layer = f"model.layers.{i}.mlp.", f"layers.{i}."
-                public = [anchor.get(dense + p + "_proj.weight") for p in ("gate", "up", "down")]
-                if per_expert:  # one FFN per expert, as save_pretrained stores them: nothing stacked
-                    for k, ffn in enumerate([public] + [[*t.get(layer + "gate_up_proj").chunk(2), t.get(layer + "down_proj")]
-                                                       for _, t in packages.values()]):
-                        for p, tensor in zip(("gate", "up", "down"), ffn):
-                            out.add(f"{dense}experts.{k}.{p}_proj.weight", tensor.clone())
-                else:  # the model's own packed layout (the biased class)
-                    out.add(dense + "experts.gate_up_proj", torch.stack(
-                        [torch.cat(public[:2])] + [t.get(layer + "gate_up_proj") for _, t in packages.values()]))
-                    out.add(dense + "experts.down_proj", torch.stack(
-                        [public[2]] + [t.get(layer + "down_proj") for _, t in packages.values()]))
-                out.add(dense + "gate.weight", torch.stack(
-                    [r_pub.view(-1)] + [t.get(layer + "router") for _, t in packages.values()]))
-                if keep_bias:  # the public expert has no bias; an owner's is min(b, 0) as trained
-                    out.add(dense + "gate.bias", torch.tensor([0.0] + [biases[o][i] for o in experts]))
-            out.close()
-            config.architectures = [moe_class(config).__name__]
-            config.dtype = anchor.get(next(iter(anchor.keys()))).dtype
-            config.save_pretrained(tmp)
-            if (anchor_dir / GENERATION_CONFIG_NAME).exists():
-                shutil.copy2(anchor_dir / GENERATION_CONFIG_NAME, tmp / GENERATION_CONFIG_NAME)
-            AutoTokenizer.from_pretrained(anchor_dir).save_pretrained(tmp)
-            info = {
-                "anchor_hash": anchor_hash,
-                "top_k": top_k,
-                "router_bias": m.router_bias,
-                "experts": [{"index": 0, "owner": "public"}] + [
-                    {"index": i, "owner": owner, "data_digest": packages[owner][0]["data_digest"],
-                     "anchor_hash": packages[owner][0]["anchor_hash"],
-                     # kept here even when dropped from the weights, so the evaluation can score both ways
-                     "router_bias": biases[owner]}
-                    for i, owner in enumerate(experts, start=1)],
-            }
-            write_json(tmp / MERGED_INFO, info)
+    anchor = TensorFiles(anchor_dir)
+    packages = {o: load_package(o, d, keyring, c, anchor_hash, tokenizer_hash) for o, d in experts.items()}
+    biases = {o: [min(float(t.get(f"layers.{i}.bias")), 0.0) for i in range(c.num_hidden_layers)]
+              for o, (_, t) in packages.items()}
+    per_expert = per_expert_checkpoint(config)
+    with atomic_dir(out_dir) as tmp:
+        out = ShardWriter(tmp, shard_bytes)
+        for name in anchor.keys():
+            if ".mlp." not in name:  # shared verbatim (a tied lm_head is not in the anchor's files)
+                out.add(name, anchor.get(name))
+        for name, tensor in moe_extra_state(config).items():
+            out.add(name, tensor)
+        for i in range(c.num_hidden_layers):
+            dense, layer = f"model.layers.{i}.mlp.", f"layers.{i}."
+            public = [anchor.get(dense + p + "_proj.weight") for p in ("gate", "up", "down")]
+            if per_expert:  # one FFN per expert, as save_pretrained stores them: nothing stacked
+                for k, ffn in enumerate([public] + [[*t.get(layer + "gate_up_proj").chunk(2), t.get(layer + "down_proj")]
+                                                   for _, t in packages.values()]):
+                    for p, tensor in zip(("gate", "up", "down"), ffn):
+                        out.add(f"{dense}experts.{k}.{p}_proj.weight", tensor.clone())
+            else:  # the model's own packed layout (the biased class)
+                out.add(dense + "experts.gate_up_proj", torch.stack(
+                    [torch.cat(public[:2])] + [t.get(layer + "gate_up_proj") for _, t in packages.values()]))
+                out.add(dense + "experts.down_proj", torch.stack(
+                    [public[2]] + [t.get(layer + "down_proj") for _, t in packages.values()]))
+            out.add(dense + "gate.weight", torch.stack(
+                [r_pub.view(-1)] + [t.get(layer + "router") for _, t in packages.values()]))
+            if keep_bias:  # the public expert has no bias; an owner's is min(b, 0) as trained
+                out.add(dense + "gate.bias", torch.tensor([0.0] + [biases[o][i] for o in experts]))
+        out.close()
+        config.architectures = [moe_class(config).__name__]
+        config.dtype = anchor.get(next(iter(anchor.keys()))).dtype
+        config.save_pretrained(tmp)
+        if (anchor_dir / GENERATION_CONFIG_NAME).exists():
+            shutil.copy2(anchor_dir / GENERATION_CONFIG_NAME, tmp / GENERATION_CONFIG_NAME)
+        AutoTokenizer.from_pretrained(anchor_dir).save_pretrained(tmp)
+        info = {
+            "anchor_hash": anchor_hash,
+            "top_k": top_k,
+            "router_bias": m.router_bias,
+            "experts": [{"index": 0, "owner": "public"}] + [
+                {"index": i, "owner": owner, "data_digest": packages[owner][0]["data_digest"],
+                 "anchor_hash": packages[owner][0]["anchor_hash"],
+                 # kept here even when dropped from the weights, so the evaluation can score both ways
+                 "router_bias": biases[owner]}
+                for i, owner in enumerate(experts, start=1)],
+        }
+        write_json(tmp / MERGED_INFO, info)
     return info
 
 

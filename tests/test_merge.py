@@ -267,9 +267,9 @@ def test_a_merge_in_small_shards_holds_the_same_tensors_and_loads_with_stock_tra
         with safe_open(tmp_path / "shards" / file, framework="pt") as f:
             sizes = [f.get_tensor(k).numel() * 4 for k in f.keys()]
         assert len(sizes) == 1 or sum(sizes) <= 20_000, file
-    with TensorFiles(tmp_path / "one") as one, TensorFiles(tmp_path / "shards") as shards:
-        assert sorted(one.keys()) == sorted(shards.keys()) == sorted(weight_map)
-        assert all(torch.equal(one.get(k), shards.get(k)) for k in one.keys())
+    one, shards = TensorFiles(tmp_path / "one"), TensorFiles(tmp_path / "shards")
+    assert sorted(one.keys()) == sorted(shards.keys()) == sorted(weight_map)
+    assert all(torch.equal(one.get(k), shards.get(k)) for k in one.keys())
     ids = torch.randint(2, 300, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = [AutoModelForCausalLM.from_pretrained(tmp_path / d)(input_ids=ids).logits for d in ("one", "shards")]

@@ -83,19 +83,19 @@ def write_sliced(model_dir: Path, keep: list[int], out_dir: Path, shard_bytes: i
         raise ValueError(f"expert indices {keep} out of range for a model with {config.num_experts} experts")
     overlay = load_file(model_dir / SHIPPED_ROUTER) if is_router_overlay(model_dir) else {}
     index = torch.tensor(keep)
-    with TensorFiles(weights) as tensors:
-        if set(overlay) - set(tensors.keys()):
-            raise ValueError(f"{model_dir / SHIPPED_ROUTER}: its router tensors do not fit {weights} (was it fitted "
-                             "on another merge? run stage tune_router again)")
-        out = ShardWriter(out_dir, shard_bytes)
-        for name in tensors.keys():
-            one = ONE_EXPERT.match(name)  # a checkpoint storing each expert's FFN on its own: renumbered
-            if one and int(one[2]) in keep:
-                out.add(f"{one[1]}{keep.index(int(one[2]))}.{one[3]}", tensors.get(name))
-            elif not one:
-                value = overlay.get(name, tensors.get(name))
-                out.add(name, value.index_select(0, index) if name.endswith(SLICED) else value)
-        out.close()
+    tensors = TensorFiles(weights)
+    if set(overlay) - set(tensors.keys()):
+        raise ValueError(f"{model_dir / SHIPPED_ROUTER}: its router tensors do not fit {weights} (was it fitted "
+                         "on another merge? run stage tune_router again)")
+    out = ShardWriter(out_dir, shard_bytes)
+    for name in tensors.keys():
+        one = ONE_EXPERT.match(name)  # a checkpoint storing each expert's FFN on its own: renumbered
+        if one and int(one[2]) in keep:
+            out.add(f"{one[1]}{keep.index(int(one[2]))}.{one[3]}", tensors.get(name))
+        elif not one:
+            value = overlay.get(name, tensors.get(name))
+            out.add(name, value.index_select(0, index) if name.endswith(SLICED) else value)
+    out.close()
     config.num_experts, config.num_experts_per_tok = len(keep), min(config.num_experts_per_tok, len(keep))
     config.save_pretrained(out_dir)
     if (weights / "generation_config.json").exists():

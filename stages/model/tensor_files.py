@@ -8,7 +8,6 @@ is the Hugging Face one (`model.safetensors`, or `model-0000k-of-0000n.safetenso
 """
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
@@ -25,7 +24,7 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "BOOL": torch.bool}
 
 
-class TensorFiles(contextlib.AbstractContextManager):
+class TensorFiles:
     """The tensors of a model folder (one safetensors file or shards with their index), or of one
     .safetensors file, read on demand. Read with plain file reads, not safetensors' memory map: the
     pages of a mapped file count in the process's resident memory until it is closed (measured
@@ -74,12 +73,6 @@ class TensorFiles(contextlib.AbstractContextManager):
             if f.readinto(data.numpy()) != end - begin:
                 raise ValueError(f"{path}: tensor {name} is cut short (a partly written file?)")
         return data.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
-
-    def close(self) -> None:
-        """Nothing stays open between reads; kept so that callers may close what they opened."""
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 class ShardWriter:
