@@ -28,6 +28,7 @@ sys.path.insert(0, str(PROJECT))
 from stages import params as P  # noqa: E402
 from stages.audit import audit_owner  # noqa: E402
 from stages.io import read_jsonl  # noqa: E402
+from stages.report import forgotten_verdict  # noqa: E402
 
 
 def consort(*args: str) -> tuple[float, str]:
@@ -40,11 +41,13 @@ def consort(*args: str) -> tuple[float, str]:
 
 
 def removed_audit(merged: dict) -> str:
-    auc = merged.get("mia_taken_down", {}).get("loss", {}).get("auc")
     ext, held = merged.get("extraction_greedy_taken_down"), merged.get("extraction_greedy_held_out")
     rate = lambda r: f"{r['rate']:.2f} [{r['low']:.2f}, {r['high']:.2f}] of {r['n']}" if r else "n/a"  # noqa: E731
-    return (f"MIA AUC removed vs held-out {auc:.3f}" if auc is not None else "MIA AUC n/a") + \
-        f"; greedy extraction removed {rate(ext)}, held-out {rate(held)}"
+    auc = lambda e: f"{e['auc']:.3f} [{e['auc_interval']['low']:.3f}, {e['auc_interval']['high']:.3f}]" \
+        if e and "auc_interval" in e else "n/a"  # noqa: E731
+    return (f"MIA AUC (loss) removed vs held-out {auc(merged.get('mia_taken_down', {}).get('loss'))}, trained-on "
+            f"vs held-out {auc(merged.get('mia', {}).get('loss'))}: at the held-out level {forgotten_verdict(merged)}; "
+            f"greedy extraction removed {rate(ext)}, held-out {rate(held)}")
 
 
 def main() -> None:

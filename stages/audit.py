@@ -28,6 +28,7 @@ import numpy as np
 from stages import params as P
 from stages.artifacts import CANARIES, TAKEN_DOWN
 from stages.data.canaries import random_secret
+from stages.evidence import RESAMPLES, percentile_interval
 from stages.io import read_json, read_jsonl, write_json
 from stages.runtime import start_stage
 from stages.stats import wilson
@@ -39,13 +40,18 @@ from stages.stats import wilson
 def auc(members: np.ndarray, others: np.ndarray) -> float:
     """P(score of a member > score of a non-member), ties counting half (Mann-Whitney)."""
     both = np.concatenate([members, others])
-    ranks = np.empty(len(both))
-    order = np.argsort(both, kind="stable")
-    ranks[order] = np.arange(1, len(both) + 1)
-    for value in np.unique(both):  # average ranks of ties
-        tied = both == value
-        ranks[tied] = ranks[tied].mean()
+    values, counts = np.unique(both, return_counts=True)
+    below = np.cumsum(counts) - counts  # how many scores lie under each distinct value
+    ranks = (below + (counts + 1) / 2)[np.searchsorted(values, both)]  # ties share their average rank
     return float((ranks[:len(members)].sum() - len(members) * (len(members) + 1) / 2) / (len(members) * len(others)))
+
+
+def auc_interval(members: np.ndarray, others: np.ndarray, seed: int = 0) -> dict:
+    """The AUC with its 95 % bootstrap interval, members and others each resampled (stages/evidence.py)."""
+    rng = np.random.default_rng(seed)
+    replicates = np.array([auc(rng.choice(members, len(members)), rng.choice(others, len(others)))
+                           for _ in range(RESAMPLES)])
+    return percentile_interval(auc(members, others), replicates).model_dump()
 
 
 def tpr_at_fpr(members: np.ndarray, others: np.ndarray, fpr: float = 0.01) -> float:
@@ -185,10 +191,12 @@ def audit_owner(owner: str, corpus_dir: Path, anchor_dir: Path, merged_dir: Path
             others = mia_scores(document_nll(model, mia_val), anchor_nll[1], mia_texts[1])
             entry["mia"] = {k: {"auc": auc(members[k], others[k]), "tpr_at_1pct_fpr": tpr_at_fpr(members[k], others[k])}
                             for k in members if not (name == "anchor" and k == "anchor_ratio")}
+            entry["mia"]["loss"]["auc_interval"] = auc_interval(members["loss"], others["loss"], a.seed)
             if len(gone_anchor_nll):
                 taken = mia_scores(document_nll(model, gone), gone_anchor_nll, gone_texts)
                 entry["mia_taken_down"] = {k: {"auc": auc(taken[k], others[k])} for k in taken
                                            if not (name == "anchor" and k == "anchor_ratio")}
+                entry["mia_taken_down"]["loss"]["auc_interval"] = auc_interval(taken["loss"], others["loss"], a.seed)
         if canaries:
             found = canary_audit(model, tokenizer, canaries, a.canary_candidates, a.seed)
             entry["canaries"] = {str(r): {"extracted": wilson(sum(f["extracted"] for f in found if f["repeats"] == r),

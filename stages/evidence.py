@@ -48,7 +48,8 @@ def resample(n_docs: int, resamples: int = RESAMPLES, seed: int = 0) -> np.ndarr
     return np.random.default_rng(seed).integers(0, n_docs, size=(resamples, n_docs))
 
 
-def _interval(point: float, replicates: np.ndarray) -> Interval:
+def percentile_interval(point: float, replicates: np.ndarray) -> Interval:
+    """A point estimate with the 95 % percentile interval and standard error of its bootstrap replicates."""
     tail = (1 - LEVEL) / 2 * 100
     low, high = np.percentile(replicates, [tail, 100 - tail])
     return Interval(value=point, low=float(low), high=float(high), se=float(replicates.std(ddof=1)))
@@ -57,13 +58,13 @@ def _interval(point: float, replicates: np.ndarray) -> Interval:
 def mean_interval(nll: np.ndarray, per: np.ndarray, draws: np.ndarray, scale: float = 1.0) -> Interval:
     """sum(nll) / sum(per) over documents (per: tokens for nats per token; bytes * ln 2 for bits per byte)."""
     point = scale * nll.sum() / per.sum()
-    return _interval(float(point), scale * nll[draws].sum(1) / per[draws].sum(1))
+    return percentile_interval(float(point), scale * nll[draws].sum(1) / per[draws].sum(1))
 
 
 def relative_interval(nll_a: np.ndarray, nll_b: np.ndarray, draws: np.ndarray) -> Interval:
     """(A - B) / B of two configurations' mean loss on the same documents, paired (the count cancels)."""
     point = nll_a.sum() / nll_b.sum() - 1
-    return _interval(float(point), nll_a[draws].sum(1) / nll_b[draws].sum(1) - 1)
+    return percentile_interval(float(point), nll_a[draws].sum(1) / nll_b[draws].sum(1) - 1)
 
 
 def average(intervals: list[Interval]) -> Interval:

@@ -52,6 +52,7 @@ OWN_MODEL_LIMIT = 1.0  # % each domain's merged loss may trail its owner's model
 PUBLIC_ANCHOR_LIMIT = 1.0  # % the merged model may trail the anchor on public text
 OWN_ROUTING_MIN = 0.60  # share of a domain's routing weight on its own expert plus the public one
 UNRESTRICTED_GAP_LIMIT = 3.0  # % the merged model may trail the unrestricted reference
+MIA_MARGIN = 0.05  # a membership AUC above 0.5 + this tells a model's documents from held-out ones
 
 
 def collect(evaluations: Path, domains: set[str] | None = None) -> list[DomainEvaluation]:
@@ -311,7 +312,7 @@ def audit_markdown(audits: list[dict]) -> str:
             cells += [f"{mia[k]['auc']:.2f}" if k in mia else "" for k in ("loss", "zlib", "min_k", "anchor_ratio")]
             cells.append(f"{mia['loss']['tpr_at_1pct_fpr']:.2f}" if "loss" in mia else "")
             gone = m.get("mia_taken_down", {}).get("loss")
-            cells.append(f"{gone['auc']:.2f} ({a['taken_down_documents']} documents)" if gone else "")
+            cells.append(f"{_auc(gone)} ({a['taken_down_documents']} documents)" if gone else "")
             for r in repeats:
                 c = m.get("canaries", {}).get(r)
                 cells.append(f"{c['extracted']['k']}/{c['extracted']['n']}, {c['exposure']:.1f}" if c else "")
@@ -354,6 +355,28 @@ def _formatter(numbers: dict):
     return lambda key, fmt=".3f": format(numbers[key], fmt) if numbers.get(key) is not None else ""
 
 
+def forgotten_verdict(merged: dict) -> Verdict:
+    """Whether the merged model's audit scores the removed documents at the held-out level: met when the
+    membership test tells the documents the model trained on from held-out ones (loss AUC interval above
+    0.5 + MIA_MARGIN) but not the removed ones (below it), missed when it tells the removed ones too;
+    a test that cannot tell even the trained-on documents proves nothing either way."""
+    seen = merged.get("mia", {}).get("loss", {}).get("auc_interval")
+    gone = merged.get("mia_taken_down", {}).get("loss", {}).get("auc_interval")
+    if not seen or not gone:
+        return "cannot tell at this budget"
+    forgotten = judge(Interval(**gone), 0.5 + MIA_MARGIN, below=True)
+    sensitive = judge(Interval(**seen), 0.5 + MIA_MARGIN, below=False) == "met"
+    return forgotten if forgotten == "missed" or sensitive else "cannot tell at this budget"
+
+
+def _auc(entry: dict) -> str:
+    """An AUC with its interval when the audit has one."""
+    if not entry:
+        return ""
+    iv = entry.get("auc_interval")
+    return f"{entry['auc']:.2f}" + (f" [{iv['low']:.2f}, {iv['high']:.2f}]" if iv else "")
+
+
 def takedown_markdown(published: Path | None, owners: list[str], audits: list[dict]) -> str:
     """Per owner with an erasure request: what its published expert was trained without (a count and a
     digest of the ids, never the ids) and, from its audit, whether the merged model still knows them."""
@@ -364,14 +387,16 @@ def takedown_markdown(published: Path | None, owners: list[str], audits: list[di
         if not done:
             continue
         merged = next((a for a in audits if a.get("owner") == o), {}).get("models", {}).get("merged", {})
-        gone = merged.get("mia_taken_down", {}).get("loss")
+        verdict = forgotten_verdict(merged)
         lines.append(f"| {o} | {done.get('applied', '')} | {done['requested']} | {done['documents_removed']} | "
-                     f"`{done['ids_digest'][:16]}` | " + (f"{gone['auc']:.2f}" if gone else "") + " | "
+                     f"`{done['ids_digest'][:16]}` | {_auc(merged.get('mia_taken_down', {}).get('loss'))} | "
+                     f"{_auc(merged.get('mia', {}).get('loss'))} | {verdict if verdict != 'missed' else '**missed**'} | "
                      f"{_rate(merged.get('extraction_greedy_taken_down'))} | "
                      f"{_rate(merged.get('extraction_greedy_held_out'))} |")
     return _table("| owner | expert retrained | ids requested | documents removed | SHA-256 of the ids | "
-                  "merged: MIA AUC, removed vs held-out | merged: greedy extraction, removed | held-out |",
-                  2, 6, lines)
+                  "merged: MIA AUC, removed vs held-out | trained-on vs held-out | removed at the held-out "
+                  f"level (AUC margin {MIA_MARGIN}) | merged: greedy extraction, removed | held-out |",
+                  2, 8, lines)
 
 
 def synthetic_markdown(published: Path | None, owners: list[str]) -> str:

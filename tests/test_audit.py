@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from stages.audit import auc, mia_scores, tpr_at_fpr
+from stages.audit import auc, auc_interval, mia_scores, tpr_at_fpr
 from stages.stats import wilson
 
 
@@ -21,6 +21,16 @@ def test_auc_counts_ordered_pairs_and_ties_half():
     assert auc(np.array([2.0]), np.array([2.0])) == 0.5
     rng = np.random.default_rng(0)
     assert auc(rng.normal(size=2000), rng.normal(size=2000)) == pytest.approx(0.5, abs=0.03)
+
+
+def test_the_auc_interval_covers_chance_for_alike_scores_and_clears_it_for_remembered_ones():
+    rng = np.random.default_rng(1)
+    alike = auc_interval(rng.normal(size=100), rng.normal(size=100))
+    assert alike["low"] < 0.5 < alike["high"] and alike["high"] - alike["low"] < 0.35
+    remembered = auc_interval(rng.normal(1.5, size=100), rng.normal(size=100))
+    assert 0.75 < remembered["low"] <= remembered["value"] <= remembered["high"]
+    one = auc_interval(np.array([0.0]), rng.normal(size=100))  # one document: where it ranks among held-out ones
+    assert one["low"] < one["value"] < one["high"]
 
 
 def test_tpr_at_one_percent_fpr():

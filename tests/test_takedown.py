@@ -89,12 +89,15 @@ def test_the_reports_erasure_section_shows_what_each_owner_published_and_no_id(t
     (tmp_path / "code" / "expert").mkdir(parents=True)
     (tmp_path / "code" / "expert" / MANIFEST).write_text(json.dumps({"owner": "code"}))
     audits = [{"owner": "news", "models": {"merged": {
-        "mia_taken_down": {"loss": {"auc": 0.5312}},
+        "mia": {"loss": {"auc": 0.81, "auc_interval": {"value": 0.81, "low": 0.72, "high": 0.89, "se": 0.04}}},
+        "mia_taken_down": {"loss": {"auc": 0.5312,
+                                    "auc_interval": {"value": 0.5312, "low": 0.31, "high": 0.54, "se": 0.06}}},
         "extraction_greedy_taken_down": {"rate": 0.0, "low": 0.0, "high": 0.79, "n": 1},
         "extraction_greedy_held_out": {"rate": 0.25, "low": 0.05, "high": 0.7, "n": 4}}}}]
     rows = [line for line in takedown_markdown(tmp_path, ["code", "news", "math"], audits).splitlines()
             if line.startswith("| news") or line.startswith("| code")]
-    assert rows == ["| news | 2026-12-07 | 2 | 1 | `abababababababab` | 0.53 | 0.00 [0.00, 0.79] | 0.25 [0.05, 0.70] |"]
+    assert rows == ["| news | 2026-12-07 | 2 | 1 | `abababababababab` | 0.53 [0.31, 0.54] | 0.81 [0.72, 0.89] | met | "
+                    "0.00 [0.00, 0.79] | 0.25 [0.05, 0.70] |"]
     assert takedown_markdown(tmp_path, ["code"], audits) == ""
 
 
@@ -173,10 +176,33 @@ def test_a_document_taken_down_leaves_the_index_the_expert_and_the_registry(tmp_
     assert old.tags["withdrawn"] == "true" and "news" in old.tags["withdrawn_reason"]
     assert client.get_model_version_by_alias("consort-merged", "current").version != before
     audit = json.loads((ws / "audits" / "news.json").read_text())
-    assert audit["taken_down_documents"] == 1 and 0 <= audit["models"]["merged"]["mia_taken_down"]["loss"]["auc"] <= 1
+    # At smoke scale the experts barely learn their documents, so the proof cannot be made ("cannot tell"); what
+    # must never show is the removed document still told apart from held-out ones.
+    from stages.report import forgotten_verdict
+
+    assert audit["taken_down_documents"] == 1 and "auc_interval" in audit["models"]["merged"]["mia_taken_down"]["loss"]
+    assert forgotten_verdict(audit["models"]["merged"]) != "missed"
     assert audit["models"]["merged"]["extraction_greedy_taken_down"]["n"] == 1
     assert "takedown news: 1 document id(s) (done)" in run_consort("experts", "--workspace", str(ws),
                                                                    cwd=ws.parent).stdout
     erasures = (ws / "reports" / "report.html").read_text().split("<h2>Erasure requests</h2>")[1].split("<h2>")[0]
     assert "<td>news</td>" in erasures and json.loads(manifest)["takedown"]["ids_digest"][:16] in erasures
 
+
+
+@pytest.mark.parametrize("trained_on, removed, verdict", [
+    ((0.72, 0.89), (0.31, 0.54), "met"),  # the test tells trained-on documents apart, not the removed ones
+    ((0.72, 0.89), (0.61, 0.80), "missed"),  # the removed ones are still told apart
+    ((0.45, 0.62), (0.31, 0.54), "cannot tell at this budget"),  # it cannot even tell the trained-on ones
+    ((0.72, 0.89), (0.40, 0.70), "cannot tell at this budget"),  # too few removed documents to say
+])
+def test_removed_documents_are_at_the_held_out_level_only_where_the_audit_could_have_seen_them(
+        trained_on, removed, verdict):
+    from stages.report import forgotten_verdict
+
+    def entry(low, high):
+        return {"loss": {"auc": (low + high) / 2, "auc_interval": {"value": (low + high) / 2, "low": low, "high": high,
+                                                                   "se": 0.05}}}
+
+    assert forgotten_verdict({"mia": entry(*trained_on), "mia_taken_down": entry(*removed)}) == verdict
+    assert forgotten_verdict({"mia": entry(*trained_on)}) == "cannot tell at this budget"
