@@ -237,7 +237,8 @@ def main() -> None:
                      args.out)
     if not args.root:
         ap.error("--root is required")
-    anchor_dir, packages = fixtures(args.root.resolve(), args.shape, args.experts)
+    # The expert step needs the anchor only: no packages (at the 1.1B shape they are 13 GB to write).
+    anchor_dir, packages = fixtures(args.root.resolve(), args.shape, 0 if args.expert_step else args.experts)
     if args.expert_step:
         proc = subprocess.run([sys.executable, __file__, "--child", "expert_step", "--anchor", str(anchor_dir),
                                "--steps", str(args.steps)], capture_output=True, text=True, cwd=PROJECT)
