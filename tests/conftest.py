@@ -73,8 +73,16 @@ def run_consort(*args: str, cwd: Path, check: bool = True, timeout: int = 600) -
 
 @pytest.fixture(scope="session")
 def smoke_workspace(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """A workspace after one real `consort run --preset smoke` (Prefect, DVC and MLflow all real)."""
+    """A workspace after one real `consort run --preset smoke` (Prefect, DVC and MLflow all real), built
+    from a copy of the project's params.yaml beside it: commands that edit the file a workspace was built
+    from (`consort forget`, `experts disable`) edit the copy."""
     root = tmp_path_factory.mktemp("smoke")
-    ws = root / "ws"
-    proc = run_consort("run", "--preset", "smoke", "--workspace", str(ws), cwd=root)
+    ws, params = root / "ws", root / "params.yaml"
+    params.write_text((PROJECT / "params.yaml").read_text())
+    proc = run_consort("run", "--preset", "smoke", "--workspace", str(ws), "--params", str(params), cwd=root)
     return ws, proc
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that change the shared smoke workspace run after every test that reads it."""
+    items.sort(key=lambda item: item.get_closest_marker("changes_smoke_workspace") is not None)

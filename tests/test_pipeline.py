@@ -206,7 +206,8 @@ def test_rerun_is_a_no_op(smoke_workspace):
     client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("consort").experiment_id
     before = client.search_runs([experiment], max_results=1000)
-    again = run_consort("run", "--preset", "smoke", "--workspace", str(ws), cwd=ws.parent)
+    again = run_consort("run", "--preset", "smoke", "--workspace", str(ws), "--params", str(ws.parent / "params.yaml"),
+                        cwd=ws.parent)
     assert "0 stages ran, 0 restored" in again.stdout, again.stdout[-2000:]
     # A run with nothing to do says so in a few lines besides the report's tables: no tracebacks
     # of Prefect's server shutting down.
@@ -281,6 +282,7 @@ def test_a_dvc_experiment_retrains_an_expert_in_its_copy_signing_its_package(smo
 
 
 @pytest.mark.slow  # re-trains an expert and re-runs all that follows it
+@pytest.mark.changes_smoke_workspace
 def test_a_param_change_reruns_only_its_branch(smoke_workspace, tmp_path):
     ws, _ = smoke_workspace
     client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
@@ -495,6 +497,7 @@ def test_the_safety_probe_without_each_owner_off_asks_the_anchor_and_the_merged_
     assert len((tmp_path / "replies.jsonl").read_text().splitlines()) == 2 * 4
 
 @pytest.mark.slow  # re-runs every evaluation and audit; slicing itself is tested in test_experts
+@pytest.mark.changes_smoke_workspace
 def test_opting_an_expert_out_reruns_only_what_follows_the_merge(smoke_workspace, tmp_path):
     ws, _ = smoke_workspace
     # The workspace's own resolved params (whatever earlier tests changed): only the opt-out differs.

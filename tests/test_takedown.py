@@ -134,8 +134,8 @@ def test_withdraw_removes_the_owner_from_both_params_files_and_the_trace_registr
     assert list(load_registry(ws)) == ["code"]
 
 
-@pytest.mark.slow  # retrains news's expert and re-runs the merge and every evaluation
-def test_a_document_taken_down_leaves_the_index_the_expert_and_the_registry(tmp_path):
+@pytest.mark.changes_smoke_workspace  # retrains news's expert there: after every test that reads the workspace
+def test_a_document_taken_down_leaves_the_index_the_expert_and_the_registry(smoke_workspace, tmp_path):
     """The whole chain on the smoke run: a news document is in the index; `consort forget` makes the
     commands refuse the old expert; the run re-runs news's stages and the coordinator's only; the index
     no longer holds the document, the new package records one takedown and no id, the old registered
@@ -146,11 +146,9 @@ def test_a_document_taken_down_leaves_the_index_the_expert_and_the_registry(tmp_
     from stages.io import read_jsonl
     from tracing.index import open_engine
 
-    # A workspace of its own, built from a copy of the params: `consort forget` edits the file a
-    # workspace was built from (and refuses another), and the run below changes the workspace.
-    params, ws = tmp_path / "params.yaml", tmp_path / "ws"
-    params.write_text((PROJECT / "params.yaml").read_text())
-    run_consort("run", "--preset", "smoke", "--workspace", str(ws), "--params", str(params), cwd=tmp_path)
+    ws, _ = smoke_workspace
+    params = Workspace(ws).source()[0]  # `consort forget` edits the file the workspace was built from
+    assert params != PROJECT / "params.yaml", "the shared smoke workspace must be built from a copy of the params"
     doc = next(read_jsonl(ws / "owners" / "news" / "corpus" / "train.jsonl"))
     tokenizer = AutoTokenizer.from_pretrained(ws / "models" / "anchor")
     span = tokenizer(doc["text"], add_special_tokens=False)["input_ids"][10:26]
