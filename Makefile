@@ -48,9 +48,8 @@ test: install browser lint
 	$(BIN)/python -m pytest -q; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$status
 
-# One test at a time (-n 0): each slow test runs a pipeline or a pair of torchrun processes of its own.
 test-slow: install
-	$(BIN)/python -m pytest -q -m slow -n 0
+	$(BIN)/python -m pytest -q -m slow
 
 clean:
 	rm -rf $(WORKSPACE)
