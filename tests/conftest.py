@@ -83,11 +83,6 @@ def smoke_workspace(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess
     return ws, proc
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The tests of the shared smoke workspace run in one pytest-xdist worker, which builds it once,
-    and those that change it after every test that reads it."""
-    for item in items:
-        if "smoke_workspace" in item.fixturenames:
-            item.add_marker(pytest.mark.xdist_group("smoke_workspace"))
+    """Tests that change the shared smoke workspace run after every test that reads it."""
     items.sort(key=lambda item: item.get_closest_marker("changes_smoke_workspace") is not None)
