@@ -134,6 +134,7 @@ def test_withdraw_removes_the_owner_from_both_params_files_and_the_trace_registr
     assert list(load_registry(ws)) == ["code"]
 
 
+@pytest.mark.slow  # 215 s (2026-12-07): the default suite has no room for it yet
 @pytest.mark.changes_smoke_workspace  # retrains news's expert there: after every test that reads the workspace
 def test_a_document_taken_down_leaves_the_index_the_expert_and_the_registry(smoke_workspace, tmp_path):
     """The whole chain on the smoke run: a news document is in the index; `consort forget` makes the
