@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 from stages import params as P
 from stages.io import read_jsonl
 from tracing.attribution import TraceSettings, attribute
-from tracing.index import IndexBuildError, bow_token_ids, open_engine, write_index
+from tracing.index import IndexBuildError, bow_token_ids, open_engine, token_dtype, write_index
 from tracing.service import AUDIT_LOG, OwnerService, create_app
 
 OWNER = "news"
@@ -108,7 +108,7 @@ def test_our_suffix_sort_is_the_byte_order_the_engine_searches(tmp_path, vocab_s
     docs = [(str(i), rng.integers(0, vocab_size, int(rng.integers(1, 60))).tolist() + (passage if i % 3 else []))
             for i in range(30)]
     write_index(docs, vocab_size, [], tmp_path / "ours", eos_token_id=0)
-    width = 2 if vocab_size < 0xFFFF else 4
+    width = {"u16": 2, "u32": 4}[token_dtype(vocab_size)]
     data = (tmp_path / "ours" / "tokenized.0").read_bytes()
     pointer_bytes = int(np.ceil(np.log2(len(data)) / 8))
     ours = (tmp_path / "ours" / "table.0").read_bytes()
