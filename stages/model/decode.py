@@ -91,7 +91,8 @@ class _Decoder:
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2
-        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+        # The tables are fp32 whatever the weights: rotated in fp32 and cast back, as the models' own attention does.
+        return (x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin).to(x.dtype)
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         """Logits of the last position after feeding `ids` (batch, new tokens)."""
