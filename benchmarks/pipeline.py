@@ -7,6 +7,12 @@ first with Prefect's ephemeral server (started by the run itself), then against 
 started beforehand (PREFECT_API_URL), as a user with `prefect server start` running would. The
 no-op runs are measured back to back in this one process. Goal (issue): a no-op re-run under 10 s
 when a server is already running.
+
+    .venv/bin/python benchmarks/pipeline.py --workspace /tmp/bench-ws --stage-server
+
+instead runs the preset twice from nothing, side by side in this process: stages forked from the stage
+server (flows/stage_server.py), then each stage in an interpreter of its own (CONSORT_STAGE_SERVER=off),
+and prints both wall times and their ratio. Goal: the smoke run at least 1.5x faster with the server.
 """
 from __future__ import annotations
 
@@ -34,6 +40,18 @@ def consort_run(ws: Path, preset: str, env: dict) -> tuple[float, str]:
     return time.perf_counter() - t, proc.stdout
 
 
+def compare_stage_server(root: Path, preset: str, env: dict) -> None:
+    seconds = {}
+    for label, setting in (("forked from the stage server", "on"), ("an interpreter per stage", "off")):
+        ws = root / f"stage-server-{setting}"
+        if ws.exists():
+            raise SystemExit(f"{ws} exists: give --workspace a folder without it (both runs start from nothing)")
+        seconds[label], _ = consort_run(ws, preset, dict(env, CONSORT_STAGE_SERVER=setting))
+        print(f"{preset} run, stages {label}: {seconds[label]:.1f} s wall", flush=True)
+    on, off = seconds.values()
+    print(f"ratio: {off / on:.2f}x faster with the stage server   goal >= 1.5x")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -44,9 +62,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workspace", type=Path, required=True)
     ap.add_argument("--preset", default="smoke")
+    ap.add_argument("--stage-server", action="store_true", help="full runs with and without the stage server")
     args = ap.parse_args()
     ws = args.workspace.resolve()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if args.stage_server:
+        compare_stage_server(ws, args.preset, env)
+        return
     first, out = consort_run(ws, args.preset, env)
     print(f"first run: {first:.1f} s wall; stages:")
     for line in out.splitlines():

@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows import stage_server
 from flows.console import StageConsole
 from flows.layout import PROJECT_ROOT, Workspace
 from flows.repository import quiet_dvc
@@ -252,7 +253,10 @@ def pipeline(workspace: str, preset: str = "default", track: bool = True, force:
         if track and (changed or force) else None
     os.environ[LOGS_VARIABLE] = "1"  # each stage's output to its own log (stages/runtime.py)
     futures = {}
-    with StageConsole(ws.root) as _console:
+    # Stages fork from one interpreter that imported torch and transformers once (flows/stage_server.py).
+    starter = stage_server.running(ws.root, log_file(ws.root, "stage_server")) if changed or force \
+        else contextlib.nullcontext()
+    with starter, StageConsole(ws.root) as _console:
         for stage in topological_order(graph):
             # Passing the dependencies' futures as an argument makes Prefect wait for them and hand
             # over their results: whether any of them ran.

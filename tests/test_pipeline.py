@@ -101,6 +101,9 @@ def test_smoke_run_trains_merges_and_records_lineage(smoke_workspace):
     ended = [line.split()[1] for line in out.splitlines() if line.strip().startswith("ran ")]
     assert sorted(ended) == sorted(set(ended)) == sorted(stage_graph(ws)), out[-3000:]
     assert all((ws / ".consort" / "logs" / f"{s}.log").exists() for s in ended)
+    # The stages after the first few forked from the stage server's pre-imported interpreter.
+    forked = (ws / ".consort" / "logs" / "stage_server.log").read_text()
+    assert "stages.merge_experts" in forked and "stages.report" in forked, forked
     assert "Loading weights" not in out + proc.stderr and "is empty" not in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in out + proc.stderr
 
