@@ -108,8 +108,11 @@ def token_nll(model, rows: np.ndarray, batch_size: int, precision: str = "fp32",
         batch = torch.from_numpy(rows[start:start + batch_size]).to(where)
         with autocast(precision):
             out = model(input_ids=batch[:, :-1], output_router_logits=routing)
-        logits = out.logits.float()
-        nll.append(torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none").cpu().numpy())
+        # Over the vocabulary as the last, contiguous dimension: cross_entropy over a transposed (batch, vocab,
+        # length) view ran its log-softmax strided, 3.5x slower (2026-12-08, 49,152 logits x 2,040 tokens).
+        targets = batch[:, 1:]
+        nll.append(torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(),
+                                                     reduction="none").view(targets.shape).cpu().numpy())
         if routing:
             k, total = model.config.num_experts_per_tok, 0
             for layer_logits in out.router_logits:
