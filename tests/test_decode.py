@@ -90,3 +90,16 @@ def test_sampling_stays_inside_top_k_and_the_nucleus():
     assert torch.equal(out, again)  # seeded: the same samples
     with pytest.raises(ValueError, match="prompt ids must be"):
         decode(model, torch.zeros((1, 0), dtype=torch.long), 3)
+
+
+def test_prompts_continued_in_one_batch_read_as_each_continued_alone(tiny_anchor_dir):
+    from transformers import AutoTokenizer
+
+    from stages.model.experts import continue_text, continue_texts
+
+    root, anchor, _ = tiny_anchor_dir
+    tokenizer = AutoTokenizer.from_pretrained(root / "tok")
+    prompts = ["public text number", "", "public text 7 held out and more words"]  # lengths differ; one is empty
+    together = continue_texts(anchor, tokenizer, prompts, max_new_tokens=10)
+    assert together == [continue_text(anchor, tokenizer, p, max_new_tokens=10) for p in prompts]
+    assert all(together)

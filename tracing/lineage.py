@@ -15,15 +15,14 @@ from tracing.service import OwnerService, disclose
 
 def traced_samples(model, tokenizer, prompts: list[str], service: OwnerService, max_new_tokens: int = 40) -> list[dict]:
     """[{prompt, output, spans}] with spans as the owner's service would answer them."""
-    from stages.model.experts import continue_text
+    from stages.model.experts import continue_texts
     from tracing.index import open_engine
 
     engine = open_engine(service.index_dir)
     delims = delimiter_ids(tokenizer)
     key = service.key()
     out = []
-    for prompt in prompts:
-        output = continue_text(model, tokenizer, prompt, max_new_tokens)
+    for prompt, output in zip(prompts, continue_texts(model, tokenizer, prompts, max_new_tokens)):
         spans = attribute(engine, tokenizer, prompt, output, service.settings, delims) if output.strip() else []
         answer = disclose([asdict(sp) for sp in spans], service.policy, key)
         out.append({"prompt": prompt, "output": output, "spans": answer})

@@ -201,9 +201,18 @@ def toggled_router_bias(model: FlexOlmoForCausalLM, merged_dir: Path) -> FlexOlm
 def continue_text(model, tokenizer, prompt: str, max_new_tokens: int = 40, temperature: float = 0.0,
                   seed: int = 0) -> str:
     """The model's continuation of `prompt` (greedy at temperature 0, else sampled with top-p 0.95)."""
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    if ids.shape[1] == 0:  # an empty prompt starts from the end-of-text token, as a document would
-        ids = torch.tensor([[tokenizer.eos_token_id]])
+    return continue_texts(model, tokenizer, [prompt], max_new_tokens, temperature, seed)[0]
+
+
+def continue_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 40, temperature: float = 0.0,
+                   seed: int = 0) -> list[str]:
+    """Each prompt's continuation, decoded as one left-padded batch: a step reads every expert's weights once
+    for all the prompts, which is most of what a step costs."""
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
+               for p in prompts]  # an empty prompt starts from the end-of-text token, as a document would
+    width = max(len(ids) for ids in encoded)
+    pads = torch.tensor([width - len(ids) for ids in encoded])
+    ids = torch.tensor([[tokenizer.eos_token_id] * (width - len(ids)) + ids for ids in encoded])
     out = decode(model, ids, max_new_tokens, temperature=temperature, top_p=0.95,
-                 generator=torch.Generator().manual_seed(seed))
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+                 generator=torch.Generator().manual_seed(seed), pads=pads if int(pads.max()) else None)
+    return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
