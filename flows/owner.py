@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from flows import stage_server
 from flows.layout import PROJECT_ROOT
 from flows.params_file import read_project_params
 from flows.repository import init_dvc_repo, quiet_dvc
@@ -30,6 +31,7 @@ from flows.workspace_dvc import side_dvc_yaml
 from stages import params as P
 from stages import registry
 from stages.artifacts import PUBLIC_KEY
+from stages.runtime import log_file
 
 OWNER_FILE = "consort_owner.json"
 WORKSPACE_VARIABLE = "CONSORT_OWNER_WORKSPACE"  # how a worker tells the owner flow where its workspace is
@@ -111,7 +113,8 @@ def run_phase(ws: OwnerWorkspace, phase: str) -> list[dict]:
     quiet_dvc()
     out = []
     # DVC resolves stage paths against the working directory (a Prefect worker runs flows elsewhere).
-    with contextlib.chdir(ws.root), Repo(str(ws.root)) as repo:
+    with contextlib.chdir(ws.root), Repo(str(ws.root)) as repo, \
+            stage_server.running(ws.root, log_file(ws.root, "stage_server")):  # stages fork from it
         for stage in registry.in_phase(phase, "owner"):
             target = f"{ws.root / 'dvc.yaml'}:{stage}@{ws.owner}"
             t0 = time.perf_counter()

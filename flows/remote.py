@@ -23,6 +23,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from flows import stage_server
 from flows.console import stage_line
 from flows.owner import WORKSPACE_VARIABLE, OwnerWorkspace, check_phase, fetch_public, pool_name, run_phase
 from flows.owner import publish as owner_publish
@@ -30,7 +31,7 @@ from flows.store import Store
 from stages import registry
 from stages.artifacts import MANIFEST, PRESENT_OWNERS
 from stages.io import write_json
-from stages.runtime import LOGS_VARIABLE
+from stages.runtime import LOGS_VARIABLE, log_file
 
 STORE_VARIABLE = "CONSORT_STORE"
 DEPLOYMENT_FLOW = "consort-owner"
@@ -201,38 +202,41 @@ def coordinate(workspace: str, store: str, preset: str = "default", allow_missin
     owners, logged = list(params.owners), params.model_dump(mode="json")
     lineage = Lineage(Workspace(root), preset, str(flow_run.id) if flow_run.id else None)
     summary: dict = {"stages": [], "failed": {}}
-    try:
-        summary["stages"] += run_coordinator_stages(root, registry.in_phase("before_owners", "coordinator"), lineage,
-                                                    logged)
-        publish_public(root, shared, "train")
-        for phase, after in (("train", "after_training"), ("evaluate", "after_evaluation")):
-            results = dispatch(owners, phase, lost_after_s, owner_timeout_s)
-            failed = {o: r["error"] for o, r in results.items() if not r["ok"]}
-            collect(root, shared, [o for o in owners if o not in failed], phase)
-            if phase == "train":
-                failed |= refused_packages(root, [o for o in owners if o not in failed])
-            summary["failed"].update(failed)
-            owners = [o for o in owners if o not in failed]
-            if failed and not (allow_missing and owners):
-                reasons = "".join(f"\n  {o}: {err}" for o, err in failed.items())
-                raise RuntimeError(f"owner(s) {', '.join(failed)} failed in the {phase} phase:{reasons}\n"
-                                   "Run `consort coordinate` again once they are fixed (DVC skips what is done)"
-                                   + ("" if allow_missing else ", or add --allow-missing to merge the others "
-                                      "without them"))
-            if phase == "train":
-                _write_present_owners(root, owners)
-                summary["merged_owners"] = list(owners)
-            summary[f"{phase}_runs"] = {o: shared.read_json(f"runs/{o}/{phase}.json") or {} for o in owners}
-            if phase == "train":
-                for o in owners:
-                    manifest = json.loads((root / "published" / o / "expert" / MANIFEST).read_text())
-                    record_remote_expert(lineage, o, manifest, results[o].get("flow_run"))
-            summary["stages"] += run_coordinator_stages(root, registry.in_phase(after, "coordinator"), lineage, logged)
-            if phase == "train":
-                publish_public(root, shared, "evaluate")
-    except BaseException:
-        lineage.finish(False)
-        raise
+    # Its stages fork from one pre-imported interpreter (flows/stage_server.py), the whole flow long.
+    with stage_server.running(root, log_file(root, "stage_server")):
+        try:
+            summary["stages"] += run_coordinator_stages(root, registry.in_phase("before_owners", "coordinator"),
+                                                        lineage, logged)
+            publish_public(root, shared, "train")
+            for phase, after in (("train", "after_training"), ("evaluate", "after_evaluation")):
+                results = dispatch(owners, phase, lost_after_s, owner_timeout_s)
+                failed = {o: r["error"] for o, r in results.items() if not r["ok"]}
+                collect(root, shared, [o for o in owners if o not in failed], phase)
+                if phase == "train":
+                    failed |= refused_packages(root, [o for o in owners if o not in failed])
+                summary["failed"].update(failed)
+                owners = [o for o in owners if o not in failed]
+                if failed and not (allow_missing and owners):
+                    reasons = "".join(f"\n  {o}: {err}" for o, err in failed.items())
+                    raise RuntimeError(f"owner(s) {', '.join(failed)} failed in the {phase} phase:{reasons}\n"
+                                       "Run `consort coordinate` again once they are fixed (DVC skips what is done)"
+                                       + ("" if allow_missing else ", or add --allow-missing to merge the others "
+                                          "without them"))
+                if phase == "train":
+                    _write_present_owners(root, owners)
+                    summary["merged_owners"] = list(owners)
+                summary[f"{phase}_runs"] = {o: shared.read_json(f"runs/{o}/{phase}.json") or {} for o in owners}
+                if phase == "train":
+                    for o in owners:
+                        manifest = json.loads((root / "published" / o / "expert" / MANIFEST).read_text())
+                        record_remote_expert(lineage, o, manifest, results[o].get("flow_run"))
+                summary["stages"] += run_coordinator_stages(root, registry.in_phase(after, "coordinator"), lineage,
+                                                            logged)
+                if phase == "train":
+                    publish_public(root, shared, "evaluate")
+        except BaseException:
+            lineage.finish(False)
+            raise
     eval_path = root / "metrics" / "eval.json"
     lineage.finish(True, json.loads(eval_path.read_text()) if eval_path.exists() else None, Workspace(root).reports)
     return summary

@@ -166,6 +166,9 @@ def test_the_readme_multi_machine_workflow_with_two_owners_of_ones_own(tmp_path)
         assert "Traceback" not in run.stdout + run.stderr, run.stderr[-3000:]
         assert {p.stem for p in (coord / "evaluations").glob("*.json")} == {"public", *DELIVER}
         assert not (coord / "owners").exists()
+        # The coordinator's stages and each owner's (here its last phase's) forked from a stage server of their own.
+        for ws, stage in ((coord, "stages.merge_experts"), *((owner_ws[o], "stages.audit") for o in DELIVER)):
+            assert stage in (ws / ".consort" / "logs" / "stage_server.log").read_text()
 
         # Tracing: each owner serves over TLS on an address of its own; the coordinator records them.
         urls, certs = {}, {}
