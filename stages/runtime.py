@@ -12,6 +12,7 @@ from pathlib import Path
 FAILURES = Path(".consort") / "failures"  # in the workspace (DVC runs stages there): <stage>.txt
 LOGS = Path(".consort") / "logs"  # <stage>.log, written when the pipeline sets LOGS_VARIABLE
 LOGS_VARIABLE = "CONSORT_STAGE_LOGS"
+THREADS = Path(".consort") / "threads"  # <stage>: a running stage's thread count, when the pipeline changes it
 
 
 def _file_name(stage: str) -> str:
@@ -85,6 +86,31 @@ def _write_output_to(path: Path) -> None:
 def threads_variable(stage: str) -> str:
     """The environment variable carrying a stage's thread count (DVC stage names hold '@')."""
     return "CONSORT_THREADS_" + re.sub(r"[^A-Za-z0-9]", "_", stage).upper()
+
+
+def granted_threads_file(workspace: Path, stage: str) -> Path:
+    """Where the pipeline keeps a running stage's thread count while it changes (cores lent or taken back)."""
+    return Path(workspace) / THREADS / _file_name(stage)
+
+
+_grant_seen: int | None = None
+
+
+def follow_granted_threads() -> None:
+    """At a step boundary: take up a new thread count, if the pipeline changed this stage's grant since."""
+    global _grant_seen
+    stage = _dvc_stage()
+    if not stage:
+        return
+    try:
+        changed = granted_threads_file(Path.cwd(), stage).stat().st_mtime_ns
+    except FileNotFoundError:
+        return
+    if changed != _grant_seen:
+        _grant_seen = changed
+        import torch
+
+        torch.set_num_threads(max(1, int(granted_threads_file(Path.cwd(), stage).read_text() or 1)))
 
 
 def use_granted_threads() -> int | None:

@@ -594,6 +594,39 @@ def test_cpu_scheduler_serves_the_costliest_ready_stage_first():
         assert n_light == 0 and two.free == 2
 
 
+def test_cores_nobody_waits_for_are_lent_to_a_running_stage_and_taken_back(tmp_path, monkeypatch):
+    import torch
+
+    from stages.runtime import follow_granted_threads, granted_threads_file
+
+    graph = {"train_expert@x": [], "train_expert@y": [], "merge_experts": ["train_expert@x", "train_expert@y"],
+             "synthesize@x": ["train_expert@x"]}
+    cpu = CpuScheduler(2, graph, {"train_expert@x": 1.0, "train_expert@y": 3.0, "synthesize@x": 1.0,
+                                  "merge_experts": 1.0}, grants=tmp_path)
+    grant = granted_threads_file(tmp_path, "train_expert@y")
+    with cpu.hold("train_expert@y") as n:
+        assert n == 1 and grant.read_text() == "1"
+        with cpu.hold("train_expert@x"):
+            assert cpu.free == 0
+        cpu.finished("train_expert@x")
+        assert grant.read_text() == "2" and cpu.free == 0  # x's core, which nobody asked for, went to y
+        # The stage takes its grant up at its next step.
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("DVC_STAGE", "dvc.yaml:train_expert@y")
+        before = torch.get_num_threads()
+        try:
+            follow_granted_threads()
+            assert torch.get_num_threads() == 2
+        finally:
+            torch.set_num_threads(before)
+        with cpu.hold("synthesize@x") as m:  # a stage that asks takes the lent core back
+            assert m == 1 and grant.read_text() == "1"
+        assert grant.read_text() == "2"
+    assert not grant.exists() and cpu.free == 2
+    with cpu.hold("merge_experts") as n_merge:
+        assert n_merge == 2
+
+
 def test_a_removed_owner_feeds_no_report_and_prune_deletes_what_is_left(smoke_workspace, tmp_path):
     """An owner dropped from params leaves files behind: the report ignores them, `consort prune` removes them."""
     from stages.report import main as report_main

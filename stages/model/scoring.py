@@ -15,6 +15,7 @@ import torch
 from stages.device import autocast
 from stages.io import read_jsonl
 from stages.model.experts import expert_masks
+from stages.runtime import follow_granted_threads
 
 
 def token_bytes(tokenizer) -> np.ndarray:
@@ -105,6 +106,7 @@ def token_nll(model, rows: np.ndarray, batch_size: int, precision: str = "fp32",
     where = next(model.parameters()).device
     nll, shares = [], []
     for start in range(0, len(rows), batch_size):
+        follow_granted_threads()  # cores another stage freed, lent to this one (flows/pipeline.CpuScheduler)
         batch = torch.from_numpy(rows[start:start + batch_size]).to(where)
         with autocast(precision):
             out = model(input_ids=batch[:, :-1], output_router_logits=routing)

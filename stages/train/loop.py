@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimi
 from stages.device import autocast, device
 from stages.io import read_jsonl
 from stages.params import TrainParams
-from stages.runtime import step_bar
+from stages.runtime import follow_granted_threads, step_bar
 from stages.train.distributed import average_gradients, copy_back, full, training_copy, world
 
 
@@ -215,6 +215,7 @@ def train(
     bar = step_bar(range(start, p.steps), desc, p.steps, disable=rank != 0)
     t0, timed_steps, skipped = time.perf_counter(), 0, 0
     for step in bar:
+        follow_granted_threads()  # cores another stage freed, lent to this one (flows/pipeline.CpuScheduler)
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, p) * group["lr_scale"]
         batch = steps.batch(make_batch, step)
