@@ -134,7 +134,20 @@ def test_withdraw_removes_the_owner_from_both_params_files_and_the_trace_registr
     assert list(load_registry(ws)) == ["code"]
 
 
-@pytest.mark.slow  # 215 s (2026-12-07): the default suite has no room for it yet
+def longest_news_span(ws, text: str) -> int:
+    """The longest span of `text` that news's own trace service finds in its index (characters)."""
+    from tracing.coordinator import load_registry, start_services, stop_services, trace_everywhere
+
+    services = start_services(ws, ["news"])
+    try:
+        answer = trace_everywhere(load_registry(ws), "", text)
+    finally:
+        stop_services(services)
+    assert answer["owners"]["news"]["status"] == "ok", answer["owners"]
+    return max((sp["end"] - sp["start"] for seg in answer["segments"] for sp in seg["spans"] if sp["owner"] == "news"),
+               default=0)
+
+
 @pytest.mark.changes_smoke_workspace  # retrains news's expert there: after every test that reads the workspace
 def test_a_document_taken_down_leaves_the_index_the_expert_and_the_registry(smoke_workspace, tmp_path):
     """The whole chain on the smoke run: a news document is in the index; `consort forget` makes the
@@ -152,8 +165,10 @@ def test_a_document_taken_down_leaves_the_index_the_expert_and_the_registry(smok
     assert params != PROJECT / "params.yaml", "the shared smoke workspace must be built from a copy of the params"
     doc = next(read_jsonl(ws / "owners" / "news" / "corpus" / "train.jsonl"))
     tokenizer = AutoTokenizer.from_pretrained(ws / "models" / "anchor")
-    span = tokenizer(doc["text"], add_special_tokens=False)["input_ids"][10:26]
+    tokens = tokenizer(doc["text"], add_special_tokens=False)["input_ids"]
+    span, passage = tokens[10:26], tokenizer.decode(tokens[10:42])
     assert open_engine(ws / "owners" / "news" / "index").count(input_ids=span)["count"] >= 1
+    assert longest_news_span(ws, passage) >= 0.9 * len(passage)  # traced, as a user would, to news
     client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
     before = client.get_model_version_by_alias("consort-merged", "current").version
     run_consort("forget", "news", doc["id"], "--workspace", str(ws), "--params", str(params), cwd=ws.parent)
@@ -168,6 +183,7 @@ def test_a_document_taken_down_leaves_the_index_the_expert_and_the_registry(smok
     assert not any(s.endswith(("@code", "@math")) and not s.startswith(("evaluate", "trace_page", "audit"))
                    for s in ran), ran
     assert open_engine(ws / "owners" / "news" / "index").count(input_ids=span)["count"] == 0
+    assert longest_news_span(ws, passage) < 0.9 * len(passage)  # what remains is phrases other documents share
     manifest = (ws / "published" / "news" / "expert" / "consort_expert.json").read_text()
     assert json.loads(manifest)["takedown"]["requested"] == 1 and doc["id"] not in manifest
     assert doc["id"] not in "".join(p.read_text(errors="ignore") for p in (ws / "published").rglob("*.json"))
