@@ -70,8 +70,9 @@ class CpuScheduler:
         if self.grants is not None:
             path = granted_threads_file(self.grants, stage)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.with_suffix(".new").write_text(str(threads))
-            path.with_suffix(".new").replace(path)  # a stage never reads half a number
+            draft = path.with_name(path.name + ".new")
+            draft.write_text(str(threads))
+            draft.replace(path)  # a stage never reads half a number
 
     @contextlib.contextmanager
     def hold(self, stage: str):

@@ -93,24 +93,20 @@ def granted_threads_file(workspace: Path, stage: str) -> Path:
     return Path(workspace) / THREADS / _file_name(stage)
 
 
-_grant_seen: int | None = None
-
-
 def follow_granted_threads() -> None:
-    """At a step boundary: take up a new thread count, if the pipeline changed this stage's grant since."""
-    global _grant_seen
+    """At a step boundary: take up the thread count the pipeline grants this stage now, if it changed
+    (read every time: a file's timestamp can miss two changes within a clock tick)."""
     stage = _dvc_stage()
     if not stage:
         return
     try:
-        changed = granted_threads_file(Path.cwd(), stage).stat().st_mtime_ns
-    except FileNotFoundError:
+        granted = int(granted_threads_file(Path.cwd(), stage).read_text())
+    except (FileNotFoundError, ValueError):
         return
-    if changed != _grant_seen:
-        _grant_seen = changed
-        import torch
+    import torch
 
-        torch.set_num_threads(max(1, int(granted_threads_file(Path.cwd(), stage).read_text() or 1)))
+    if granted != torch.get_num_threads():
+        torch.set_num_threads(granted)
 
 
 def use_granted_threads() -> int | None:
