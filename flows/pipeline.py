@@ -27,7 +27,7 @@ from flows.console import StageConsole
 from flows.layout import PROJECT_ROOT, Workspace
 from flows.repository import quiet_dvc
 from stages import registry
-from stages.runtime import LOGS_VARIABLE, failure_file, granted_threads_file, log_file, threads_variable
+from stages.runtime import LOGS_VARIABLE, failure_file, granted_threads_file, log_file
 
 if TYPE_CHECKING:
     from flows.tracking import Lineage
@@ -195,10 +195,8 @@ def reproduce_stage(workspace: Path, stage: str, force: bool = False) -> tuple[s
     """
     from dvc.repo import Repo
 
-    with _cpu.hold(stage) if _cpu else contextlib.nullcontext(0) as threads:
-        if threads:
-            # DVC passes the environment on to the stage's command; each stage has its own variable.
-            os.environ[threads_variable(stage)] = str(threads)
+    # The stage's thread count is a file the scheduler writes as it grants cores (stages/runtime.py reads it).
+    with _cpu.hold(stage) if _cpu else contextlib.nullcontext(0):
         failure_file(workspace, stage).unlink(missing_ok=True)  # a cause left by an earlier run is not this one's
         log_file(workspace, stage).unlink(missing_ok=True)
         if _console:

@@ -58,7 +58,7 @@ def start_stage() -> None:
         sys.excepthook = record
         if logging_to_file():
             _write_output_to(log_file(Path.cwd(), stage))
-    use_granted_threads()
+    follow_granted_threads()  # the threads the pipeline granted; run by hand, torch keeps its default
 
 
 def step_bar(steps: range, desc: str, total: int, disable: bool = False):
@@ -83,19 +83,14 @@ def _write_output_to(path: Path) -> None:
     sys.stdout.reconfigure(line_buffering=True)
 
 
-def threads_variable(stage: str) -> str:
-    """The environment variable carrying a stage's thread count (DVC stage names hold '@')."""
-    return "CONSORT_THREADS_" + re.sub(r"[^A-Za-z0-9]", "_", stage).upper()
-
-
 def granted_threads_file(workspace: Path, stage: str) -> Path:
     """Where the pipeline keeps a running stage's thread count while it changes (cores lent or taken back)."""
     return Path(workspace) / THREADS / _file_name(stage)
 
 
 def follow_granted_threads() -> None:
-    """At a step boundary: take up the thread count the pipeline grants this stage now, if it changed
-    (read every time: a file's timestamp can miss two changes within a clock tick)."""
+    """At the start and at each step boundary: take up the thread count the pipeline grants this stage now,
+    if it changed (read every time: a file's timestamp can miss two changes within a clock tick)."""
     stage = _dvc_stage()
     if not stage:
         return
@@ -107,18 +102,3 @@ def follow_granted_threads() -> None:
 
     if granted != torch.get_num_threads():
         torch.set_num_threads(granted)
-
-
-def use_granted_threads() -> int | None:
-    """Set torch's thread count to what the pipeline granted this stage (DVC_STAGE names it).
-
-    Run by hand, outside the pipeline, torch keeps its default.
-    """
-    stage = _dvc_stage()
-    granted = os.environ.get(threads_variable(stage)) if stage else None
-    if not granted:
-        return None
-    import torch
-
-    torch.set_num_threads(int(granted))
-    return int(granted)
